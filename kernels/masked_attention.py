@@ -1,0 +1,584 @@
+"""Masked cross-attention for the mirrored SGTR decoder, as one fused Triton kernel.
+
+What this computes (paper section 3.2 and supplementary section 7, Align-SGTR):
+
+    S    = Q K^T / sqrt(D)                                   (B, H, Lq, Lk) attention logits
+    S_ij = -inf   with probability p, independently per element (a fresh mask per call)
+    S_ij = -inf   where key j is padding
+    O    = softmax(S, over keys) V                           (B, H, Lq, D)
+
+Dropped logits take no share of the softmax: the surviving probabilities renormalise. This is NOT
+dropout after the softmax (that would zero probabilities and rescale by 1/(1-p)). A row whose keys
+are all dropped or padded has no distribution at all; we define its output as zeros and its
+gradients as zeros (never NaN).
+
+Symbols: B batch, H heads, Lq queries (SGTR: predicate queries, 100..300), Lk keys (entity or image
+tokens, 100..1500), D head dimension, BM x BN the tile of logits one kernel step works on.
+
+Why a kernel. The naive version materialises a (B, H, Lq, Lk) Bernoulli mask per cross-attention
+block, per layer, per step, and walks over the (B, H, Lq, Lk) logits several times (scores, mask,
+softmax, backward). The fused kernel never writes anything of size Lq*Lk: it draws each mask bit
+inside the kernel from a counter-based random generator, right where the logit is computed, and
+the backward regenerates the same bits from the same seed.
+
+The random generator (the part worth reading twice):
+    * Philox4x32-10 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC 2011), the
+      generator of cuRAND, of PyTorch's CUDA dropout, of FlashAttention's dropout and of
+      tl.randint4x. It maps (counter: 4 x uint32, key: 2 x uint32) to 4 x uint32 random words.
+    * counter = (j // 8, i, h, b), key = the 64-bit seed. The mask bit of logit (b, h, i, j) is
+      therefore a pure function of (seed, b, h, i, j): independent of tile sizes, of the launch
+      grid, of the device. The same seed gives the same mask on the CUDA kernel, under the Triton
+      interpreter and in the plain-PyTorch path below (which re-implements Philox on int64 tensors).
+    * One Philox call gives 128 bits = 8 decisions of 16 bits, for keys j = 8*(j//8) .. +7
+      (FlashAttention draws 16 decisions of 8 bits per call). The logit is dropped iff its 16-bit
+      number u < round(p * 65536), so the drop rate is p up to 1/131072 (8-bit numbers would turn
+      p = 0.1 into 26/256 = 0.1016); p = 1 drops everything, p = 0 nothing.
+    * Cost: 10 rounds x (2 mulhi + 2 mul + 4 xor + 2 key adds) per 8 logits, i.e. about 15 integer
+      operations per logit, against 2*D multiply-adds per logit for the two matmuls (on tensor
+      cores) and one exp2. kernels/bench.py measures it (`--p 0` skips the generator entirely).
+
+Dispatch (masked_attention below): CUDA tensors run the Triton kernels; CPU tensors run the same
+Triton kernels under the Triton interpreter if TRITON_INTERPRET=1 was set when this module was
+imported (Triton reads the variable when `@triton.jit` decorates a function), else the plain-PyTorch
+path with the identical mask. Tested against Triton 3.9 / torch 2.13 (CPU, interpreter); written
+for Triton >= 3.6 (plain pointer arithmetic, no TMA descriptors, no autotuner).
+
+Run `python -m kernels.masked_attention` for a correctness check against the naive version and a
+small timing on whatever device is at hand; `python -m kernels.bench` for the benchmark.
+
+References: FlashAttention-2 (Dao 2023) for the online softmax and the backward; the Triton
+tutorials 06-fused-attention (forward/backward structure) and 04-low-memory-dropout (seeded masks).
+"""
+import math
+import os
+import warnings
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
+except ImportError:  # no Triton wheel for this platform (macOS, Windows): the PyTorch path still runs
+    triton = tl = InterpretedFunction = None
+
+# ---------------------------------------------------------------------------------------------------
+# Philox4x32-10 and the Bernoulli mask, in plain PyTorch
+
+PHILOX_ROUNDS = 10
+PHILOX_M0, PHILOX_M1 = 0xD2511F53, 0xCD9E8D57  # round multipliers (Random123; Triton's random.py)
+PHILOX_W0, PHILOX_W1 = 0x9E3779B9, 0xBB67AE85  # key increments (golden ratio, sqrt(3) - 1)
+DECISIONS_PER_CALL = 8  # 128 random bits per Philox call, 16 bits per drop decision
+U32 = 0xFFFFFFFF
+
+
+def _mulhilo32(a, m):
+    """(hi, lo) 32-bit halves of a * m for uint32 values held in int64 tensors; m a Python int.
+
+    a * m needs 64 unsigned bits, more than int64 holds, so we multiply by m's two 16-bit halves
+    (each product < 2**48) and recombine. Exact, no overflow, vectorised."""
+    m_hi, m_lo = m >> 16, m & 0xFFFF
+    p_lo = a * m_lo                                     # < 2**48
+    p_hi = a * m_hi                                     # < 2**48; a*m = p_hi * 2**16 + p_lo
+    hi = (p_hi + (p_lo >> 16)) >> 16
+    lo = (p_lo + ((p_hi & 0xFFFF) << 16)) & U32
+    return hi, lo
+
+
+def philox4x32_torch(c0, c1, c2, c3, k0, k1, rounds=PHILOX_ROUNDS):
+    """Philox4x32 on int64 tensors holding uint32 values (broadcastable); key (k0, k1) Python ints.
+
+    Returns the four uint32 output words as int64 tensors. Same rounds, same constants, same word
+    order as Random123's philox4x32 and Triton's tl.philox / tl.randint4x."""
+    for _ in range(rounds):
+        hi1, lo1 = _mulhilo32(c2, PHILOX_M1)
+        hi0, lo0 = _mulhilo32(c0, PHILOX_M0)
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+        k0, k1 = (k0 + PHILOX_W0) & U32, (k1 + PHILOX_W1) & U32
+    return c0, c1, c2, c3
+
+
+def _check_seed_p(seed, p):
+    """Validate seed and p; return (seed_lo, seed_hi, threshold) where drop <=> u16 < threshold."""
+    try:
+        seed = int(seed) if isinstance(seed, torch.Tensor) else seed.__index__()
+    except (AttributeError, TypeError, RuntimeError):
+        raise TypeError(f"seed must be a Python int, got {type(seed).__name__}") from None
+    if not 0 <= seed < 2**64:
+        raise ValueError(f"seed must lie in [0, 2**64), got {seed}")
+    p = float(p)
+    if not 0.0 <= p <= 1.0:  # also rejects NaN
+        raise ValueError(f"the masking probability p must lie in [0, 1], got {p}")
+    return seed & U32, seed >> 32, round(p * 65536)
+
+
+def bernoulli_mask(seed, shape, p, device="cpu"):
+    """The (B, H, Lq, Lk) bool mask, True = dropped, that masked_attention applies for `seed`.
+
+    Materialised for tests and teaching; masked_attention itself never builds it. On CUDA (or under
+    TRITON_INTERPRET=1) it is written by a Triton kernel that calls the very same tile function as
+    the attention kernels; on CPU it is computed here in PyTorch. Both give the same bits."""
+    seed_lo, seed_hi, threshold = _check_seed_p(seed, p)
+    B, H, Lq, Lk = (int(s) for s in shape)
+    device = torch.device(device)
+    if _use_triton(device) and B * H * Lq * Lk > 0:
+        return _bernoulli_mask_triton(seed_lo, seed_hi, threshold, (B, H, Lq, Lk), device)
+    G = -(-Lk // DECISIONS_PER_CALL)                      # key groups of 8, ceil(Lk / 8)
+    ar = lambda n: torch.arange(n, dtype=torch.int64, device=device)
+    c0 = ar(G).view(1, 1, 1, G)                           # counter word 0: key group j // 8
+    c1 = ar(Lq).view(1, 1, Lq, 1)                         # counter word 1: query i
+    c2 = ar(H).view(1, H, 1, 1)                           # counter word 2: head h
+    c3 = ar(B).view(B, 1, 1, 1)                           # counter word 3: batch element b
+    c0, c1, c2, c3 = (c.expand(B, H, Lq, G) for c in (c0, c1, c2, c3))
+    words = philox4x32_torch(c0, c1, c2, c3, seed_lo, seed_hi)             # 4 x (B, H, Lq, G)
+    # decision s = 0..7 of a group takes bits 16*(s%2) .. 16*(s%2)+15 of word s//2; key j = 8*g + s
+    u16 = torch.stack([(w >> shift) & 0xFFFF for w in words for shift in (0, 16)], dim=-1)
+    u16 = u16.reshape(B, H, Lq, G * DECISIONS_PER_CALL)[..., :Lk]          # (B, H, Lq, Lk)
+    return u16 < threshold
+
+
+# ---------------------------------------------------------------------------------------------------
+# The naive version: materialise the mask, then ordinary attention (also the CPU path)
+
+def masked_attention_reference(q, k, v, p, seed, key_padding_mask=None):
+    """Plain PyTorch: the mask of bernoulli_mask(seed, ...), padding, softmax, zeros for empty rows.
+
+    Memory: the (B, H, Lq, Lk) logits, mask, probabilities and their gradients, a few passes each."""
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
+    drop = bernoulli_mask(seed, (B, H, Lq, Lk), p, device=q.device)        # (B, H, Lq, Lk)
+    if key_padding_mask is not None:
+        drop = drop | key_padding_mask.to(device=q.device, dtype=torch.bool)[:, None, None, :]
+    s = torch.matmul(q, k.transpose(-1, -2)) * (1.0 / math.sqrt(D))         # (B, H, Lq, Lk)
+    s = s.masked_fill(drop, float("-inf"))
+    # softmax that survives all -inf rows: subtract a finite row max, divide by a non-zero sum
+    m = s.detach().amax(dim=-1, keepdim=True) if Lk > 0 else s.new_zeros(B, H, Lq, 1)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))             # (B, H, Lq, 1)
+    e = torch.exp(s - m)                                                    # dropped -> exactly 0
+    denom = e.sum(dim=-1, keepdim=True)
+    attn = e / torch.where(denom > 0, denom, torch.ones_like(denom))       # empty row -> zeros
+    return torch.matmul(attn.to(v.dtype), v)                               # (B, H, Lq, D)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The Triton kernels
+#
+# Tiles: a program owns BM queries (forward, dq) or BN keys (dk/dv) of one (b, h) and loops over the
+# other axis. Per (b, h) the forward reads Q once, K and V once per query tile, and writes O and a
+# log-sum-exp per query; the (Lq, Lk) logits and the mask live only in registers, one tile at a time.
+
+if triton is not None:
+
+    @triton.jit
+    def _philox4x32_10(c0, c1, c2, c3, k0, k1):
+        """Philox4x32-10 on uint32 tiles, the same algorithm as philox4x32_torch above."""
+        for _ in tl.static_range(10):
+            hi1 = tl.umulhi(c2, 0xCD9E8D57)
+            hi0 = tl.umulhi(c0, 0xD2511F53)
+            lo1 = c2 * 0xCD9E8D57                          # uint32 product wraps: the low word
+            lo0 = c0 * 0xD2511F53
+            c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+            k0 = k0 + 0x9E3779B9
+            k1 = k1 + 0xBB67AE85
+        return c0, c1, c2, c3
+
+    @triton.jit
+    def _keep_tile(seed_lo, seed_hi, threshold, b, h, offs_m, start_n,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """(BM, BN) bool: True where logit (b, h, offs_m[r], start_n + c) survives the draw.
+
+        start_n is a multiple of 8, so the tile covers BN / 8 whole key groups: one Philox call per
+        (query, key group) gives the 8 decisions of that group. Nothing depends on BM or BN."""
+        k0 = seed_lo.to(tl.uint32, bitcast=True)
+        k1 = seed_hi.to(tl.uint32, bitcast=True)
+        groups = (start_n // 8 + tl.arange(0, BLOCK_N // 8)).to(tl.uint32)        # (BN/8,)
+        c0 = tl.broadcast_to(groups[None, :], (BLOCK_M, BLOCK_N // 8))              # j // 8
+        c1 = tl.broadcast_to(offs_m.to(tl.uint32)[:, None], (BLOCK_M, BLOCK_N // 8))  # i
+        c2 = tl.zeros((BLOCK_M, BLOCK_N // 8), dtype=tl.uint32) + h.to(tl.uint32)   # h
+        c3 = tl.zeros((BLOCK_M, BLOCK_N // 8), dtype=tl.uint32) + b.to(tl.uint32)   # b
+        r0, r1, r2, r3 = _philox4x32_10(c0, c1, c2, c3, k0, k1)                     # 4 x (BM, BN/8)
+        # spread the 4 words over 8 decisions: decision s of a group = 16-bit half s%2 of word s//2
+        s = tl.arange(0, 8)[None, None, :]                                           # (1, 1, 8)
+        word = tl.where(s < 2, r0[:, :, None], tl.where(s < 4, r1[:, :, None],
+                        tl.where(s < 6, r2[:, :, None], r3[:, :, None])))           # (BM, BN/8, 8)
+        u16 = ((word >> ((s % 2) * 16).to(tl.uint32)) & 0xFFFF).to(tl.int32)
+        keep = (u16 >= threshold).to(tl.int8)
+        # row-major reshape: column 8*g + s of the tile is decision s of group g
+        return tl.reshape(keep, (BLOCK_M, BLOCK_N)) != 0
+
+    @triton.jit
+    def _mask_kernel(OUT, seed_lo, seed_hi, threshold, H, Lq, Lk,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """Write bernoulli_mask (1 = dropped) with the attention kernels' own tile function."""
+        pid_m = tl.program_id(0)
+        bh = tl.program_id(1)
+        b = bh // H
+        h = bh % H
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        for start_n in range(0, Lk, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            keep = _keep_tile(seed_lo, seed_hi, threshold, b, h, offs_m, start_n, BLOCK_M, BLOCK_N)
+            ptrs = OUT + bh.to(tl.int64) * Lq * Lk + offs_m[:, None] * Lk + offs_n[None, :]
+            tl.store(ptrs, (keep == 0).to(tl.int8),
+                     mask=(offs_m[:, None] < Lq) & (offs_n[None, :] < Lk))
+
+    @triton.jit
+    def _fwd_kernel(Q, K, V, O, LSE, KPM, seed_lo, seed_hi, threshold,
+                    sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
+                    skpm, H, Lq, Lk, qk_scale,
+                    HAS_KPM: tl.constexpr, HAS_DROP: tl.constexpr, D: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+        """One program: BM queries of one (b, h). Online softmax over key tiles (FlashAttention-2).
+
+        Memory traffic per program: read BM*D (Q) + Lk*2D (K, V) + Lk (padding), write BM*D (O)
+        + BM (log-sum-exp). Logits are kept in log2 units (qk_scale = log2(e) / sqrt(D)) for exp2."""
+        pid_m = tl.program_id(0)
+        bh = tl.program_id(1)
+        b = bh // H
+        h = bh % H
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)                           # (BM,)
+        offs_d = tl.arange(0, D)                                                   # (D,)
+        row_ok = offs_m < Lq
+        q = tl.load(Q + b.to(tl.int64) * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
+                    mask=row_ok[:, None], other=0.0)                               # (BM, D)
+        K += b.to(tl.int64) * skb + h * skh
+        V += b.to(tl.int64) * svb + h * svh
+        m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)                # running max
+        l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)                               # running sum
+        acc = tl.zeros((BLOCK_M, D), dtype=tl.float32)                             # running sum P V
+        for start_n in range(0, Lk, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)                               # (BN,)
+            col_ok = offs_n < Lk
+            k = tl.load(K + offs_n[:, None] * skn + offs_d[None, :] * skd,
+                        mask=col_ok[:, None], other=0.0)                           # (BN, D)  read BN*D
+            v = tl.load(V + offs_n[:, None] * svn + offs_d[None, :] * svd,
+                        mask=col_ok[:, None], other=0.0)                           # (BN, D)  read BN*D
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale      # (BM, BN)
+            keep = tl.broadcast_to(col_ok[None, :], (BLOCK_M, BLOCK_N))
+            if HAS_KPM:
+                pad = tl.load(KPM + b.to(tl.int64) * skpm + offs_n, mask=col_ok, other=1)  # (BN,)
+                keep = keep & (pad == 0)[None, :]
+            if HAS_DROP:  # PAPER: each logit independently set to -inf with probability p
+                keep = keep & _keep_tile(seed_lo, seed_hi, threshold, b, h, offs_m, start_n,
+                                         BLOCK_M, BLOCK_N)
+            s = tl.where(keep, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))                                  # (BM,)
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # all -inf so far: avoid inf - inf
+            alpha = tl.math.exp2(m_i - m_safe)                                     # rescale old sums
+            prob = tl.math.exp2(s - m_safe[:, None])                               # dropped -> 0
+            l_i = l_i * alpha + tl.sum(prob, 1)
+            acc = acc * alpha[:, None] + tl.dot(prob.to(v.dtype), v, input_precision=PRECISION)
+            m_i = m_new
+        has_keys = l_i > 0.0                                                       # empty row: zeros
+        out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
+        tl.store(O + b.to(tl.int64) * sob + h * soh + offs_m[:, None] * som + offs_d[None, :] * sod,
+                 out.to(O.dtype.element_ty), mask=row_ok[:, None])                # write BM*D
+        # +inf for an empty row makes every recomputed probability exp2(s - lse) exactly 0
+        lse = tl.where(has_keys, m_i + tl.math.log2(tl.where(has_keys, l_i, 1.0)), float("inf"))
+        tl.store(LSE + bh.to(tl.int64) * Lq + offs_m, lse, mask=row_ok)
+
+    @triton.jit
+    def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KPM, seed_lo, seed_hi, threshold,
+                         sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+                         sdob, sdoh, sdom, sdod, skpm, H, Lq, Lk, qk_scale, sm_scale,
+                         HAS_KPM: tl.constexpr, HAS_DROP: tl.constexpr, D: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+        """One program: BN keys of one (b, h); loops over query tiles, accumulates dK and dV.
+
+        P is recomputed from Q, K and the saved log-sum-exp, the mask from the seed. Memory traffic:
+        read BN*2D (K, V) + Lq*(2D + 2) (Q, dO, lse, delta), write BN*2D (dK, dV)."""
+        pid_n = tl.program_id(0)
+        bh = tl.program_id(1)
+        b = bh // H
+        h = bh % H
+        start_n = pid_n * BLOCK_N
+        offs_n = start_n + tl.arange(0, BLOCK_N)                                   # (BN,)
+        offs_d = tl.arange(0, D)
+        col_ok = offs_n < Lk
+        k = tl.load(K + b.to(tl.int64) * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :] * skd,
+                    mask=col_ok[:, None], other=0.0)                               # (BN, D)
+        v = tl.load(V + b.to(tl.int64) * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :] * svd,
+                    mask=col_ok[:, None], other=0.0)                               # (BN, D)
+        key_ok = col_ok
+        if HAS_KPM:
+            pad = tl.load(KPM + b.to(tl.int64) * skpm + offs_n, mask=col_ok, other=1)
+            key_ok = key_ok & (pad == 0)
+        Q += b.to(tl.int64) * sqb + h * sqh
+        DO += b.to(tl.int64) * sdob + h * sdoh
+        LSE += bh.to(tl.int64) * Lq
+        DELTA += bh.to(tl.int64) * Lq
+        dk = tl.zeros((BLOCK_N, D), dtype=tl.float32)
+        dv = tl.zeros((BLOCK_N, D), dtype=tl.float32)
+        for start_m in range(0, Lq, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)                               # (BM,)
+            row_ok = offs_m < Lq
+            q = tl.load(Q + offs_m[:, None] * sqm + offs_d[None, :] * sqd, mask=row_ok[:, None], other=0.0)
+            do = tl.load(DO + offs_m[:, None] * sdom + offs_d[None, :] * sdod, mask=row_ok[:, None],
+                         other=0.0)                                                # (BM, D)
+            lse = tl.load(LSE + offs_m, mask=row_ok, other=float("inf"))           # (BM,)
+            delta = tl.load(DELTA + offs_m, mask=row_ok, other=0.0)                # (BM,)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale      # (BM, BN)
+            keep = tl.broadcast_to(key_ok[None, :], (BLOCK_M, BLOCK_N))
+            if HAS_DROP:  # the forward's mask, regenerated from the seed
+                keep = keep & _keep_tile(seed_lo, seed_hi, threshold, b, h, offs_m, start_n,
+                                         BLOCK_M, BLOCK_N)
+            prob = tl.where(keep, tl.math.exp2(s - lse[:, None]), 0.0)            # (BM, BN) = P
+            dv += tl.dot(tl.trans(prob.to(do.dtype)), do, input_precision=PRECISION)  # P^T dO
+            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)                # (BM, BN) dO V^T
+            ds = prob * (dp - delta[:, None])                                      # softmax backward
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)   # dS^T Q
+        dk = dk * sm_scale
+        tl.store(DK + bh.to(tl.int64) * Lk * D + offs_n[:, None] * D + offs_d[None, :],
+                 dk.to(DK.dtype.element_ty), mask=col_ok[:, None])
+        tl.store(DV + bh.to(tl.int64) * Lk * D + offs_n[:, None] * D + offs_d[None, :],
+                 dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
+
+    @triton.jit
+    def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, KPM, seed_lo, seed_hi, threshold,
+                       sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+                       sdob, sdoh, sdom, sdod, skpm, H, Lq, Lk, qk_scale, sm_scale,
+                       HAS_KPM: tl.constexpr, HAS_DROP: tl.constexpr, D: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+        """One program: BM queries of one (b, h); loops over key tiles, accumulates dQ.
+
+        A separate kernel instead of atomic adds into dQ: deterministic, at the price of recomputing
+        the logits and the mask once more. Traffic: read BM*2D + Lk*2D, write BM*D."""
+        pid_m = tl.program_id(0)
+        bh = tl.program_id(1)
+        b = bh // H
+        h = bh % H
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, D)
+        row_ok = offs_m < Lq
+        q = tl.load(Q + b.to(tl.int64) * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
+                    mask=row_ok[:, None], other=0.0)                               # (BM, D)
+        do = tl.load(DO + b.to(tl.int64) * sdob + h * sdoh + offs_m[:, None] * sdom
+                     + offs_d[None, :] * sdod, mask=row_ok[:, None], other=0.0)    # (BM, D)
+        lse = tl.load(LSE + bh.to(tl.int64) * Lq + offs_m, mask=row_ok, other=float("inf"))
+        delta = tl.load(DELTA + bh.to(tl.int64) * Lq + offs_m, mask=row_ok, other=0.0)
+        K += b.to(tl.int64) * skb + h * skh
+        V += b.to(tl.int64) * svb + h * svh
+        dq = tl.zeros((BLOCK_M, D), dtype=tl.float32)
+        for start_n in range(0, Lk, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            col_ok = offs_n < Lk
+            k = tl.load(K + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=col_ok[:, None], other=0.0)
+            v = tl.load(V + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=col_ok[:, None], other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale      # (BM, BN)
+            keep = tl.broadcast_to(col_ok[None, :], (BLOCK_M, BLOCK_N))
+            if HAS_KPM:
+                pad = tl.load(KPM + b.to(tl.int64) * skpm + offs_n, mask=col_ok, other=1)
+                keep = keep & (pad == 0)[None, :]
+            if HAS_DROP:
+                keep = keep & _keep_tile(seed_lo, seed_hi, threshold, b, h, offs_m, start_n,
+                                         BLOCK_M, BLOCK_N)
+            prob = tl.where(keep, tl.math.exp2(s - lse[:, None]), 0.0)            # (BM, BN)
+            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)                # (BM, BN)
+            ds = prob * (dp - delta[:, None])
+            dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)             # dS K
+        dq = dq * sm_scale
+        tl.store(DQ + bh.to(tl.int64) * Lq * D + offs_m[:, None] * D + offs_d[None, :],
+                 dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Launchers and the autograd wrapper
+
+LOG2E = 1.4426950408889634
+HEAD_DIMS = (16, 32, 64, 128)
+# Tile sizes: (BM, BN, num_warps) per kernel. Chosen from the shapes of Triton tutorial 06 and not
+# yet tuned on a GPU (see kernels/BENCH.md). BN must be a power of two >= 16 (8 keys per Philox call).
+FWD_BLOCKS = {16: (64, 64, 4), 32: (64, 64, 4), 64: (64, 64, 4), 128: (64, 32, 4)}
+BWD_DKDV_BLOCKS = {16: (32, 64, 4), 32: (32, 64, 4), 64: (32, 64, 4), 128: (32, 64, 8)}
+BWD_DQ_BLOCKS = {16: (64, 32, 4), 32: (64, 32, 4), 64: (64, 32, 4), 128: (64, 32, 8)}
+
+
+def _interpreting():
+    """True when the kernels were defined under TRITON_INTERPRET=1 (they then run on CPU tensors)."""
+    return triton is not None and isinstance(_fwd_kernel, InterpretedFunction)
+
+
+def _use_triton(device):
+    if triton is None:
+        if device.type == "cuda":
+            raise RuntimeError("masked_attention on CUDA needs Triton (pip install triton)")
+        return False
+    if device.type == "cuda" or _interpreting():
+        return True
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") and not _warned[0]:
+        _warned[0] = True
+        warnings.warn("TRITON_INTERPRET is set but kernels.masked_attention was imported before it "
+                      "was; Triton reads it when the kernels are defined. Using the PyTorch path "
+                      "(same mask). Set it before `import kernels` to run the interpreter.")
+    return False
+
+
+_warned = [False]
+
+
+def _precision(dtype):
+    # fp32 inputs: follow torch's own matmul setting (TF32 is ~10 bits of mantissa, 2-8x faster)
+    return "tf32" if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
+
+
+def _bernoulli_mask_triton(seed_lo, seed_hi, threshold, shape, device, blocks=(32, 64)):
+    B, H, Lq, Lk = shape
+    out = torch.empty(shape, dtype=torch.int8, device=device)
+    BM, BN = blocks
+    _mask_kernel[(triton.cdiv(Lq, BM), B * H)](out, _i32(seed_lo), _i32(seed_hi), threshold, H, Lq, Lk,
+                                               BLOCK_M=BM, BLOCK_N=BN)
+    return out.bool()
+
+
+def _i32(x):
+    """uint32 -> the int32 with the same bits, so Triton always types the seed words as i32."""
+    return x - 2**32 if x >= 2**31 else x
+
+
+def _kpm_arg(key_padding_mask, q):
+    if key_padding_mask is None:
+        return q, 0, False  # any pointer; HAS_KPM=False compiles the loads away
+    kpm = key_padding_mask.to(torch.int8).contiguous()
+    return kpm, kpm.stride(0), True
+
+
+def _forward(q, k, v, kpm, seed_lo, seed_hi, threshold, blocks=None):
+    """Launch the forward kernel. Returns O (B, H, Lq, D) in q's dtype and lse (B, H, Lq) fp32."""
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
+    BM, BN, warps = blocks or FWD_BLOCKS[D]
+    o = torch.empty((B, H, Lq, D), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, H, Lq), dtype=torch.float32, device=q.device)
+    kpm_t, skpm, has_kpm = _kpm_arg(kpm, q)
+    _fwd_kernel[(triton.cdiv(Lq, BM), B * H)](
+        q, k, v, o, lse, kpm_t, _i32(seed_lo), _i32(seed_hi), threshold,
+        *q.stride(), *k.stride(), *v.stride(), *o.stride(), skpm, H, Lq, Lk, LOG2E / math.sqrt(D),
+        HAS_KPM=has_kpm, HAS_DROP=threshold > 0, D=D, BLOCK_M=BM, BLOCK_N=BN,
+        PRECISION=_precision(q.dtype), num_warps=warps)
+    return o, lse
+
+
+def _backward(q, k, v, o, lse, do, kpm, seed_lo, seed_hi, threshold, blocks=None):
+    """Launch the two backward kernels. Returns dq, dk, dv in the inputs' dtype."""
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
+    # delta_i = sum_d dO_id O_id = sum_j P_ij dP_ij: the softmax-backward row term (FlashAttention-2)
+    delta = (do.float() * o.float()).sum(-1).contiguous()                 # (B, H, Lq)
+    dq = torch.empty((B, H, Lq, D), dtype=q.dtype, device=q.device)
+    dk = torch.empty((B, H, Lk, D), dtype=k.dtype, device=q.device)
+    dv = torch.empty((B, H, Lk, D), dtype=v.dtype, device=q.device)
+    kpm_t, skpm, has_kpm = _kpm_arg(kpm, q)
+    common = dict(HAS_KPM=has_kpm, HAS_DROP=threshold > 0, D=D, PRECISION=_precision(q.dtype))
+    args = (*q.stride(), *k.stride(), *v.stride(), *do.stride(), skpm, H, Lq, Lk,
+            LOG2E / math.sqrt(D), 1.0 / math.sqrt(D))
+    seed = (_i32(seed_lo), _i32(seed_hi), threshold)
+    BM, BN, warps = blocks[1] if blocks else BWD_DKDV_BLOCKS[D]
+    _bwd_dkdv_kernel[(triton.cdiv(Lk, BN), B * H)](
+        q, k, v, do, lse, delta, dk, dv, kpm_t, *seed, *args,
+        BLOCK_M=BM, BLOCK_N=BN, num_warps=warps, **common)
+    BM, BN, warps = blocks[2] if blocks else BWD_DQ_BLOCKS[D]
+    _bwd_dq_kernel[(triton.cdiv(Lq, BM), B * H)](
+        q, k, v, do, lse, delta, dq, kpm_t, *seed, *args,
+        BLOCK_M=BM, BLOCK_N=BN, num_warps=warps, **common)
+    return dq, dk, dv
+
+
+class _MaskedAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, kpm, seed_lo, seed_hi, threshold, blocks):
+        o, lse = _forward(q, k, v, kpm, seed_lo, seed_hi, threshold, blocks[0] if blocks else None)
+        ctx.save_for_backward(q, k, v, o, lse, kpm)  # saved: O(B*H*(Lq + Lk)*D), no Lq*Lk tensor
+        ctx.rng = (seed_lo, seed_hi, threshold)
+        ctx.blocks = blocks
+        return o
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, do):
+        q, k, v, o, lse, kpm = ctx.saved_tensors
+        dq, dk, dv = _backward(q, k, v, o, lse, do, kpm, *ctx.rng, blocks=ctx.blocks)
+        return dq, dk, dv, None, None, None, None, None
+
+
+# ---------------------------------------------------------------------------------------------------
+# The public function
+
+def masked_attention(q, k, v, p, seed, key_padding_mask=None, _blocks=None):
+    """softmax(mask(Q K^T / sqrt(D))) V with each logit set to -inf with probability p.
+
+    q: (B, H, Lq, D); k, v: (B, H, Lk, D); fp32, fp16 or bf16, same dtype and device.
+    p: float in [0, 1]. seed: int in [0, 2**64); the mask is bernoulli_mask(seed, (B, H, Lq, Lk), p),
+       a pure function of (seed, b, h, i, j): use a new seed for every call that needs a fresh mask.
+    key_padding_mask: optional (B, Lk) bool, True = padded key (never attended to).
+    Returns (B, H, Lq, D) in q's dtype, differentiable in q, k and v; rows with no surviving key
+    are zeros with zero gradients.
+
+    `_blocks` (tests and benchmarks only): ((BM, BN, warps) forward, dk/dv, dq) tile overrides."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"q, k, v must be (B, H, L, D); got shapes {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
+    if k.shape != (B, H, Lk, D) or v.shape != (B, H, Lk, D):
+        raise ValueError(f"k and v must be (B, H, Lk, D) = ({B}, {H}, Lk, {D}) like q; got "
+                         f"{tuple(k.shape)} and {tuple(v.shape)}")
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float32, torch.float16,
+                                                                torch.bfloat16):
+        raise TypeError(f"q, k, v must share one of float32/float16/bfloat16; got {q.dtype}, "
+                        f"{k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v on different devices: {q.device}, {k.device}, {v.device}")
+    if key_padding_mask is not None:
+        if key_padding_mask.shape != (B, Lk) or key_padding_mask.dtype != torch.bool:
+            raise ValueError(f"key_padding_mask must be a (B, Lk) = ({B}, {Lk}) bool tensor "
+                             f"(True = padded); got {tuple(key_padding_mask.shape)} "
+                             f"{key_padding_mask.dtype}")
+        key_padding_mask = key_padding_mask.to(q.device)
+    seed_lo, seed_hi, threshold = _check_seed_p(seed, p)
+    if not _use_triton(q.device) or B * H * Lq * Lk == 0:
+        return masked_attention_reference(q, k, v, p, seed, key_padding_mask)
+    if D not in HEAD_DIMS:
+        raise ValueError(f"the Triton kernel supports head dims {HEAD_DIMS}, got D = {D}")
+    return _MaskedAttention.apply(q, k, v, key_padding_mask, seed_lo, seed_hi, threshold, _blocks)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Correctness check and a quick timing: python -m kernels.masked_attention
+
+if __name__ == "__main__":
+    import time
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    path = "Triton (CUDA)" if device == "cuda" else (
+        "Triton interpreter" if _interpreting() else "plain PyTorch")
+    print(f"device {device}, path: {path}")
+    torch.manual_seed(0)
+    B, H, Lq, Lk, D, p = 2, 2, 37, 53, 32, 0.1
+    for dtype, tol in ((torch.float32, 1e-4), (torch.float16, 1e-2)):
+        q, k, v = (torch.randn(B, H, L, D, device=device, dtype=dtype, requires_grad=True)
+                   for L in (Lq, Lk, Lk))
+        kpm = torch.zeros(B, Lk, dtype=torch.bool, device=device)
+        kpm[1, 40:] = True
+        out = masked_attention(q, k, v, p, seed=1234, key_padding_mask=kpm)
+        grads = torch.autograd.grad(out.float().square().sum(), (q, k, v))
+        q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
+        ref = masked_attention_reference(q32, k32, v32, p, 1234, kpm)
+        ref_grads = torch.autograd.grad(ref.square().sum(), (q32, k32, v32))
+        errs = [(out.float() - ref).abs().max().item()] + [
+            (g.float() - r).abs().max().item() for g, r in zip(grads, ref_grads)]
+        status = "ok" if max(errs) < tol else "FAIL"
+        print(f"{str(dtype):14s} max |err| out/dq/dk/dv = " + " ".join(f"{e:.1e}" for e in errs)
+              + f"  (tolerance {tol:g}) {status}")
+    B, H, Lq, Lk, D = (8, 8, 200, 600, 64) if device == "cuda" else (2, 8, 100, 300, 32)
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    q, k, v = (torch.randn(B, H, L, D, device=device, dtype=dtype, requires_grad=True)
+               for L in (Lq, Lk, Lk))
+    for it in range(4):  # first call compiles
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        masked_attention(q, k, v, 0.1, seed=it).sum().backward()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+    print(f"B={B} H={H} Lq={Lq} Lk={Lk} D={D} {dtype}: forward+backward {dt * 1e3:.2f} ms")
