@@ -1,0 +1,1105 @@
+"""SGTR with self-supervised relation alignment: one-stage scene graph detection (SGDet), end to end.
+
+What this is
+    A readable re-implementation of SGTR (Li et al., "SGTR: End-to-end Scene Graph Generation with
+    Transformer", CVPR 2022) and of the paper's self-supervised relation alignment on top of it
+    ("Self-Supervised Relation Alignment for Scene Graph Generation", arXiv 2302.01403, sections
+    3.1, 3.2, 4.1, 4.3 and supplementary section 7). Lines that implement the paper's method are
+    marked `# PAPER:`; everything else is the SGTR model and the usual training plumbing.
+
+    image -> CNN backbone -> transformer encoder ------------------> entity decoder -> entities
+                                     |                                      | (features, boxes)
+                                     +-> relation feature encoder --+       v
+                                                                    +-> structural predicate decoder
+                                                                        -> predicates with subject /
+                                                                           object indicators
+    graph assembling: each predicate's indicators are matched to the detected entities -> triplets.
+
+    The alignment (training only): a mirrored structural predicate decoder that shares every weight
+    with the original except untied class heads; its cross-attention matrices are randomly masked
+    (each logit set to -inf with probability p, Eq. 1 as instantiated in section 3.2); its
+    predicate / subject / object distributions at the last layer are pulled towards those of an
+    extra dropout-free, gradient-free pass of the original decoder (Eq. 2); L = L_sup + lambda L_align
+    (Eq. 3). At inference only the original model runs, so SGTR and Align-SGTR cost the same.
+
+How to run
+    python sgtr_align.py                      # aligned SGTR on the built-in synthetic data (CPU)
+    python sgtr_align.py --no-align           # the SGTR baseline
+    python sgtr_align.py --compare --seeds 0,1,2,3   # both, 4 seeds: compare.md (Table-1 style)
+    python sgtr_align.py --bench-step         # time one training step with and without alignment
+    python sgtr_align.py --preset vg --data /path/to/vg   # SGTR's own sizes on Visual Genome (GPU)
+    torchrun --nproc_per_node 2 sgtr_align.py # data parallel (gloo on CPU, nccl on GPU)
+
+Symbols used in the shape comments
+    B images in a batch, H x W padded image size, h x w feature map, S = h * w image tokens,
+    D model width, Hd attention heads, Qe entity queries, Qp predicate queries, G ground-truth
+    boxes of one image, R ground-truth relations of one image, C object classes (+1 background),
+    P predicate classes (+1 "no relation"), K entities kept per indicator, M relation pairs.
+"""
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from scipy.optimize import linear_sum_assignment
+
+import data
+import metrics
+from kernels import masked_attention
+
+
+# ----------------------------------------------------------------------------------------------
+# Config (this dataclass is also the command line: every field is a --flag)
+
+@dataclass
+class Config:
+    # run
+    data: str = "synthetic"          # 'synthetic' (built-in, generated on first use) or a Visual Genome folder
+    out: str = ""                    # run folder; default runs/sgtr_align-sgdet-<align|noalign>-seed<s>
+    device: str = "auto"             # 'auto' (cuda if available), 'cpu' or 'cuda'
+    seed: int = 0                    # random seed of this run
+    seeds: str = ""                  # comma-separated seeds, e.g. 0,1,2,3: one run per seed
+    compare: bool = False            # run baseline and aligned for every seed, write compare.md
+    resume: bool = False             # continue from <out>/ckpt_last.pt
+    preset: str = ""                 # named overrides: 'vg' = SGTR's own settings for Visual Genome
+    iters: int = 0                   # if > 0, cap the number of training iterations (smoke runs)
+    max_eval_images: int = 0         # if > 0, evaluate on at most this many val/test images
+    num_workers: int = 0             # DataLoader workers
+    log_every: int = 50              # iterations between progress lines
+    eval_every: int = 1000           # iterations between validation runs (model selection)
+    bench_step: bool = False         # time a training step with and without alignment, then exit
+    # the paper's alignment (sections 3.2 and 7)
+    no_align: bool = False           # train the SGTR baseline (no mirror, no alignment loss)
+    mask_p: float = 0.1              # p: probability that an attention logit is masked (Eq. 1)
+    align_weight: float = 10.0       # lambda in L = L_sup + lambda L_align (Eq. 3)
+    align_loss: str = "kl"           # 'kl' (self-supervised, Eq. 2) or 'supervised' (Table 3 ablation)
+    tied_head: bool = False          # share the class heads with the mirror too (Table 3 "PH")
+    # model sizes (defaults train on the synthetic data on a CPU; --preset vg has SGTR's)
+    d_model: int = 128               # D, transformer width
+    nheads: int = 4                  # attention heads
+    ffn_dim: int = 256               # feed-forward hidden width
+    dropout: float = 0.1             # dropout in all transformer blocks (never in the mirror)
+    backbone_width: int = 32         # channels of the first CNN stage (doubled per stage)
+    backbone_stride: int = 16        # total stride of the CNN (16 -> an 8x8 map for 128 px images)
+    enc_layers: int = 2              # image transformer encoder layers
+    ent_dec_layers: int = 3          # entity decoder layers
+    rel_enc_layers: int = 1          # relation feature encoder layers
+    pred_dec_layers: int = 3         # structural predicate decoder layers
+    num_ent_queries: int = 20        # Qe
+    num_pred_queries: int = 30       # Qp
+    max_size: int = 0                # if > 0, resize images so the longest side is this
+    # graph assembling
+    ent_topk: int = 3                # K entities considered per subject / object indicator
+    # optimisation (AdamW as in DETR / SGTR)
+    batch_size: int = 16             # images per iteration (per process)
+    eval_batch_size: int = 32        # images per evaluation batch
+    max_iter: int = 3000             # training iterations
+    lr: float = 4e-4                 # learning rate of the transformer parts
+    lr_backbone: float = 4e-4        # learning rate of the CNN (1e-5 for a pretrained one)
+    weight_decay: float = 1e-4       # AdamW weight decay
+    warmup_iters: int = 200          # linear warm-up iterations
+    lr_drop: float = 0.8             # lr x 0.1 after this fraction of max_iter (DETR's step schedule)
+    grad_clip: float = 0.1           # max gradient norm (DETR's 0.1)
+    val_images: int = 500            # validation images used for model selection
+    # loss weights (DETR: class 1, L1 5, GIoU 2, background weight 0.1)
+    w_cls: float = 1.0               # entity / predicate / indicator class losses
+    w_l1: float = 5.0                # box L1 loss
+    w_giou: float = 2.0              # box GIoU loss
+    eos_coef: float = 0.1            # weight of the background / no-relation class
+
+
+PRESETS = {
+    # SGTR's settings on Visual Genome (a GPU run): d = 256, 6-layer encoder and decoders, 100 entity
+    # and 180 predicate queries, AdamW lr 1e-4 (backbone 1e-5). The backbone here is our CNN from
+    # scratch (no torchvision / ImageNet weights in this project): see README "differences".
+    "vg": dict(d_model=256, nheads=8, ffn_dim=2048, backbone_width=64, backbone_stride=32,
+               enc_layers=6, ent_dec_layers=6, rel_enc_layers=6, pred_dec_layers=6,
+               num_ent_queries=100, num_pred_queries=180, max_size=800, ent_topk=5,
+               batch_size=4, eval_batch_size=8, max_iter=120000, lr=1e-4, lr_backbone=1e-5,
+               warmup_iters=1000, lr_drop=0.7, eval_every=5000, val_images=1000, log_every=100),
+}
+
+
+def parse_config(argv=None) -> Config:
+    """argparse generated from the dataclass: `--help` lists every field with its default."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type is bool or f.type == "bool":
+            p.add_argument(flag, action="store_true", help=f.name)
+        else:
+            typ = {"int": int, "float": float, "str": str}.get(f.type, f.type)
+            p.add_argument(flag, type=typ, default=None, help=f"{f.name} (default {f.default})")
+    args = vars(p.parse_args(argv))
+    cfg = Config()
+    if args["preset"]:
+        if args["preset"] not in PRESETS:
+            p.error(f"unknown --preset {args['preset']!r}; choose from {sorted(PRESETS)}")
+        for k, v in PRESETS[args["preset"]].items():
+            setattr(cfg, k, v)
+    for k, v in args.items():
+        if v is not None and v is not False:
+            setattr(cfg, k, v)
+    if cfg.align_loss not in ("kl", "supervised"):
+        p.error(f"--align-loss must be 'kl' or 'supervised', got {cfg.align_loss!r}")
+    if not 0.0 <= cfg.mask_p < 1.0:
+        p.error(f"--mask-p must be in [0, 1), got {cfg.mask_p}")
+    if cfg.d_model % cfg.nheads:
+        p.error(f"--d-model {cfg.d_model} must be divisible by --nheads {cfg.nheads}")
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------
+# Boxes (normalised cxcywh inside the model, as DETR; pixel xyxy at the evaluator)
+
+def box_cxcywh_to_xyxy(b):
+    cx, cy, w, h = b.unbind(-1)
+    return torch.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], -1)
+
+
+def box_xyxy_to_cxcywh(b):
+    x0, y0, x1, y1 = b.unbind(-1)
+    return torch.stack([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0], -1)
+
+
+def box_iou(a, b):
+    """a (N, 4), b (M, 4) xyxy -> IoU (N, M) and union (N, M). Continuous coordinates (no +1)."""
+    area_a = (a[:, 2] - a[:, 0]).clamp(min=0) * (a[:, 3] - a[:, 1]).clamp(min=0)
+    area_b = (b[:, 2] - b[:, 0]).clamp(min=0) * (b[:, 3] - b[:, 1]).clamp(min=0)
+    lt = torch.max(a[:, None, :2], b[None, :, :2])  # (N, M, 2)
+    rb = torch.min(a[:, None, 2:], b[None, :, 2:])  # (N, M, 2)
+    inter = (rb - lt).clamp(min=0).prod(-1)  # (N, M)
+    union = area_a[:, None] + area_b[None, :] - inter
+    return inter / union.clamp(min=1e-7), union
+
+
+def generalized_box_iou(a, b):
+    """GIoU (Rezatofighi et al. 2019) between a (N, 4) and b (M, 4) xyxy -> (N, M) in [-1, 1]."""
+    iou, union = box_iou(a, b)
+    lt = torch.min(a[:, None, :2], b[None, :, :2])
+    rb = torch.max(a[:, None, 2:], b[None, :, 2:])
+    hull = (rb - lt).clamp(min=0).prod(-1)  # (N, M) smallest enclosing box
+    return iou - (hull - union) / hull.clamp(min=1e-7)
+
+
+# ----------------------------------------------------------------------------------------------
+# Attention: one function for the original model, the masked kernel for the mirror
+
+def attention(q, k, v, key_padding_mask=None):
+    """Plain scaled dot-product attention with exactly kernels.masked_attention's math at p = 0.
+
+    q (B, Hd, Lq, Dh), k / v (B, Hd, Lk, Dh), key_padding_mask (B, Lk) True = padded. A row whose
+    keys are all padded gives zeros (not NaN), as masked_attention does, so that the mirror at p = 0
+    is the very same function as the original (tests/test_sgtr.py checks this).
+    """
+    logits = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])  # (B, Hd, Lq, Lk)
+    if key_padding_mask is None:
+        return torch.softmax(logits, -1) @ v  # (B, Hd, Lq, Dh)
+    attn = torch.softmax(logits.masked_fill(key_padding_mask[:, None, None, :], float("-inf")), -1)
+    if key_padding_mask.all(-1).any():  # a fully padded row: softmax of all -inf is NaN -> zeros
+        attn = attn.nan_to_num(0.0)
+    return attn @ v  # (B, Hd, Lq, Dh)
+
+
+class MultiheadAttention(nn.Module):
+    """Multi-head attention with its own projections, so that both attention paths share weights."""
+
+    def __init__(self, d, nheads):
+        super().__init__()
+        self.nheads = nheads
+        self.q_proj, self.k_proj = nn.Linear(d, d), nn.Linear(d, d)
+        self.v_proj, self.o_proj = nn.Linear(d, d), nn.Linear(d, d)
+
+    def forward(self, q, k, v, key_padding_mask=None, mask_p=0.0, seed=None):
+        """q (B, Lq, D), k / v (B, Lk, D) -> (B, Lq, D). With a `seed`: the paper's masked attention."""
+        B, Lq, D = q.shape
+        Lk, Hd = k.shape[1], self.nheads
+        q = self.q_proj(q).view(B, Lq, Hd, D // Hd).transpose(1, 2)  # (B, Hd, Lq, Dh)
+        k = self.k_proj(k).view(B, Lk, Hd, D // Hd).transpose(1, 2)  # (B, Hd, Lk, Dh)
+        v = self.v_proj(v).view(B, Lk, Hd, D // Hd).transpose(1, 2)  # (B, Hd, Lk, Dh)
+        if seed is None:
+            out = attention(q, k, v, key_padding_mask)
+        else:
+            # PAPER (section 3.2): each attention-matrix element is set to -inf with probability p
+            # before the softmax; the mask is a pure function of `seed` (fused Triton kernel on GPU).
+            out = masked_attention(q.contiguous(), k.contiguous(), v.contiguous(), mask_p, seed,
+                                   key_padding_mask)
+        return self.o_proj(out.transpose(1, 2).reshape(B, Lq, D))
+
+
+class FFN(nn.Module):
+    def __init__(self, d, hidden, dropout):
+        super().__init__()
+        self.fc1, self.fc2, self.p = nn.Linear(d, hidden), nn.Linear(hidden, d), dropout
+
+    def forward(self, x, use_dropout):
+        return self.fc2(F.dropout(F.relu(self.fc1(x)), self.p, use_dropout))
+
+
+class MLP(nn.Module):
+    """DETR's box head: `layers` linear layers with ReLU in between."""
+
+    def __init__(self, d_in, d_hidden, d_out, layers):
+        super().__init__()
+        dims = [d_in] + [d_hidden] * (layers - 1) + [d_out]
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+
+    def forward(self, x):
+        for i, layer in enumerate(self.layers):
+            x = layer(x) if i == len(self.layers) - 1 else F.relu(layer(x))
+        return x
+
+
+# ----------------------------------------------------------------------------------------------
+# Entity detector (DETR): backbone, sine positions, encoder, entity decoder
+
+class Backbone(nn.Module):
+    """A small CNN trained from scratch (conv-GroupNorm-ReLU, stride 2 per stage).
+
+    SGTR uses an ImageNet-pretrained ResNet-101; this project has no pretrained weights, and on the
+    synthetic shapes a few stages suffice. GroupNorm rather than BatchNorm: batches are small and
+    zero-padded, and per-image statistics do not depend on the rest of the batch.
+    """
+
+    def __init__(self, width, stride):
+        super().__init__()
+
+        def block(cin, cout, s):
+            return [nn.Conv2d(cin, cout, 3, s, 1, bias=False), nn.GroupNorm(8, cout), nn.ReLU(True)]
+
+        layers, ch, s = block(3, width, 2), width, 2  # one conv at full resolution: the costly one
+        while s < stride:
+            layers += block(ch, 2 * ch, 2) + block(2 * ch, 2 * ch, 1)
+            ch, s = 2 * ch, 2 * s
+        self.body, self.out_channels = nn.Sequential(*layers), ch
+
+    def forward(self, x):
+        return self.body(x)  # (B, 3, H, W) -> (B, C', h, w)
+
+
+def sine_position_embedding(pad_mask, d):
+    """DETR's 2-D sine positions, normalised over each image's own (unpadded) extent.
+
+    pad_mask (B, h, w) True = padding -> (B, S, D). Normalising by the valid extent tells the model
+    where its image ends, which it needs to predict boxes relative to the image size.
+    """
+    not_mask = (~pad_mask).float()
+    y = not_mask.cumsum(1)
+    x = not_mask.cumsum(2)
+    y = y / (y[:, -1:, :] + 1e-6) * 2 * math.pi
+    x = x / (x[:, :, -1:] + 1e-6) * 2 * math.pi
+    npf = d // 2
+    dim_t = 10000 ** (2 * (torch.arange(npf, device=pad_mask.device) // 2) / npf)  # (D/2,)
+    px, py = x[..., None] / dim_t, y[..., None] / dim_t  # (B, h, w, D/2)
+    px = torch.stack([px[..., 0::2].sin(), px[..., 1::2].cos()], -1).flatten(3)
+    py = torch.stack([py[..., 0::2].sin(), py[..., 1::2].cos()], -1).flatten(3)
+    return torch.cat([py, px], -1).flatten(1, 2)  # (B, S, D)
+
+
+class EncoderLayer(nn.Module):
+    """Post-norm transformer encoder layer (DETR): self-attention with positions on q and k, FFN."""
+
+    def __init__(self, d, nheads, ffn, dropout):
+        super().__init__()
+        self.attn, self.ffn = MultiheadAttention(d, nheads), FFN(d, ffn, dropout)
+        self.norm1, self.norm2, self.p = nn.LayerNorm(d), nn.LayerNorm(d), dropout
+
+    def forward(self, x, pos, kpm):  # x, pos (B, S, D); kpm (B, S)
+        drop = self.training
+        x = self.norm1(x + F.dropout(self.attn(x + pos, x + pos, x, kpm), self.p, drop))
+        return self.norm2(x + F.dropout(self.ffn(x, drop), self.p, drop))
+
+
+class EntityDecoderLayer(nn.Module):
+    """DETR decoder layer: self-attention among entity queries, cross-attention to the image, FFN."""
+
+    def __init__(self, d, nheads, ffn, dropout):
+        super().__init__()
+        self.self_attn, self.cross_attn = MultiheadAttention(d, nheads), MultiheadAttention(d, nheads)
+        self.ffn, self.p = FFN(d, ffn, dropout), dropout
+        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(d), nn.LayerNorm(d), nn.LayerNorm(d)
+
+    def forward(self, t, qpos, mem, mpos, kpm):  # t, qpos (B, Qe, D); mem, mpos (B, S, D)
+        drop = self.training
+        t = self.norm1(t + F.dropout(self.self_attn(t + qpos, t + qpos, t), self.p, drop))
+        t = self.norm2(t + F.dropout(self.cross_attn(t + qpos, mem + mpos, mem, kpm), self.p, drop))
+        return self.norm3(t + F.dropout(self.ffn(t, drop), self.p, drop))
+
+
+# ----------------------------------------------------------------------------------------------
+# Predicate node generator: structural predicate decoder (the part the paper mirrors)
+
+class StructuralDecoderLayer(nn.Module):
+    """One layer of SGTR's structural predicate decoder.
+
+    (a) predicate sub-decoder: self-attention among predicate queries, then cross-attention to the
+        relation encoder's memory (image tokens);
+    (b) entity indicators: the subject and the object indicator each cross-attend to the entity
+        decoder's outputs (their query carries the predicate query, so the relation decides which
+        entity to look for); both are fused back into the predicate query.
+    The three cross-attention blocks are the ones the paper masks in the mirror (section 7, Fig. 4).
+    """
+
+    CROSS_BLOCKS = 3  # relation memory, subject indicator, object indicator
+
+    def __init__(self, d, nheads, ffn, dropout):
+        super().__init__()
+        self.self_attn = MultiheadAttention(d, nheads)
+        self.rel_cross = MultiheadAttention(d, nheads)
+        self.sub_cross, self.obj_cross = MultiheadAttention(d, nheads), MultiheadAttention(d, nheads)
+        self.fuse = nn.Linear(2 * d, d)
+        self.ffn_p, self.ffn_s, self.ffn_o = FFN(d, ffn, dropout), FFN(d, ffn, dropout), FFN(d, ffn, dropout)
+        self.norms = nn.ModuleList(nn.LayerNorm(d) for _ in range(8))
+        self.p = dropout
+
+    def forward(self, qp, qs, qo, inputs, use_dropout, mask_p=0.0, seeds=(None, None, None)):
+        """qp, qs, qo (B, Qp, D) -> same. `inputs` holds the decoder's inputs (see forward_decoder).
+
+        use_dropout False and `seeds` given = the mirror's call: no dropout, masked cross-attention.
+        """
+        n, p, d = self.norms, self.p, use_dropout
+        rel, rel_pos, rel_kpm = inputs["rel_mem"], inputs["rel_pos"], inputs["rel_kpm"]
+        ent, ent_pos = inputs["ent_mem"], inputs["ent_pos"]
+        # (a) predicate sub-decoder
+        qp = n[0](qp + F.dropout(self.self_attn(qp, qp, qp), p, d))
+        qp = n[1](qp + F.dropout(self.rel_cross(qp, rel + rel_pos, rel, rel_kpm, mask_p, seeds[0]), p, d))
+        # (b) entity indicators: cross-attention to the entity decoder's outputs
+        qs = n[2](qs + F.dropout(self.sub_cross(qs + qp, ent + ent_pos, ent, None, mask_p, seeds[1]), p, d))
+        qo = n[3](qo + F.dropout(self.obj_cross(qo + qp, ent + ent_pos, ent, None, mask_p, seeds[2]), p, d))
+        qp = n[4](qp + F.dropout(self.fuse(torch.cat([qs, qo], -1)), p, d))  # (B, Qp, D) fused
+        qp = n[5](qp + F.dropout(self.ffn_p(qp, d), p, d))
+        qs = n[6](qs + F.dropout(self.ffn_s(qs, d), p, d))
+        qo = n[7](qo + F.dropout(self.ffn_o(qo, d), p, d))
+        return qp, qs, qo
+
+
+class SGTR(nn.Module):
+    """SGTR for SGDet; `align=True` adds the paper's untied heads for the mirrored decoder."""
+
+    def __init__(self, cfg: Config, num_classes: int, num_predicates: int):
+        super().__init__()
+        d, h, f, p = cfg.d_model, cfg.nheads, cfg.ffn_dim, cfg.dropout
+        self.cfg, self.C1, self.P1 = cfg, num_classes, num_predicates  # C + 1, P + 1
+        self.register_buffer("pixel_mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
+        self.register_buffer("pixel_std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
+        # entity detector (DETR)
+        self.backbone = Backbone(cfg.backbone_width, cfg.backbone_stride)
+        self.input_proj = nn.Conv2d(self.backbone.out_channels, d, 1)
+        self.encoder = nn.ModuleList(EncoderLayer(d, h, f, p) for _ in range(cfg.enc_layers))
+        self.ent_query = nn.Embedding(cfg.num_ent_queries, d)
+        self.ent_decoder = nn.ModuleList(EntityDecoderLayer(d, h, f, p) for _ in range(cfg.ent_dec_layers))
+        self.ent_norm = nn.LayerNorm(d)
+        self.ent_class = nn.Linear(d, num_classes)  # (.., C + 1)
+        self.ent_box = MLP(d, d, 4, 3)
+        # predicate node generator: relation feature encoder, entity-conditioned predicate queries
+        self.rel_encoder = nn.ModuleList(EncoderLayer(d, h, f, p) for _ in range(cfg.rel_enc_layers))
+        self.pred_query = nn.Embedding(cfg.num_pred_queries, 3 * d)  # predicate | subject | object
+        self.query_cond = MultiheadAttention(d, h)  # learned queries look at the detected entities
+        self.ent_box_embed = MLP(4, d, d, 2)  # entity boxes as positions of the entity tokens
+        # the structural predicate decoder and its heads (applied at every layer)
+        self.pred_decoder = nn.ModuleList(StructuralDecoderLayer(d, h, f, p) for _ in range(cfg.pred_dec_layers))
+        self.pred_norms = nn.ModuleList(nn.LayerNorm(d) for _ in range(3))
+        self.pred_class = nn.Linear(d, num_predicates)  # (.., P + 1)
+        self.sub_class, self.obj_class = nn.Linear(d, num_classes), nn.Linear(d, num_classes)
+        self.sub_box, self.obj_box = MLP(d, d, 4, 3), MLP(d, d, 4, 3)
+        self.align = not cfg.no_align
+        if self.align and not cfg.tied_head:
+            # PAPER (sections 3.1.2, 3.2, Fig. 4): untied projection heads for the relation, subject
+            # and object distributions of the mirror; every other weight is shared.
+            self.mirror_pred_class = nn.Linear(d, num_predicates)
+            self.mirror_sub_class = nn.Linear(d, num_classes)
+            self.mirror_obj_class = nn.Linear(d, num_classes)
+        # PAPER (section 7): a fresh mask per cross-attention block, per layer and per step. Seeds come
+        # from this generator (state saved in checkpoints) so that runs are reproducible.
+        self.mask_rng = torch.Generator().manual_seed(cfg.seed)
+
+    # -- the image and entity part -------------------------------------------------------------
+    def encode_and_detect(self, images, pad_mask):
+        """images (B, 3, H, W) in [0, 1], pad_mask (B, H, W) -> entity outputs and decoder inputs."""
+        x = self.backbone((images - self.pixel_mean) / self.pixel_std)  # (B, C', h, w)
+        kpm = F.interpolate(pad_mask[:, None].float(), size=x.shape[-2:])[:, 0].bool()  # (B, h, w)
+        pos = sine_position_embedding(kpm, self.cfg.d_model)  # (B, S, D)
+        src = self.input_proj(x).flatten(2).transpose(1, 2)  # (B, S, D)
+        kpm = kpm.flatten(1)  # (B, S)
+        for layer in self.encoder:
+            src = layer(src, pos, kpm)
+        B = images.shape[0]
+        qpos = self.ent_query.weight[None].expand(B, -1, -1)  # (B, Qe, D)
+        t, ent = torch.zeros_like(qpos), []
+        for layer in self.ent_decoder:
+            t = layer(t, qpos, src, pos, kpm)
+            ent.append(self.ent_norm(t))  # (B, Qe, D) per layer, for auxiliary losses
+        ent_out = [dict(logits=self.ent_class(e), boxes=self.ent_box(e).sigmoid()) for e in ent]
+        rel = src
+        for layer in self.rel_encoder:
+            rel = layer(rel, pos, kpm)  # (B, S, D) image features refined for relations
+        ent_mem = ent[-1]  # (B, Qe, D)
+        ent_pos = self.ent_box_embed(ent_out[-1]["boxes"].detach())  # (B, Qe, D)
+        qinit = self.pred_query.weight[None].expand(B, -1, -1).chunk(3, -1)  # 3 x (B, Qp, D)
+        # SGTR's entity-aware predicate queries: each part looks at the entity decoder's output.
+        q0 = [q + self.query_cond(q, ent_mem + ent_pos, ent_mem) for q in qinit]
+        inputs = dict(rel_mem=rel, rel_pos=pos, rel_kpm=kpm, ent_mem=ent_mem, ent_pos=ent_pos,
+                      qp=q0[0], qs=q0[1], qo=q0[2])
+        return ent_out, inputs
+
+    # -- the structural predicate decoder, run as the original or as the mirror -------------------
+    def forward_decoder(self, inputs, use_dropout, mask_p=0.0, seeds=None, mirror_heads=False):
+        """Run the structural predicate decoder; returns one dict of predictions per layer.
+
+        inputs: rel_mem (B, S, D), rel_pos (B, S, D), rel_kpm (B, S), ent_mem / ent_pos (B, Qe, D),
+        qp / qs / qo (B, Qp, D). seeds: None (original) or one triple of ints per layer (mirror).
+        """
+        qp, qs, qo = inputs["qp"], inputs["qs"], inputs["qo"]
+        tied = not hasattr(self, "mirror_pred_class")
+        pc, sc, oc = ((self.mirror_pred_class, self.mirror_sub_class, self.mirror_obj_class)
+                      if mirror_heads and not tied else (self.pred_class, self.sub_class, self.obj_class))
+        outs = []
+        for i, layer in enumerate(self.pred_decoder):
+            s = seeds[i] if seeds is not None else (None, None, None)
+            qp, qs, qo = layer(qp, qs, qo, inputs, use_dropout, mask_p, s)
+            hp, hs, ho = (norm(x) for norm, x in zip(self.pred_norms, (qp, qs, qo)))  # (B, Qp, D)
+            outs.append(dict(pred_logits=pc(hp), sub_logits=sc(hs), obj_logits=oc(ho),
+                             sub_boxes=self.sub_box(hs).sigmoid(), obj_boxes=self.obj_box(ho).sigmoid()))
+        return outs
+
+    def draw_seeds(self):
+        """One int seed per cross-attention block per layer: (pred_dec_layers, 3)."""
+        n = len(self.pred_decoder) * StructuralDecoderLayer.CROSS_BLOCKS
+        s = torch.randint(0, 2 ** 31 - 1, (n,), generator=self.mask_rng).tolist()
+        return [tuple(s[i:i + 3]) for i in range(0, n, 3)]
+
+    def forward(self, images, pad_mask, targets=None):
+        """Inference (targets None): last-layer predictions. Training: dict of scalar losses."""
+        ent_out, inputs = self.encode_and_detect(images, pad_mask)
+        pred_out = self.forward_decoder(inputs, use_dropout=self.training)
+        if targets is None:
+            return {**ent_out[-1], **pred_out[-1]}  # PAPER (section 3.1): inference never runs the mirror
+        tg = normalised_targets(targets, images.device)
+        losses = sgtr_losses(ent_out, pred_out, tg, self.cfg)
+        losses["align"] = torch.zeros((), device=images.device)
+        if self.align:
+            losses["align"] = self.alignment_loss(inputs, tg)
+        # PAPER Eq. (3): L_final = L_original + lambda * L_align
+        losses["total"] = losses["sup"] + self.cfg.align_weight * losses["align"]
+        return losses
+
+    def alignment_loss(self, inputs, tg):
+        """PAPER (sections 3.2, 4.1, 7): the self-supervised relation alignment on the SGTR decoder.
+
+        inputs: the decoder's inputs from encode_and_detect; tg: normalised_targets() (used only by
+        the supervised ablation). Returns the scalar L_align."""
+        cfg = self.cfg
+        # PAPER (section 3.1): the decoder's inputs (relation/image features, entity features, the
+        # entity-conditioned queries) enter the mirror with their gradient stopped, so L_align only
+        # trains the structural predicate decoder (and the untied heads).
+        frozen = {k: v.detach() for k, v in inputs.items()}
+        # PAPER (section 7): a mask drawn independently per cross-attention block, layer and step.
+        seeds = self.draw_seeds()
+        # PAPER (section 4.1): the mirror has no dropout at all; masked cross-attention with prob. p.
+        mirror = self.forward_decoder(frozen, use_dropout=False, mask_p=cfg.mask_p, seeds=seeds,
+                                      mirror_heads=True)
+        if cfg.align_loss == "supervised":
+            # PAPER (section 4.3, Table 3 "SA"): the same supervised loss on the mirror instead of KL.
+            return predicate_loss(mirror[-1], tg, cfg)
+        # PAPER (section 4.1): an extra forward pass of the original decoder WITHOUT dropout gives the
+        # target distributions; no_grad = the target is fixed (section 3.1.2: "we fix P_original").
+        with torch.no_grad():
+            target = self.forward_decoder(frozen, use_dropout=False)[-1]
+        # PAPER Eq. (2), last layer only (section 3.2): KL(P_original || P_masked) for the predicate,
+        # subject and object distributions, averaged over all predicate queries (no labels needed).
+        loss = 0.0
+        for key in ("pred_logits", "sub_logits", "obj_logits"):
+            log_q = F.log_softmax(mirror[-1][key], -1)  # (B, Qp, P+1 or C+1)
+            p = F.softmax(target[key], -1)
+            loss = loss + F.kl_div(log_q, p, reduction="none").sum(-1).mean()
+        return loss
+
+
+# ----------------------------------------------------------------------------------------------
+# Hungarian matching and losses (DETR's set prediction loss, SGTR's predicate version)
+
+@torch.no_grad()
+def hungarian_match(cost):
+    """cost (Q, G) -> (query_idx, gt_idx), each (min(Q, G),) int64: a minimum-cost one-to-one match.
+
+    No GT (G = 0): nothing matched; more GT than queries: Q of them are matched, the rest ignored.
+    """
+    if cost.shape[0] == 0 or cost.shape[1] == 0:
+        empty = torch.zeros(0, dtype=torch.long)
+        return empty, empty.clone()
+    if not torch.isfinite(cost).all():
+        raise ValueError("matching cost has NaN/inf entries (check the predicted boxes and logits)")
+    qi, gi = linear_sum_assignment(cost.cpu().numpy())
+    return torch.as_tensor(qi, dtype=torch.long), torch.as_tensor(gi, dtype=torch.long)
+
+
+def normalised_targets(targets, device):
+    """Pixel xyxy GT -> per-image normalised cxcywh boxes (DETR normalises by the unpadded size)."""
+    out = []
+    for t in targets:
+        H, W = t["size"]
+        scale = torch.tensor([W, H, W, H], dtype=torch.float32)
+        out.append(dict(labels=t["labels"].to(device), rels=t["relations"].to(device),
+                        boxes=box_xyxy_to_cxcywh(t["boxes"].float() / scale).to(device)))
+    return out
+
+
+def num_normaliser(n, device):
+    """Average count of targets per process (DETR): the same loss scale on every DDP rank."""
+    n = torch.tensor(float(n), device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(n)
+        n = n / dist.get_world_size()
+    return n.clamp(min=1.0)
+
+
+def box_losses(pred, gt):
+    """pred, gt (N, 4) normalised cxcywh -> (sum of L1, sum of 1 - GIoU)."""
+    if len(gt) == 0:
+        return pred.sum() * 0, pred.sum() * 0
+    giou = torch.diag(generalized_box_iou(box_cxcywh_to_xyxy(pred), box_cxcywh_to_xyxy(gt)))
+    return F.l1_loss(pred, gt, reduction="sum"), (1 - giou).sum()
+
+
+def entity_loss(out, tg, cfg):
+    """DETR loss of one entity-decoder layer. out: logits (B, Qe, C+1), boxes (B, Qe, 4)."""
+    B, Qe, C1 = out["logits"].shape
+    prob = out["logits"].softmax(-1)
+    cls_target = torch.zeros(B, Qe, dtype=torch.long, device=prob.device)  # 0 = background
+    pb, gb = [], []
+    for b, t in enumerate(tg):
+        cost = (-cfg.w_cls * prob[b][:, t["labels"]]
+                + cfg.w_l1 * torch.cdist(out["boxes"][b], t["boxes"], p=1)
+                - cfg.w_giou * generalized_box_iou(box_cxcywh_to_xyxy(out["boxes"][b]),
+                                                   box_cxcywh_to_xyxy(t["boxes"])))  # (Qe, G)
+        qi, gi = hungarian_match(cost)
+        cls_target[b, qi] = t["labels"][gi]
+        pb.append(out["boxes"][b, qi]), gb.append(t["boxes"][gi])
+    weight = torch.ones(C1, device=prob.device)
+    weight[0] = cfg.eos_coef  # DETR down-weights the many background queries
+    n = num_normaliser(sum(len(t["labels"]) for t in tg), prob.device)
+    l1, giou = box_losses(torch.cat(pb), torch.cat(gb))
+    ce = F.cross_entropy(out["logits"].flatten(0, 1), cls_target.flatten(), weight)
+    return cfg.w_cls * ce + cfg.w_l1 * l1 / n + cfg.w_giou * giou / n
+
+
+def predicate_loss(out, tg, cfg):
+    """SGTR loss of one structural-decoder layer: predicate class + indicator classes and boxes.
+
+    Each GT relation (subject, object, predicate) is matched to one predicate query by the cost of
+    its predicate class, subject / object classes and subject / object boxes (SGTR's matcher).
+    """
+    B, Qp, P1 = out["pred_logits"].shape
+    pp = out["pred_logits"].softmax(-1)
+    sp, op = out["sub_logits"].softmax(-1), out["obj_logits"].softmax(-1)
+    pred_target = torch.zeros(B, Qp, dtype=torch.long, device=pp.device)  # 0 = no relation
+    sl, ol, slt, olt, sb, ob, sbt, obt = [], [], [], [], [], [], [], []
+    for b, t in enumerate(tg):
+        r = t["rels"]  # (R, 3)
+        s_lab, o_lab = t["labels"][r[:, 0]], t["labels"][r[:, 1]]  # (R,)
+        s_box, o_box = t["boxes"][r[:, 0]], t["boxes"][r[:, 1]]  # (R, 4)
+        xyxy = box_cxcywh_to_xyxy
+        cost = (-cfg.w_cls * (pp[b][:, r[:, 2]] + sp[b][:, s_lab] + op[b][:, o_lab])
+                + cfg.w_l1 * (torch.cdist(out["sub_boxes"][b], s_box, p=1)
+                              + torch.cdist(out["obj_boxes"][b], o_box, p=1))
+                - cfg.w_giou * (generalized_box_iou(xyxy(out["sub_boxes"][b]), xyxy(s_box))
+                                + generalized_box_iou(xyxy(out["obj_boxes"][b]), xyxy(o_box))))  # (Qp, R)
+        qi, gi = hungarian_match(cost)
+        pred_target[b, qi] = r[gi, 2]
+        sl.append(out["sub_logits"][b, qi]), ol.append(out["obj_logits"][b, qi])
+        slt.append(s_lab[gi]), olt.append(o_lab[gi])
+        sb.append(out["sub_boxes"][b, qi]), ob.append(out["obj_boxes"][b, qi])
+        sbt.append(s_box[gi]), obt.append(o_box[gi])
+    weight = torch.ones(P1, device=pp.device)
+    weight[0] = cfg.eos_coef
+    n = num_normaliser(sum(len(t["rels"]) for t in tg), pp.device)
+    loss = cfg.w_cls * F.cross_entropy(out["pred_logits"].flatten(0, 1), pred_target.flatten(), weight)
+    for logits, labels in ((sl, slt), (ol, olt)):
+        loss = loss + cfg.w_cls * F.cross_entropy(torch.cat(logits), torch.cat(labels), reduction="sum") / n
+    for pred, gt in ((sb, sbt), (ob, obt)):
+        l1, giou = box_losses(torch.cat(pred), torch.cat(gt))
+        loss = loss + cfg.w_l1 * l1 / n + cfg.w_giou * giou / n
+    return loss
+
+
+def sgtr_losses(ent_out, pred_out, tg, cfg):
+    """The supervised SGTR loss: both decoders, with auxiliary losses on every layer."""
+    ent = sum(entity_loss(o, tg, cfg) for o in ent_out)
+    pred = sum(predicate_loss(o, tg, cfg) for o in pred_out)
+    return dict(entity=ent, predicate=pred, sup=ent + pred)
+
+
+# ----------------------------------------------------------------------------------------------
+# Graph assembling: predicates + entities -> scored triplets (SGDet output)
+
+@torch.no_grad()
+def assemble_graph(out, size, topk=3, max_pairs=100):
+    """One image's predictions -> the evaluator's dict (pixel boxes, labels, pairs, rel scores).
+
+    out: ent logits (Qe, C+1) / boxes (Qe, 4); pred_logits (Qp, P+1); sub/obj logits (Qp, C+1) and
+    boxes (Qp, 4), boxes normalised cxcywh. size: (H, W) of the image.
+    Each subject / object indicator is matched to every detected entity by class-distribution
+    similarity (cosine) x box overlap ((GIoU + 1) / 2); the top-`topk` entities per indicator by
+    match x entity confidence make topk^2 candidate pairs per predicate (SGTR's graph assembling).
+    rel_scores = predicate probability x subject match x object match; the evaluator multiplies in
+    the subject and object confidences, so a triplet scores predicate x subject x object. A pair found
+    by several predicate queries keeps, per predicate class, its best score.
+    """
+    H, W = size
+    scale = torch.tensor([W, H, W, H], dtype=torch.float32, device=out["ent_boxes"].device)
+    ent_prob = out["ent_logits"].softmax(-1)[:, 1:]  # (Qe, C) without background
+    ent_score, ent_label = ent_prob.max(-1)  # (Qe,)
+    ent_xyxy = box_cxcywh_to_xyxy(out["ent_boxes"])  # (Qe, 4)
+    pred_prob = out["pred_logits"].softmax(-1)  # (Qp, P+1)
+    Qp, Qe, P1 = pred_prob.shape[0], ent_prob.shape[0], pred_prob.shape[1]
+    k = min(topk, Qe)
+    picks = []
+    for ind in ("sub", "obj"):
+        cls = F.normalize(out[f"{ind}_logits"].softmax(-1)[:, 1:], dim=-1) @ F.normalize(ent_prob, dim=-1).T
+        overlap = (generalized_box_iou(box_cxcywh_to_xyxy(out[f"{ind}_boxes"]), ent_xyxy) + 1) / 2
+        match = cls * overlap  # (Qp, Qe) how well the indicator fits each entity
+        idx = (match * ent_score[None]).topk(k, dim=-1).indices  # (Qp, K) confident, fitting entities
+        picks.append((match.gather(1, idx), idx))
+    (s_val, s_idx), (o_val, o_idx) = picks
+    sub = s_idx[:, :, None].expand(Qp, k, k).flatten()  # (Qp*K*K,) entity index of the subject
+    obj = o_idx[:, None, :].expand(Qp, k, k).flatten()
+    pair_w = (s_val[:, :, None] * o_val[:, None, :]).flatten()  # (Qp*K*K,)
+    scores = pred_prob.repeat_interleave(k * k, 0) * pair_w[:, None]  # (Qp*K*K, P+1)
+    keep = sub != obj  # an entity is never related to itself
+    sub, obj, scores = sub[keep], obj[keep], scores[keep]
+    key = sub * Qe + obj  # one id per ordered pair
+    uniq, inv = torch.unique(key, return_inverse=True)  # (M,)
+    rel_scores = torch.zeros(len(uniq), P1, device=scores.device)
+    rel_scores = rel_scores.scatter_reduce(0, inv[:, None].expand_as(scores), scores, "amax")  # (M, P+1)
+    # the evaluator multiplies by the subject and object confidences (metrics.py), so they are not
+    # in rel_scores; the pairs kept are the best by the evaluator's own triplet score.
+    triplet = rel_scores[:, 1:].max(-1).values * ent_score[uniq // Qe] * ent_score[uniq % Qe]  # (M,)
+    order = triplet.argsort(descending=True)[:max_pairs]
+    uniq, rel_scores = uniq[order], rel_scores[order]
+    return dict(boxes=(ent_xyxy * scale).cpu(), labels=(ent_label + 1).cpu(), scores=ent_score.cpu(),
+                rel_pairs=torch.stack([uniq // Qe, uniq % Qe], 1).cpu(), rel_scores=rel_scores.cpu())
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation (SGDet with metrics.SGEvaluator)
+
+def pad_mask_for(images, targets):
+    """(B, H, W) True where collate() zero-padded the image (bottom / right)."""
+    B, _, H, W = images.shape
+    mask = torch.ones(B, H, W, dtype=torch.bool, device=images.device)
+    for b, t in enumerate(targets):
+        h, w = t["size"]
+        mask[b, :h, :w] = False
+    return mask
+
+
+def is_main():
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+@torch.no_grad()
+def evaluate(model, ds, cfg, device, groups, max_images=0, keep_examples=0):
+    """SGDet evaluation on the first `max_images` images of `ds` (all if 0). Returns (summary, examples)."""
+    model.eval()
+    n = len(ds) if max_images <= 0 else min(len(ds), max_images)
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, range(n)), batch_size=cfg.eval_batch_size,
+                                         sampler=data.InferenceSampler(n), collate_fn=data.collate,
+                                         num_workers=cfg.num_workers)
+    ev = metrics.SGEvaluator("sgdet", num_predicates=ds.num_predicates - 1, ks=(20, 50, 100),
+                             predicate_groups=groups)
+    examples = []
+    for images, targets in loader:
+        images = images.to(device)
+        out = model(images, pad_mask_for(images, targets))
+        for b, t in enumerate(targets):
+            o = dict(ent_logits=out["logits"][b], ent_boxes=out["boxes"][b],
+                     **{k: out[k][b] for k in ("pred_logits", "sub_logits", "obj_logits", "sub_boxes", "obj_boxes")})
+            pred = assemble_graph(o, t["size"], cfg.ent_topk, max_pairs=100)
+            ev.add(dict(boxes=t["boxes"], labels=t["labels"], relations=t["relations"]), pred)
+            if len(examples) < keep_examples:
+                h, w = t["size"]
+                examples.append((images[b, :, :h, :w].cpu(), t, pred))
+    if dist.is_available() and dist.is_initialized():
+        ev.gather()
+    model.train()
+    return ev.summary(), examples
+
+
+# ----------------------------------------------------------------------------------------------
+# Pictures: training curves, per-predicate recall, example scene graphs
+
+def plot_curves(history, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(1, 2, figsize=(11, 4))
+    tr = [h for h in history if "loss" in h]
+    for key in ("loss", "sup", "align"):
+        ax[0].plot([h["it"] for h in tr], [h[key] for h in tr], label=key)
+    ax[0].set(xlabel="iteration", ylabel="loss", yscale="log", title="training loss")
+    ax[0].legend()
+    va = [h for h in history if "val_mR@50" in h]
+    for key in ("val_mR@50", "val_R@50"):
+        ax[1].plot([h["it"] for h in va], [100 * h[key] for h in va], "o-", label=key)
+    ax[1].set(xlabel="iteration", ylabel="%", title="validation SGDet (model selection: mR@50)")
+    ax[1].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_per_predicate(values, names, order, path, title, ylabel="R@100 (%)", diff=False):
+    """Bars per predicate in `order` (most frequent in training first, as the paper's Fig. 5)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(max(8, 0.32 * len(order)), 4))
+    v = [100 * values[i - 1] for i in order]
+    ax.bar(range(len(order)), v, color=["tab:green" if x >= 0 else "tab:red" for x in v] if diff else "tab:blue")
+    ax.set_xticks(range(len(order)))
+    ax.set_xticklabels([names[i] for i in order], rotation=90, fontsize=7)
+    ax.set(ylabel=ylabel, title=title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_examples(examples, ds, path, top=4):
+    """Test images with their GT triplets and the model's top-`top` triplets (green = correct)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    if not examples:
+        return
+    fig, axes = plt.subplots(1, len(examples), figsize=(4 * len(examples), 5.2), squeeze=False)
+    for ax, (img, t, pred) in zip(axes[0], examples):
+        ax.imshow(img.permute(1, 2, 0).clamp(0, 1).numpy())
+        ax.axis("off")
+        s = pred["scores"]
+        fg = pred["rel_scores"][:, 1:]
+        score = fg.max(-1).values * s[pred["rel_pairs"][:, 0]] * s[pred["rel_pairs"][:, 1]]
+        gt = {(int(t["labels"][a]), int(p), int(t["labels"][b])) for a, b, p in t["relations"].tolist()}
+        lines = []
+        for m in score.argsort(descending=True)[:top].tolist():
+            a, b = pred["rel_pairs"][m].tolist()
+            p = int(fg[m].argmax()) + 1
+            la, lb = int(pred["labels"][a]), int(pred["labels"][b])
+            ok = (la, p, lb) in gt  # labels only; the evaluator also checks IoU >= 0.5
+            for box, c in ((pred["boxes"][a], "tab:orange"), (pred["boxes"][b], "tab:cyan")):
+                x0, y0, x1, y1 = box.tolist()
+                ax.add_patch(plt.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, color=c, lw=1.5))
+            lines.append(("+ " if ok else "- ") + f"{ds.idx_to_label[la]} {ds.idx_to_predicate[p]} "
+                         f"{ds.idx_to_label[lb]} ({score[m]:.2f})")
+        gt_lines = [f"GT: {ds.idx_to_label[a]} {ds.idx_to_predicate[p]} {ds.idx_to_label[b]}"
+                    for a, p, b in sorted(gt)[:3]]
+        ax.set_title("\n".join(gt_lines + lines), fontsize=7, loc="left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+
+def setup_distributed(cfg):
+    """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; gloo on CPU, nccl on GPU. Returns the device."""
+    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    if "RANK" in os.environ and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    if use_cuda:
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local)
+        return torch.device("cuda", local)
+    return torch.device("cpu")
+
+
+def default_out(cfg):
+    return cfg.out or os.path.join("runs", f"sgtr_align-sgdet-{'noalign' if cfg.no_align else 'align'}-seed{cfg.seed}")
+
+
+def load_datasets(cfg):
+    root = data.ensure_synthetic() if cfg.data == "synthetic" else cfg.data
+    num_val = data.SYNTHETIC_NUM_VAL if cfg.data == "synthetic" else 5000  # val is carved from train
+    kw = dict(num_val_im=num_val, max_size=cfg.max_size or None)
+    return (data.VGSGGDataset(root, "train", **kw), data.VGSGGDataset(root, "val", **kw),
+            data.VGSGGDataset(root, "test", **kw))
+
+
+def predicate_counts(ds):
+    """Training frequency of every predicate, (P+1,) with index 0 unused: for groups and plot order."""
+    counts = np.zeros(ds.num_predicates, dtype=np.int64)
+    for i in range(len(ds)):
+        np.add.at(counts, ds.get_groundtruth(i)["relations"][:, 2].numpy(), 1)
+    return counts
+
+
+def save_atomic(obj, path):
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)  # a crash mid-write never leaves a truncated checkpoint
+
+
+def fmt_time(s):
+    s = int(s)
+    return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def build_optimizer(model, cfg, max_iter):
+    """AdamW, a lower lr for the backbone (DETR/SGTR), linear warm-up then x0.1 at lr_drop."""
+    bb = [p for n, p in model.named_parameters() if n.startswith("backbone.")]
+    rest = [p for n, p in model.named_parameters() if not n.startswith("backbone.")]
+    opt = torch.optim.AdamW([dict(params=rest, lr=cfg.lr), dict(params=bb, lr=cfg.lr_backbone)],
+                            weight_decay=cfg.weight_decay)
+    drop_at = int(cfg.lr_drop * max_iter)
+
+    def factor(it):
+        return min(1.0, (it + 1) / max(1, cfg.warmup_iters)) * (0.1 if it >= drop_at else 1.0)
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def train(cfg: Config) -> dict:
+    """Train one run into cfg.out; returns the test metrics of the best (val mR@50) checkpoint."""
+    device = setup_distributed(cfg)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    torch.manual_seed(cfg.seed + rank)
+    out_dir = cfg.out = default_out(cfg)
+    log_file = None
+    if is_main():
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, "args.json"), "w") as f:
+            json.dump(dataclasses.asdict(cfg), f, indent=2)
+        log_file = open(os.path.join(out_dir, "log.txt"), "a")
+
+    def log(msg):
+        if is_main():
+            print(msg, flush=True)
+            log_file.write(msg + "\n")
+            log_file.flush()
+
+    t_data = time.time()
+    train_ds, val_ds, test_ds = load_datasets(cfg)
+    counts = predicate_counts(train_ds)
+    groups = metrics.default_predicate_groups(train_ds.idx_to_predicate, counts)
+    log(f"data: {len(train_ds)} train / {len(val_ds)} val / {len(test_ds)} test images, "
+        f"C = {train_ds.num_classes - 1} classes, P = {train_ds.num_predicates - 1} predicates "
+        f"({time.time() - t_data:.0f}s)")
+
+    model = SGTR(cfg, train_ds.num_classes, train_ds.num_predicates).to(device)
+    model.mask_rng.manual_seed(cfg.seed * 1000 + rank)  # each rank its own masks
+    max_iter = min(cfg.max_iter, cfg.iters) if cfg.iters > 0 else cfg.max_iter
+    opt, sched = build_optimizer(model, cfg, max_iter)
+    step, best, history = 0, -1.0, []
+    last_path, best_path = os.path.join(out_dir, "ckpt_last.pt"), os.path.join(out_dir, "ckpt_best.pt")
+    if cfg.resume:
+        if not os.path.exists(last_path):
+            raise SystemExit(f"--resume: no checkpoint at {last_path}")
+        ck = torch.load(last_path, map_location=device, weights_only=True)
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        sched.load_state_dict(ck["scheduler"])
+        model.mask_rng.set_state(ck["mask_rng"])
+        step, best, history = ck["step"], ck["best_val_mR@50"], ck["history"]
+        log(f"resumed from {last_path} at iteration {step}")
+    log(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+        f"{'aligned (p = %g, lambda = %g, %s%s)' % (cfg.mask_p, cfg.align_weight, cfg.align_loss, ', tied head' if cfg.tied_head else '') if model.align else 'baseline (no alignment)'}, "
+        f"{max_iter} iterations x {cfg.batch_size} images x {world} process(es) on {device}")
+    ddp = model if world == 1 else nn.parallel.DistributedDataParallel(model)
+
+    def checkpoint(path):
+        if is_main():
+            save_atomic(dict(model=model.state_dict(), optimizer=opt.state_dict(), scheduler=sched.state_dict(),
+                             step=step, args=dataclasses.asdict(cfg), mask_rng=model.mask_rng.get_state(),
+                             history=history, **{"best_val_mR@50": best}), path)
+
+    def validate():
+        nonlocal best
+        s, _ = evaluate(model, val_ds, cfg, device, groups, min(cfg.val_images, cfg.max_eval_images or cfg.val_images))
+        history.append({"it": step, "val_mR@50": s["mR@50"], "val_R@50": s["R@50"]})
+        log(f"val it {step} | mR@50 {100 * s['mR@50']:.2f} | R@50 {100 * s['R@50']:.2f} | "
+            f"mR@100 {100 * s['mR@100']:.2f} | R@100 {100 * s['R@100']:.2f}")
+        if s["mR@50"] > best:  # model selection by validation mR@50 (paper section 4.1)
+            best = s["mR@50"]
+            checkpoint(best_path)
+
+    loader = torch.utils.data.DataLoader(train_ds, batch_size=cfg.batch_size, collate_fn=data.collate,
+                                         sampler=data.TrainingSampler(len(train_ds), seed=cfg.seed),
+                                         num_workers=cfg.num_workers)
+    batches = iter(loader)
+    model.train()
+    t0, t_last, it0, sums = time.time(), time.time(), step, {}
+    while step < max_iter:
+        images, targets = next(batches)
+        images = images.to(device)
+        losses = ddp(images, pad_mask_for(images, targets), targets)
+        for k, v in losses.items():
+            if not torch.isfinite(v):
+                raise SystemExit(f"non-finite loss at iteration {step + 1}: {k} = {v.item()} "
+                                 f"(all terms: { {n: round(x.item(), 4) for n, x in losses.items()} })")
+        opt.zero_grad(set_to_none=True)
+        losses["total"].backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        sched.step()
+        step += 1
+        for k in ("total", "sup", "align"):
+            sums[k] = sums.get(k, 0.0) + losses[k].item()
+        if step % cfg.log_every == 0 or step == max_iter:
+            n = step - (history[-1]["it"] if history and "loss" in history[-1] else it0)
+            n = max(1, min(n, cfg.log_every))
+            avg = {k: v / n for k, v in sums.items()}
+            speed = n / (time.time() - t_last)
+            history.append({"it": step, "loss": avg["total"], "sup": avg["sup"], "align": avg["align"]})
+            log(f"it {step}/{max_iter} | loss {avg['total']:.3f} (sup {avg['sup']:.3f}, align {avg['align']:.3f}) | "
+                f"{speed:.1f} it/s | eta {fmt_time((max_iter - step) * (time.time() - t0) / (step - it0))}")
+            sums, t_last = {}, time.time()
+        if step % cfg.eval_every == 0 or step == max_iter:
+            validate()
+            checkpoint(last_path)
+    log(f"training done in {fmt_time(time.time() - t0)}")
+
+    # test with the best validation checkpoint
+    if os.path.exists(best_path):
+        model.load_state_dict(torch.load(best_path, map_location=device, weights_only=True)["model"])
+    summary, examples = evaluate(model, test_ds, cfg, device, groups, cfg.max_eval_images, keep_examples=4)
+    summary["train_seconds"] = time.time() - t0
+    if is_main():
+        with open(os.path.join(out_dir, "metrics.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+        log("test SGDet | " + " | ".join(f"{k} {100 * summary[k]:.2f}" for k in
+                                         ("R@20", "R@50", "R@100", "mR@20", "mR@50", "mR@100") if k in summary)
+            + " | " + " | ".join(f"{g} mR@100 {100 * summary[f'{g}_mR@100']:.2f}" for g in groups))
+        plot_curves(history, os.path.join(out_dir, "curves.png"))
+        order = [int(i) for i in np.argsort(-counts[1:], kind="stable") + 1]
+        plot_per_predicate(summary["per_predicate_R@100"], train_ds.idx_to_predicate, order,
+                           os.path.join(out_dir, "per_predicate.png"), f"SGDet per-predicate R@100 ({out_dir})")
+        plot_examples(examples, test_ds, os.path.join(out_dir, "examples.png"))
+        log_file.close()
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------
+# Several seeds, baseline vs aligned (Table 1 / Figure 5 style)
+
+TABLE1 = {  # paper Table 1, SGDet on VG test, mean +- std over 4 runs (percent)
+    "SGTR*": dict(zip(["mR@50", "mR@100", "R@50", "R@100", "head_mR@100", "body_mR@100", "tail_mR@100"],
+                      ["12.0 ± 0.4", "16.0 ± 0.5", "23.7 ± 0.4", "26.9 ± 0.4", "26.4 ± 0.3", "20.0 ± 0.3", "8.8 ± 0.8"])),
+    "Align-SGTR*": dict(zip(["mR@50", "mR@100", "R@50", "R@100", "head_mR@100", "body_mR@100", "tail_mR@100"],
+                            ["12.7 ± 0.3", "16.8 ± 0.2", "24.6 ± 0.2", "27.8 ± 0.2", "27.3 ± 0.2", "20.8 ± 0.1", "9.8 ± 0.5"])),
+}
+
+
+def compare(cfg: Config, seeds):
+    """Train (or reuse finished) baseline and aligned runs for every seed; write compare.md + plot."""
+    results = {}
+    for no_align in (True, False):
+        for s in seeds:
+            run = dataclasses.replace(cfg, seed=s, no_align=no_align, out="", compare=False, seeds="")
+            path = os.path.join(default_out(run), "metrics.json")
+            if os.path.exists(path):  # a finished run is reused, never overwritten
+                print(f"reusing {path}")
+            else:
+                train(run)
+            if is_main():
+                with open(path) as f:
+                    results.setdefault("SGTR" if no_align else "Align-SGTR", []).append(json.load(f))
+    if not is_main():
+        return
+    out = cfg.out or os.path.join("runs", "sgtr_align-compare")
+    os.makedirs(out, exist_ok=True)
+    keys = list(TABLE1["SGTR*"])
+    lines = [f"SGDet test results, mean ± std over seeds {','.join(map(str, seeds))} (percent); "
+             f"data: {cfg.data}. Paper rows: Table 1 (Visual Genome, 4 runs).", "",
+             "| method | " + " | ".join(keys) + " |", "|" + "---|" * (len(keys) + 1)]
+    for name, runs in results.items():
+        cells = []
+        for k in keys:
+            v = 100 * np.array([r.get(k, float("nan")) for r in runs])
+            cells.append(f"{v.mean():.1f} ± {v.std(ddof=1) if len(v) > 1 else 0.0:.1f}")
+        lines.append(f"| {name} (ours) | " + " | ".join(cells) + " |")
+    for name, row in TABLE1.items():
+        lines.append(f"| {name} (paper, VG) | " + " | ".join(row[k] for k in keys) + " |")
+    with open(os.path.join(out, "compare.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    # Figure 5: per-predicate R@100 difference, aligned - baseline, averaged over seeds
+    ds = data.VGSGGDataset(data.ensure_synthetic() if cfg.data == "synthetic" else cfg.data, "train",
+                           num_val_im=data.SYNTHETIC_NUM_VAL if cfg.data == "synthetic" else 5000)
+    counts = predicate_counts(ds)
+    order = [int(i) for i in np.argsort(-counts[1:], kind="stable") + 1]
+    mean = {n: np.mean([r["per_predicate_R@100"] for r in runs], 0) for n, runs in results.items()}
+    plot_per_predicate(mean["Align-SGTR"] - mean["SGTR"], ds.idx_to_predicate, order,
+                       os.path.join(out, "compare_per_predicate.png"),
+                       "Per-predicate R@100, Align-SGTR - SGTR (mean over seeds)", "difference (points)", diff=True)
+    print(f"wrote {out}/compare.md and compare_per_predicate.png")
+
+
+# ----------------------------------------------------------------------------------------------
+# Step-time benchmark: one training step with and without the alignment, in one process
+
+def bench_step(cfg: Config, steps=20):
+    device = setup_distributed(cfg)
+    train_ds, _, _ = load_datasets(cfg)
+    loader = iter(torch.utils.data.DataLoader(train_ds, batch_size=cfg.batch_size, collate_fn=data.collate,
+                                              sampler=data.TrainingSampler(len(train_ds), seed=0)))
+    batches = [next(loader) for _ in range(4)]
+    torch.manual_seed(0)
+    aligned = SGTR(dataclasses.replace(cfg, no_align=False), train_ds.num_classes, train_ds.num_predicates).to(device)
+    base = SGTR(dataclasses.replace(cfg, no_align=True), train_ds.num_classes, train_ds.num_predicates).to(device)
+    base.load_state_dict(aligned.state_dict(), strict=False)  # same weights; base lacks the untied heads
+    times = {"baseline": [], "aligned": []}
+    for i in range(steps + 3):  # interleaved so that machine load hits both alike; 3 warm-up steps
+        for name, model in (("baseline", base), ("aligned", aligned)):
+            images, targets = batches[i % len(batches)]
+            images = images.to(device)
+            opt, _ = build_optimizer(model, cfg, 1) if i == 0 else (model._opt, None)
+            model._opt = opt
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            losses = model(images, pad_mask_for(images, targets), targets)
+            opt.zero_grad(set_to_none=True)
+            losses["total"].backward()
+            opt.step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if i >= 3:
+                times[name].append(time.perf_counter() - t)
+    b, a = np.median(times["baseline"]), np.median(times["aligned"])
+    print(f"step time ({device}, batch {cfg.batch_size}, median of {steps}): baseline {1000 * b:.0f} ms, "
+          f"aligned {1000 * a:.0f} ms, ratio {a / b:.2f}x")
+    return a / b
+
+
+# ----------------------------------------------------------------------------------------------
+# main
+
+def main(argv=None):
+    cfg = parse_config(argv)
+    if cfg.bench_step:
+        bench_step(cfg)
+        return
+    seeds = [int(s) for s in cfg.seeds.split(",")] if cfg.seeds else [cfg.seed]
+    if cfg.compare:
+        compare(cfg, seeds)
+    else:
+        for s in seeds:
+            train(dataclasses.replace(cfg, seed=s, out=cfg.out if len(seeds) == 1 else ""))
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

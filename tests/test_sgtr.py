@@ -1,0 +1,321 @@
+"""Tests of sgtr_align.py: the paper's alignment semantics, the matcher, graph assembling, smoke runs.
+
+The semantics tests run a tiny SGTR on random images, so each takes well under a second; the smoke
+runs launch the script on the synthetic data from the test session's private cache (conftest.py).
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import sgtr_align as S
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+C1, P1 = 8, 6  # C + 1 object classes, P + 1 predicates
+
+
+def tiny_cfg(**kw):
+    base = dict(d_model=32, nheads=2, ffn_dim=64, backbone_width=8, backbone_stride=8, enc_layers=1,
+                ent_dec_layers=2, rel_enc_layers=1, pred_dec_layers=2, num_ent_queries=5,
+                num_pred_queries=7, dropout=0.1)
+    base.update(kw)
+    return S.Config(**base)
+
+
+def batch(B=2, seed=0):
+    """Random images of different sizes (so padding is exercised) with random boxes and relations."""
+    g = torch.Generator().manual_seed(seed)
+    sizes = [(48, 40), (40, 48)][:B]
+    images = torch.zeros(B, 3, 48, 48)
+    targets = []
+    for b, (h, w) in enumerate(sizes):
+        images[b, :, :h, :w] = torch.rand(3, h, w, generator=g)
+        xy = torch.rand(3, 2, generator=g) * 20
+        boxes = torch.cat([xy, xy + 5 + torch.rand(3, 2, generator=g) * 15], 1)
+        targets.append(dict(boxes=boxes, labels=torch.tensor([1, 2, 3]),
+                            relations=torch.tensor([[0, 1, 2], [2, 0, 5]]), size=(h, w)))
+    return images, S.pad_mask_for(images, targets), targets
+
+
+def decoder_inputs(model, images, mask):
+    _, inputs = model.encode_and_detect(images, mask)
+    return inputs
+
+
+class Recorder:
+    """Stands in for kernels.masked_attention inside sgtr_align and records every call."""
+
+    def __init__(self, monkeypatch):
+        self.calls = []
+        real = S.masked_attention
+
+        def fake(q, k, v, p, seed, key_padding_mask=None):
+            self.calls.append(dict(seed=seed, p=p, Lq=q.shape[2], Lk=k.shape[2]))
+            return real(q, k, v, p, seed, key_padding_mask)
+
+        monkeypatch.setattr(S, "masked_attention", fake)
+
+
+# ----------------------------------------------------------------------------------------------
+# The alignment's semantics (paper sections 3.1, 3.2, 4.1, 7)
+
+def test_plain_attention_is_masked_attention_at_p0():
+    """The original's attention and the kernel at p = 0 are the same function (padding included)."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 5, 16, generator=g) for _ in range(3))
+    k, v = torch.randn(2, 2, 7, 16, generator=g), torch.randn(2, 2, 7, 16, generator=g)
+    kpm = torch.zeros(2, 7, dtype=torch.bool)
+    kpm[0, 4:] = True
+    kpm[1] = True  # a fully padded image row -> zeros in both
+    ours = S.attention(q, k, v, kpm)
+    torch.testing.assert_close(ours, S.masked_attention(q, k, v, 0.0, 123, kpm), atol=1e-6, rtol=1e-5)
+    assert ours[1].abs().max() == 0
+
+
+def test_mirror_shares_every_weight_except_untied_heads():
+    torch.manual_seed(0)
+    images, mask, _ = batch()
+    # Tied heads, p = 0: the mirror must be exactly the original without dropout, and stay so after a
+    # shared weight changes (a copied decoder would pass at initialisation but fail here).
+    model = S.SGTR(tiny_cfg(tied_head=True, mask_p=0.0), C1, P1).train()
+    with torch.no_grad():
+        model.pred_decoder[0].rel_cross.v_proj.weight.add_(0.5)
+        model.pred_decoder[1].fuse.weight.mul_(-1.0)
+    inputs = decoder_inputs(model, images, mask)
+    orig = model.forward_decoder(inputs, use_dropout=False)[-1]
+    mirror = model.forward_decoder(inputs, use_dropout=False, mask_p=0.0, seeds=model.draw_seeds(),
+                                   mirror_heads=True)[-1]
+    for key in orig:
+        torch.testing.assert_close(mirror[key], orig[key], atol=1e-5, rtol=1e-5)
+    # Untied heads: separate parameters for the three distributions only; the boxes stay shared.
+    model = S.SGTR(tiny_cfg(), C1, P1)
+    for name in ("pred_class", "sub_class", "obj_class"):
+        assert getattr(model, "mirror_" + name).weight.data_ptr() != getattr(model, name).weight.data_ptr()
+    inputs = decoder_inputs(model, images, mask)
+    orig = model.forward_decoder(inputs, use_dropout=False)[-1]
+    mirror = model.forward_decoder(inputs, use_dropout=False, mask_p=0.0, seeds=model.draw_seeds(),
+                                   mirror_heads=True)[-1]
+    torch.testing.assert_close(mirror["sub_boxes"], orig["sub_boxes"], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(mirror["pred_logits"], orig["pred_logits"])
+    # the baseline has no untied heads at all
+    assert not hasattr(S.SGTR(tiny_cfg(no_align=True), C1, P1), "mirror_pred_class")
+
+
+def test_masks_only_in_mirror_cross_attention_fresh_per_block_and_step(monkeypatch):
+    rec = Recorder(monkeypatch)
+    cfg = tiny_cfg()
+    model = S.SGTR(cfg, C1, P1).train()
+    images, mask, targets = batch()
+    S_tokens = (48 // cfg.backbone_stride) ** 2
+    model(images, mask, targets)
+    first = list(rec.calls)
+    # one masked call per cross-attention block per layer (relation memory, subject, object) ...
+    assert len(first) == cfg.pred_dec_layers * 3
+    # ... never a self-attention (keys would be the Qp predicate queries), always with p
+    assert sorted(c["Lk"] for c in first) == sorted([S_tokens, cfg.num_ent_queries, cfg.num_ent_queries] * 2)
+    assert all(c["Lq"] == cfg.num_pred_queries and c["p"] == cfg.mask_p for c in first)
+    model(images, mask, targets)
+    seeds = [c["seed"] for c in rec.calls]
+    assert len(rec.calls) == 2 * len(first)
+    assert len(set(seeds)) == len(seeds), "a mask seed was reused across blocks, layers or steps"
+    # and the masking changes the mirror's output (the mask is really applied)
+    inputs = decoder_inputs(model, images, mask)
+    seeds = model.draw_seeds()
+    a = model.forward_decoder(inputs, False, 0.0, seeds, True)[-1]["pred_logits"]
+    b = model.forward_decoder(inputs, False, 0.5, seeds, True)[-1]["pred_logits"]
+    assert not torch.allclose(a, b)
+
+
+def test_no_dropout_in_mirror_nor_in_target_pass():
+    model = S.SGTR(tiny_cfg(dropout=0.5), C1, P1).train()
+    images, mask, targets = batch()
+    inputs = decoder_inputs(model, images, mask)
+    # the training pass of the original does use dropout (so the checks below could fail)
+    a = model.forward_decoder(inputs, use_dropout=True)[-1]["pred_logits"]
+    b = model.forward_decoder(inputs, use_dropout=True)[-1]["pred_logits"]
+    assert not torch.allclose(a, b)
+    # the mirror with the same masks is deterministic in training mode: no dropout anywhere in it
+    seeds = model.draw_seeds()
+    m1 = model.forward_decoder(inputs, False, 0.1, seeds, True)[-1]
+    m2 = model.forward_decoder(inputs, False, 0.1, seeds, True)[-1]
+    for key in m1:
+        torch.testing.assert_close(m1[key], m2[key], atol=0, rtol=0)
+    # the whole alignment loss (mirror + extra target pass) is deterministic given the mask seeds
+    state = model.mask_rng.get_state()
+    tg = S.normalised_targets(targets, "cpu")
+    l1 = model.alignment_loss(inputs, tg)
+    model.mask_rng.set_state(state)
+    l2 = model.alignment_loss(inputs, tg)
+    assert l1.item() == l2.item() and l1.item() > 0
+
+
+def align_grads(**kw):
+    torch.manual_seed(0)
+    model = S.SGTR(tiny_cfg(**kw), C1, P1).train()
+    images, mask, targets = batch()
+    _, inputs = model.encode_and_detect(images, mask)
+    model.alignment_loss(inputs, S.normalised_targets(targets, "cpu")).backward()
+    return {n: p.grad for n, p in model.named_parameters()}
+
+
+def has_grad(g):
+    return g is not None and g.abs().sum() > 0
+
+
+def test_alignment_targets_are_detached():
+    grads = align_grads()
+    # P_original is a fixed target: the original class heads get nothing from L_align ...
+    for name in ("pred_class", "sub_class", "obj_class"):
+        assert not has_grad(grads[name + ".weight"]), f"L_align reached the original {name} head"
+    # ... while the mirror's untied heads do
+    for name in ("mirror_pred_class", "mirror_sub_class", "mirror_obj_class"):
+        assert has_grad(grads[name + ".weight"])
+
+
+def test_stop_gradient_at_mirror_inputs():
+    for kw in (dict(), dict(align_loss="supervised"), dict(tied_head=True)):
+        grads = align_grads(**kw)
+        outside = ("backbone.", "input_proj.", "encoder.", "ent_query.", "ent_decoder.", "ent_norm.",
+                   "ent_class.", "ent_box.", "rel_encoder.", "pred_query.", "query_cond.", "ent_box_embed.")
+        leaked = [n for n, g in grads.items() if n.startswith(outside) and has_grad(g)]
+        assert not leaked, f"L_align ({kw}) reached parameters before the decoder: {leaked[:5]}"
+        # the structural decoder itself is trained by the alignment, in every layer
+        for i in range(2):
+            assert has_grad(grads[f"pred_decoder.{i}.rel_cross.q_proj.weight"])
+            assert has_grad(grads[f"pred_decoder.{i}.sub_cross.v_proj.weight"])
+
+
+def test_inference_never_runs_the_mirror(monkeypatch):
+    rec = Recorder(monkeypatch)
+    torch.manual_seed(0)
+    aligned = S.SGTR(tiny_cfg(), C1, P1)
+    base = S.SGTR(tiny_cfg(no_align=True), C1, P1)
+    base.load_state_dict(aligned.state_dict(), strict=False)
+    called = []
+    for name in ("mirror_pred_class", "mirror_sub_class", "mirror_obj_class"):
+        getattr(aligned, name).register_forward_hook(lambda *a: called.append(1))
+    images, mask, _ = batch()
+    aligned.eval(), base.eval()
+    with torch.no_grad():
+        a, b = aligned(images, mask), base(images, mask)
+    assert rec.calls == [] and called == []
+    for key in a:  # the aligned model at inference is exactly SGTR with the same weights
+        torch.testing.assert_close(a[key], b[key], atol=0, rtol=0)
+    aligned.train()
+    aligned(images, mask, batch()[2])
+    assert rec.calls and called  # (the hooks do fire in training, so the check above can fail)
+
+
+def test_training_losses_finite_and_align_weight_applied():
+    torch.manual_seed(0)
+    model = S.SGTR(tiny_cfg(align_weight=10.0), C1, P1).train()
+    images, mask, targets = batch()
+    targets[1] = dict(boxes=torch.zeros(0, 4), labels=torch.zeros(0, dtype=torch.long),
+                      relations=torch.zeros(0, 3, dtype=torch.long), size=targets[1]["size"])  # empty image
+    losses = model(images, mask, targets)
+    assert all(torch.isfinite(v) for v in losses.values())
+    assert losses["align"] > 0
+    torch.testing.assert_close(losses["total"], losses["sup"] + 10.0 * losses["align"])
+    assert S.SGTR(tiny_cfg(no_align=True), C1, P1).train()(images, mask, targets)["align"] == 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Matcher and graph assembling
+
+def test_matcher_no_gt_and_more_gt_than_queries():
+    qi, gi = S.hungarian_match(torch.rand(5, 0))
+    assert len(qi) == len(gi) == 0
+    cost = torch.tensor([[4.0, 1.0, 3.0, 9.0], [2.0, 0.0, 5.0, 9.0]])  # 2 queries, 4 GT
+    qi, gi = S.hungarian_match(cost)
+    assert len(qi) == 2 and len(set(gi.tolist())) == 2
+    # optimum: query 0 -> GT 1 costs 1, query 1 -> GT 0 costs 2 (total 3 < 0 + 4 or 0 + 3)
+    assert dict(zip(qi.tolist(), gi.tolist())) == {0: 1, 1: 0}
+    with pytest.raises(ValueError, match="NaN"):
+        S.hungarian_match(torch.tensor([[float("nan")]]))
+
+
+def test_box_ops():
+    a = torch.tensor([[0.0, 0.0, 2.0, 2.0]])
+    b = torch.tensor([[1.0, 1.0, 3.0, 3.0], [4.0, 4.0, 5.0, 5.0]])
+    iou, _ = S.box_iou(a, b)
+    torch.testing.assert_close(iou, torch.tensor([[1 / 7, 0.0]]))
+    giou = S.generalized_box_iou(a, b)
+    torch.testing.assert_close(giou, torch.tensor([[1 / 7 - 2 / 9, -(25 - 5) / 25]]))
+    x = torch.tensor([[0.5, 0.5, 0.2, 0.4]])
+    torch.testing.assert_close(S.box_xyxy_to_cxcywh(S.box_cxcywh_to_xyxy(x)), x)
+
+
+def onehot_logits(n, idx, strength=12.0):
+    out = torch.zeros(len(idx), n)
+    out[torch.arange(len(idx)), torch.tensor(idx)] = strength
+    return out
+
+
+def test_graph_assembling_hand_made():
+    """3 confident entities, 2 predicate queries whose indicators point at (0 -> 1) and (2 -> 0)."""
+    # entities: cat (label 1) left, dog (2) right, ball (3) bottom; a 4th query is background
+    ent_boxes = torch.tensor([[0.25, 0.25, 0.3, 0.3], [0.75, 0.25, 0.3, 0.3], [0.5, 0.8, 0.2, 0.2],
+                              [0.5, 0.5, 0.1, 0.1]])
+    out = dict(ent_logits=onehot_logits(C1, [1, 2, 3, 0]), ent_boxes=ent_boxes,
+               pred_logits=onehot_logits(P1, [2, 4]),
+               sub_logits=onehot_logits(C1, [1, 3]), sub_boxes=ent_boxes[[0, 2]] + 0.01,
+               obj_logits=onehot_logits(C1, [2, 1]), obj_boxes=ent_boxes[[1, 0]] - 0.01)
+    g = S.assemble_graph(out, size=(100, 200), topk=2, max_pairs=100)
+    torch.testing.assert_close(g["boxes"][0], torch.tensor([20.0, 10.0, 80.0, 40.0]))  # pixels
+    assert g["labels"][:3].tolist() == [1, 2, 3]
+    pairs = [tuple(p) for p in g["rel_pairs"].tolist()]
+    assert (pairs[0], pairs[1]) in (((0, 1), (2, 0)), ((2, 0), (0, 1)))  # the two intended, ranked first
+    assert all(a != b for a, b in pairs)  # never an entity with itself
+    assert len(set(pairs)) == len(pairs)  # each pair once
+    best = {pairs[i]: int(g["rel_scores"][i, 1:].argmax()) + 1 for i in range(2)}
+    assert best == {(0, 1): 2, (2, 0): 4}
+    assert g["rel_scores"].shape == (len(pairs), P1) and g["rel_scores"].max() <= 1
+
+
+# ----------------------------------------------------------------------------------------------
+# Smoke runs of the script (synthetic data, a few iterations)
+
+SMOKE = ["--d-model", "32", "--nheads", "2", "--ffn-dim", "64", "--backbone-width", "8",
+         "--enc-layers", "1", "--ent-dec-layers", "1", "--rel-enc-layers", "1", "--pred-dec-layers", "1",
+         "--batch-size", "4", "--eval-batch-size", "8", "--max-eval-images", "8", "--log-every", "2"]
+
+
+def run(args, timeout=240):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "sgtr_align.py")] + args, cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    return r.stdout
+
+
+def test_smoke_run_outputs_and_resume(tmp_path):
+    out = str(tmp_path / "run")
+    log = run(SMOKE + ["--iters", "4", "--eval-every", "2", "--out", out])
+    assert "it 4/4 | loss" in log and "align" in log and "eta" in log
+    for f in ("args.json", "log.txt", "metrics.json", "ckpt_best.pt", "ckpt_last.pt", "curves.png",
+              "per_predicate.png", "examples.png"):
+        assert os.path.exists(os.path.join(out, f)), f
+    m = json.load(open(os.path.join(out, "metrics.json")))
+    for k in ("R@20", "R@50", "R@100", "mR@50", "mR@100", "ngR@50", "head_mR@100", "tail_mR@100"):
+        assert 0.0 <= m[k] <= 1.0, k
+    ck = torch.load(os.path.join(out, "ckpt_last.pt"), weights_only=True)
+    assert ck["step"] == 4 and {"model", "optimizer", "scheduler", "args"} <= set(ck)
+    log = run(SMOKE + ["--iters", "6", "--eval-every", "2", "--out", out, "--resume"])
+    assert "resumed from" in log and "at iteration 4" in log and "it 6/6" in log
+    assert torch.load(os.path.join(out, "ckpt_last.pt"), weights_only=True)["step"] == 6
+
+
+def test_ddp_two_cpu_processes(tmp_path):
+    out = str(tmp_path / "ddp")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                        "--master_port", "29533", os.path.join(ROOT, "sgtr_align.py")] + SMOKE
+                       + ["--iters", "2", "--eval-every", "2", "--out", out, "--no-align"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert "2 process(es)" in r.stdout
+    m = json.load(open(os.path.join(out, "metrics.json")))
+    assert m["num_images"] == 8  # each test image counted once across the two ranks
