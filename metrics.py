@@ -278,6 +278,8 @@ class SGEvaluator:
                 raise KeyError(f"add: pred lacks {key!r} (needs rel_pairs, rel_scores, and "
                                "boxes/labels/scores as the mode requires)")
         gt_boxes = _to_numpy(gt['boxes'], 'gt boxes').astype(np.float64)
+        if gt_boxes.size == 0:
+            gt_boxes = gt_boxes.reshape(0, 4)
         _check_shape(gt_boxes, 'gt boxes', (None, 4))
         G = gt_boxes.shape[0]
         gt_labels = _check_int(_to_numpy(gt['labels'], 'gt labels').reshape(-1), 'gt labels')
@@ -318,6 +320,8 @@ class SGEvaluator:
                 boxes = gt_boxes
             else:
                 boxes = _to_numpy(pred['boxes'], 'pred boxes').astype(np.float64)
+                if boxes.size == 0:
+                    boxes = boxes.reshape(0, 4)
                 _check_shape(boxes, 'pred boxes', (N, 4))
                 if not np.all(np.isfinite(boxes)):
                     raise ValueError("pred boxes: non-finite coordinates")
