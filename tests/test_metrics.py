@@ -408,7 +408,7 @@ def test_gather_under_torch_distributed_equals_single_process(tmp_path):
             dist.destroy_process_group()
 
         if __name__ == '__main__':
-            mp.spawn(worker, nprocs=2)
+            mp.start_processes(worker, nprocs=2, start_method='fork')  # no re-import: fast
             ev = SGEvaluator('sgdet', 4, ks=(2, 5))
             for gt, pred in images():
                 ev.add(gt, pred)
