@@ -41,8 +41,10 @@ The protocol, one image at a time
    before evaluating them: recall is 0/0 there).
 5. mR@K: per image, the recall of each predicate present in its GT; per predicate, the mean of
    those over the images that contain it; mR@K = sum over ALL P predicates / P, a predicate that
-   never occurs in the evaluated GT counting 0 (the reference divides by num_rel - 1 = P, so a
-   small test set cannot raise mR by missing the hard predicates).
+   never occurs in the evaluated GT counting 0 (the reference divides by num_rel - 1 = P). Every
+   predicate occurs in VG's test set, so this only bites on small subsets (a quick evaluation on
+   a few images): there the absent predicates pull mR down, so compare mR only between
+   evaluations of the same images.
 6. Group mR@K (HEAD/BODY/TAIL): the mean of the per-predicate recalls of the group's predicates,
    absent ones counting 0 as in 5 (BGNN / SGTR `longtail_part_eval`).
 
@@ -51,8 +53,9 @@ Where the reference has a quirk, we keep it and say so:
   train) each count in the denominator, and one prediction hits all copies at once.
 - A GT pair annotated with two predicates can reach at most 1/2 under the graph constraint (its
   pair predicts one predicate); this is why ngR > R.
-- Ties in the ranking: the reference ranks with an unstable sort, so tied predictions come out in
-  an implementation-defined order. We break ties by (subject index, object index, predicate id),
+- Ties in the ranking: the reference takes R@K's order from the model's own sort (torch.sort in
+  Scene-Graph-Benchmark's post-processor) and ngR@K's from np.argsort (quicksort, not stable), so
+  tied predictions come out in an implementation-defined order. We break ties by (subject index, object index, predicate id),
   then by the caller's row index, which only separates identical predictions, so the result never
   depends on the caller's order. Ties are common (PredCls object scores are all 1, softmaxes
   saturate, a frequency baseline gives one score per class pair).
@@ -395,12 +398,12 @@ class SGEvaluator:
         # No graph constraint: every (pair, predicate) competes. Only pairs whose best score is
         # >= the T-th best pair score (`cand`, ties included) can place an entry in the top T:
         # any other pair's entries are beaten by >= T entries (one per better pair), so we rank
-        # the cand x P entries only, exactly the same top T as ranking all M x P.
+        # the Mc x P entries only (Mc ~ T), exactly the same top T as ranking all M x P.
         if M:
-            e_s = fg[cand].astype(np.float64) * so[cand, None]  # (C, P)
-            C = cand.shape[0]
-            e_pair = np.repeat(cand, P)  # (C*P,)
-            e_pred = np.tile(np.arange(1, P + 1), C)  # (C*P,)
+            Mc = cand.shape[0]  # candidate pairs, T plus ties
+            e_s = fg[cand].astype(np.float64) * so[cand, None]  # (Mc, P)
+            e_pair = np.repeat(cand, P)  # (Mc*P,) pair of each entry
+            e_pred = np.tile(np.arange(1, P + 1), Mc)  # (Mc*P,) predicate of each entry
             top_e, _ = _rank_top(e_s.reshape(-1), [pairs[e_pair, 0], pairs[e_pair, 1], e_pred],
                                  T)
             rank_ng = first_hit_rank(pairs[e_pair[top_e], 0], pairs[e_pair[top_e], 1],
@@ -514,6 +517,7 @@ class SGEvaluator:
                 rec_pi = hits[i] / cnt  # (sum U,)
                 per_pred = np.bincount(pid, weights=rec_pi, minlength=P + 1)[1:] \
                     / np.maximum(n_img_with, 1)  # (P,), absent predicates 0
+                # PAPER: Sec. 4 "Evaluation Metrics", mean recall, the model-selection metric.
                 # mR divides by ALL P predicates (reference: sum / (num_rel - 1)).
                 out[f'{mkey}@{k}'] = float(per_pred.sum() / P)
                 out[f'per_predicate_{rkey}@{k}'] = per_pred.tolist()
