@@ -566,12 +566,18 @@ def _synthetic_sgdet_image(rng, num_boxes=64, num_gt=20, num_rels=25, P=50, C=30
              'rel_pairs': np.stack([ii, jj], 1), 'rel_scores': e / e.sum(1, keepdims=True)})
 
 
-def bench(num_images=5000, num_boxes=64, P=50, seed=0):
+def bench(num_images=5000, num_boxes=64, P=50, seed=0, tensors=False):
+    if tensors:  # what the model scripts pass: CPU torch tensors, float32 scores
+        import torch
     rng = np.random.default_rng(seed)
     ev = SGEvaluator('sgdet', P, predicate_groups=frequency_predicate_groups(np.arange(P + 1)))
     t_add, t0 = 0.0, time.perf_counter()
     for i in range(num_images):
         gt, pred = _synthetic_sgdet_image(rng, num_boxes=num_boxes, P=P)
+        if tensors:
+            gt = {k: torch.from_numpy(v) for k, v in gt.items()}
+            pred = {k: torch.from_numpy(v).float() if v.dtype == np.float64 else
+                    torch.from_numpy(v) for k, v in pred.items()}
         t = time.perf_counter()
         ev.add(gt, pred)
         t_add += time.perf_counter() - t
@@ -582,7 +588,8 @@ def bench(num_images=5000, num_boxes=64, P=50, seed=0):
     s = ev.summary()
     t_sum = time.perf_counter() - t
     M = num_boxes * (num_boxes - 1)
-    print(f"SGEvaluator sgdet: {num_images} images x {num_boxes} boxes x {M} pairs, P={P}")
+    print(f"SGEvaluator sgdet: {num_images} images x {num_boxes} boxes x {M} pairs, P={P}, "
+          f"inputs {'torch tensors' if tensors else 'numpy arrays'}")
     print(f"  add(): {1000 * t_add / num_images:.2f} ms/image, {t_add:.1f} s total | "
           f"summary(): {1000 * t_sum:.0f} ms | wall incl. data generation "
           f"{time.perf_counter() - t0:.1f} s")
@@ -596,8 +603,9 @@ if __name__ == '__main__':
     ap.add_argument('--images', type=int, default=5000, help='benchmark images')
     ap.add_argument('--boxes', type=int, default=64, help='detections per image (all pairs)')
     ap.add_argument('--predicates', type=int, default=50, help='P')
+    ap.add_argument('--tensors', action='store_true', help='pass torch tensors instead of numpy')
     args = ap.parse_args()
     if args.bench:
-        bench(args.images, args.boxes, args.predicates)
+        bench(args.images, args.boxes, args.predicates, tensors=args.tensors)
     else:
         ap.print_help()
