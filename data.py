@@ -1,0 +1,1208 @@
+"""Scene-graph data: the Visual Genome "VG-SGG" format, a built-in synthetic dataset in that format, batching.
+
+Every scene graph generation (SGG) paper since Xu et al. 2017 ("Scene Graph Generation by Iterative Message
+Passing") trains and tests on the same preprocessed split of Visual Genome (VG150: 150 object classes, 50
+predicates), shipped as three files plus the images. This file reads that format exactly as the field's
+reference loaders do (Scene-Graph-Benchmark.pytorch `maskrcnn_benchmark/data/datasets/visual_genome.py` and
+neural-motifs `dataloaders/visual_genome.py`), with their quirks, so that numbers computed on it are
+comparable with published ones. The code is our own; where it follows a convention the comment says so.
+
+No real dataset can be downloaded on a laptop in seconds, so the file also *generates* a small synthetic
+scene-graph dataset of rendered images, written as the very same h5/json/jpg files and read back through the
+same `VGSGGDataset`. It is the default data of both model scripts. See "Synthetic scenes" below for what it
+contains and why it is hard in the ways the paper cares about.
+
+Layout of a data folder (`root`):
+    root/VG-SGG-with-attri.h5          (or VG-SGG.h5)          boxes, labels, relations, split flags
+    root/VG-SGG-dicts-with-attri.json  (or VG-SGG-dicts.json)  class and predicate names
+    root/image_data.json                                       per image: image_id, width, height, url
+    root/VG_100K/{image_id}.jpg                                the images
+
+Public API:
+    VGSGGDataset(root, split, num_val_im=5000, ...)   ds[i] -> (image, target); ds.get_groundtruth(i) -> target
+    ensure_synthetic(cache_dir=None, seed=0) -> root  the built-in synthetic data (generated once, then cached)
+    SYNTHETIC_NUM_VAL                                 the num_val_im to use on the synthetic data
+    collate(batch) -> (images, targets)               for torch's DataLoader
+    TrainingSampler(size), InferenceSampler(size)     infinite shuffled / sharded sequential, DDP-aware
+
+Shapes: B images in a batch, G ground-truth objects of an image, R ground-truth relations of an image,
+C object classes and P predicates (both without the background class at index 0), H x W image height/width.
+
+Run `python data.py` to generate (or find) the synthetic data and print its statistics;
+`python data.py --figures docs/` also draws example scenes and the predicate histogram.
+"""
+import argparse
+import io
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections import Counter, defaultdict
+
+import h5py
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+# ----------------------------------------------------------------------------------------------------------
+# The VG-SGG format and its reader
+
+# The h5 file stores all images' boxes and relations in flat arrays; per image, [first, last] index ranges
+# (inclusive, -1 when the image has none) point into them. `relationships` holds *global* box indices.
+H5_KEYS = ("split", "img_to_first_box", "img_to_last_box", "img_to_first_rel", "img_to_last_rel",
+           "labels", "boxes_1024", "relationships", "predicates")
+H5_NAMES = ("VG-SGG-with-attri.h5", "VG-SGG.h5")
+DICT_NAMES = ("VG-SGG-dicts-with-attri.json", "VG-SGG-dicts.json")
+DICT_KEYS = ("label_to_idx", "idx_to_label", "predicate_to_idx", "idx_to_predicate")
+LAYOUT = ("expected a VG-SGG folder laid out as\n"
+          "  root/VG-SGG-with-attri.h5 (or VG-SGG.h5)  with keys " + ", ".join(H5_KEYS) + "\n"
+          "  root/VG-SGG-dicts-with-attri.json (or VG-SGG-dicts.json)  with keys " + ", ".join(DICT_KEYS) + "\n"
+          "  root/image_data.json  (list of {image_id, width, height, ...}, one per image, in h5 row order)\n"
+          "  root/VG_100K/{image_id}.jpg")
+
+# Boxes are stored at a fixed scale: the longest image side is 1024 (and 512 in `boxes_512`), as integer
+# (cx, cy, w, h). The preprocessing script (vg_to_roidb.py of Xu et al.) rescaled every image's boxes so one
+# int array fits all images; readers must scale them back by max(width, height) / 1024.
+BOX_SCALE = 1024
+
+# image_data.json lists 108,077 VG images but the h5 has 108,073 rows: these 4 image files are corrupted and
+# were left out by the preprocessing. Skipping them is what keeps h5 row i and image i aligned (the reference
+# loaders hard-code the same 4 ids).
+CORRUPTED_IMAGE_IDS = (1592, 1722, 4616, 4617)
+
+SPLITS = ("train", "val", "test")
+
+
+def _find_file(root, names):
+    for name in names:
+        if os.path.isfile(os.path.join(root, name)):
+            return os.path.join(root, name)
+    raise FileNotFoundError(f"{root}: missing {' or '.join(names)}; {LAYOUT}")
+
+
+def load_vg_dicts(dict_file):
+    """Class and predicate names from the dicts json, as lists with '__background__' at index 0."""
+    with open(dict_file) as f:
+        info = json.load(f)
+    missing = [k for k in DICT_KEYS if k not in info]
+    if missing:
+        raise ValueError(f"{dict_file}: missing key(s) {missing}; {LAYOUT}")
+    # Indices in the json start at 1; 0 is reserved for "no object" / "no relation" in every SGG model.
+    idx_to_label = ["__background__"] + sorted(info["label_to_idx"], key=info["label_to_idx"].get)
+    idx_to_predicate = ["__background__"] + sorted(info["predicate_to_idx"], key=info["predicate_to_idx"].get)
+    return idx_to_label, idx_to_predicate
+
+
+def load_image_info(image_file):
+    """image_data.json without the 4 corrupted images, so that entry i describes h5 row i."""
+    with open(image_file) as f:
+        im_data = json.load(f)
+    return [im for im in im_data if im["image_id"] not in CORRUPTED_IMAGE_IDS]
+
+
+def _box_iou_inclusive(a, b):
+    """IoU of xyxy boxes a (N, 4) and b (M, 4) -> (N, M), pixel-inclusive (w = x2 - x1 + 1) as in the
+    reference code, so boxes that merely touch count as overlapping."""
+    lt = np.maximum(a[:, None, :2], b[None, :, :2])
+    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    wh = np.clip(rb - lt + 1, 0, None)
+    inter = wh[..., 0] * wh[..., 1]
+    area_a = (a[:, 2] - a[:, 0] + 1) * (a[:, 3] - a[:, 1] + 1)
+    area_b = (b[:, 2] - b[:, 0] + 1) * (b[:, 3] - b[:, 1] + 1)
+    return inter / (area_a[:, None] + area_b[None, :] - inter)
+
+
+def load_graphs(h5_file, split, num_im=-1, num_val_im=0, filter_empty_rels=True, filter_non_overlap=False):
+    """Read one split's graphs from the h5 file, following the reference `load_graphs`.
+
+    Returns (rows, boxes, labels, relations): rows (N,) the h5 row of each kept image; per kept image
+    boxes (G, 4) float xyxy at BOX_SCALE, labels (G,) int64 in 1..C, relations (R, 3) int64 rows
+    (subject index, object index, predicate in 1..P), indices local to the image.
+    """
+    with h5py.File(h5_file, "r") as h5:
+        missing = [k for k in H5_KEYS if k not in h5]
+        if missing:
+            raise ValueError(f"{h5_file}: missing h5 key(s) {missing}; {LAYOUT}")
+        data_split = h5["split"][:]
+        first_box, last_box = h5["img_to_first_box"][:], h5["img_to_last_box"][:]
+        first_rel, last_rel = h5["img_to_first_rel"][:], h5["img_to_last_rel"][:]
+        all_labels = h5["labels"][:, 0].astype(np.int64)
+        all_boxes = h5[f"boxes_{BOX_SCALE}"][:].astype(np.float64)  # (cx, cy, w, h)
+        all_rels = h5["relationships"][:].astype(np.int64)           # global box indices
+        all_preds = h5["predicates"][:, 0].astype(np.int64)
+
+    # VG-SGG has only two split flags: 0 = train, 2 = test. There is no official val split: everyone
+    # carves val from the *start* of the (filtered) train split and trains on the rest.
+    mask = data_split == (2 if split == "test" else 0)
+    mask &= first_box >= 0                      # images without any box are dropped
+    if filter_empty_rels:
+        mask &= first_rel >= 0                  # images without any relation are dropped
+    rows = np.nonzero(mask)[0]
+    if num_im > -1:
+        rows = rows[:num_im]
+    if num_val_im > 0:
+        rows = rows[:num_val_im] if split == "val" else rows[num_val_im:] if split == "train" else rows
+
+    if np.any(all_boxes[:, 2:] <= 0):
+        raise ValueError(f"{h5_file}: boxes_{BOX_SCALE} has boxes with zero or negative width/height")
+    # (cx, cy, w, h) -> (x1, y1, x2, y2), exactly as the reference loaders: x1 = cx - w/2, x2 = x1 + w.
+    xyxy = np.concatenate([all_boxes[:, :2] - all_boxes[:, 2:] / 2, all_boxes[:, :2] + all_boxes[:, 2:] / 2], 1)
+
+    kept_rows, boxes, labels, relations = [], [], [], []
+    for row in rows:
+        b0, b1 = first_box[row], last_box[row] + 1
+        boxes_i, labels_i = xyxy[b0:b1], all_labels[b0:b1]
+        if first_rel[row] >= 0:
+            r0, r1 = first_rel[row], last_rel[row] + 1
+            pair = all_rels[r0:r1] - b0                                      # (R, 2) local indices
+            if pair.size and (pair.min() < 0 or pair.max() >= len(boxes_i)):
+                raise ValueError(f"{h5_file}: row {row} has a relation pointing outside its own boxes")
+            rels_i = np.column_stack([pair, all_preds[r0:r1]])               # (R, 3)
+        else:
+            rels_i = np.zeros((0, 3), dtype=np.int64)
+        if filter_non_overlap:
+            # SGDet training in Neural Motifs / SGB: keep only relations whose two boxes overlap, and drop
+            # images left without any (a detector's proposals rarely pair far-apart objects).
+            ious = _box_iou_inclusive(boxes_i, boxes_i)                       # (G, G)
+            rels_i = rels_i[ious[rels_i[:, 0], rels_i[:, 1]] > 0]
+            if len(rels_i) == 0:
+                continue
+        kept_rows.append(row)
+        boxes.append(boxes_i)
+        labels.append(labels_i)
+        relations.append(rels_i)
+    return np.array(kept_rows, dtype=np.int64), boxes, labels, relations
+
+
+class VGSGGDataset(torch.utils.data.Dataset):
+    """One split of a VG-SGG folder. `ds[i] -> (image, target)`.
+
+    image: float32 (3, H, W) in [0, 1]; target: `boxes` float32 (G, 4) xyxy in the returned image's pixels,
+    `labels` int64 (G,) in 1..C, `relations` int64 (R, 3) (subject index, object index, predicate in 1..P),
+    `image_id` int, `size` (H, W). `max_size` resizes so the longest side is max_size (None: original size).
+
+    The filters are the field's: `filter_empty_rels` drops images without relations; `filter_duplicate_rels`
+    (train only) keeps one randomly chosen predicate per (subject, object) pair; `filter_non_overlap` (train
+    only, used for SGDet) keeps only relations between overlapping boxes. `num_im` keeps the first images only.
+    """
+
+    def __init__(self, root, split, num_val_im=5000, filter_empty_rels=True, filter_duplicate_rels=True,
+                 filter_non_overlap=False, num_im=-1, max_size=None):
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        if split == "val" and num_val_im <= 0:
+            raise ValueError("split='val' needs num_val_im > 0: VG has no val split, it is the first "
+                             "num_val_im images of train")
+        if filter_non_overlap and split != "train":
+            raise ValueError("filter_non_overlap is a training-time filter; use it with split='train' only")
+        if not os.path.isdir(root):
+            raise FileNotFoundError(f"{root}: data folder does not exist; {LAYOUT}")
+        h5_file, dict_file = _find_file(root, H5_NAMES), _find_file(root, DICT_NAMES)
+        image_file = _find_file(root, ("image_data.json",))
+        self.image_dir = os.path.join(root, "VG_100K")
+        if not os.path.isdir(self.image_dir):
+            raise FileNotFoundError(f"{root}: missing the image folder VG_100K/; {LAYOUT}")
+
+        self.root, self.split, self.max_size = root, split, max_size
+        # Duplicate predicates are only reduced for training (the test set keeps every annotation).
+        self.filter_duplicate_rels = filter_duplicate_rels and split == "train"
+        self.idx_to_label, self.idx_to_predicate = load_vg_dicts(dict_file)
+        self.num_classes, self.num_predicates = len(self.idx_to_label), len(self.idx_to_predicate)
+
+        with h5py.File(h5_file, "r") as h5:
+            num_rows = len(h5["split"]) if "split" in h5 else None
+        infos = load_image_info(image_file)
+        if num_rows is not None and len(infos) != num_rows:
+            raise ValueError(f"{image_file} has {len(infos)} images (after skipping the corrupted ids "
+                             f"{CORRUPTED_IMAGE_IDS}) but {h5_file} has {num_rows} rows; they must match 1:1")
+        rows, self.gt_boxes, self.gt_labels, self.gt_relations = load_graphs(
+            h5_file, split, num_im, num_val_im if split != "test" else 0, filter_empty_rels, filter_non_overlap)
+        self.img_info = [infos[r] for r in rows]
+        self.image_ids = [int(im["image_id"]) for im in self.img_info]
+        for labels in self.gt_labels:
+            if len(labels) and (labels.min() < 1 or labels.max() >= self.num_classes):
+                raise ValueError(f"{h5_file}: labels outside 1..{self.num_classes - 1}")
+        missing = [i for i in self.image_ids if not os.path.isfile(self._image_path(i))]
+        if missing:
+            raise FileNotFoundError(f"{self.image_dir}: {len(missing)} image(s) of split {split!r} missing, "
+                                    f"e.g. {[f'{i}.jpg' for i in missing[:5]]}; {LAYOUT}")
+
+    def _image_path(self, image_id):
+        return os.path.join(self.image_dir, f"{image_id}.jpg")
+
+    def __len__(self):
+        return len(self.image_ids)
+
+    def _out_size(self, index):
+        """(scale, H, W) of the returned image: the size image_data.json states, resized to max_size."""
+        info = self.img_info[index]
+        w, h = int(info["width"]), int(info["height"])
+        s = 1.0 if self.max_size is None else self.max_size / max(w, h)
+        return s, max(1, round(h * s)), max(1, round(w * s))
+
+    def get_groundtruth(self, index):
+        """The target of image `index` without reading the image (for statistics and evaluation)."""
+        info = self.img_info[index]
+        s, out_h, out_w = self._out_size(index)
+        # Boxes are stored for a longest side of 1024; the reference loaders scale them back with the
+        # width/height of image_data.json (not the jpg's), so do we.
+        boxes = self.gt_boxes[index] / BOX_SCALE * max(info["width"], info["height"])      # (G, 4)
+        boxes = boxes * np.array([out_w / info["width"], out_h / info["height"]] * 2)
+        # Clip (never drop: relations index the boxes) to the last pixel, x in [0, W - 1].
+        boxes = np.clip(boxes, 0, np.array([out_w - 1, out_h - 1] * 2))
+        rels = torch.as_tensor(self.gt_relations[index], dtype=torch.int64).reshape(-1, 3)  # (R, 3)
+        if self.filter_duplicate_rels and len(rels):
+            # VG annotators often gave one pair several predicates ("on" and "sitting on"). For training,
+            # the reference loaders keep one of them, chosen at random each time the image is loaded.
+            # torch's RNG (not numpy's) so that DataLoader workers draw different choices.
+            by_pair = defaultdict(list)
+            for s_, o_, p_ in rels.tolist():
+                by_pair[(s_, o_)].append(p_)
+            rels = torch.tensor([(s_, o_, preds[torch.randint(len(preds), ()).item()])
+                                 for (s_, o_), preds in by_pair.items()], dtype=torch.int64)
+        return {"boxes": torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+                "labels": torch.as_tensor(self.gt_labels[index], dtype=torch.int64),
+                "relations": rels, "image_id": self.image_ids[index], "size": (out_h, out_w)}
+
+    def __getitem__(self, index):
+        target = self.get_groundtruth(index)
+        img = Image.open(self._image_path(self.image_ids[index])).convert("RGB")  # some VG images are gray
+        out_h, out_w = target["size"]
+        if img.size != (out_w, out_h):
+            img = img.resize((out_w, out_h), Image.BILINEAR)
+        image = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)  # (3, H, W)
+        return image.float().div_(255), target
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Batching: collate and samplers (DDP-aware)
+
+def collate(batch):
+    """[(image (3, H_i, W_i), target)] -> images (B, 3, Hmax, Wmax) zero-padded at bottom/right, [targets].
+    Padding at the bottom/right keeps box coordinates valid; each target keeps its own `size`."""
+    images, targets = zip(*batch)
+    h = max(im.shape[1] for im in images)
+    w = max(im.shape[2] for im in images)
+    out = images[0].new_zeros((len(images), 3, h, w))                 # (B, 3, Hmax, Wmax)
+    for i, im in enumerate(images):
+        out[i, :, :im.shape[1], :im.shape[2]] = im
+    return out, list(targets)
+
+
+def _rank_world(rank, world_size):
+    if rank is None or world_size is None:
+        dist = torch.distributed.is_available() and torch.distributed.is_initialized()
+        rank = (torch.distributed.get_rank() if dist else 0) if rank is None else rank
+        world_size = (torch.distributed.get_world_size() if dist else 1) if world_size is None else world_size
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside 0..{world_size - 1}")
+    return rank, world_size
+
+
+class TrainingSampler(torch.utils.data.Sampler):
+    """Infinite stream of indices for iteration-based training (as detectron2's TrainingSampler).
+
+    All ranks generate the same stream of permutations from `seed`; rank r takes every world_size-th index
+    starting at r, so within each window of world_size consecutive draws the ranks see disjoint images.
+    rank/world_size default to torch.distributed's when it is initialised (pass them explicitly in tests).
+    """
+
+    def __init__(self, size, shuffle=True, seed=0, rank=None, world_size=None):
+        if size <= 0:
+            raise ValueError(f"TrainingSampler needs a non-empty dataset, got size {size}")
+        self.size, self.shuffle, self.seed = size, shuffle, seed
+        self.rank, self.world_size = _rank_world(rank, world_size)
+
+    def _infinite(self):
+        g = torch.Generator().manual_seed(self.seed)
+        while True:
+            yield from (torch.randperm(self.size, generator=g) if self.shuffle else torch.arange(self.size)).tolist()
+
+    def __iter__(self):
+        for k, idx in enumerate(self._infinite()):
+            if k % self.world_size == self.rank:
+                yield idx
+
+
+class InferenceSampler(torch.utils.data.Sampler):
+    """range(size) split into world_size contiguous shards, no padding or repetition (DistributedSampler
+    pads by repeating images, which would count some test images twice in the metrics)."""
+
+    def __init__(self, size, rank=None, world_size=None):
+        rank, world_size = _rank_world(rank, world_size)
+        shard = (size + world_size - 1) // world_size
+        self.indices = range(min(rank * shard, size), min((rank + 1) * shard, size))
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self):
+        return len(self.indices)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Synthetic scenes: a small VG-like dataset generated from a seed
+#
+# What the paper is about has to be visible on it, so the generator imitates the properties of VG that make
+# SGG hard, at laptop scale:
+#   * 31 object classes drawn as simple glyphs with per-instance variation of size, colour, facing and pose;
+#     a few pairs are easy to confuse (man/woman, dog/cat, bench/table).
+#   * 25 predicates, VG's most common ones. Which one holds depends on the classes (a hat on a head is
+#     "wearing", a cup on a table is "on"), on geometry (a ball on or under a table) and on appearance (a
+#     person's pose tells "sitting on" from "standing on" a bench; the side a face looks at tells "looking at"
+#     from "near"), so neither the class-pair frequency prior nor geometry alone solves it.
+#   * Scenes are composed of small groups ("a person sitting on a chair", "a table with things on it"), drawn
+#     from templates with very unequal probabilities, so predicate counts span orders of magnitude like VG's.
+#   * Annotation is incomplete and biased like VG's: every true relation is written down only with some
+#     probability, and a specific predicate is often replaced by its generic parent ("sitting on" -> "on",
+#     "holding" -> "has"), sometimes written twice (generic and specific) for the same pair.
+#   * The train split is small (SYNTHETIC_NUM_TRAIN images), so tail predicates have a few dozen examples.
+# Images are 96..160 px per side, 2..10 objects each. Objects are annotated completely (as VG's objects
+# nearly are); relations are not.
+
+SYNTHETIC_VERSION = 1            # bump whenever the generator's output changes: the cache folder is per version
+SYNTHETIC_NUM_TRAIN = 3000       # images with split flag 0 (train + val)
+SYNTHETIC_NUM_TEST = 1000        # images with split flag 2
+SYNTHETIC_NUM_VAL = 500          # the num_val_im to pass to VGSGGDataset on the synthetic data
+SYNTHETIC_SIZE_RANGE = (96, 160)  # image sides are drawn uniformly in this range (inclusive)
+MAX_OBJECTS = 10
+
+# class name -> base RGB colour of its glyph
+CLASS_COLORS = {
+    "man": (45, 85, 200), "woman": (150, 55, 175), "child": (235, 135, 35),
+    "dog": (150, 95, 45), "cat": (175, 125, 70), "horse": (95, 55, 25), "elephant": (135, 135, 145),
+    "bird": (230, 200, 30), "head": (235, 195, 160), "wheel": (35, 35, 35),
+    "hat": (200, 35, 35), "shirt": (240, 240, 240), "bag": (130, 120, 40), "umbrella": (0, 140, 140),
+    "chair": (165, 110, 55), "bench": (120, 90, 60), "table": (120, 70, 40), "bed": (225, 225, 240),
+    "car": (200, 40, 40), "bike": (40, 80, 160), "boat": (245, 245, 235),
+    "cup": (90, 200, 200), "bottle": (40, 150, 60), "plate": (215, 215, 205), "pizza": (235, 170, 60),
+    "ball": (220, 60, 60), "phone": (30, 30, 40),
+    "tree": (30, 120, 40), "grass": (80, 160, 60), "street": (110, 110, 115), "water": (60, 110, 200),
+}
+PERSONS, ITEMS = ("man", "woman", "child"), ("cup", "bottle", "plate", "pizza", "ball", "phone")
+
+# The annotator. true predicate -> (probability the relation is written down at all,
+#                                   generic predicate an annotator may write instead, probability of doing so).
+# These numbers set the long tail and the head-predicate bias, as in VG where "on" stands for "sitting on",
+# "standing on", "parked on", ... and "has" for "holding" or "wearing".
+ANNOTATOR = {
+    "on": (0.55, None, 0.0), "has": (0.35, None, 0.0), "wearing": (0.65, "has", 0.35), "of": (0.3, None, 0.0),
+    "in": (0.6, None, 0.0), "near": (0.2, None, 0.0), "behind": (0.35, "near", 0.2),
+    "in front of": (0.25, "near", 0.35), "holding": (0.65, "has", 0.35), "sitting on": (0.8, "on", 0.5),
+    "standing on": (0.45, "on", 0.6), "next to": (0.3, "near", 0.5), "riding": (0.85, "on", 0.4),
+    "under": (0.6, "near", 0.25), "walking on": (0.45, "on", 0.55), "looking at": (0.3, "near", 0.45),
+    "parked on": (0.6, "on", 0.6), "carrying": (0.55, "holding", 0.45), "lying on": (0.7, "on", 0.5),
+    "eating": (0.6, "holding", 0.5), "above": (0.5, "near", 0.3), "using": (0.6, "holding", 0.55),
+    "playing with": (0.5, "near", 0.45), "flying over": (0.6, "above", 0.5), "hanging from": (0.6, "on", 0.5),
+}
+DUPLICATE_P = 0.08   # when the generic predicate is written, the specific one is written too this often
+SYNTHETIC_CLASSES = sorted(CLASS_COLORS)         # alphabetical, as VG's dicts
+SYNTHETIC_PREDICATES = sorted(ANNOTATOR)
+
+
+class _Scene:
+    """Objects (dicts with cls, box [x1, y1, x2, y2] in pixels, colour, facing +-1, pose, ...) in drawing
+    order, and the *true* relations (subject, object, predicate) before annotation."""
+
+    def __init__(self, rng, W, H):
+        self.rng, self.W, self.H = rng, W, H
+        self.objs, self.rels, self.mains = [], [], []   # mains: per group, the objects incidental relations use
+        self.ground, self.group = None, -1
+
+    def add(self, cls, box, **kw):
+        jitter = self.rng.integers(-14, 15, size=3)
+        color = tuple(int(c) for c in np.clip(np.array(CLASS_COLORS[cls]) + jitter, 0, 255))
+        self.objs.append(dict(cls=cls, box=[float(v) for v in box], color=color, group=self.group, **kw))
+        return len(self.objs) - 1
+
+    def rel(self, s, o, pred):
+        self.rels.append((s, o, pred))
+
+    def ground_is(self, *kinds):
+        return self.ground is not None and self.objs[self.ground]["cls"] in kinds
+
+
+def _person(sc, cls, cx, bottom, U, pose, f, seat_y=None):
+    """A person glyph plus its head (always annotated as a part). Returns the person's index.
+    Geometry in units of h0 (standing height); f = +1 faces right, -1 faces left."""
+    h0 = U * (0.7 if cls == "child" else 1.0)
+    r = 0.13 * h0
+    if pose in ("standing", "walking"):
+        w = (0.42 if pose == "standing" else 0.55) * h0
+        top = bottom - h0
+        box = [cx - w / 2, top, cx + w / 2, bottom]
+        head = (cx + f * 0.04 * h0, top + r)
+        torso = [cx - 0.14 * h0, top + 0.25 * h0, cx + 0.14 * h0, top + 0.6 * h0]
+        hand = (cx + f * w / 2, top + 0.48 * h0)
+    elif pose == "sitting":   # torso ends on the seat, thighs forward, shins down to `bottom`
+        top = seat_y - 0.55 * h0
+        box = sorted([cx - f * 0.2 * h0, cx + f * 0.32 * h0]) + [bottom]
+        box = [box[0], top, box[1], bottom]
+        head = (cx - f * 0.05 * h0, top + r)
+        torso = sorted([cx - f * 0.19 * h0, cx + f * 0.09 * h0])
+        torso = [torso[0], top + 0.25 * h0, torso[1], seat_y]
+        hand = (cx + f * 0.24 * h0, top + 0.45 * h0)
+    elif pose == "lying":     # horizontal, head at the facing end
+        top = bottom - 0.3 * h0
+        box = [cx - h0 / 2, top, cx + h0 / 2, bottom]
+        head = (cx + f * (h0 / 2 - r), top + 0.15 * h0)
+        torso = sorted([cx + f * (h0 / 2 - 2 * r), cx + f * 0.0])
+        torso = [torso[0], top + 0.05 * h0, torso[1], bottom - 0.04 * h0]
+        hand = (cx + f * 0.1 * h0, top)
+    else:                     # "in_vehicle": head and upper torso visible in a window
+        top = bottom - 0.5 * h0
+        box = [cx - 0.21 * h0, top, cx + 0.21 * h0, bottom]
+        head = (cx, top + r)
+        torso = [cx - 0.14 * h0, top + 0.25 * h0, cx + 0.14 * h0, bottom]
+        hand = (cx + f * 0.21 * h0, top + 0.45 * h0)
+    geo = dict(h0=h0, r=r, head=head, torso=torso, hand=hand, seat_y=seat_y)
+    p = sc.add(cls, box, facing=f, pose=pose, geo=geo)
+    hd = sc.add("head", [head[0] - r, head[1] - r, head[0] + r, head[1] + r], facing=f)
+    sc.rel(p, hd, "has")                        # VG's commonest part relations go both ways
+    sc.rel(hd, p, "of")
+    return p
+
+
+def _dress(sc, p, item_p, bag_p=0.12):
+    """Shirt, hat, bag and a held item for person p, with their true relations. The same class pair gets
+    different predicates depending on where things are: a hat on the head is worn, in the hand held; a
+    phone at the ear is used, in the hand held; a ball at the feet is played with."""
+    rng, o = sc.rng, sc.objs[p]
+    g, f = o["geo"], o["facing"]
+    h0, r, (hx, hy) = g["h0"], g["r"], g["head"]
+    x1, y1, x2, y2 = o["box"]
+    if o["pose"] != "lying" and rng.random() < 0.5:
+        sc.rel(p, sc.add("shirt", g["torso"], stripes=int(rng.integers(2, 4))), "wearing")
+    if rng.random() < 0.3:
+        sc.rel(p, sc.add("hat", [hx - 1.25 * r, hy - 1.7 * r, hx + 1.25 * r, hy - 0.45 * r]), "wearing")
+    if o["pose"] in ("standing", "walking") and rng.random() < bag_p:
+        bx = x1 if f > 0 else x2                                   # on the back
+        sc.rel(p, sc.add("bag", [bx - 0.12 * h0, y1 + 0.38 * h0, bx + 0.12 * h0, y1 + 0.62 * h0]), "carrying")
+    if rng.random() >= item_p:
+        return
+    kinds = ["cup", "bottle", "phone", "pizza", "ball", "umbrella", "bag", "hat"]
+    kind = rng.choice(kinds, p=[.16, .16, .17, .13, .1, .12, .09, .07])
+    (ax, ay), u = g["hand"], h0
+    if kind == "umbrella":
+        i = sc.add(kind, [ax - 0.35 * u, hy - r - 0.4 * u, ax + 0.35 * u, ay], facing=f)
+        sc.rel(p, i, "holding")
+        sc.rel(i, p, "above")
+        return
+    w, h = {"cup": (.2, .2), "bottle": (.12, .3), "phone": (.12, .2), "pizza": (.24, .24), "ball": (.22, .22),
+            "bag": (.24, .24), "hat": (.25, .16)}[kind]
+    w, h = w * u, h * u
+    if kind == "phone" and rng.random() < 0.4:                  # at the ear: using
+        cx, cy, pred = hx + f * 0.9 * r, hy, "using"
+    elif kind == "pizza" and rng.random() < 0.4:                # at the mouth: eating
+        cx, cy, pred = hx + f * (r + 0.4 * w), hy + 0.3 * r, "eating"
+    elif kind == "ball" and o["pose"] in ("standing", "walking") and rng.random() < 0.6:   # at the feet
+        cx, cy, pred = (x2 + 0.6 * w) if f > 0 else (x1 - 0.6 * w), y2 - h / 2, "playing with"
+    else:
+        cx, cy, pred = ax + f * 0.3 * w, ay, "holding"
+    i = sc.add(kind, [cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], facing=f)
+    sc.rel(p, i, pred)
+
+
+def _quadruped(sc, cls, cx, bottom, U, f, lying=False):
+    size = {"dog": (.6, .4), "cat": (.48, .32), "horse": (1.1, .8), "elephant": (1.2, .9)}[cls]
+    w, h = size[0] * U, size[1] * U * (0.5 if lying else 1.0)
+    return sc.add(cls, [cx - w / 2, bottom - h, cx + w / 2, bottom], facing=f, pose="lying" if lying else "standing")
+
+
+def _support(sc, obj, pred_if_street=None):
+    """True relation of a standing object to the ground below it."""
+    if sc.ground is None:
+        return
+    g = sc.objs[sc.ground]["cls"]
+    if pred_if_street and g == "street":
+        sc.rel(obj, sc.ground, pred_if_street)
+    elif g != "water":
+        sc.rel(obj, sc.ground, "on")
+
+
+# Group templates. Each places its objects around x = cx with feet on the line y = gy; U is the scale
+# (a standing man's height). They return the group's "main" objects for the incidental relations.
+
+def _g_person(sc, cx, gy, U):
+    rng = sc.rng
+    cls = rng.choice(PERSONS, p=[.45, .35, .2])
+    pose = "walking" if rng.random() < 0.35 else "standing"
+    p = _person(sc, cls, cx, gy, U, pose, rng.choice([-1, 1]))
+    _dress(sc, p, item_p=0.45)
+    if sc.ground_is("grass", "street"):
+        sc.rel(p, sc.ground, "walking on" if pose == "walking" else "standing on")
+    return [p]
+
+
+def _g_seat(sc, cx, gy, U):
+    rng = sc.rng
+    kind = rng.choice(["chair", "bench"], p=[.55, .45])
+    f = rng.choice([-1, 1])
+    w, h, seat = (0.42 * U, 0.55 * U, 0.45) if kind == "chair" else (0.95 * U, 0.42 * U, 0.5)
+    modes = ["sit", "lie", "stand_on", "next_to", "bag_on", "hang"]
+    mode = rng.choice(modes, p=[.55, .06, .07, .2, .06, .06])
+    if mode == "lie" and kind == "chair":
+        mode = "sit"
+    sx = cx - f * 0.2 * U if mode == "next_to" else cx
+    s = sc.add(kind, [sx - w / 2, gy - h, sx + w / 2, gy], facing=f, seat=seat)
+    _support(sc, s)
+    seat_y = gy - h * (1 - seat)
+    cls = rng.choice(PERSONS, p=[.45, .35, .2])
+    if mode == "sit":
+        p = _person(sc, cls, sx, gy, U, "sitting", f, seat_y=seat_y)
+        sc.rel(p, s, "sitting on")
+        _dress(sc, p, item_p=0.3, bag_p=0)
+    elif mode == "lie":        # lying along the bench
+        p = _person(sc, cls, sx, seat_y + 0.02 * U, min(U, w / 1.05), "lying", f)
+        sc.rel(p, s, "lying on")
+    elif mode == "stand_on":   # standing on the seat: the same class pair as sitting, another pose
+        p = _person(sc, cls, sx, seat_y, U * 0.9, "standing", f)
+        sc.rel(p, s, "standing on")
+        _dress(sc, p, item_p=0.1, bag_p=0)
+    elif mode == "next_to":
+        p = _person(sc, cls, sx + f * (w / 2 + 0.25 * U), gy, U, "standing", -f)
+        sc.rel(p, s, "next to")
+        _dress(sc, p, item_p=0.3)
+    else:                      # no person: a bag on the seat, or hanging from the chair's back / the bench's end
+        back_x = sx - f * w / 2
+        if mode == "bag_on":
+            b = sc.add("bag", [sx - 0.12 * U, seat_y - 0.22 * U, sx + 0.12 * U, seat_y + 0.01 * U])
+            sc.rel(b, s, "on")
+        else:
+            b = sc.add("bag", [back_x - 0.11 * U, gy - h + 0.05 * U, back_x + 0.11 * U, gy - h + 0.3 * U])
+            sc.rel(b, s, "hanging from")
+        return [s]
+    return [p, s]
+
+
+def _g_ride(sc, cx, gy, U):
+    rng = sc.rng
+    kind = rng.choice(["horse", "elephant", "bike"], p=[.45, .15, .4])
+    f = rng.choice([-1, 1])
+    U = U * (0.8 if kind == "elephant" else 0.9)
+    if kind == "bike":
+        w, h, wr = 0.9 * U, 0.5 * U, 0.19 * U
+        m = sc.add("bike", [cx - w / 2, gy - h, cx + w / 2, gy], facing=f)
+        for wx in (cx - w / 2 + wr, cx + w / 2 - wr):
+            wh = sc.add("wheel", [wx - wr, gy - 2 * wr, wx + wr, gy])
+            sc.rel(m, wh, "has")
+            sc.rel(wh, m, "of")
+        back_y = gy - h
+    else:
+        m = _quadruped(sc, kind, cx, gy, U, f)
+        back_y = sc.objs[m]["box"][1] + 0.25 * (gy - sc.objs[m]["box"][1])
+        _support(sc, m)
+    u = rng.random()
+    cls = rng.choice(PERSONS, p=[.5, .3, .2])
+    if u < 0.6:
+        p = _person(sc, cls, cx - f * 0.05 * U, back_y + 0.3 * U, U, "sitting", f, seat_y=back_y)
+        sc.rel(p, m, "riding")
+        _dress(sc, p, item_p=0.1, bag_p=0)
+        return [p, m]
+    if u < 0.9:                # standing beside it, facing it: same class pair, not riding
+        x1, _, x2, _ = sc.objs[m]["box"]
+        px = x1 - 0.2 * U if rng.random() < 0.5 else x2 + 0.2 * U
+        p = _person(sc, cls, px, gy, U, "standing", 1 if px < cx else -1)
+        sc.rel(p, m, "next to")
+        sc.rel(p, m, "looking at")
+        _dress(sc, p, item_p=0.2)
+        return [p, m]
+    return [m]
+
+
+def _g_table(sc, cx, gy, U):
+    rng = sc.rng
+    w, h = 1.0 * U, 0.45 * U
+    t = sc.add("table", [cx - w / 2, gy - h, cx + w / 2, gy])
+    _support(sc, t)
+    if rng.random() < 0.08:    # a cat (or small dog) standing on the table
+        kind = rng.choice(["cat", "dog"], p=[.7, .3])
+        a = _quadruped(sc, kind, cx + rng.uniform(-0.2, 0.2) * w, gy - h + 0.02 * U, U * 0.6, rng.choice([-1, 1]))
+        sc.rel(a, t, "on")
+        return [t, a]
+    if rng.random() < 0.25:    # under the table (drawn after it, between its legs)
+        kind = rng.choice(["dog", "cat", "ball"], p=[.4, .3, .3])
+        ux = cx + rng.uniform(-0.15, 0.15) * w
+        if kind == "ball":
+            u = sc.add("ball", [ux - 0.11 * U, gy - 0.22 * U, ux + 0.11 * U, gy])
+        else:
+            u = _quadruped(sc, kind, ux, gy, U * 0.75, rng.choice([-1, 1]), lying=rng.random() < 0.5)
+        sc.rel(u, t, "under")
+    n = rng.choice([1, 2, 3], p=[.4, .4, .2])
+    slots = np.linspace(cx - 0.35 * w, cx + 0.35 * w, n) if n > 1 else [cx + rng.uniform(-.2, .2) * w]
+    top = gy - h
+    for x in slots:
+        kind = rng.choice(ITEMS, p=[.25, .2, .2, .1, .05, .2])
+        size = {"cup": (.2, .2), "bottle": (.12, .3), "plate": (.38, .1), "pizza": (.24, .24), "ball": (.22, .22),
+                "phone": (.12, .2)}[kind]
+        iw, ih = size[0] * U, size[1] * U
+        if kind == "phone":    # lies flat
+            iw, ih = ih, 0.06 * U
+        i = sc.add(kind, [x - iw / 2, top - ih + 0.02 * U, x + iw / 2, top + 0.02 * U])
+        sc.rel(i, t, "on")
+        if kind == "plate" and rng.random() < 0.4:
+            z = sc.add("pizza", [x - 0.13 * U, top - 0.2 * U, x + 0.13 * U, top - 0.03 * U])
+            sc.rel(z, i, "on")
+    return [t]
+
+
+def _g_animal(sc, cx, gy, U):
+    rng = sc.rng
+    kind = rng.choice(["dog", "cat", "horse", "elephant"], p=[.4, .3, .17, .13])
+    f = rng.choice([-1, 1])
+    if kind in ("horse", "elephant"):
+        m = _quadruped(sc, kind, cx, gy, U * 0.8, f)
+        if sc.ground_is("grass", "street"):
+            sc.rel(m, sc.ground, "standing on")
+        return [m]
+    lying = rng.random() < 0.4
+    m = _quadruped(sc, kind, cx - f * 0.1 * U, gy, U, f, lying=lying)
+    if sc.ground_is("grass", "street"):
+        sc.rel(m, sc.ground, "lying on" if lying else "standing on")
+    x1, y1, x2, y2 = sc.objs[m]["box"]
+    nose = x2 if f > 0 else x1
+    u = rng.random()
+    if u < 0.15:
+        b = sc.add("ball", [nose + f * 0.02 * U - 0.1 * U + f * 0.1 * U, gy - 0.2 * U,
+                            nose + f * 0.02 * U + 0.1 * U + f * 0.1 * U, gy])
+        sc.rel(m, b, "playing with")
+    elif u < 0.22 and not lying:
+        b = sc.add("pizza", [nose - 0.1 * U, y1, nose + 0.1 * U, y1 + 0.2 * U])
+        sc.rel(m, b, "eating")
+    return [m]
+
+
+def _g_bed(sc, cx, gy, U):
+    rng = sc.rng
+    f = rng.choice([-1, 1])
+    w, h = 1.15 * U, 0.45 * U
+    b = sc.add("bed", [cx - w / 2, gy - h, cx + w / 2, gy], facing=f)
+    _support(sc, b)
+    top = gy - 0.8 * h                        # mattress top
+    u = rng.random()
+    if u < 0.35:
+        p = _person(sc, rng.choice(PERSONS), cx + f * 0.05 * U, top + 0.05 * U, U * 0.95, "lying", -f)
+        sc.rel(p, b, "lying on")
+        return [p, b]
+    if u < 0.8:
+        a = _quadruped(sc, rng.choice(["dog", "cat"]), cx, top + 0.03 * U, U * 0.9, f, lying=True)
+        sc.rel(a, b, "lying on")
+        return [a, b]
+    return [b]
+
+
+def _g_car(sc, cx, gy, U):
+    rng = sc.rng
+    f = rng.choice([-1, 1])
+    w, h, wr = 1.3 * U, 0.6 * U, 0.14 * U
+    c = sc.add("car", [cx - w / 2, gy - h, cx + w / 2, gy], facing=f)
+    _support(sc, c, pred_if_street="parked on")
+    mains = [c]
+    if rng.random() < 0.3:                    # a person in the window
+        p = _person(sc, rng.choice(PERSONS, p=[.5, .3, .2]), cx + f * 0.05 * w, gy - h + 0.45 * U,
+                    U * 0.75, "in_vehicle", f)
+        sc.rel(p, c, "in")
+        mains.append(p)
+    for wx in (cx - 0.3 * w, cx + 0.3 * w):
+        wh = sc.add("wheel", [wx - wr, gy - 2 * wr, wx + wr, gy])
+        sc.rel(c, wh, "has")
+        sc.rel(wh, c, "of")
+    return mains
+
+
+def _g_tree(sc, cx, gy, U):
+    rng = sc.rng
+    w, h = 0.6 * U * rng.uniform(0.9, 1.2), 1.1 * U
+    t = sc.add("tree", [cx - w / 2, gy - h, cx + w / 2, gy])
+    _support(sc, t)
+    u = rng.random()
+    if u < 0.45:                              # perched on the crown
+        bx = cx + rng.uniform(-0.2, 0.2) * w
+        b = sc.add("bird", [bx - 0.11 * U, gy - h - 0.1 * U, bx + 0.11 * U, gy - h + 0.06 * U],
+                   facing=rng.choice([-1, 1]), pose="perched")
+        sc.rel(b, t, "on")
+    elif u < 0.6:                             # flying above it
+        bx = cx + rng.uniform(-0.3, 0.3) * w
+        by = max(2.0, gy - h - 0.45 * U)
+        b = sc.add("bird", [bx - 0.13 * U, by, bx + 0.13 * U, by + 0.16 * U], facing=rng.choice([-1, 1]),
+                   pose="flying")
+        sc.rel(b, t, "above")
+    return [t]
+
+
+def _g_flying(sc, cx, gy, U):
+    by = sc.rng.uniform(0.08, 0.35) * sc.H
+    b = sc.add("bird", [cx - 0.13 * U, by, cx + 0.13 * U, by + 0.16 * U], facing=sc.rng.choice([-1, 1]),
+               pose="flying")
+    if sc.ground is not None:
+        sc.rel(b, sc.ground, "flying over")
+    return [b]
+
+
+def _g_bird(sc, cx, gy, U):
+    """Birds on the ground or flying over it: the same (bird, ground) pair, told apart by the wings."""
+    rng, f = sc.rng, sc.rng.choice([-1, 1])
+    if sc.ground_is("water") or (sc.ground is not None and rng.random() < 0.3):
+        return _g_flying(sc, cx, gy, U)
+    b = sc.add("bird", [cx - 0.11 * U, gy - 0.16 * U, cx + 0.11 * U, gy], facing=f, pose="perched")
+    _support(sc, b)
+    return [b]
+
+
+def _g_boat(sc, cx, gy, U):
+    rng = sc.rng
+    f = rng.choice([-1, 1])
+    w, h = 1.2 * U, 0.75 * U
+    b = sc.add("boat", [cx - w / 2, gy - h, cx + w / 2, gy], facing=f)
+    sc.rel(b, sc.ground, "in")
+    if rng.random() < 0.45:
+        p = _person(sc, rng.choice(PERSONS), cx + f * 0.25 * w, gy - 0.3 * h, U * 0.7, "in_vehicle", f)
+        sc.rel(p, b, "in")
+        return [p, b]
+    return [b]
+
+
+# template -> (probability weight on land, weight on water); their mix is what makes the long tail
+GROUPS = {"person": (_g_person, 10, 0), "seat": (_g_seat, 4, 0), "ride": (_g_ride, 2.2, 0),
+          "table": (_g_table, 3.5, 0), "animal": (_g_animal, 3.5, 0), "bed": (_g_bed, 1.0, 0),
+          "car": (_g_car, 2.5, 0), "tree": (_g_tree, 2.5, 0), "bird": (_g_bird, 1.0, 1),
+          "boat": (_g_boat, 0, 6)}
+
+
+def _incidental(sc):
+    """True spatial relations between objects of different groups: occlusion (behind / in front of),
+    side by side (next to), close (near), and a face turned towards something (looking at)."""
+    rng, mains = sc.rng, [m for group in sc.mains for m in group]
+    group_of = {m: gi for gi, group in enumerate(sc.mains) for m in group}
+    boxes = np.array([sc.objs[m]["box"] for m in mains]).reshape(-1, 4)
+    for a in range(len(mains)):
+        for b in range(a + 1, len(mains)):     # a was drawn before b: a is farther away
+            if group_of[mains[a]] == group_of[mains[b]]:
+                continue
+            A, B = boxes[a], boxes[b]
+            iw = min(A[2], B[2]) - max(A[0], B[0])
+            ih = min(A[3], B[3]) - max(A[1], B[1])
+            inter = max(iw, 0) * max(ih, 0)
+            small = min((A[2] - A[0]) * (A[3] - A[1]), (B[2] - B[0]) * (B[3] - B[1]))
+            oa, ob = (mains[a], mains[b]) if rng.random() < 0.5 else (mains[b], mains[a])
+            if inter > 0.1 * small:
+                sc.rel(mains[a], mains[b], "behind")
+                sc.rel(mains[b], mains[a], "in front of")
+            elif -iw < 0.12 * sc.W and abs(A[3] - B[3]) < 0.06 * sc.H:
+                sc.rel(oa, ob, "next to")
+            elif -iw < 0.3 * sc.W:
+                sc.rel(oa, ob, "near")
+    for a in mains:                            # looking at: the face points at the other object's centre
+        o = sc.objs[a]
+        if o["cls"] not in PERSONS + ("dog", "cat") or o.get("pose") in ("lying", "in_vehicle"):
+            continue
+        cx = (o["box"][0] + o["box"][2]) / 2
+        for b in mains:
+            if group_of[b] != group_of[a]:
+                bx = (sc.objs[b]["box"][0] + sc.objs[b]["box"][2]) / 2
+                if 0 < o["facing"] * (bx - cx) < 0.5 * sc.W and rng.random() < 0.5:
+                    sc.rel(a, b, "looking at")
+
+
+def _make_scene(rng, W, H):
+    """Compose one image: optional ground band, 1..3 groups at different depths, incidental relations."""
+    sc = _Scene(rng, W, H)
+    gy = H * rng.uniform(0.8, 0.9)
+    ground = rng.choice(["none", "grass", "street", "water"], p=[.3, .32, .28, .1])
+    if ground != "none":
+        sc.ground = sc.add(ground, [0, gy - 0.08 * H, W - 1, H - 1])
+    names = list(GROUPS)
+    weights = np.array([GROUPS[n][2 if ground == "water" else 1] for n in names], dtype=float)
+    n_groups = rng.choice([1, 2, 3], p=[.3, .45, .25])
+    edges = np.concatenate([[0], np.cumsum(rng.dirichlet([4] * n_groups))]) * W
+    # far groups first (drawn first, smaller, feet higher): depth order = drawing order
+    order = rng.permutation(n_groups)
+    for rank, k in enumerate(order):
+        far = (n_groups - 1 - rank) / max(n_groups - 1, 1)          # 1 = farthest, 0 = nearest
+        slot_w = edges[k + 1] - edges[k]
+        U = H * rng.uniform(0.45, 0.55) * (1 - 0.15 * far)
+        U = min(U, slot_w / 0.75)             # groups about fit their slot; neighbours may overlap a bit
+        cx = (edges[k] + edges[k + 1]) / 2 + rng.uniform(-0.12, 0.12) * slot_w
+        n_before = len(sc.objs)
+        sc.group = rank
+        name = rng.choice(names, p=weights / weights.sum())
+        mains = GROUPS[name][0](sc, cx, gy - 0.05 * H * far, U)
+        if len(sc.objs) > MAX_OBJECTS:       # too many objects: drop the whole group
+            sc.rels = [r for r in sc.rels if r[0] < n_before and r[1] < n_before]
+            del sc.objs[n_before:]
+            continue
+        sc.mains.append(mains)
+    _incidental(sc)
+    return sc
+
+
+def _annotate(sc):
+    """The biased, incomplete annotator: true relations -> list of (subject, object, predicate name)."""
+    rng, out = sc.rng, []
+    for s, o, pred in sc.rels:
+        p_write, generic, p_generic = ANNOTATOR[pred]
+        if rng.random() >= p_write:
+            continue
+        if generic is not None and rng.random() < p_generic:
+            out.append((s, o, generic))
+            if rng.random() < DUPLICATE_P:
+                out.append((s, o, pred))
+        else:
+            out.append((s, o, pred))
+    return out
+
+
+# Rendering: each class is a glyph drawn inside its box, at 2x resolution then downsampled (anti-aliasing).
+
+SS = 2   # supersampling factor
+
+
+def _dark(c, k=0.6):
+    return tuple(int(v * k) for v in c)
+
+
+def _draw_object(d, o):
+    cls, c, f = o["cls"], o["color"], o.get("facing", 1)
+    x1, y1, x2, y2 = o["box"]
+    w, h = x2 - x1, y2 - y1
+    X = lambda t: (x1 + t * w) if f > 0 else (x2 - t * w)   # t measured along the facing direction
+    Y = lambda t: y1 + t * h
+    P = lambda *pts: [(x * SS, y * SS) for x, y in pts]
+
+    def rect(a, b, cc, e, fill, outline=None, width=1, radius=0):
+        xy = [min(a, cc) * SS, min(b, e) * SS, max(a, cc) * SS, max(b, e) * SS]
+        if radius:
+            d.rounded_rectangle(xy, radius=radius * SS, fill=fill, outline=outline, width=width)
+        else:
+            d.rectangle(xy, fill=fill, outline=outline, width=width)
+
+    def ell(a, b, cc, e, fill, outline=None, width=1):
+        d.ellipse([min(a, cc) * SS, min(b, e) * SS, max(a, cc) * SS, max(b, e) * SS], fill=fill,
+                  outline=outline, width=width)
+
+    def line(pts, fill, width):
+        d.line(P(*pts), fill=fill, width=max(1, int(round(width * SS))))
+
+    if cls in PERSONS:
+        g, pose = o["geo"], o["pose"]
+        h0, r, (hx, hy), t = g["h0"], g["r"], g["head"], g["torso"]
+        lw = 0.08 * h0
+        leg = c if cls != "woman" else CLASS_COLORS["head"]
+        hip = ((t[0] + t[2]) / 2, t[3] - 0.02 * h0)
+        if pose == "standing":
+            for dx in (-0.06, 0.06):
+                line([(hip[0] + dx * h0, hip[1]), (hip[0] + dx * h0, y2)], _dark(leg, 0.8), lw)
+        elif pose == "walking":
+            line([hip, (x1 + 0.1 * w, y2)], _dark(leg, 0.8), lw)
+            line([hip, (x2 - 0.1 * w, y2)], _dark(leg, 0.8), lw)
+        elif pose == "sitting":
+            knee = (hip[0] + f * 0.28 * h0, g["seat_y"] - 0.04 * h0)
+            line([hip, knee], _dark(leg, 0.8), lw)
+            line([knee, (knee[0], y2)], _dark(leg, 0.8), lw)
+        elif pose == "lying":
+            line([(X(0.5), Y(0.5)), (X(0.0), Y(0.6))], _dark(leg, 0.8), lw)
+        rect(*t, fill=c, outline=_dark(c), radius=0.05 * h0)
+        if cls == "woman" and pose != "in_vehicle":
+            line([(t[0], t[3]), (t[2], t[3])], _dark(c, 0.8), 0.12 * h0)
+        if pose != "lying":
+            sh = ((t[0] + t[2]) / 2, t[1] + 0.05 * h0)
+            line([sh, g["hand"]], _dark(c, 0.8), 0.06 * h0)
+        ell(hx - r, hy - r, hx + r, hy + r, fill=CLASS_COLORS["head"], outline=_dark(CLASS_COLORS["head"]))
+        if cls == "woman":   # long hair on the back of the head
+            line([(hx - f * 0.8 * r, hy - 0.6 * r), (hx - f * 1.0 * r, hy + 1.2 * r)], (60, 40, 20), 0.35 * r)
+        ex = hx + f * 0.5 * r
+        ell(ex - 0.18 * r, hy - 0.3 * r, ex + 0.18 * r, hy + 0.05 * r, fill=(20, 20, 20))
+    elif cls in ("dog", "cat", "horse", "elephant"):
+        lying = o.get("pose") == "lying"
+        by0, by1 = (Y(0.35), Y(1.0)) if lying else (Y(0.25), Y(0.68))
+        if not lying:
+            for t_ in (0.15, 0.3, 0.55, 0.7):
+                line([(X(t_), Y(0.5)), (X(t_), y2)], _dark(c, 0.75), 0.07 * h)
+        ell(X(0.02), by0, X(0.78), by1, fill=c, outline=_dark(c))
+        hr = 0.2 * (h / (0.5 if lying else 1.0))
+        hcx, hcy = X(0.82), (Y(0.3) if lying else Y(0.22))
+        if cls == "horse":
+            d.polygon(P((X(0.6), Y(0.3)), (X(0.72), Y(0.05)), (X(0.85), Y(0.05)), (X(0.75), Y(0.45))), fill=c)
+            hcx, hcy = X(0.86), Y(0.1)
+            line([(X(0.62), Y(0.3)), (X(0.73), Y(0.04))], (30, 15, 5), 0.05 * h)
+        if cls == "elephant":
+            line([(X(0.93), hcy), (X(0.97), Y(0.85) if not lying else y2)], _dark(c, 0.85), 0.08 * h)
+        ell(hcx - hr * 0.9, hcy - hr * 0.8, hcx + hr * 0.9, hcy + hr * 0.8, fill=c, outline=_dark(c))
+        if cls == "cat":
+            for dx in (-0.5, 0.3):
+                d.polygon(P((hcx + dx * hr, hcy - 0.5 * hr), (hcx + (dx + 0.4) * hr, hcy - 1.5 * hr),
+                            (hcx + (dx + 0.6) * hr, hcy - 0.4 * hr)), fill=_dark(c, 0.8))
+        elif cls == "dog":
+            ell(hcx - f * 0.8 * hr - 0.25 * hr, hcy - 0.5 * hr, hcx - f * 0.8 * hr + 0.25 * hr, hcy + 0.7 * hr,
+                fill=_dark(c, 0.6))
+            line([(X(0.03), Y(0.35) if not lying else Y(0.5)), (X(-0.02), Y(0.1) if not lying else Y(0.3))],
+                 _dark(c, 0.8), 0.05 * h)
+        elif cls == "elephant":
+            ell(hcx - f * 1.1 * hr, hcy - 0.9 * hr, hcx - f * 0.1 * hr, hcy + 1.0 * hr, fill=_dark(c, 0.85))
+        ex = hcx + f * 0.4 * hr
+        ell(ex - 0.12 * hr, hcy - 0.3 * hr, ex + 0.12 * hr, hcy - 0.05 * hr, fill=(15, 15, 15))
+    elif cls == "bird":
+        if o.get("pose") == "flying":
+            d.polygon(P((X(0.3), Y(0.6)), (X(0.05), Y(0.0)), (X(0.55), Y(0.55))), fill=_dark(c, 0.85))
+            d.polygon(P((X(0.45), Y(0.6)), (X(0.75), Y(0.0)), (X(0.65), Y(0.6))), fill=_dark(c, 0.85))
+            ell(X(0.1), Y(0.5), X(0.8), Y(1.0), fill=c)
+            hb = (Y(0.55), Y(0.95))
+        else:
+            line([(X(0.45), Y(0.7)), (X(0.45), y2)], (60, 60, 60), 0.08 * h)
+            ell(X(0.05), Y(0.3), X(0.75), Y(0.8), fill=c)
+            hb = (Y(0.05), Y(0.45))
+        ell(X(0.6), hb[0], X(0.88), hb[1], fill=c, outline=_dark(c))
+        d.polygon(P((X(0.86), (hb[0] + hb[1]) / 2 - 0.08 * h), (X(1.0), (hb[0] + hb[1]) / 2),
+                    (X(0.86), (hb[0] + hb[1]) / 2 + 0.08 * h)), fill=(230, 120, 20))
+    elif cls == "head":
+        pass   # drawn as part of its person
+    elif cls == "wheel":
+        ell(x1, y1, x2, y2, fill=c)
+        ell(x1 + 0.3 * w, y1 + 0.3 * h, x2 - 0.3 * w, y2 - 0.3 * h, fill=(170, 170, 170))
+    elif cls == "hat":
+        rect(x1, Y(0.72), x2, y2, fill=_dark(c, 0.8))
+        rect(X(0.2), y1, X(0.8), Y(0.75), fill=c, radius=0.1 * w)
+    elif cls == "shirt":
+        rect(x1, y1, x2, y2, fill=c, outline=_dark(c, 0.7))
+        for k in range(o.get("stripes", 2)):
+            yy = y1 + (k + 0.7) * h / (o.get("stripes", 2) + 0.5)
+            line([(x1, yy), (x2, yy)], (60, 160, 220), 0.1 * h)
+    elif cls == "bag":
+        line([(X(0.25), Y(0.3)), (X(0.5), y1), (X(0.75), Y(0.3))], _dark(c), 0.08 * w)
+        rect(x1, Y(0.3), x2, y2, fill=c, outline=_dark(c), radius=0.1 * w)
+    elif cls == "umbrella":
+        d.pieslice([x1 * SS, y1 * SS, x2 * SS, (y1 + 2 * 0.45 * h) * SS], 180, 360, fill=c, outline=_dark(c))
+        line([((x1 + x2) / 2, Y(0.45)), ((x1 + x2) / 2, y2)], (50, 50, 50), 0.04 * w)
+    elif cls in ("chair", "bench"):
+        seat = o["seat"]
+        rect(x1, Y(seat), x2, Y(seat + 0.12), fill=c, outline=_dark(c))
+        for t_ in (0.08, 0.92):
+            line([(X(t_), Y(seat + 0.1)), (X(t_), y2)], _dark(c, 0.8), 0.07 * (w if cls == "chair" else h))
+        if cls == "chair":
+            rect(X(0.0), y1, X(0.18), Y(seat), fill=c, outline=_dark(c))
+        else:
+            for yy in (0.05, 0.25):
+                rect(x1 + 0.05 * w, Y(yy), x2 - 0.05 * w, Y(yy + 0.1), fill=_dark(c, 0.9))
+            for t_ in (0.1, 0.9):
+                line([(X(t_), y1), (X(t_), Y(seat))], _dark(c, 0.8), 0.05 * h)
+    elif cls == "table":
+        rect(x1, y1, x2, Y(0.16), fill=c, outline=_dark(c))
+        for t_ in (0.06, 0.94):
+            line([(X(t_), Y(0.16)), (X(t_), y2)], _dark(c, 0.8), 0.06 * w)
+    elif cls == "bed":
+        rect(X(0.0), y1, X(0.08), y2, fill=(140, 90, 60))
+        rect(X(0.05), Y(0.2), X(1.0), Y(0.85), fill=c, outline=_dark(c, 0.8))
+        ell(X(0.1), Y(0.25), X(0.3), Y(0.5), fill=(250, 250, 250), outline=(180, 180, 190))
+        line([(X(0.97), Y(0.8)), (X(0.97), y2)], (140, 90, 60), 0.06 * h)
+    elif cls == "car":
+        d.polygon(P((X(0.18), Y(0.42)), (X(0.3), y1), (X(0.72), y1), (X(0.85), Y(0.42))), fill=_dark(c, 0.85))
+        rect(X(0.33), Y(0.08), X(0.69), Y(0.38), fill=(170, 210, 235))
+        rect(x1, Y(0.4), x2, Y(0.85), fill=c, outline=_dark(c), radius=0.08 * h)
+        ell(X(0.93), Y(0.5), X(1.0), Y(0.62), fill=(250, 240, 150))
+    elif cls == "bike":
+        wr = 0.38 * h
+        back, front = (X(0.0) + X(0.0 + 2 * wr / w)) / 2, (X(1.0) + X(1.0 - 2 * wr / w)) / 2
+        seat = (X(0.4), Y(0.15))
+        line([(back, y2 - wr), seat, (X(0.7), Y(0.25)), (front, y2 - wr)], c, 0.07 * h)
+        line([(back, y2 - wr), (X(0.55), y2 - wr), seat], c, 0.07 * h)
+        line([(X(0.7), Y(0.25)), (X(0.72), y1)], (40, 40, 40), 0.06 * h)
+    elif cls == "boat":
+        d.polygon(P((x1, Y(0.6)), (x2, Y(0.6)), (X(0.85), y2), (X(0.15), y2)), fill=c, outline=(120, 70, 40))
+        line([(x1, Y(0.7)), (x2, Y(0.7))], (140, 80, 40), 0.06 * h)
+        line([(X(0.45), y1), (X(0.45), Y(0.6))], (90, 60, 30), 0.03 * w)
+        d.polygon(P((X(0.47), y1), (X(0.47), Y(0.55)), (X(0.8), Y(0.55))), fill=(235, 120, 90))
+    elif cls == "cup":
+        ell(X(0.6), Y(0.2), X(1.0), Y(0.7), fill=None, outline=c, width=max(1, int(0.12 * w * SS)))
+        rect(X(0.0), y1, X(0.75), y2, fill=c, outline=_dark(c))
+    elif cls == "bottle":
+        rect(X(0.32), y1, X(0.68), Y(0.4), fill=_dark(c, 0.85))
+        rect(x1, Y(0.35), x2, y2, fill=c, outline=_dark(c), radius=0.2 * w)
+        rect(x1, Y(0.6), x2, Y(0.78), fill=(240, 230, 200))
+    elif cls == "plate":
+        ell(x1, y1, x2, y2, fill=c, outline=_dark(c, 0.8))
+        ell(x1 + 0.2 * w, y1 + 0.25 * h, x2 - 0.2 * w, y2 - 0.25 * h, fill=_dark(c, 0.93))
+    elif cls == "pizza":
+        ell(x1, y1, x2, y2, fill=(200, 120, 40))
+        ell(x1 + 0.12 * w, y1 + 0.12 * h, x2 - 0.12 * w, y2 - 0.12 * h, fill=c)
+        for tx, ty in ((0.35, 0.35), (0.62, 0.45), (0.42, 0.66)):
+            ell(x1 + (tx - 0.08) * w, y1 + (ty - 0.08) * h, x1 + (tx + 0.08) * w, y1 + (ty + 0.08) * h,
+                fill=(190, 30, 30))
+    elif cls == "ball":
+        ell(x1, y1, x2, y2, fill=c, outline=_dark(c))
+        rect(x1 + 0.1 * w, Y(0.42), x2 - 0.1 * w, Y(0.58), fill=(250, 250, 250))
+    elif cls == "phone":
+        rect(x1, y1, x2, y2, fill=c, radius=0.15 * min(w, h))
+        rect(x1 + 0.15 * w, y1 + 0.15 * h, x2 - 0.15 * w, y2 - 0.15 * h, fill=(110, 170, 230))
+    elif cls == "tree":
+        rect(X(0.42), Y(0.5), X(0.58), y2, fill=(110, 70, 35))
+        ell(x1, y1, x2, Y(0.65), fill=c, outline=_dark(c))
+        ell(X(0.2), Y(0.1), X(0.55), Y(0.4), fill=_dark(c, 0.8))
+    elif cls == "grass":
+        rect(x1, y1, x2, y2, fill=c)
+        for k in range(int(w / 6)):
+            xx = x1 + 3 + 6 * k
+            line([(xx, y1 + 0.2 * h + (k % 3) * 0.15 * h), (xx + 2, y1 + 0.05 * h + (k % 3) * 0.15 * h)],
+                 _dark(c, 0.7), 1)
+    elif cls == "street":
+        rect(x1, y1, x2, y2, fill=c)
+        for k in range(int(w / 16) + 1):
+            line([(x1 + 16 * k, (y1 + y2) / 2), (x1 + 16 * k + 8, (y1 + y2) / 2)], (235, 235, 235), 1.5)
+    elif cls == "water":
+        rect(x1, y1, x2, y2, fill=c)
+        for k in range(int(w / 12) + 1):
+            for row in (0.3, 0.7):
+                xx, yy = x1 + 12 * k + (6 if row > 0.5 else 0), y1 + row * h
+                d.arc([xx * SS, (yy - 2) * SS, (xx + 8) * SS, (yy + 2) * SS], 180, 360, fill=(170, 200, 240),
+                      width=SS)
+    else:
+        raise ValueError(f"no glyph for class {cls!r}")
+
+
+def _render(sc):
+    """Scene -> uint8 image (H, W, 3): background gradient, glyphs in drawing order, sensor noise."""
+    rng, W, H = sc.rng, sc.W, sc.H
+    top, bottom = rng.integers(150, 256, size=3), rng.integers(150, 256, size=3)
+    t = np.linspace(0, 1, H * SS)[:, None, None]
+    column = (top * (1 - t) + bottom * t).astype(np.uint8)                             # (H*SS, 1, 3)
+    img = Image.fromarray(column).resize((W * SS, H * SS), Image.NEAREST)
+    d = ImageDraw.Draw(img)
+    for o in sc.objs:
+        _draw_object(d, o)
+    img = np.asarray(img.resize((W, H), Image.BOX), dtype=np.float32)                  # (H, W, 3)
+    img += 5 * rng.standard_normal(img.shape, dtype=np.float32)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+# Writing the files, in exactly the VG-SGG format read above
+
+def _encode_boxes(boxes, W, H, scale):
+    """xyxy pixel boxes (G, 4) -> int32 (cx, cy, w, h) for a longest side of `scale`, rounding as VG's
+    preprocessing (vg_to_roidb.py encode_box): corner floored, size ceiled, centre = corner + size // 2."""
+    s = scale / max(W, H)
+    x, y = np.floor(s * boxes[:, 0]), np.floor(s * boxes[:, 1])
+    w = np.maximum(np.ceil(s * (boxes[:, 2] - boxes[:, 0])), 1)
+    h = np.maximum(np.ceil(s * (boxes[:, 3] - boxes[:, 1])), 1)
+    return np.stack([x + w // 2, y + h // 2, w, h], 1).astype(np.int32)   # (G, 4)
+
+
+def _finalize(sc, annotated):
+    """Clip boxes to the image, drop objects that fell (almost) outside it, shuffle the object order (so that
+    no model can read structure from it), and map relations to (subject, object, predicate index)."""
+    rng, W, H = sc.rng, sc.W, sc.H
+    boxes = np.array([o["box"] for o in sc.objs]).reshape(-1, 4)
+    boxes = np.clip(boxes, 0, [W - 1, H - 1, W - 1, H - 1])
+    keep = np.nonzero((boxes[:, 2] - boxes[:, 0] >= 2) & (boxes[:, 3] - boxes[:, 1] >= 2))[0]
+    order = keep[rng.permutation(len(keep))]
+    new = {int(old): k for k, old in enumerate(order)}
+    labels = np.array([SYNTHETIC_CLASSES.index(sc.objs[i]["cls"]) + 1 for i in order], dtype=np.int64)
+    rels = [(new[s], new[o], SYNTHETIC_PREDICATES.index(p) + 1) for s, o, p in annotated if s in new and o in new]
+    rels = np.array(rels, dtype=np.int64).reshape(-1, 3)[rng.permutation(len(rels))]
+    return boxes[order], labels, rels
+
+
+def generate_synthetic(out_dir, seed=0, num_train=SYNTHETIC_NUM_TRAIN, num_test=SYNTHETIC_NUM_TEST, verbose=True):
+    """Generate the synthetic dataset into out_dir (VG-SGG.h5, VG-SGG-dicts.json, image_data.json, VG_100K/).
+    Deterministic: the same seed and sizes give byte-identical files."""
+    rng = np.random.default_rng(seed)
+    os.makedirs(os.path.join(out_dir, "VG_100K"), exist_ok=True)
+    lo, hi = SYNTHETIC_SIZE_RANGE
+    n = num_train + num_test
+    image_data, all_boxes, all_labels, all_rels, all_preds = [], [], [], [], []
+    first_box, last_box, first_rel, last_rel = [], [], [], []
+    ids = (i for i in range(1, 10 ** 9) if i not in CORRUPTED_IMAGE_IDS)   # never reuse VG's 4 skipped ids
+    t0, n_boxes, n_rels = time.time(), 0, 0
+    for k in range(n):
+        W, H = (int(v) for v in rng.integers(lo, hi + 1, size=2))
+        while True:
+            sc = _make_scene(rng, W, H)
+            boxes, labels, rels = _finalize(sc, _annotate(sc))
+            if 2 <= len(labels) <= MAX_OBJECTS:
+                break
+        image_id = next(ids)
+        buf = io.BytesIO()
+        Image.fromarray(_render(sc)).save(buf, format="JPEG", quality=92)
+        with open(os.path.join(out_dir, "VG_100K", f"{image_id}.jpg"), "wb") as f:
+            f.write(buf.getvalue())
+        image_data.append({"image_id": image_id, "width": W, "height": H,
+                           "url": f"synthetic://seed{seed}/{image_id}.jpg", "coco_id": None, "flickr_id": None})
+        all_boxes.append(boxes)
+        all_labels.append(labels)
+        first_box.append(n_boxes)
+        last_box.append(n_boxes + len(labels) - 1)
+        if len(rels):
+            all_rels.append(rels[:, :2] + n_boxes)                   # global box indices, as in VG's h5
+            all_preds.append(rels[:, 2])
+            first_rel.append(n_rels)
+            last_rel.append(n_rels + len(rels) - 1)
+        else:
+            first_rel.append(-1)
+            last_rel.append(-1)
+        n_boxes += len(labels)
+        n_rels += len(rels)
+        if verbose and ((k + 1) % 250 == 0 or k + 1 == n):
+            print(f"\rgenerating synthetic scenes (seed {seed}): {k + 1}/{n} images | "
+                  f"{time.time() - t0:.1f}s", end="\n" if k + 1 == n else "", file=sys.stderr, flush=True)
+
+    # Each image's boxes are encoded against its own size, as VG's boxes_1024/boxes_512.
+    enc = {s: np.concatenate([_encode_boxes(b, im["width"], im["height"], s) for b, im in zip(all_boxes, image_data)])
+           for s in (1024, 512)}
+    preds = np.concatenate(all_preds) if all_preds else np.zeros(0, np.int64)
+    with h5py.File(os.path.join(out_dir, "VG-SGG.h5"), "w") as h5:
+        def put(name, arr, dtype):
+            h5.create_dataset(name, data=np.asarray(arr, dtype=dtype), track_times=False)  # no timestamps:
+        put("split", [0] * num_train + [2] * num_test, np.int32)                          # byte-identical files
+        put("img_to_first_box", first_box, np.int32)
+        put("img_to_last_box", last_box, np.int32)
+        put("img_to_first_rel", first_rel, np.int32)
+        put("img_to_last_rel", last_rel, np.int32)
+        put("labels", np.concatenate(all_labels)[:, None], np.int64)                   # (num boxes, 1)
+        put("boxes_1024", enc[1024], np.int32)
+        put("boxes_512", enc[512], np.int32)
+        put("relationships", np.concatenate(all_rels) if all_rels else np.zeros((0, 2)), np.int32)
+        put("predicates", preds[:, None], np.int64)                                     # (num relations, 1)
+    obj_count = Counter(np.concatenate(all_labels).tolist())
+    pred_count = Counter(preds.tolist())
+    dicts = {"label_to_idx": {c: i + 1 for i, c in enumerate(SYNTHETIC_CLASSES)},
+             "idx_to_label": {str(i + 1): c for i, c in enumerate(SYNTHETIC_CLASSES)},
+             "predicate_to_idx": {p: i + 1 for i, p in enumerate(SYNTHETIC_PREDICATES)},
+             "idx_to_predicate": {str(i + 1): p for i, p in enumerate(SYNTHETIC_PREDICATES)},
+             "object_count": {c: obj_count[i + 1] for i, c in enumerate(SYNTHETIC_CLASSES)},
+             "predicate_count": {p: pred_count[i + 1] for i, p in enumerate(SYNTHETIC_PREDICATES)}}
+    with open(os.path.join(out_dir, "VG-SGG-dicts.json"), "w") as f:
+        json.dump(dicts, f, indent=1)
+    with open(os.path.join(out_dir, "image_data.json"), "w") as f:
+        json.dump(image_data, f)
+    return out_dir
+
+
+def default_cache_dir():
+    return os.environ.get("SGG_ALIGN_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "sgg_align")
+
+
+def ensure_synthetic(cache_dir=None, seed=0):
+    """Root folder of the built-in synthetic dataset, generated on first use (seconds) and cached.
+
+    The folder ($SGG_ALIGN_CACHE or ~/.cache/sgg_align)/synthetic-v{version}-seed{seed} is written atomically:
+    generated into a temporary sibling, then renamed, so an interrupted run never leaves a half dataset that
+    later runs would trust, and two processes generating at once both end up reading one complete copy.
+    """
+    cache_dir = cache_dir or default_cache_dir()
+    root = os.path.join(cache_dir, f"synthetic-v{SYNTHETIC_VERSION}-seed{seed}")
+    if os.path.isdir(root):
+        return root
+    os.makedirs(cache_dir, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".tmp-synthetic-v{SYNTHETIC_VERSION}-seed{seed}-", dir=cache_dir)
+    try:
+        generate_synthetic(tmp, seed)
+        os.rename(tmp, root)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)   # our own temporary folder only
+        if not os.path.isdir(root):               # not "another process finished first": a real error
+            raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return root
