@@ -539,6 +539,9 @@ def masked_attention(q, k, v, p, seed, key_padding_mask=None, _blocks=None):
         return masked_attention_reference(q, k, v, p, seed, key_padding_mask)
     if D not in HEAD_DIMS:
         raise ValueError(f"the Triton kernel supports head dims {HEAD_DIMS}, got D = {D}")
+    if q.dtype == torch.bfloat16 and not q.is_cuda:  # Triton 3.9's interpreter: tl.dot on bf16 is wrong
+        raise TypeError("the Triton interpreter cannot multiply bfloat16 tiles (it holds them as "
+                        "uint16); use float16/float32 under TRITON_INTERPRET=1, or run on CUDA")
     return _MaskedAttention.apply(q, k, v, key_padding_mask, seed_lo, seed_hi, threshold, _blocks)
 
 

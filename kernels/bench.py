@@ -1,0 +1,338 @@
+"""Benchmark of masked_attention at the shapes of the mirrored SGTR decoder's cross-attention.
+
+Forward + backward time and peak extra memory of:
+    ours          kernels.masked_attention: mask drawn inside the fused kernel (p = 0.1)
+    ours p=0      the same kernel with the generator compiled out: the cost of the random numbers
+    naive         plain PyTorch: torch.rand mask (B, H, Lq, Lk), masked_fill, softmax, matmul
+    sdpa+mask     F.scaled_dot_product_attention with the materialised boolean mask
+    flex+hash     FlexAttention with a hash-based score_mod (torch >= 2.5; compiled)
+    sdpa          F.scaled_dot_product_attention without any mask: the floor
+Shapes: B in 2..32, H = 8, Lq 100..300 predicate queries, Lk 100..1500 entity/image tokens,
+D = 32 and 64, fp16 (the default grid is a subset; --full runs all). No padding mask in any method.
+
+Targets (issue 4): >= 2x faster than sdpa+mask, within 1.3x of sdpa, no mask-sized allocation.
+
+Run:
+    python -m kernels.bench                 # CUDA GPU: table + plot into kernels/BENCH.md
+    python -m kernels.bench --full          # every shape of the grid
+    python -m kernels.bench --cpu           # no GPU: the CPU (plain-PyTorch) path, labelled as such
+    python -m kernels.bench --compile-only  # any machine: compile the kernels for sm_90, print
+                                            # registers / spills per kernel (ptxas ships with Triton)
+"""
+import argparse
+import datetime
+import importlib
+import itertools
+import math
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+
+if __package__ in (None, ""):  # `python kernels/bench.py`: make the package importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from kernels import masked_attention  # noqa: E402
+
+MA = importlib.import_module("kernels.masked_attention")
+HERE = os.path.dirname(os.path.abspath(__file__))
+P = 0.1  # the paper's masking probability (section 4.1)
+
+# (B, Lq, Lk): the default grid spans the SGTR decoder's range; --full is the cross product
+DEFAULT_SHAPES = [(2, 100, 100), (8, 200, 600), (8, 300, 1500), (32, 100, 600), (32, 300, 1500)]
+FULL_SHAPES = list(itertools.product((2, 8, 32), (100, 200, 300), (100, 600, 1500)))
+
+
+# ---------------------------------------------------------------------------------------------------
+# The contenders: each takes (q, k, v, seed) and returns the (B, H, Lq, D) output
+
+def ours(q, k, v, seed):
+    return masked_attention(q, k, v, P, seed)
+
+
+def ours_p0(q, k, v, seed):
+    return masked_attention(q, k, v, 0.0, seed)
+
+
+def naive(q, k, v, seed):
+    drop = torch.rand(q.shape[:3] + (k.shape[2],), device=q.device) < P      # (B, H, Lq, Lk)
+    s = (q @ k.transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))
+    return torch.softmax(s.masked_fill(drop, float("-inf")), dim=-1) @ v
+
+
+def sdpa_mask(q, k, v, seed):
+    keep = torch.rand(q.shape[:3] + (k.shape[2],), device=q.device) >= P     # (B, H, Lq, Lk)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+
+
+def sdpa(q, k, v, seed):
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+_flex = None
+
+
+def flex_hash(q, k, v, seed):
+    """FlexAttention: the mask as a score_mod of a cheap integer hash of (seed, b, h, i, j).
+
+    A different generator than ours (a two-round multiply-xorshift), so its masks differ; it stands
+    for "what torch.compile gives you without writing a kernel"."""
+    global _flex
+    if _flex is None:
+        from torch.nn.attention.flex_attention import flex_attention
+        _flex = torch.compile(flex_attention, dynamic=False)
+    H, Lq, Lk = q.shape[1], q.shape[2], k.shape[2]
+    threshold = round(P * 65536)
+
+    def score_mod(score, b, h, i, j):
+        x = ((((b * H + h) * Lq + i) * Lk + j).to(torch.int64) ^ seed) & 0xFFFFFFFF
+        x = (((x >> 16) ^ x) * 0x45D9F3B) & 0xFFFFFFFF
+        x = (((x >> 16) ^ x) * 0x45D9F3B) & 0xFFFFFFFF
+        return torch.where(((x >> 16) ^ x) & 0xFFFF < threshold, float("-inf"), score)
+
+    return _flex(q, k, v, score_mod=score_mod)
+
+
+METHODS = {"ours": ours, "ours p=0": ours_p0, "naive": naive, "sdpa+mask": sdpa_mask,
+           "flex+hash": flex_hash, "sdpa": sdpa}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Timing and memory
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure(fn, B, H, Lq, Lk, D, dtype, device, reps):
+    """Median forward+backward milliseconds and peak extra MiB (above the inputs) of one method."""
+    g = torch.Generator(device=device).manual_seed(0)
+    q, k, v = (torch.randn(B, H, L, D, device=device, dtype=dtype, generator=g).requires_grad_()
+               for L in (Lq, Lk, Lk))
+    dout = torch.randn(B, H, Lq, D, device=device, dtype=dtype, generator=g)
+    seed = [0]
+
+    def step():
+        seed[0] += 1                               # a fresh mask every call, as in training
+        out = fn(q, k, v, seed[0])
+        torch.autograd.backward(out, dout)
+        q.grad = k.grad = v.grad = None
+
+    for _ in range(3):                             # compile / autotune / allocator warm-up
+        step()
+    _sync(device)
+    peak = float("nan")
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        step()
+        _sync(device)
+        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+    times = []
+    if device.type == "cuda":
+        import triton.testing
+        ms = triton.testing.do_bench(step, warmup=25, rep=100 * reps, return_mode="median")
+        return ms, peak
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        step()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times), peak
+
+
+def run_grid(shapes, head_dims, dtype, device, reps, methods):
+    rows = []
+    for (B, Lq, Lk), D in itertools.product(shapes, head_dims):
+        row = dict(B=B, H=8, Lq=Lq, Lk=Lk, D=D, mask_mib=B * 8 * Lq * Lk / 2**20)
+        for name in methods:
+            try:
+                row[name] = measure(METHODS[name], B, 8, Lq, Lk, D, dtype, device, reps)
+            except Exception as e:  # e.g. FlexAttention missing or failing to compile: say so
+                row[name] = (float("nan"), float("nan"))
+                row.setdefault("errors", []).append(f"{name}: {type(e).__name__}: {str(e)[:120]}")
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        ratio_mask = row["sdpa+mask"][0] / row["ours"][0] if "sdpa+mask" in row else float("nan")
+        ratio_floor = row["ours"][0] / row["sdpa"][0] if "sdpa" in row else float("nan")
+        row["ratios"] = (ratio_mask, ratio_floor)
+        print(f"B={B:2d} Lq={Lq:3d} Lk={Lk:4d} D={D:3d} | " + " | ".join(
+            f"{n} {row[n][0]:.3f} ms" for n in methods) +
+            f" | sdpa+mask/ours {ratio_mask:.2f}x, ours/sdpa {ratio_floor:.2f}x", flush=True)
+        for e in row.get("errors", []):
+            print("   ", e)
+        rows.append(row)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------
+# Report: a markdown table (and a plot) written into one section of kernels/BENCH.md
+
+def table(rows, methods, with_memory):
+    head = "| B | Lq | Lk | D | " + " | ".join(f"{m} ms" for m in methods)
+    head += " | sdpa+mask / ours | ours / sdpa |"
+    if with_memory:
+        head += " mask MiB | " + " | ".join(f"{m} MiB" for m in methods) + " |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        line = f"| {r['B']} | {r['Lq']} | {r['Lk']} | {r['D']} | " + " | ".join(
+            f"{r[m][0]:.3f}" for m in methods) + f" | {r['ratios'][0]:.2f}x | {r['ratios'][1]:.2f}x |"
+        if with_memory:
+            line += f" {r['mask_mib']:.1f} | " + " | ".join(f"{r[m][1]:.1f}" for m in methods) + " |"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def plot(rows, methods, path, title):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    labels = [f"B{r['B']} {r['Lq']}x{r['Lk']} D{r['D']}" for r in rows]
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(rows)), 4))
+    width = 0.8 / len(methods)
+    for n, m in enumerate(methods):
+        ax.bar([i + n * width for i in range(len(rows))], [r[m][0] for r in rows], width, label=m)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(rows))], labels, rotation=45, ha="right",
+                  fontsize=7)
+    ax.set_yscale("log")
+    ax.set_ylabel("forward + backward, ms (log)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_section(section, text, path=os.path.join(HERE, "BENCH.md")):
+    """Replace the text between <!-- BEGIN section --> and <!-- END section --> in BENCH.md."""
+    with open(path) as f:
+        doc = f.read()
+    begin, end = f"<!-- BEGIN {section} -->", f"<!-- END {section} -->"
+    if begin not in doc or end not in doc:
+        raise RuntimeError(f"{path} lacks the markers {begin} ... {end}")
+    doc = doc[:doc.index(begin) + len(begin)] + "\n" + text.strip() + "\n" + doc[doc.index(end):]
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(doc)
+    os.replace(tmp, path)
+
+
+def environment(device):
+    import triton
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "CPU"
+    return (f"{name}; torch {torch.__version__}, Triton {triton.__version__}, "
+            f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Compile for a GPU without one
+
+def compile_for_gpu(dtype="fp16", head_dim=64, arch=90):
+    """Compile the three attention kernels (default tiles, padding and mask on) for sm_<arch> and
+    return {kernel: {registers, stack_bytes, local_bytes}} from cuobjdump. Runs on a CPU machine."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    x = f"*{dtype}"
+    precision = "tf32" if dtype == "fp32" else "ieee"
+    jobs = {
+        "_fwd_kernel": (dict(Q=x, K=x, V=x, O=x, LSE="*fp32", KPM="*i8"), MA.FWD_BLOCKS),
+        "_bwd_dkdv_kernel": (dict(Q=x, K=x, V=x, DO=x, LSE="*fp32", DELTA="*fp32", DK=x, DV=x,
+                                  KPM="*i8"), MA.BWD_DKDV_BLOCKS),
+        "_bwd_dq_kernel": (dict(Q=x, K=x, V=x, DO=x, LSE="*fp32", DELTA="*fp32", DQ=x, KPM="*i8"),
+                           MA.BWD_DQ_BLOCKS),
+    }
+    usage = {}
+    for name, (pointers, blocks) in jobs.items():
+        fn = getattr(MA, name)
+        BM, BN, warps = blocks[head_dim]
+        consts = dict(HAS_KPM=True, HAS_DROP=True, D=head_dim, BLOCK_M=BM, BLOCK_N=BN,
+                      PRECISION=precision)
+        floats = ("qk_scale", "sm_scale")
+        signature = {a: "constexpr" if a in consts else pointers.get(a, "fp32" if a in floats else "i32")
+                     for a in fn.arg_names}
+        kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=consts),
+                                target=GPUTarget("cuda", arch, 32), options=dict(num_warps=warps))
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "k.cubin")
+            with open(path, "wb") as f:
+                f.write(kernel.asm["cubin"])
+            out = subprocess.run([cuobjdump, "--dump-resource-usage", path], capture_output=True,
+                                 text=True, check=True).stdout
+        m = re.search(r"REG:(\d+).*?STACK:(\d+).*?LOCAL:(\d+)", out, re.S)
+        usage[name] = dict(registers=int(m[1]), stack_bytes=int(m[2]), local_bytes=int(m[3]),
+                           tiles=(BM, BN, warps))
+    return usage
+
+
+# ---------------------------------------------------------------------------------------------------
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--full", action="store_true", help="every shape of the grid (slow)")
+    ap.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    ap.add_argument("--reps", type=int, default=10, help="timing repetitions (CPU) / x100 ms (GPU)")
+    ap.add_argument("--cpu", action="store_true", help="time the CPU path (no GPU needed)")
+    ap.add_argument("--compile-only", action="store_true", help="compile for sm_90 and report")
+    ap.add_argument("--no-write", action="store_true", help="print only, leave BENCH.md alone")
+    args = ap.parse_args()
+
+    if args.compile_only:
+        for dtype, D in itertools.product(("fp16", "bf16", "fp32"), MA.HEAD_DIMS):
+            for name, u in compile_for_gpu(dtype, D).items():
+                print(f"sm_90 {dtype} D={D:3d} {name:17s} tiles {u['tiles']}: {u['registers']} "
+                      f"registers, {u['stack_bytes']} B stack, {u['local_bytes']} B local (spills)")
+        return
+
+    if args.cpu:
+        torch.set_num_threads(1)
+        device = torch.device("cpu")
+        shapes, dims = [(2, 100, 300)], [32]
+        methods = ["ours", "ours p=0", "naive", "sdpa+mask", "sdpa"]
+        print(f"CPU, 1 thread, {'Triton interpreter' if MA._interpreting() else 'plain-PyTorch path'}")
+        rows = run_grid(shapes, dims, torch.float32, device, args.reps, methods)
+        path = "Triton interpreter" if MA._interpreting() else "plain-PyTorch path (Philox in torch)"
+        text = (f"CPU, one thread, float32, `ours` = the {path}. {environment(device)}.\n"
+                f"Command: `OMP_NUM_THREADS=1 python -m kernels.bench --cpu`\n\n"
+                + table(rows, methods, with_memory=False))
+        if not args.no_write:
+            write_section("cpu", text)
+        return
+
+    if not torch.cuda.is_available():
+        sys.exit("kernels/bench.py: no CUDA GPU here (torch.cuda.is_available() is False); the "
+                 "benchmark times the Triton kernels on a GPU. On this machine run "
+                 "`python -m kernels.bench --cpu` (CPU path) or `--compile-only` (sm_90 compile check).")
+    device = torch.device("cuda")
+    dtype = getattr(torch, args.dtype)
+    methods = list(METHODS)
+    shapes = FULL_SHAPES if args.full else DEFAULT_SHAPES
+    rows = run_grid(shapes, [32, 64], dtype, device, args.reps, methods)
+    env = environment(device)
+    if args.no_write:
+        return
+    plot(rows, methods, os.path.join(HERE, "bench.png"), f"masked cross-attention, {args.dtype}, {env}")
+    met_mask = sum(r["ratios"][0] >= 2.0 for r in rows)
+    met_floor = sum(r["ratios"][1] <= 1.3 for r in rows)
+    no_mask_alloc = sum(r["ours"][1] < r["mask_mib"] for r in rows)
+    errors = sorted({e for r in rows for e in r.get("errors", [])})
+    text = (f"{env}, {args.dtype}, p = {P}, forward + backward, median of triton.testing.do_bench.\n"
+            f"Command: `python -m kernels.bench{' --full' if args.full else ''}`\n\n"
+            f"Targets met on {met_mask}/{len(rows)} shapes (>= 2x faster than sdpa+mask), "
+            f"{met_floor}/{len(rows)} (within 1.3x of sdpa), {no_mask_alloc}/{len(rows)} "
+            f"(ours' peak extra memory below one bool mask).\n\n"
+            + table(rows, methods, with_memory=True) + "\n\n![forward+backward time](bench.png)\n"
+            + ("\nErrors:\n" + "\n".join(f"- {e}" for e in errors) + "\n" if errors else ""))
+    write_section("gpu", text)
+    print("wrote kernels/BENCH.md and kernels/bench.png")
+
+
+if __name__ == "__main__":
+    main()
