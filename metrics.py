@@ -180,22 +180,21 @@ def box_iou_inclusive(a, b):
     return inter / np.maximum(union, np.finfo(np.float64).tiny)
 
 
-def _rank_top(score, tie_keys, T):
-    """Indices of the T best candidates, best first: score descending, ties by tie_keys ascending.
-
-    tie_keys: list of int arrays, most significant first. The T-th largest score (tau) is found
-    with a linear-time partition, then only the candidates scoring >= tau (T of them plus any
-    ties at tau) are fully sorted, so ranking 4,032 pairs costs little more than reading them.
-    """
+def _top_candidates(score, T):
+    """Indices of every candidate that can be among the T best: those scoring >= the T-th largest
+    score (T of them plus any ties at that score). A linear-time partition, so ranking 4,032 pairs
+    costs little more than reading their scores; only these few are then sorted in full."""
     M = score.shape[0]
-    if M > T:
-        tau = np.partition(score, M - T)[M - T]
-        cand = np.flatnonzero(score >= tau)
-    else:
-        cand = np.arange(M)
-    # np.lexsort sorts by the LAST key first.
-    order = np.lexsort(tuple(k[cand] for k in reversed(tie_keys)) + (-score[cand],))
-    return cand[order[:T]], cand
+    if M <= T:
+        return np.arange(M)
+    tau = np.partition(score, M - T)[M - T]
+    return np.flatnonzero(score >= tau)
+
+
+def _rank(score, tie_keys):
+    """Order of the candidates, best first: score descending, ties by tie_keys (int arrays, most
+    significant first) ascending, remaining ties by position (np.lexsort is stable)."""
+    return np.lexsort(tuple(reversed(tie_keys)) + (-score,))  # lexsort: LAST key is primary
 
 
 # ----------------------------------------------------------------------------------------------
@@ -390,22 +389,24 @@ class SGEvaluator:
         fg = rel_scores[:, 1:]  # (M, P) foreground predicate probabilities
         # Graph constraint: one predicate per pair, its arg-max (ties -> lowest id, as np.argmax
         # in the reference); triplet score = predicate prob * subject score * object score.
-        best_p = fg.argmax(1) + 1 if M else np.zeros(0, np.int64)  # (M,) in 1..P
         best_s = fg.max(1).astype(np.float64) * so if M else np.zeros(0)  # (M,)
-        top, cand = _rank_top(best_s, [pairs[:, 0], pairs[:, 1], best_p], T)  # (<=T,)
-        rank_gc = first_hit_rank(pairs[top, 0], pairs[top, 1], best_p[top])  # (R,)
+        cand = _top_candidates(best_s, T)  # (Mc,) Mc = T plus ties, or M if M < T
+        best_p = fg[cand].argmax(1) + 1 if M else np.zeros(0, np.int64)  # (Mc,) in 1..P
+        order = _rank(best_s[cand], [pairs[cand, 0], pairs[cand, 1], best_p])[:T]  # (<=T,)
+        top = cand[order]  # (<=T,) ranked pair indices
+        rank_gc = first_hit_rank(pairs[top, 0], pairs[top, 1], best_p[order])  # (R,)
 
-        # No graph constraint: every (pair, predicate) competes. Only pairs whose best score is
-        # >= the T-th best pair score (`cand`, ties included) can place an entry in the top T:
-        # any other pair's entries are beaten by >= T entries (one per better pair), so we rank
-        # the Mc x P entries only (Mc ~ T), exactly the same top T as ranking all M x P.
+        # No graph constraint: every (pair, predicate) competes. Only the `cand` pairs (best score
+        # >= the T-th best pair score) can place an entry in the top T: any other pair's entries
+        # are beaten by >= T entries (one per better pair), so we rank the Mc x P entries only,
+        # exactly the same top T as ranking all M x P.
         if M:
-            Mc = cand.shape[0]  # candidate pairs, T plus ties
-            e_s = fg[cand].astype(np.float64) * so[cand, None]  # (Mc, P)
+            Mc = cand.shape[0]
+            e_s = (fg[cand].astype(np.float64) * so[cand, None]).reshape(-1)  # (Mc*P,)
             e_pair = np.repeat(cand, P)  # (Mc*P,) pair of each entry
             e_pred = np.tile(np.arange(1, P + 1), Mc)  # (Mc*P,) predicate of each entry
-            top_e, _ = _rank_top(e_s.reshape(-1), [pairs[e_pair, 0], pairs[e_pair, 1], e_pred],
-                                 T)
+            c = _top_candidates(e_s, T)  # (<=T plus ties,)
+            top_e = c[_rank(e_s[c], [pairs[e_pair[c], 0], pairs[e_pair[c], 1], e_pred[c]])[:T]]
             rank_ng = first_hit_rank(pairs[e_pair[top_e], 0], pairs[e_pair[top_e], 1],
                                      e_pred[top_e])  # (R,)
         else:
