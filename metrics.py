@@ -22,7 +22,7 @@ Usage
 
 Symbols: G ground-truth objects, R ground-truth relations, N predicted objects, M candidate pairs,
 P predicates (no background), T = max(ks) predictions kept per image, U predicates present in an
-image's ground truth, nK = len(ks).
+image's ground truth, nK = len(ks), I images with GT relations.
 
 The protocol, one image at a time
 ---------------------------------
@@ -529,7 +529,8 @@ class SGEvaluator:
 
 
 def format_summary(s, ks=None):
-    """One log line: 'R@20/50/100 51.2/60.1/63.3 | mR@... | ngR@... | ngmR@... | head mR@...'."""
+    """One log line of a summary() in percent: 'R@20/50/100 51.2/60.1/63.3 | mR@20/50/100 ... |
+    ngR@... | ngmR@... | body_mR@... | head_mR@... | tail_mR@...'."""
     if ks is None:
         ks = sorted(int(key[2:]) for key in s if key.startswith('R@'))
     parts = []
@@ -546,8 +547,9 @@ def format_summary(s, ks=None):
 # Benchmark: python metrics.py --bench
 # ----------------------------------------------------------------------------------------------
 def _synthetic_sgdet_image(rng, num_boxes=64, num_gt=20, num_rels=25, P=50, C=30):
-    """A random SGDet image: GT objects and relations, num_boxes detections (GT boxes jittered
-    plus random ones, 20% wrong labels) and every ordered pair (num_boxes*(num_boxes-1))."""
+    """A random SGDet image: GT objects and relations, num_boxes detections (jittered copies of
+    the GT boxes, 20% with a wrong label), every ordered pair (num_boxes*(num_boxes-1)) scored by
+    a random softmax. Only for timing: its recalls are near 0."""
     xy = rng.uniform(0, 500, (num_gt, 2))
     wh = rng.uniform(10, 200, (num_gt, 2))
     gt_boxes = np.concatenate([xy, xy + wh], 1)
