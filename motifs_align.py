@@ -1,0 +1,1548 @@
+"""Neural Motifs with self-supervised relation alignment, PredCls / SGCls / SGDet, end to end.
+
+This file implements section 3.3 of "Self-Supervised Relation Alignment for Scene Graph Generation"
+(arXiv 2302.01403, sections 3.1, 3.3 and 4.2): the two-stage Neural Motifs model (Zellers et al.,
+CVPR 2018) and, on top of it, the paper's alignment: a mirrored relation predictor that shares every
+weight of the original one except an untied head, sees randomly masked inputs (Eq. 1), and is trained
+to match the original predictor's relation distribution with a KL loss (Eqs. 2-3). The mirror only
+runs in training; at test time the model is plain Neural Motifs, with the same cost and output.
+
+Read it top to bottom: config, box operations, stage 1 (a compact Faster R-CNN that is trained and
+then frozen), stage 2 (the Motifs relation model with the alignment, lines marked `# PAPER:`),
+training, evaluation, pictures, inference on your own images, main.
+
+Run (the built-in synthetic data is generated on first use; everything runs on a laptop CPU):
+    python motifs_align.py --predcls                  # aligned Motifs, PredCls (the default mode)
+    python motifs_align.py --predcls --no-align       # the Motifs baseline
+    python motifs_align.py --sgcls    /  --sgdet      # the other two protocols
+    python motifs_align.py --predcls --freq-baseline  # the frequency-prior-only predictor (FREQ)
+    python motifs_align.py --compare --seeds 0,1,2,3  # baseline vs aligned, Table-2 style, mean ± std
+    python motifs_align.py --bench-step               # step time with and without the alignment
+    python motifs_align.py --infer a.jpg b.jpg --ckpt runs/<run>/ckpt_best.pt   # your own images
+    torchrun --nproc_per_node=2 motifs_align.py --predcls                        # data parallel
+Real Visual Genome (the standard VG-SGG.h5 files) on a GPU:
+    python motifs_align.py --predcls --preset vg --data /path/to/vg [--vgg-weights vgg16.pth]
+
+Symbols used in shape comments:
+    B images in a batch, N objects (boxes) in a batch, R relation pairs in a batch,
+    C object classes + 1 (background at 0), P predicates + 1 (no-relation at 0),
+    A anchors, K RoIs, F backbone channels, S RoIAlign output side, D feature widths,
+    H LSTM hidden size per direction.
+"""
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import List
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.utils.rnn import pack_sequence, pad_packed_sequence
+
+import data
+import metrics
+
+
+# ----------------------------------------------------------------------------------------------
+# Config: one dataclass that is also the command line (`--help` lists every field and default)
+
+@dataclass
+class Config:
+    mode: str = "predcls"
+    """predcls (GT boxes and labels), sgcls (GT boxes) or sgdet (detected boxes)"""
+    data: str = "synthetic"
+    """'synthetic' = the built-in data (data.ensure_synthetic()), else a Visual Genome folder"""
+    out: str = ""
+    """run folder; default runs/motifs_align-<mode>-<align|noalign>-seed<s>"""
+    preset: str = ""
+    """named overrides: 'vg' = the paper's settings for real Visual Genome on a GPU"""
+    device: str = "auto"
+    """auto, cpu or cuda"""
+    seed: int = 0
+    """random seed of the relation model (the detector has its own fixed det_seed)"""
+    seeds: str = ""
+    """comma-separated seeds, e.g. 0,1,2,3: run each and report mean ± std"""
+    compare: bool = False
+    """train the baseline and the aligned model on the same seeds; Table-2-style comparison"""
+    resume: bool = False
+    """continue from <out>/ckpt_last.pt"""
+    iters: int = 0
+    """smoke runs: cap every training stage (detector and relation model) at this many iterations"""
+    max_eval_images: int = 0
+    """smoke runs: cap every evaluation at this many images (0 = all)"""
+    # -- the paper's alignment (section 3.3)
+    no_align: bool = False
+    """train the plain Motifs baseline (no mirror, no alignment loss)"""
+    mask_p: float = 0.1
+    """p of Eq. (1): probability that each input element of the mirror is zeroed"""
+    align_weight: float = 10.0
+    """lambda of Eq. (3)"""
+    align_loss: str = "kl"
+    """kl (Eq. 2) or supervised (the paper's ablation: cross-entropy on the mirror instead)"""
+    tied_head: bool = False
+    """the paper's ablation: the mirror reuses the original head instead of an untied MLP"""
+    # -- stage 1: detector
+    backbone: str = "small"
+    """small (narrow VGG-style, stride 8, for ~128 px images) or vgg16 (VGG-16 layout, stride 16)"""
+    vgg_weights: str = ""
+    """optional torchvision-format VGG-16 state dict to initialise the vgg16 backbone"""
+    detector_ckpt: str = ""
+    """a trained detector (a file written by this script) to use instead of training one"""
+    det_iters: int = 1500
+    """detector training iterations"""
+    det_batch: int = 8
+    """detector images per iteration (per process)"""
+    det_lr: float = 0.02
+    """detector SGD learning rate (cosine to 0 after a linear warm-up)"""
+    det_seed: int = 0
+    """detector seed; fixed so that all relation seeds share one cached detector, as in the paper"""
+    anchor_sizes: str = "16,32,64"
+    """anchor sides in pixels (three aspect ratios 0.5, 1, 2 each)"""
+    det_max_per_image: int = 20
+    """detections kept per image (SGDet boxes)"""
+    max_size: int = 0
+    """resize images so the longest side is this many pixels (0 = as stored)"""
+    # -- stage 2: the Motifs relation model
+    roi_dim: int = 256
+    """box head width = object RoI feature width (VGG: 4096)"""
+    embed_dim: int = 64
+    """object class embedding width (Motifs: 200)"""
+    hidden: int = 128
+    """LSTM hidden size per direction (Motifs: 512)"""
+    union_dim: int = 256
+    """union-box (relation) feature width (Motifs: 4096)"""
+    mirror_dim: int = 256
+    """hidden width of the mirror's untied three-layer MLP head"""
+    rel_iters: int = 1200
+    """relation model training iterations (paper: 100K)"""
+    batch_size: int = 8
+    """images per iteration per process (paper: 24)"""
+    lr: float = 0.01
+    """SGD learning rate (paper: 0.01, momentum 0.9, weight decay 1e-4)"""
+    momentum: float = 0.9
+    """SGD momentum"""
+    weight_decay: float = 1e-4
+    """SGD weight decay"""
+    lr_steps: int = 100
+    """the cosine learning rate is updated this many times (paper: every 1K of 100K iterations)"""
+    grad_clip: float = 5.0
+    """gradient norm clip (as in the Motifs codebases)"""
+    max_pairs_per_image: int = 64
+    """training pairs sampled per image (positives first)"""
+    neg_per_pos: int = 3
+    """at most this many unrelated pairs per related pair in training"""
+    max_val_images: int = 200
+    """validation images used for model selection (0 = the whole val split)"""
+    eval_batch: int = 8
+    """images per evaluation batch"""
+    num_workers: int = 0
+    """DataLoader worker processes"""
+    log_every: int = 50
+    """print a progress line every this many iterations"""
+    eval_every: int = 200
+    """validate (mR@50), save the best and last checkpoints every this many iterations"""
+    # -- other entry points
+    freq_baseline: bool = False
+    """do not train: evaluate the frequency-prior-only predictor (FREQ of Neural Motifs)"""
+    bench_step: bool = False
+    """time training steps with and without the alignment in one process and print the ratio"""
+    infer: List[str] = field(default_factory=list)
+    """run a trained model (--ckpt) on these image files and draw their top triplets"""
+    ckpt: str = ""
+    """checkpoint for --infer"""
+    boxes: str = ""
+    """--infer in predcls/sgcls: JSON {image file name: {"boxes": [[x1,y1,x2,y2],...], "labels": [...]}}"""
+
+
+# The paper's solver and Motifs' widths for Visual Genome (section 4.2; Zellers et al. 2018).
+PRESETS = {
+    "vg": dict(backbone="vgg16", anchor_sizes="32,64,128,256,512", max_size=592, det_iters=60000,
+               det_batch=8, det_lr=0.01, det_max_per_image=64, roi_dim=4096, embed_dim=200,
+               hidden=512, union_dim=4096, mirror_dim=1024, rel_iters=100000, batch_size=24,
+               lr=0.01, lr_steps=100, max_val_images=5000, eval_batch=8, num_workers=4,
+               log_every=100, eval_every=2000),
+}
+
+
+def parse_args(argv=None):
+    """Build argparse from the Config fields; `--preset` applies a dict of overrides first."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    docs = _field_docs()
+    for f in dataclasses.fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if f.type is bool or f.type == "bool":
+            parser.add_argument(flag, action="store_true", default=None, help=docs.get(f.name, ""))
+        elif f.name == "infer":
+            parser.add_argument(flag, nargs="+", default=None, metavar="IMAGE", help=docs[f.name])
+        else:
+            parser.add_argument(flag, type=type(default), default=None,
+                                help=f"{docs.get(f.name, '')} (default: {default!r})")
+    # The one shortcut outside the dataclass: --predcls / --sgcls / --sgdet set `mode`.
+    for m in ("predcls", "sgcls", "sgdet"):
+        parser.add_argument("--" + m, dest="mode", action="store_const", const=m, help=f"--mode {m}")
+    given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
+    preset = given.get("preset", "")
+    if preset and preset not in PRESETS:
+        parser.error(f"unknown --preset {preset!r}; choose from {sorted(PRESETS)}")
+    cfg = Config(**{**PRESETS.get(preset, {}), **given})
+    if cfg.mode not in ("predcls", "sgcls", "sgdet"):
+        parser.error(f"--mode must be predcls, sgcls or sgdet, not {cfg.mode!r}")
+    if cfg.align_loss not in ("kl", "supervised"):
+        parser.error(f"--align-loss must be kl or supervised, not {cfg.align_loss!r}")
+    if not 0.0 <= cfg.mask_p < 1.0:
+        parser.error(f"--mask-p must be in [0, 1), got {cfg.mask_p}")
+    return cfg
+
+
+def _field_docs():
+    """The string under each Config field, read from this file's source (used as --help text)."""
+    import ast
+    import inspect
+    tree = ast.parse(inspect.getsource(Config))
+    body, docs = tree.body[0].body, {}
+    for a, b in zip(body, body[1:]):
+        if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant):
+            docs[a.target.id] = b.value.value
+    return docs
+
+
+def run_name(cfg):
+    return f"runs/motifs_align-{cfg.mode}-{'noalign' if cfg.no_align else 'align'}-seed{cfg.seed}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Box operations (xyxy pixel boxes; width = x2 - x1, the Detectron2/torchvision convention,
+# not the "+1" pixel-inclusive one of Detectron1 and the original Motifs code)
+
+def box_area(b):
+    return (b[:, 2] - b[:, 0]).clamp(min=0) * (b[:, 3] - b[:, 1]).clamp(min=0)
+
+
+def box_iou(a, b):
+    """a (K1, 4), b (K2, 4) -> IoU (K1, K2)."""
+    lt = torch.max(a[:, None, :2], b[None, :, :2])                      # (K1, K2, 2)
+    rb = torch.min(a[:, None, 2:], b[None, :, 2:])                      # (K1, K2, 2)
+    inter = (rb - lt).clamp(min=0).prod(-1)                             # (K1, K2)
+    return inter / (box_area(a)[:, None] + box_area(b)[None, :] - inter).clamp(min=1e-6)
+
+
+# The Faster R-CNN box parametrisation (Ren et al. 2015, Eq. 2): centre offsets in units of the
+# reference box size and log size ratios, divided by per-coordinate weights (Detectron: RPN
+# (1, 1, 1, 1), box head (10, 10, 5, 5)) so that the targets have roughly unit variance.
+BBOX_CLIP = math.log(1000.0 / 16)  # Detectron's cap on dw, dh so exp() cannot overflow
+
+
+def encode_boxes(ref, gt, weights):
+    """ref, gt (K, 4) -> regression targets (K, 4)."""
+    wr, hr = ref[:, 2] - ref[:, 0], ref[:, 3] - ref[:, 1]
+    wg, hg = gt[:, 2] - gt[:, 0], gt[:, 3] - gt[:, 1]
+    dx = ((gt[:, 0] + gt[:, 2]) - (ref[:, 0] + ref[:, 2])) / 2 / wr
+    dy = ((gt[:, 1] + gt[:, 3]) - (ref[:, 1] + ref[:, 3])) / 2 / hr
+    d = torch.stack([dx, dy, torch.log(wg / wr), torch.log(hg / hr)], dim=1)
+    return d * d.new_tensor(weights)
+
+
+def decode_boxes(ref, deltas, weights):
+    """ref (K, 4), deltas (K, 4) -> boxes (K, 4); the inverse of encode_boxes."""
+    d = deltas / deltas.new_tensor(weights)
+    w, h = ref[:, 2] - ref[:, 0], ref[:, 3] - ref[:, 1]
+    cx, cy = ref[:, 0] + 0.5 * w + d[:, 0] * w, ref[:, 1] + 0.5 * h + d[:, 1] * h
+    w, h = w * d[:, 2].clamp(max=BBOX_CLIP).exp(), h * d[:, 3].clamp(max=BBOX_CLIP).exp()
+    return torch.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], dim=1)
+
+
+def clip_boxes(b, size):
+    h, w = size
+    return torch.stack([b[:, 0].clamp(0, w), b[:, 1].clamp(0, h), b[:, 2].clamp(0, w), b[:, 3].clamp(0, h)], 1)
+
+
+def nms(boxes, scores, iou_threshold):
+    """Greedy non-maximum suppression: indices of the kept boxes, best first."""
+    order = scores.argsort(descending=True)
+    overlap = (box_iou(boxes[order], boxes[order]) > iou_threshold).cpu().numpy()   # (K, K)
+    suppressed, keep = np.zeros(len(order), dtype=bool), []
+    for i in range(len(order)):  # a box survives if no better kept box overlaps it
+        if not suppressed[i]:
+            keep.append(i)
+            suppressed |= overlap[i]
+    return order[torch.as_tensor(keep, dtype=torch.long, device=order.device)]
+
+
+def batched_nms(boxes, scores, labels, iou_threshold):
+    """Class-wise NMS in one call: shift each class to its own far-away region (torchvision's trick)."""
+    if boxes.numel() == 0:
+        return torch.zeros(0, dtype=torch.long, device=boxes.device)
+    shifted = boxes + (labels.to(boxes) * (boxes.max() + 1))[:, None]
+    return nms(shifted, scores, iou_threshold)
+
+
+def roi_align(fmap, boxes, output_size, spatial_scale, sampling_ratio=2):
+    """RoIAlign (He et al., Mask R-CNN 2017) of one image, vectorised over RoIs, in plain torch.
+
+    fmap (F, h, w); boxes (K, 4) in image pixels -> (K, F, S, S) with S = output_size.
+    Convention `aligned=True` (Detectron2, torchvision): pixel index j of the feature map is the
+    centre of the cell [j, j+1) / spatial_scale, so a box coordinate x maps to x * scale - 0.5.
+    Each of the S x S bins averages sampling_ratio^2 bilinear samples placed at sub-bin centres;
+    samples more than one cell outside the map read 0, samples in the border cell are clamped
+    (torchvision's rules). Bilinear sampling on a grid is separable, and so is the bin average, so
+    the whole operation is two small matrix products with per-RoI interpolation matrices
+    Wy (K, S, h) and Wx (K, S, w): out[k] = Wy[k] @ fmap @ Wx[k]^T, fast forward and backward.
+    """
+    Fc, h, w = fmap.shape
+    S, sr = output_size, sampling_ratio
+    b = boxes * spatial_scale - 0.5                                     # (K, 4) in index space
+    t = (torch.arange(S * sr, device=fmap.device, dtype=fmap.dtype) + 0.5) / sr   # (S*sr,) in bins
+    ys = b[:, 1:2] + t[None] * ((b[:, 3] - b[:, 1]) / S)[:, None]       # (K, S*sr) sample rows
+    xs = b[:, 0:1] + t[None] * ((b[:, 2] - b[:, 0]) / S)[:, None]       # (K, S*sr) sample columns
+
+    def weights(coord, size):  # (K, S*sr) sample positions -> (K, S, size) interpolation matrix
+        valid = ((coord >= -1.0) & (coord <= size)).to(fmap.dtype)
+        coord = coord.clamp(min=0)
+        lo = coord.floor().clamp(max=size - 1)
+        coord = torch.where(lo >= size - 1, lo, coord)
+        hi = (lo + 1).clamp(max=size - 1)
+        frac = coord - lo
+        m = (F.one_hot(lo.long(), size) * (1 - frac)[..., None]
+             + F.one_hot(hi.long(), size) * frac[..., None]) * valid[..., None]   # (K, S*sr, size)
+        return m.view(m.shape[0], S, sr, size).mean(2)                  # bin average -> (K, S, size)
+
+    wy, wx = weights(ys, h), weights(xs, w)                             # (K, S, h), (K, S, w)
+    tmp = torch.einsum("fyx,kjx->kfyj", fmap, wx)                       # (K, F, h, S)
+    return torch.einsum("kiy,kfyj->kfij", wy, tmp)                      # (K, F, S, S)
+
+
+def roi_align_batch(fmap, boxes_list, output_size, spatial_scale):
+    """fmap (B, F, h, w), boxes_list B x (K_b, 4) -> (sum K_b, F, S, S) in the same order."""
+    outs = [roi_align(fmap[i], b, output_size, spatial_scale) for i, b in enumerate(boxes_list) if len(b)]
+    if not outs:
+        return fmap.new_zeros(0, fmap.shape[1], output_size, output_size)
+    return torch.cat(outs)
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage 1: the detector, a compact Faster R-CNN (Ren et al. 2015) in plain torch
+
+# 'M' = 2x2 max-pool. 'vgg16' is VGG-16's conv1_1..conv5_3 (torchvision's `features` indices 0-29,
+# the last pool dropped: stride 16, as the Faster R-CNN VGG-16 detector that Motifs builds on).
+VGG_LAYOUTS = {
+    "vgg16": [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512],
+    "small": [16, "M", 32, "M", 64, 64, "M", 128],   # narrow VGG-style, stride 8, for ~128 px images
+}
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # torchvision's VGG inputs
+
+
+class Backbone(nn.Module):
+    def __init__(self, layout):
+        super().__init__()
+        layers, c = [], 3
+        for v in VGG_LAYOUTS[layout]:
+            layers += [nn.MaxPool2d(2, 2)] if v == "M" else [nn.Conv2d(c, v, 3, padding=1), nn.ReLU(inplace=True)]
+            c = v if v != "M" else c
+        self.features = nn.Sequential(*layers)   # same module indices as torchvision's vgg16.features
+        self.out_channels = c
+        self.stride = 2 ** VGG_LAYOUTS[layout].count("M")
+
+    def forward(self, x):
+        return self.features(x)
+
+
+class Detector(nn.Module):
+    """Backbone -> RPN (objectness + box deltas per anchor, NMS-ed proposals) -> RoIAlign -> box head.
+
+    forward(images, sizes, targets) returns the four losses in training; detect() returns boxes.
+    """
+
+    def __init__(self, cfg, num_classes):
+        super().__init__()
+        self.backbone = Backbone(cfg.backbone)
+        Fc, self.stride = self.backbone.out_channels, self.backbone.stride
+        sizes = [float(s) for s in cfg.anchor_sizes.split(",")]
+        # Anchor shapes (A, 4) centred at 0: each size at aspect ratios h/w = 0.5, 1, 2 (equal area).
+        cell = [[-s / math.sqrt(r) / 2, -s * math.sqrt(r) / 2, s / math.sqrt(r) / 2, s * math.sqrt(r) / 2]
+                for s in sizes for r in (0.5, 1.0, 2.0)]
+        self.register_buffer("cell_anchors", torch.tensor(cell), persistent=False)
+        A = len(cell)
+        self.rpn_conv = nn.Conv2d(Fc, Fc, 3, padding=1)
+        self.rpn_cls = nn.Conv2d(Fc, A, 1)          # objectness logit per anchor
+        self.rpn_box = nn.Conv2d(Fc, 4 * A, 1)      # box deltas per anchor
+        self.pool = 7                                # RoIAlign output side S
+        self.fc6 = nn.Linear(Fc * self.pool ** 2, cfg.roi_dim)   # VGG-16's classifier.0 when vgg16
+        self.fc7 = nn.Linear(cfg.roi_dim, cfg.roi_dim)           # VGG-16's classifier.3 when vgg16
+        self.cls_score = nn.Linear(cfg.roi_dim, num_classes)     # C logits (background at 0)
+        self.bbox_pred = nn.Linear(cfg.roi_dim, 4 * num_classes)  # class-specific deltas
+        for m in (self.rpn_conv, self.rpn_cls, self.rpn_box):
+            nn.init.normal_(m.weight, std=0.01)
+            nn.init.zeros_(m.bias)
+        nn.init.normal_(self.cls_score.weight, std=0.01)
+        nn.init.normal_(self.bbox_pred.weight, std=0.001)
+        self.num_classes = num_classes
+        self.max_det = cfg.det_max_per_image
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    def features(self, images, sizes):
+        """images (B, 3, H, W) in [0, 1], zero-padded -> feature map (B, F, H/stride, W/stride)."""
+        x = (images - self.mean) / self.std
+        for i, (h, w) in enumerate(sizes):   # keep the padding at 0 after normalising (Detectron pads last)
+            x[i, :, h:, :] = 0
+            x[i, :, :, w:] = 0
+        return self.backbone(x)
+
+    def anchors(self, fmap):
+        """All anchors (h*w*A, 4) of a feature map, in the same order as the RPN outputs."""
+        h, w = fmap.shape[-2:]
+        ys = (torch.arange(h, device=fmap.device, dtype=torch.float32) + 0.5) * self.stride
+        xs = (torch.arange(w, device=fmap.device, dtype=torch.float32) + 0.5) * self.stride
+        cy, cx = torch.meshgrid(ys, xs, indexing="ij")
+        centres = torch.stack([cx, cy, cx, cy], dim=-1).view(h * w, 1, 4)   # (h*w, 1, 4)
+        return (centres + self.cell_anchors[None]).view(-1, 4)                 # (h*w*A, 4)
+
+    def rpn(self, fmap, sizes):
+        """-> objectness (B, h*w*A), deltas (B, h*w*A, 4), anchors (h*w*A, 4), proposals B x (K, 4)."""
+        t = F.relu(self.rpn_conv(fmap))
+        B = fmap.shape[0]
+        logits = self.rpn_cls(t).permute(0, 2, 3, 1).reshape(B, -1)           # (B, h*w*A)
+        deltas = self.rpn_box(t).permute(0, 2, 3, 1).reshape(B, -1, 4)        # (B, h*w*A, 4)
+        anchors = self.anchors(fmap)
+        pre, post = (600, 100) if self.training else (300, 50)   # Detectron's 12000/2000, scaled down
+        proposals = []
+        with torch.no_grad():  # proposals are constants for the box head (approximate joint training)
+            for i in range(B):
+                top = logits[i].topk(min(pre, logits.shape[1])).indices
+                boxes = clip_boxes(decode_boxes(anchors[top], deltas[i, top], (1, 1, 1, 1)), sizes[i])
+                ok = ((boxes[:, 2] - boxes[:, 0]) > 1) & ((boxes[:, 3] - boxes[:, 1]) > 1)
+                boxes, scores = boxes[ok], logits[i, top][ok]
+                proposals.append(boxes[nms(boxes, scores, 0.7)[:post]])
+        return logits, deltas, anchors, proposals
+
+    def box_head(self, fmap, boxes_list):
+        """-> fc7 features (K, roi_dim), class logits (K, C), class-specific deltas (K, C, 4)."""
+        x = roi_align_batch(fmap, boxes_list, self.pool, 1.0 / self.stride).flatten(1)   # (K, F*S*S)
+        x = F.relu(self.fc7(F.relu(self.fc6(x))))
+        return x, self.cls_score(x), self.bbox_pred(x).view(-1, self.num_classes, 4)
+
+    def forward(self, images, sizes, targets):
+        fmap = self.features(images, sizes)
+        logits, deltas, anchors, proposals = self.rpn(fmap, sizes)
+        # RPN targets: anchors with IoU >= 0.7 to a GT box (or the best anchor of a GT box) are
+        # positive, IoU < 0.3 negative; 256 sampled per image, at most half positive (Faster R-CNN).
+        rpn_cls, rpn_box, rois, roi_labels, roi_targets = 0.0, 0.0, [], [], []
+        for i, t in enumerate(targets):
+            gt = t["boxes"]
+            iou = box_iou(anchors, gt)                                           # (h*w*A, G)
+            best, match = iou.max(1)
+            lab = torch.full_like(best, -1.0)
+            lab[best < 0.3] = 0.0
+            lab[(iou == iou.max(0).values[None]).any(1) & (best > 0)] = 1.0
+            lab[best >= 0.7] = 1.0
+            pos, neg = _sample(lab == 1, lab == 0, 256, 0.5)
+            idx = torch.cat([pos, neg])
+            rpn_cls = rpn_cls + F.binary_cross_entropy_with_logits(logits[i, idx], lab[idx], reduction="sum") / 256
+            target = encode_boxes(anchors[pos], gt[match[pos]], (1, 1, 1, 1))
+            rpn_box = rpn_box + F.smooth_l1_loss(deltas[i, pos], target, beta=1 / 9, reduction="sum") / 256
+            # Box head targets: proposals + GT boxes; IoU >= 0.5 is the GT's class, < 0.5 background;
+            # 64 RoIs per image, at most a quarter foreground (Detectron's 512 / 0.25, scaled down).
+            cand = torch.cat([proposals[i], gt])
+            iou = box_iou(cand, gt)
+            best, match = iou.max(1)
+            pos, neg = _sample(best >= 0.5, best < 0.5, 64, 0.25)
+            rois.append(cand[torch.cat([pos, neg])])
+            labels = torch.cat([t["labels"][match[pos]], torch.zeros_like(neg)])
+            roi_labels.append(labels)
+            roi_targets.append(encode_boxes(cand[pos], gt[match[pos]], (10, 10, 5, 5)))
+        _, cls_logits, box_deltas = self.box_head(fmap, rois)
+        labels = torch.cat(roi_labels)
+        fg = (labels > 0).nonzero().squeeze(1)
+        det_cls = F.cross_entropy(cls_logits, labels)
+        det_box = F.smooth_l1_loss(box_deltas[fg, labels[fg]], torch.cat(roi_targets), beta=1.0,
+                                   reduction="sum") / max(1, len(labels))
+        B = len(targets)
+        return {"rpn_cls": rpn_cls / B, "rpn_box": rpn_box / B, "det_cls": det_cls, "det_box": det_box}
+
+    @torch.no_grad()
+    def detect(self, fmap, sizes):
+        """-> per image dict boxes (K, 4), labels (K,), scores (K,): class-wise NMS at 0.5, score > 0.05."""
+        _, _, _, proposals = self.rpn(fmap, sizes)
+        _, cls_logits, box_deltas = self.box_head(fmap, proposals)
+        probs = cls_logits.softmax(-1)
+        out, start = [], 0
+        for i, props in enumerate(proposals):
+            K, C = len(props), self.num_classes
+            p, d = probs[start:start + K, 1:], box_deltas[start:start + K, 1:]   # (K, C-1), (K, C-1, 4)
+            start += K
+            boxes = decode_boxes(props[:, None].expand(K, C - 1, 4).reshape(-1, 4), d.reshape(-1, 4), (10, 10, 5, 5))
+            boxes = clip_boxes(boxes, sizes[i])                                      # (K*(C-1), 4)
+            scores, labels = p.reshape(-1), torch.arange(1, C, device=p.device).repeat(K)
+            ok = scores > 0.05
+            boxes, scores, labels = boxes[ok], scores[ok], labels[ok]
+            keep = batched_nms(boxes, scores, labels, 0.5)[: self.max_det]
+            out.append({"boxes": boxes[keep], "labels": labels[keep], "scores": scores[keep]})
+        return out
+
+
+def _sample(pos_mask, neg_mask, total, pos_fraction):
+    """Random positive and negative indices: at most total * pos_fraction positives, rest negatives."""
+    pos = pos_mask.nonzero().squeeze(1)
+    neg = neg_mask.nonzero().squeeze(1)
+    pos = pos[torch.randperm(len(pos), device=pos.device)[: int(total * pos_fraction)]]
+    neg = neg[torch.randperm(len(neg), device=neg.device)[: total - len(pos)]]
+    return pos, neg
+
+
+def load_vgg16_weights(detector, path):
+    """Initialise a vgg16 backbone (and fc6/fc7 when the widths match) from torchvision's VGG-16 file."""
+    sd = torch.load(path, map_location="cpu", weights_only=True)
+    feats = {k[len("features."):]: v for k, v in sd.items() if k.startswith("features.")}
+    missing = detector.backbone.features.load_state_dict(
+        {k: v for k, v in feats.items() if int(k.split(".")[0]) < len(detector.backbone.features)}, strict=False)
+    if missing.missing_keys:
+        raise ValueError(f"{path} is not a torchvision VGG-16 state dict; missing {missing.missing_keys[:4]}")
+    for ours, theirs in (("fc6", "classifier.0"), ("fc7", "classifier.3")):
+        layer = getattr(detector, ours)
+        if sd.get(theirs + ".weight") is not None and sd[theirs + ".weight"].shape == layer.weight.shape:
+            layer.load_state_dict({"weight": sd[theirs + ".weight"], "bias": sd[theirs + ".bias"]})
+
+
+def detection_map(dets, gts, num_classes, iou_threshold=0.5):
+    """VOC-style mAP@0.5: per class, all-point interpolated AP over the ranked detections; mean over
+    classes that have test boxes. dets/gts: lists (one per image) of dicts of numpy arrays."""
+    aps = []
+    for c in range(1, num_classes):
+        n_gt = sum(int((g["labels"] == c).sum()) for g in gts)
+        if n_gt == 0:
+            continue
+        scored = []   # (score, image, box)
+        for i, d in enumerate(dets):
+            for b, s in zip(d["boxes"][d["labels"] == c], d["scores"][d["labels"] == c]):
+                scored.append((float(s), i, b))
+        scored.sort(key=lambda x: -x[0])
+        used = [np.zeros(int((g["labels"] == c).sum()), dtype=bool) for g in gts]
+        tp = np.zeros(len(scored))
+        for k, (_, i, b) in enumerate(scored):
+            g = gts[i]["boxes"][gts[i]["labels"] == c]
+            if len(g):
+                iou = box_iou(torch.as_tensor(b[None]), torch.as_tensor(g))[0].numpy()
+                j = int(iou.argmax())
+                if iou[j] >= iou_threshold and not used[i][j]:
+                    used[i][j], tp[k] = True, 1.0
+        tp_c = np.cumsum(tp)
+        recall = tp_c / n_gt
+        precision = tp_c / np.arange(1, len(tp) + 1)
+        # area under the monotone (right-to-left max) precision envelope
+        mrec = np.concatenate([[0.0], recall, [1.0]])
+        mpre = np.concatenate([[0.0], precision, [0.0]])
+        mpre = np.maximum.accumulate(mpre[::-1])[::-1]
+        steps = np.where(mrec[1:] != mrec[:-1])[0]
+        aps.append(float(((mrec[steps + 1] - mrec[steps]) * mpre[steps + 1]).sum()))
+    return float(np.mean(aps)) if aps else 0.0
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage 2: the Neural Motifs relation model (Zellers et al. 2018) and the paper's alignment (3.3)
+
+def box_info(boxes, size):
+    """Motifs' box position features: (N, 4) boxes in an image of `size` -> (N, 9) in [0, 1]:
+    centre, width/height, corners, relative area."""
+    h, w = size
+    scale = boxes.new_tensor([w, h])
+    wh = boxes[:, 2:] - boxes[:, :2]
+    centre = boxes[:, :2] + 0.5 * wh
+    area = (wh[:, 0] * wh[:, 1] / (w * h))[:, None]
+    return torch.cat([centre / scale, wh / scale, boxes[:, :2] / scale, boxes[:, 2:] / scale, area], dim=1)
+
+
+def pair_geometry(boxes, pairs, S):
+    """boxes (N, 4), pairs (R, 2) -> union boxes (R, 4) and the two-box spatial masks (R, 2, S, S).
+
+    The mask has a 1 where the centre of a cell of the union box's S x S grid lies inside the subject
+    (channel 0) or the object (channel 1). Motifs rasterises at 27 x 27 and convolves down; we
+    rasterise directly at the RoIAlign resolution, which is what that convolution produces."""
+    s, o = boxes[pairs[:, 0]], boxes[pairs[:, 1]]                        # (R, 4) each
+    union = torch.cat([torch.min(s[:, :2], o[:, :2]), torch.max(s[:, 2:], o[:, 2:])], dim=1)
+    t = (torch.arange(S, device=boxes.device, dtype=boxes.dtype) + 0.5) / S
+    xs = union[:, 0:1] + t[None] * (union[:, 2] - union[:, 0])[:, None]  # (R, S) cell centres
+    ys = union[:, 1:2] + t[None] * (union[:, 3] - union[:, 1])[:, None]
+
+    def inside(b):  # (R, S, S), rows = y, columns = x
+        in_x = (xs >= b[:, 0:1]) & (xs <= b[:, 2:3])
+        in_y = (ys >= b[:, 1:2]) & (ys <= b[:, 3:4])
+        return in_y[:, :, None] & in_x[:, None, :]
+    return union, torch.stack([inside(s), inside(o)], dim=1).to(boxes.dtype)
+
+
+def bilstm(lstm, x, counts, orders):
+    """Run a bidirectional LSTM over the objects of each image in the given order.
+
+    x (N, D) objects of all images concatenated; counts: objects per image; orders: per image a
+    permutation (left to right) -> (N, 2H) in the input order."""
+    seqs = [xi[o] for xi, o in zip(x.split(counts), orders) if len(o)]   # B' x (N_b, D), sorted
+    out = x.new_zeros(x.shape[0], 2 * lstm.hidden_size)
+    if not seqs:
+        return out
+    y, _ = lstm(pack_sequence(seqs, enforce_sorted=False))
+    y, _ = pad_packed_sequence(y, batch_first=True)                       # (B', N_max, 2H)
+    parts, k = [], 0
+    for n, o in zip(counts, orders):
+        if n:
+            back = torch.empty_like(o)
+            back[o] = torch.arange(n, device=o.device)                     # inverse permutation
+            parts.append(y[k, :n][back])                                   # (N_b, 2H) in input order
+            k += 1
+    return torch.cat(parts)
+
+
+def random_mask(x, p):
+    """# PAPER: Eq. (1): each element is independently zeroed with probability p, kept otherwise.
+    Unlike dropout there is no 1/(1-p) rescaling: Eq. (1) only zeroes."""
+    return x * (torch.rand_like(x) >= p).to(x.dtype)
+
+
+def alignment_loss(orig_logits, mirror_logits, kind, rel_labels=None):
+    """The alignment loss on R pairs: orig_logits, mirror_logits (R, P)."""
+    if kind == "supervised":
+        # The paper's ablation (section 4.3): the mirror is trained on the ground truth instead.
+        return F.cross_entropy(mirror_logits, rel_labels)
+    # PAPER: Eq. (2): L_align = KL(P_original || P_masked). P_original is fixed as the target
+    # (detached: no gradient flows into the original branch through the target).
+    target = F.log_softmax(orig_logits.detach(), dim=-1)                 # log P_original (R, P)
+    log_masked = F.log_softmax(mirror_logits, dim=-1)                    # log P_masked (R, P)
+    return F.kl_div(log_masked, target, log_target=True, reduction="batchmean")
+
+
+class MotifsRelationModel(nn.Module):
+    """Object context -> (label refinement) -> edge context -> pairwise relation classifier.
+
+    With alignment (training only), a mirrored predictor re-runs the edge context and the pair
+    features on masked, gradient-stopped inputs and classifies them with an untied MLP head.
+    """
+
+    def __init__(self, cfg, num_classes, num_predicates, feat_channels, stride, freq_log_probs):
+        super().__init__()
+        C, P, E, H, Du = num_classes, num_predicates, cfg.embed_dim, cfg.hidden, cfg.union_dim
+        self.mode, self.num_classes = cfg.mode, C
+        self.align, self.mask_p, self.tied_head = not cfg.no_align, cfg.mask_p, cfg.tied_head
+        self.S, self.spatial_scale = 7, 1.0 / stride
+        # Object context: biLSTM over [RoI feature, class embedding, box position embedding].
+        self.obj_embed_ctx = nn.Embedding(C, E)
+        self.pos_embed = nn.Sequential(nn.Linear(9, 32), nn.ReLU(), nn.Linear(32, 64), nn.ReLU())
+        self.obj_ctx_rnn = nn.LSTM(cfg.roi_dim + E + 64, H, batch_first=True, bidirectional=True)
+        if cfg.mode != "predcls":
+            # Label refinement from the context. Motifs decodes labels with a further LSTM that
+            # feeds back the previous label; a linear classifier on the context is our simplification.
+            self.obj_classifier = nn.Linear(2 * H, C)
+        # Edge context: biLSTM over [label embedding, object context, RoI feature].
+        self.obj_embed_edge = nn.Embedding(C, E)
+        self.edge_ctx_rnn = nn.LSTM(E + 2 * H + cfg.roi_dim, H, batch_first=True, bidirectional=True)
+        self.post_emb = nn.Linear(2 * H, 4 * H)      # head (2H) and tail (2H) representation per object
+        # Relation (union-box) feature: RoIAlign on the union box + the two-box spatial mask.
+        self.rect_conv = nn.Conv2d(2, feat_channels, 3, padding=1)
+        self.union_fc = nn.Linear(feat_channels * self.S ** 2, Du)
+        # The last two linear layers of the original predictor, and the frequency bias.
+        self.post_cat = nn.Linear(4 * H, Du)
+        self.rel_compress = nn.Linear(Du, P)
+        self.freq_bias = nn.Embedding(C * C, P)
+        with torch.no_grad():
+            self.freq_bias.weight.copy_(freq_log_probs.reshape(C * C, P))
+        if self.align and not self.tied_head:
+            # PAPER: the mirror's untied head, a three-layer MLP with ReLU replacing post_cat and
+            # rel_compress. It reads the pair features concatenated with the masked union feature
+            # (the paper says both are fed to the MLP, not how; concatenation is our choice).
+            self.mirror_head = nn.Sequential(
+                nn.Linear(4 * H + Du, cfg.mirror_dim), nn.ReLU(),
+                nn.Linear(cfg.mirror_dim, cfg.mirror_dim), nn.ReLU(),
+                nn.Linear(cfg.mirror_dim, P))
+
+    # -- pieces shared by the original and the mirrored predictor
+    def union_features(self, fmap, boxes, pairs):
+        """-> relation features (R, Du) of the pairs (local indices per image)."""
+        feats = []
+        for i, (b, pr) in enumerate(zip(boxes, pairs)):
+            if len(pr) == 0:
+                continue
+            union, masks = pair_geometry(b, pr, self.S)                  # (R_b, 4), (R_b, 2, S, S)
+            x = roi_align(fmap[i], union, self.S, self.spatial_scale)    # (R_b, F, S, S)
+            feats.append((x + F.relu(self.rect_conv(masks))).flatten(1))  # (R_b, F*S*S)
+        if not feats:
+            return fmap.new_zeros(0, self.union_fc.out_features)
+        return F.relu(self.union_fc(torch.cat(feats)))                   # (R, Du)
+
+    def pair_features(self, edge_ctx, pairs_g):
+        """edge_ctx (N, 2H), pairs_g (R, 2) global indices -> [head(subject), tail(object)] (R, 4H)."""
+        head, tail = self.post_emb(edge_ctx).chunk(2, dim=1)             # (N, 2H) each
+        return torch.cat([head[pairs_g[:, 0]], tail[pairs_g[:, 1]]], dim=1)
+
+    def forward(self, fmap, boxes, sizes, obj_feats, obj_dists, pairs, gt_labels=None):
+        """fmap (B, F, h, w) frozen features; boxes B x (N_b, 4); sizes B x (H, W);
+        obj_feats (N, roi_dim) frozen RoI features; obj_dists (N, C) initial class distribution
+        (one-hot GT labels in predcls, the detector's in sgcls/sgdet); pairs B x (R_b, 2) local
+        indices; gt_labels (N,) object labels used in predcls.
+        -> dict obj_logits (N, C) or None, obj_labels (N,), obj_scores (N,), rel_logits (R, P),
+           and mirror_logits (R, P) in training with alignment."""
+        counts = [len(b) for b in boxes]
+        # Motifs' 'leftright' order: objects sorted by box centre x, per image.
+        orders = [((b[:, 0] + b[:, 2]) / 2).argsort() for b in boxes]
+        offsets = np.cumsum([0] + counts[:-1])
+        pairs_g = torch.cat([p + int(o) for p, o in zip(pairs, offsets)]) if pairs else \
+            torch.zeros(0, 2, dtype=torch.long, device=fmap.device)      # (R, 2) global indices
+        pos = torch.cat([box_info(b, s) for b, s in zip(boxes, sizes)])  # (N, 9)
+
+        # Object context and label refinement.
+        ctx_in = torch.cat([obj_feats, obj_dists @ self.obj_embed_ctx.weight, self.pos_embed(pos)], 1)
+        obj_ctx = bilstm(self.obj_ctx_rnn, ctx_in, counts, orders)       # (N, 2H)
+        if self.mode == "predcls":
+            obj_logits, obj_labels = None, gt_labels
+            obj_scores = torch.ones_like(gt_labels, dtype=obj_feats.dtype)
+        else:
+            obj_logits = self.obj_classifier(obj_ctx)                    # (N, C)
+            probs = obj_logits.softmax(-1)
+            obj_scores, obj_labels = probs[:, 1:].max(1)                 # best non-background class
+            obj_labels = obj_labels + 1
+
+        # The relation predictor: edge context -> pair features x union feature -> classifier.
+        edge_in = torch.cat([self.obj_embed_edge(obj_labels), obj_ctx, obj_feats], dim=1)  # (N, E+2H+roi)
+        edge_ctx = bilstm(self.edge_ctx_rnn, edge_in, counts, orders)    # (N, 2H)
+        union = self.union_features(fmap, boxes, pairs)                  # (R, Du)
+        pair = self.pair_features(edge_ctx, pairs_g)                     # (R, 4H)
+        freq = self.freq_bias(obj_labels[pairs_g[:, 0]] * self.num_classes + obj_labels[pairs_g[:, 1]])
+        rel_logits = self.rel_compress(self.post_cat(pair) * union) + freq   # (R, P)
+        out = {"obj_logits": obj_logits, "obj_labels": obj_labels, "obj_scores": obj_scores,
+               "rel_logits": rel_logits, "rel_pairs": pairs_g}
+        if self.training and self.align:
+            # PAPER: the mirror runs only in training; evaluation uses the original predictor alone.
+            out["mirror_logits"] = self.mirror(edge_in, union, pairs_g, counts, orders)
+        return out
+
+    def mirror(self, edge_in, union, pairs_g, counts, orders):
+        """The mirrored relation predictor (section 3.3) -> P_masked logits (R, P)."""
+        # PAPER: stop the alignment gradient at the mirror's input features (.detach()), so that
+        # L_align only trains the relation predictor's message passing and refinement.
+        # PAPER: Eq. (1) random masking on the input of the edge-context LSTM and on the relation feature.
+        edge_in_m = random_mask(edge_in.detach(), self.mask_p)          # (N, E+2H+roi)
+        union_m = random_mask(union.detach(), self.mask_p)              # (R, Du)
+        # PAPER: shared weights: the same edge-context LSTM and head/tail projection as the original.
+        edge_ctx_m = bilstm(self.edge_ctx_rnn, edge_in_m, counts, orders)   # (N, 2H)
+        pair_m = self.pair_features(edge_ctx_m, pairs_g)                # (R, 4H)
+        if self.tied_head:  # the ablation: the original's last two layers, shared
+            return self.rel_compress(self.post_cat(pair_m) * union_m)
+        # PAPER: untied three-layer MLP head; the predicate prior (freq_bias) is not used in the mirror.
+        return self.mirror_head(torch.cat([pair_m, union_m], dim=1))
+
+
+# ----------------------------------------------------------------------------------------------
+# Relation targets: which pairs a training step sees, and with which predicate
+
+def gt_label_matrix(n, rels):
+    """(n, n) predicate of each ordered GT pair (0 = none); a pair with several predicates keeps a
+    random one (rels are shuffled first), as in the Motifs training code."""
+    label = torch.zeros(n, n, dtype=torch.long, device=rels.device)
+    if len(rels):
+        r = rels[torch.randperm(len(rels), device=rels.device)]
+        label[r[:, 0], r[:, 1]] = r[:, 2]
+    return label
+
+
+def sgdet_label_matrix(det_boxes, det_labels, gt):
+    """SGDet targets. A detection matches the GT box it overlaps most if IoU >= 0.5; its object
+    target is that box's class (else background). A pair of detections is related with predicate p
+    if both match with the right class and their GT boxes are related by p.
+    -> object targets (n,), predicate matrix (n, n)."""
+    n = len(det_boxes)
+    label = torch.zeros(n, n, dtype=torch.long, device=det_boxes.device)
+    if n == 0 or len(gt["boxes"]) == 0:
+        return torch.zeros(n, dtype=torch.long, device=det_boxes.device), label
+    best, match = box_iou(det_boxes, gt["boxes"]).max(1)                  # (n,)
+    obj_target = torch.where(best >= 0.5, gt["labels"][match], torch.zeros_like(match))
+    ok = (best >= 0.5) & (det_labels == gt["labels"][match])              # matched by IoU and label
+    for s, o, p in gt["relations"][torch.randperm(len(gt["relations"]))].tolist():
+        subj, obj = ok & (match == s), ok & (match == o)                  # (n,) each
+        label[subj[:, None] & obj[None, :]] = p
+    label.fill_diagonal_(0)
+    return obj_target, label
+
+
+def sample_pairs(label, max_pairs, neg_per_pos):
+    """label (n, n) -> training pairs (R, 2) and their predicates (R,): the related pairs (at most
+    max_pairs) then at most neg_per_pos unrelated pairs per related one, within max_pairs."""
+    n = label.shape[0]
+    off_diag = ~torch.eye(n, dtype=torch.bool, device=label.device)
+    pos = (label > 0).nonzero()
+    neg = ((label == 0) & off_diag).nonzero()
+    pos = pos[torch.randperm(len(pos), device=label.device)[:max_pairs]]
+    n_neg = min(neg_per_pos * max(1, len(pos)), max_pairs - len(pos))
+    neg = neg[torch.randperm(len(neg), device=label.device)[:n_neg]]
+    pairs = torch.cat([pos, neg])                                           # (R, 2)
+    return pairs, label[pairs[:, 0], pairs[:, 1]]
+
+
+def all_pairs(n, device):
+    """Every ordered pair of distinct objects (n*(n-1), 2): the test-time candidates."""
+    i, j = torch.meshgrid(torch.arange(n, device=device), torch.arange(n, device=device), indexing="ij")
+    keep = i != j
+    return torch.stack([i[keep], j[keep]], dim=1)
+
+
+def predicate_statistics(train_ds, C, P):
+    """Training statistics for the frequency bias (Motifs' get_counts): the predicate counts of each
+    (subject class, object class) pair; the 'no relation' column counts overlapping GT pairs that are
+    not related. -> log empirical distribution (C, C, P), predicate counts (P,)."""
+    fg = np.zeros((C, C, P))
+    for i in range(len(train_ds)):
+        t = train_ds.get_groundtruth(i)
+        labels, rels = t["labels"].numpy(), t["relations"].numpy()
+        related = np.zeros((len(labels), len(labels)), dtype=bool)
+        for s, o, p in rels:
+            fg[labels[s], labels[o], p] += 1
+            related[s, o] = True
+        overlap = (box_iou(t["boxes"], t["boxes"]) > 0).numpy() & ~related
+        np.fill_diagonal(overlap, False)
+        for s, o in zip(*overlap.nonzero()):
+            fg[labels[s], labels[o], 0] += 1
+    dist_ = fg / np.maximum(fg.sum(2, keepdims=True), 1)
+    log_probs = np.log(dist_ + 1e-3)   # Motifs' smoothing; unseen class pairs get a flat prior
+    counts = fg[:, :, :].sum((0, 1))
+    counts[0] = 0
+    return torch.tensor(log_probs, dtype=torch.float32), counts
+
+
+# ----------------------------------------------------------------------------------------------
+# Plumbing: processes, logging, data, checkpoints
+
+def setup_distributed(cfg):
+    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; gloo on CPU, NCCL on GPU. -> (rank, world, device)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    want_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if want_cuda else "gloo")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if want_cuda:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return rank, world, torch.device("cuda", local)
+    return rank, world, torch.device("cpu")
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+class Log:
+    """print + append to <out>/log.txt, on rank 0 only."""
+
+    def __init__(self, path, rank):
+        self.path, self.rank = path, rank
+
+    def __call__(self, msg):
+        if self.rank == 0:
+            print(msg, flush=True)
+            if self.path:
+                with open(self.path, "a") as f:
+                    f.write(msg + "\n")
+
+
+def fmt_time(s):
+    s = int(s)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def cache_dir():
+    return os.environ.get("SGG_ALIGN_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "sgg_align")
+
+
+def load_datasets(cfg, rank):
+    if cfg.data == "synthetic":
+        if rank == 0:          # generate once; the other ranks wait and then read the same files
+            data.ensure_synthetic()
+        barrier()
+        root, num_val = data.ensure_synthetic(), data.SYNTHETIC_NUM_VAL
+    else:
+        root, num_val = cfg.data, 5000   # the standard VG-SGG split: 5000 val images carved from train
+        if not os.path.isdir(root):
+            raise FileNotFoundError(f"--data {root!r} is not a folder (expected the VG-SGG files)")
+    kw = dict(num_val_im=num_val, max_size=cfg.max_size or None)
+    return root, {s: data.VGSGGDataset(root, s, **kw) for s in ("train", "val", "test")}
+
+
+def first(ds, n):
+    """The first n images of a dataset (n = 0: all)."""
+    return torch.utils.data.Subset(ds, range(min(n, len(ds)))) if n else ds
+
+
+def to_device(targets, device):
+    return [{k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
+
+
+def save_atomic(obj, path):
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)   # a kill mid-write leaves the previous file intact
+
+
+def cosine_lambda(total, steps, warmup=0):
+    """lr factor: linear warm-up, then cosine from 1 to 0 updated `steps` times (the paper: every 1K of
+    100K iterations)."""
+    every = max(1, total // steps)
+
+    def f(it):
+        if it < warmup:
+            return 1 / 3 + (2 / 3) * it / warmup
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (it // every) * every / total)))
+    return f
+
+
+def check_finite(step, terms):
+    for name, v in terms.items():
+        if not torch.isfinite(v):
+            raise FloatingPointError(f"non-finite loss at iteration {step}: {name} = {v.item()}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage 1 training: the detector, trained once on the train split, cached, then frozen
+
+def get_detector(cfg, root, ds, device, rank, world, log):
+    """Load the cached detector for these data and settings, or train and cache it."""
+    C = ds["train"].num_classes
+    detector = Detector(cfg, C).to(device)
+    det_iters = min(cfg.det_iters, cfg.iters) if cfg.iters else cfg.det_iters
+    settings = {k: getattr(cfg, k) for k in ("backbone", "vgg_weights", "det_batch", "det_lr", "det_seed",
+                                             "anchor_sizes", "roi_dim", "max_size", "det_max_per_image")}
+    key_src = json.dumps({"root": os.path.abspath(root), "iters": det_iters, "world": world, **settings},
+                         sort_keys=True)
+    key = hashlib.sha1(key_src.encode()).hexdigest()[:12]
+    path = cfg.detector_ckpt or os.path.join(cache_dir(), "detectors", f"detector-{key}.pt")
+    if os.path.exists(path):
+        blob = torch.load(path, map_location=device, weights_only=True)
+        detector.load_state_dict(blob["detector"])
+        log(f"stage 1: detector loaded from {path}")
+    elif cfg.detector_ckpt:
+        raise FileNotFoundError(f"--detector-ckpt {path!r} does not exist")
+    else:
+        log(f"stage 1: training the detector ({det_iters} iterations), cached as {path}")
+        train_detector(cfg, detector, ds["train"], det_iters, device, rank, world, log)
+        blob = {"detector": detector.state_dict(), "settings": key_src}
+        if rank == 0:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            save_atomic(blob, path)
+        barrier()
+    detector.eval()
+    for p in detector.parameters():
+        p.requires_grad_(False)   # frozen for stage 2, as in the two-stage protocol
+    # Detection mAP@0.5 on test, cached with the weights per number of evaluated images.
+    n_eval = min(cfg.max_eval_images or len(ds["test"]), len(ds["test"]))
+    cached = blob.get(f"map50_test{n_eval}")
+    if cached is None:
+        cached = evaluate_detector(detector, first(ds["test"], cfg.max_eval_images), cfg, device)
+        if rank == 0 and not cfg.detector_ckpt:
+            blob[f"map50_test{n_eval}"] = cached
+            save_atomic(blob, path)
+    log(f"stage 1: detector mAP@0.5 on {n_eval} test images = {cached:.4f}")
+    return detector, float(cached)
+
+
+def train_detector(cfg, detector, train_ds, iters, device, rank, world, log):
+    torch.manual_seed(cfg.det_seed)
+    if cfg.vgg_weights:
+        load_vgg16_weights(detector, cfg.vgg_weights)
+    model = nn.parallel.DistributedDataParallel(detector) if world > 1 else detector
+    params = [p for p in detector.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=cfg.det_lr, momentum=0.9, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_lambda(iters, iters, warmup=min(100, iters // 5)))
+    loader = torch.utils.data.DataLoader(train_ds, batch_size=cfg.det_batch, collate_fn=data.collate,
+                                         sampler=data.TrainingSampler(len(train_ds), seed=cfg.det_seed),
+                                         num_workers=cfg.num_workers)
+    detector.train()
+    it, t0 = iter(loader), time.time()
+    for step in range(iters):
+        images, targets = next(it)
+        images, targets = images.to(device), to_device(targets, device)
+        losses = model(images, [t["size"] for t in targets], targets)
+        check_finite(step, losses)
+        loss = sum(losses.values())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 10.0)
+        opt.step()
+        sched.step()
+        if (step + 1) % cfg.log_every == 0 or step + 1 == iters:
+            rate = (step + 1) / (time.time() - t0)
+            log(f"det it {step + 1}/{iters} | loss {loss.item():.3f} (rpn {losses['rpn_cls'].item() + losses['rpn_box'].item():.3f}, "
+                f"head {losses['det_cls'].item() + losses['det_box'].item():.3f}) | {rate:.1f} it/s | "
+                f"eta {fmt_time((iters - step - 1) / rate)}")
+
+
+@torch.no_grad()
+def evaluate_detector(detector, ds, cfg, device):
+    dets, gts = [], []
+    for images, targets in eval_loader(ds, cfg):
+        sizes = [t["size"] for t in targets]
+        for d, t in zip(detector.detect(detector.features(images.to(device), sizes), sizes), targets):
+            dets.append({k: v.cpu().numpy() for k, v in d.items()})
+            gts.append({"boxes": t["boxes"].numpy(), "labels": t["labels"].numpy()})
+    if dist.is_initialized():   # each rank evaluated its shard; AP needs all images at once
+        parts = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, (dets, gts))
+        dets, gts = [d for p in parts for d in p[0]], [g for p in parts for g in p[1]]
+    return detection_map(dets, gts, detector.num_classes)
+
+
+def eval_loader(ds, cfg):
+    return torch.utils.data.DataLoader(ds, batch_size=cfg.eval_batch, collate_fn=data.collate,
+                                       sampler=data.InferenceSampler(len(ds)), num_workers=cfg.num_workers)
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage 2 training: one step, the loop, model selection on validation mR@50
+
+@torch.no_grad()
+def stage1_outputs(detector, images, sizes, mode, gt_boxes=None, gt_labels=None):
+    """The frozen detector's part: feature map, the boxes the relation model works on, their RoI
+    features and initial class distributions. -> dict fmap (B, F, h, w), boxes B x (N_b, 4),
+    obj_feats (N, roi_dim), obj_dists (N, C), det (B dicts, sgdet only)."""
+    fmap = detector.features(images, sizes)
+    dets = detector.detect(fmap, sizes) if mode == "sgdet" else None
+    boxes = [d["boxes"] for d in dets] if mode == "sgdet" else gt_boxes
+    obj_feats, cls_logits, _ = detector.box_head(fmap, boxes)
+    if mode == "predcls":
+        obj_dists = F.one_hot(torch.cat(gt_labels), detector.num_classes).float()
+    else:
+        obj_dists = cls_logits.softmax(-1)
+    return {"fmap": fmap, "boxes": boxes, "obj_feats": obj_feats, "obj_dists": obj_dists, "det": dets}
+
+
+def relation_step(model, detector, images, targets, cfg):
+    """The loss of one training batch -> (total loss, dict of the terms)."""
+    sizes = [t["size"] for t in targets]
+    s1 = stage1_outputs(detector, images, sizes, cfg.mode, [t["boxes"] for t in targets],
+                        [t["labels"] for t in targets])
+    pairs, rel_labels, obj_targets = [], [], []
+    for i, t in enumerate(targets):
+        if cfg.mode == "sgdet":
+            obj_t, label = sgdet_label_matrix(s1["boxes"][i], s1["det"][i]["labels"], t)
+        else:
+            obj_t, label = t["labels"], gt_label_matrix(len(t["boxes"]), t["relations"])
+        pr, lab = sample_pairs(label, cfg.max_pairs_per_image, cfg.neg_per_pos)   # (R_b, 2), (R_b,)
+        pairs.append(pr)
+        rel_labels.append(lab)
+        obj_targets.append(obj_t)
+    rel_labels, obj_targets = torch.cat(rel_labels), torch.cat(obj_targets)      # (R,), (N,)
+    out = model(s1["fmap"], s1["boxes"], sizes, s1["obj_feats"], s1["obj_dists"], pairs,
+                gt_labels=torch.cat([t["labels"] for t in targets]))
+    zero = out["rel_logits"].sum() * 0   # keeps the graph (and DDP) whole when a batch has no pairs
+    rel_loss = F.cross_entropy(out["rel_logits"], rel_labels) if len(rel_labels) else zero
+    obj_loss = F.cross_entropy(out["obj_logits"], obj_targets) if out["obj_logits"] is not None and len(obj_targets) else zero
+    sup = rel_loss + obj_loss                                             # L_original
+    terms = {"sup": sup}
+    if "mirror_logits" in out:
+        align = alignment_loss(out["rel_logits"], out["mirror_logits"], cfg.align_loss, rel_labels) \
+            if len(rel_labels) else out["mirror_logits"].sum() * 0
+        terms["align"] = align
+        # PAPER: Eq. (3): L_final = L_original + lambda * L_align (the alignment only on relations).
+        loss = sup + cfg.align_weight * align
+    else:
+        loss = sup
+    return loss, terms
+
+
+def train(cfg, out_dir, rank, world, device):
+    """Stage 1 + stage 2 + test of the best checkpoint. -> the test metrics dict."""
+    os.makedirs(out_dir, exist_ok=True)
+    barrier()
+    log = Log(os.path.join(out_dir, "log.txt"), rank)
+    if rank == 0:
+        with open(os.path.join(out_dir, "args.json"), "w") as f:
+            json.dump(dataclasses.asdict(cfg), f, indent=1)
+    log(f"run {out_dir} | mode {cfg.mode} | {'aligned' if not cfg.no_align else 'baseline (no alignment)'} "
+        f"| {world} process(es) on {device}")
+    root, ds = load_datasets(cfg, rank)
+    C, P = ds["train"].num_classes, ds["train"].num_predicates
+    t0 = time.time()
+    log_probs, counts = predicate_statistics(ds["train"], C, P)
+    groups = metrics.default_predicate_groups(ds["train"].idx_to_predicate, counts)
+    log(f"data {root}: {len(ds['train'])} train / {len(ds['val'])} val / {len(ds['test'])} test images, "
+        f"{C - 1} classes, {P - 1} predicates (statistics in {time.time() - t0:.1f}s)")
+    detector, det_map = get_detector(cfg, root, ds, device, rank, world, log)
+    vocab = {"idx_to_label": list(ds["train"].idx_to_label), "idx_to_predicate": list(ds["train"].idx_to_predicate)}
+    if cfg.freq_baseline:
+        summary = evaluate(None, detector, first(ds["test"], cfg.max_eval_images), cfg, device, groups,
+                           freq_log_probs=log_probs.to(device))
+        summary["det_mAP@0.5"] = det_map
+        finish(cfg, out_dir, summary, None, ds, counts, groups, log, rank)
+        return summary
+
+    torch.manual_seed(cfg.seed)
+    model = MotifsRelationModel(cfg, C, P, detector.backbone.out_channels, detector.stride, log_probs).to(device)
+    ddp = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    iters = min(cfg.rel_iters, cfg.iters) if cfg.iters else cfg.rel_iters
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_lambda(iters, cfg.lr_steps))
+    start, best, history = 0, -1.0, {"step": [], "loss": [], "sup": [], "align": [], "val_step": [], "val_mR@50": []}
+    last_path, best_path = os.path.join(out_dir, "ckpt_last.pt"), os.path.join(out_dir, "ckpt_best.pt")
+    if cfg.resume:
+        if not os.path.exists(last_path):
+            raise FileNotFoundError(f"--resume: no checkpoint at {last_path}")
+        ck = torch.load(last_path, map_location=device, weights_only=True)
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        sched.load_state_dict(ck["scheduler"])
+        start, best, history = ck["step"], ck["best_val_mR@50"], ck["history"]
+        log(f"resumed from {last_path} at iteration {start}")
+
+    def checkpoint(step):
+        return {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                "step": step, "args": dataclasses.asdict(cfg), "best_val_mR@50": best, "history": history,
+                "detector": detector.state_dict(), "vocab": vocab, "freq_log_probs": log_probs}
+
+    # A new sampler seed after a resume so the resumed run does not replay the batches already seen.
+    sampler = data.TrainingSampler(len(ds["train"]), seed=cfg.seed + 1000003 * start)
+    loader = torch.utils.data.DataLoader(ds["train"], batch_size=cfg.batch_size, sampler=sampler,
+                                         collate_fn=data.collate, num_workers=cfg.num_workers)
+    val = first(ds["val"], cfg.max_eval_images or cfg.max_val_images)
+    it, t_last, acc = iter(loader), time.time(), {"loss": 0.0, "sup": 0.0, "align": 0.0, "n": 0}
+    log(f"stage 2: training the relation model for {iters} iterations "
+        f"(batch {cfg.batch_size} x {world}, validation mR@50 on {len(val)} images every {cfg.eval_every})")
+    model.train()
+    for step in range(start, iters):
+        images, targets = next(it)
+        images, targets = images.to(device), to_device(targets, device)
+        loss, terms = relation_step(ddp, detector, images, targets, cfg)
+        check_finite(step, {**terms, "total": loss})
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        sched.step()
+        acc["loss"] += loss.item()
+        acc["sup"] += terms["sup"].item()
+        acc["align"] += terms.get("align", torch.zeros(())).item()
+        acc["n"] += 1
+        done = step + 1
+        if done % cfg.log_every == 0 or done == iters:
+            rate = acc["n"] / (time.time() - t_last)
+            m = {k: acc[k] / acc["n"] for k in ("loss", "sup", "align")}
+            log(f"it {done}/{iters} | loss {m['loss']:.3f} (sup {m['sup']:.3f}, align {m['align']:.3f}) | "
+                f"{rate:.1f} it/s | eta {fmt_time((iters - done) / rate)}")
+            for k in ("loss", "sup", "align"):
+                history[k].append(m[k])
+            history["step"].append(done)
+            t_last, acc = time.time(), {"loss": 0.0, "sup": 0.0, "align": 0.0, "n": 0}
+        if done % cfg.eval_every == 0 or done == iters:
+            mr50 = evaluate(model, detector, val, cfg, device, groups)["mR@50"]
+            model.train()
+            history["val_step"].append(done)
+            history["val_mR@50"].append(mr50)
+            improved = mr50 > best
+            best = max(best, mr50)
+            log(f"val it {done} | mR@50 {mr50:.4f} | best {best:.4f}{' (saved)' if improved else ''}")
+            if rank == 0:
+                if improved:
+                    save_atomic(checkpoint(done), best_path)
+                save_atomic(checkpoint(done), last_path)
+            barrier()
+            t_last += 0   # validation time is not counted in it/s: the next interval starts now
+            t_last = time.time()
+
+    # Test the checkpoint with the best validation mR@50 (the paper's model selection).
+    ck = torch.load(best_path, map_location=device, weights_only=True)
+    model.load_state_dict(ck["model"])
+    log(f"testing the best checkpoint (iteration {ck['step']}, val mR@50 {ck['best_val_mR@50']:.4f})")
+    test = first(ds["test"], cfg.max_eval_images)
+    summary, examples = evaluate(model, detector, test, cfg, device, groups, keep_examples=4)
+    summary.update({"det_mAP@0.5": det_map, "best_step": ck["step"], "val_mR@50": ck["best_val_mR@50"]})
+    finish(cfg, out_dir, summary, history, ds, counts, groups, log, rank, examples)
+    return summary
+
+
+def finish(cfg, out_dir, summary, history, ds, counts, groups, log, rank, examples=None):
+    keys = [f"{m}@{k}" for m in ("R", "mR") for k in (20, 50, 100)]
+    log("test | " + " | ".join(f"{k} {100 * summary[k]:.2f}" for k in keys if k in summary))
+    log("test | " + " | ".join(f"{g}_mR@100 {100 * summary[f'{g}_mR@100']:.2f}" for g in groups
+                               if f"{g}_mR@100" in summary))
+    if rank != 0:
+        return
+    with open(os.path.join(out_dir, "metrics.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    if history is not None:
+        plot_curves(history, os.path.join(out_dir, "curves.png"))
+    plot_per_predicate(summary, counts, groups, ds["train"].idx_to_predicate, os.path.join(out_dir, "per_predicate.png"))
+    if examples:
+        plot_examples(examples, ds["test"], os.path.join(out_dir, "examples.png"))
+    log(f"wrote {out_dir}/metrics.json and pictures")
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation: every ordered pair of the test boxes is a candidate; metrics.SGEvaluator ranks them
+
+@torch.no_grad()
+def evaluate(model, detector, ds, cfg, device, groups, freq_log_probs=None, keep_examples=0):
+    """-> metrics.SGEvaluator summary (and the first keep_examples predictions of rank 0).
+    With freq_log_probs instead of a model: the frequency-prior-only predictor (Motifs' FREQ)."""
+    base = ds.dataset if isinstance(ds, torch.utils.data.Subset) else ds
+    C = base.num_classes
+    if model is not None:
+        model.eval()
+    ev = metrics.SGEvaluator(cfg.mode, base.num_predicates - 1, predicate_groups=groups)
+    examples, seen = [], 0
+    for images, targets in eval_loader(ds, cfg):
+        images, targets = images.to(device), to_device(targets, device)
+        sizes = [t["size"] for t in targets]
+        s1 = stage1_outputs(detector, images, sizes, cfg.mode, [t["boxes"] for t in targets],
+                            [t["labels"] for t in targets])
+        pairs = [all_pairs(len(b), device) for b in s1["boxes"]]         # B x (n_b*(n_b-1), 2)
+        gt_labels = torch.cat([t["labels"] for t in targets])
+        if model is None:   # FREQ: labels from GT (predcls) or the detector, predicates from the prior
+            if cfg.mode == "predcls":
+                labels, scores = gt_labels, torch.ones(len(gt_labels), device=device)
+            else:
+                scores, labels = s1["obj_dists"][:, 1:].max(1)
+                labels = labels + 1
+            offsets = np.cumsum([0] + [len(b) for b in s1["boxes"]][:-1])
+            pg = torch.cat([p + int(o) for p, o in zip(pairs, offsets)])  # (R, 2) global
+            rel_logits = freq_log_probs[labels[pg[:, 0]], labels[pg[:, 1]]]   # (R, P)
+        else:
+            out = model(s1["fmap"], s1["boxes"], sizes, s1["obj_feats"], s1["obj_dists"], pairs, gt_labels)
+            labels, scores, rel_logits = out["obj_labels"], out["obj_scores"], out["rel_logits"]
+        rel_probs = rel_logits.softmax(-1)                                # (R, P), column 0 = no relation
+        n_start, r_start = 0, 0
+        for i, t in enumerate(targets):
+            n, r = len(s1["boxes"][i]), len(pairs[i])
+            pred = {"boxes": s1["boxes"][i], "labels": labels[n_start:n_start + n],
+                    "scores": scores[n_start:n_start + n], "rel_pairs": pairs[i],
+                    "rel_scores": rel_probs[r_start:r_start + r]}
+            pred = {k: v.cpu() for k, v in pred.items()}
+            ev.add({k: t[k].cpu() for k in ("boxes", "labels", "relations")}, pred)
+            if len(examples) < keep_examples and (not dist.is_initialized() or dist.get_rank() == 0):
+                examples.append((seen, pred))   # rank 0's shard starts at image 0 (InferenceSampler)
+            n_start, r_start, seen = n_start + n, r_start + r, seen + 1
+    if dist.is_initialized():
+        ev.gather()
+    summary = ev.summary()
+    return (summary, examples) if keep_examples else summary
+
+
+def top_triplets(pred, k):
+    """The k best (subject, object, predicate, score) of one image's prediction; triplet score =
+    predicate probability x subject score x object score (the usual SGG ranking)."""
+    if len(pred["rel_pairs"]) == 0:
+        return []
+    p, pidx = pred["rel_scores"][:, 1:].max(1)
+    s = p * pred["scores"][pred["rel_pairs"][:, 0]] * pred["scores"][pred["rel_pairs"][:, 1]]
+    order = s.argsort(descending=True)[:k]
+    return [(int(pred["rel_pairs"][j, 0]), int(pred["rel_pairs"][j, 1]), int(pidx[j]) + 1, float(s[j]))
+            for j in order]
+
+
+# ----------------------------------------------------------------------------------------------
+# Pictures
+
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+GROUP_COLOURS = {"head": "tab:blue", "body": "tab:orange", "tail": "tab:green"}
+
+
+def plot_curves(history, path):
+    plt = _plt()
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.5))
+    for k in ("loss", "sup", "align"):
+        if any(history[k]):
+            a.plot(history["step"], history[k], label={"loss": "total", "sup": "L_original", "align": "L_align"}[k])
+    a.set_xlabel("iteration")
+    a.set_title("training losses")
+    a.legend()
+    b.plot(history["val_step"], [100 * v for v in history["val_mR@50"]], marker="o")
+    b.set_xlabel("iteration")
+    b.set_title("validation mR@50 (%)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _frequency_order(counts):
+    return [int(i) for i in np.argsort(-np.asarray(counts)[1:], kind="stable") + 1]   # predicate ids
+
+
+def _bars(ax, values, order, groups, names):
+    colour = {p: GROUP_COLOURS.get(g, "gray") for g, ids in groups.items() for p in ids}
+    ax.bar(range(len(order)), values, color=[colour.get(p, "gray") for p in order])
+    ax.set_xticks(range(len(order)))
+    ax.set_xticklabels([names[p] for p in order], rotation=90, fontsize=7)
+    for g, c in GROUP_COLOURS.items():
+        ax.bar([0], [0], color=c, label=g)
+    ax.legend()
+
+
+def plot_per_predicate(summary, counts, groups, names, path):
+    plt = _plt()
+    order = _frequency_order(counts)
+    per = summary["per_predicate_R@100"]
+    fig, ax = plt.subplots(figsize=(max(8, 0.3 * len(order)), 4))
+    _bars(ax, [100 * np.nan_to_num(per[p - 1]) for p in order], order, groups, names)
+    ax.set_ylabel("test R@100 (%)")
+    ax.set_title("per-predicate R@100, predicates in training-frequency order")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def draw_scene(ax, image, boxes, labels, triplets, names, predicates, title):
+    """Boxes of the objects in the triplets, and the triplets as text under the image."""
+    ax.imshow(image.permute(1, 2, 0).clamp(0, 1).numpy())
+    used = sorted({i for s, o, _, _ in triplets for i in (s, o)}) or range(len(boxes))
+    for i in used:
+        x1, y1, x2, y2 = [float(v) for v in boxes[i]]
+        ax.add_patch(_plt().Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, color="yellow", lw=1.5))
+        ax.text(x1, y1, f"{i}:{names[int(labels[i])]}", color="black", fontsize=6,
+                bbox=dict(facecolor="yellow", alpha=0.7, pad=0.5, lw=0))
+    text = "\n".join(f"{s}:{names[int(labels[s])]} {predicates[p]} {o}:{names[int(labels[o])]}"
+                     + (f" ({sc:.2f})" if sc is not None else "") for s, o, p, sc in triplets)
+    ax.set_title(title, fontsize=8)
+    ax.set_xlabel(text, fontsize=7, loc="left")
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def plot_examples(examples, test_ds, path, k=5):
+    """Like the paper's Figure 3: ground truth (left) and the top-k predicted triplets (right)."""
+    plt = _plt()
+    fig, axes = plt.subplots(len(examples), 2, figsize=(8, 4.2 * len(examples)), squeeze=False)
+    for row, (idx, pred) in enumerate(examples):
+        image, gt = test_ds[idx]
+        gt_trip = [(int(s), int(o), int(p), None) for s, o, p in gt["relations"][:k]]
+        draw_scene(axes[row, 0], image, gt["boxes"], gt["labels"], gt_trip, test_ds.idx_to_label,
+                   test_ds.idx_to_predicate, f"test image {gt['image_id']}: ground truth")
+        draw_scene(axes[row, 1], image, pred["boxes"], pred["labels"], top_triplets(pred, k),
+                   test_ds.idx_to_label, test_ds.idx_to_predicate, f"predicted top-{k}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------
+# Inference on your own images
+
+def strip_mirror(state_dict):
+    """The mirror's head is only needed in training: drop it to get a plain Motifs state dict."""
+    return {k: v for k, v in state_dict.items() if not k.startswith("mirror_head.")}
+
+
+def infer(cfg):
+    from PIL import Image
+    if not cfg.ckpt:
+        raise SystemExit("--infer needs --ckpt PATH (a ckpt_best.pt written by a training run)")
+    ck = torch.load(cfg.ckpt, map_location="cpu", weights_only=True)
+    args = Config(**{**ck["args"], "no_align": True, "iters": 0})   # inference = the original model
+    names, predicates = ck["vocab"]["idx_to_label"], ck["vocab"]["idx_to_predicate"]
+    C, P = len(names), len(predicates)
+    device = torch.device("cuda" if cfg.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+    detector = Detector(args, C).to(device).eval()
+    detector.load_state_dict(ck["detector"])
+    model = MotifsRelationModel(args, C, P, detector.backbone.out_channels, detector.stride,
+                                torch.zeros(C, C, P)).to(device).eval()
+    model.load_state_dict(strip_mirror(ck["model"]))
+    given = {}
+    if args.mode != "sgdet":
+        if not cfg.boxes:
+            raise SystemExit(f"this checkpoint is {args.mode}: give the boxes with --boxes boxes.json")
+        with open(cfg.boxes) as f:
+            given = json.load(f)
+    out_dir = cfg.out or "runs/infer"
+    os.makedirs(out_dir, exist_ok=True)
+    for path in cfg.infer:
+        img = Image.open(path).convert("RGB")
+        scale = 1.0
+        if args.max_size and max(img.size) != args.max_size:
+            scale = args.max_size / max(img.size)
+            img = img.resize((round(img.width * scale), round(img.height * scale)), Image.BILINEAR)
+        image = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255).permute(2, 0, 1)   # (3, H, W)
+        size = tuple(image.shape[1:])
+        gt_boxes = gt_labels = None
+        if args.mode != "sgdet":
+            entry = given.get(os.path.basename(path))
+            if entry is None:
+                raise SystemExit(f"--boxes {cfg.boxes} has no entry for {os.path.basename(path)}")
+            gt_boxes = [torch.tensor(entry["boxes"], dtype=torch.float32, device=device).view(-1, 4) * scale]
+            labs = entry.get("labels", [1] * len(entry["boxes"]))
+            if args.mode == "predcls" and "labels" not in entry:
+                raise SystemExit(f"predcls needs 'labels' for {os.path.basename(path)} in {cfg.boxes}")
+            try:
+                labs = [names.index(x) if isinstance(x, str) else int(x) for x in labs]
+            except ValueError as e:
+                raise SystemExit(f"unknown class name in {cfg.boxes}: {e}; known: {names[1:]}")
+            gt_labels = [torch.tensor(labs, dtype=torch.long, device=device)]
+        with torch.no_grad():
+            s1 = stage1_outputs(detector, image[None].to(device), [size], args.mode, gt_boxes, gt_labels)
+            pairs = [all_pairs(len(s1["boxes"][0]), device)]
+            out = model(s1["fmap"], s1["boxes"], [size], s1["obj_feats"], s1["obj_dists"], pairs,
+                        gt_labels[0] if gt_labels else None)
+        pred = {"boxes": s1["boxes"][0].cpu() / scale, "labels": out["obj_labels"].cpu(),
+                "scores": out["obj_scores"].cpu(), "rel_pairs": pairs[0].cpu(),
+                "rel_scores": out["rel_logits"].softmax(-1).cpu()}
+        trip = top_triplets(pred, 10)
+        stem = os.path.join(out_dir, os.path.splitext(os.path.basename(path))[0])
+        with open(stem + "_sg.json", "w") as f:
+            json.dump([{"subject": names[int(pred["labels"][s])], "subject_box": pred["boxes"][s].tolist(),
+                        "predicate": predicates[p], "object": names[int(pred["labels"][o])],
+                        "object_box": pred["boxes"][o].tolist(), "score": sc} for s, o, p, sc in trip], f, indent=1)
+        plt = _plt()
+        fig, ax = plt.subplots(figsize=(6, 6))
+        shown = torch.from_numpy(np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255).permute(2, 0, 1)
+        draw_scene(ax, shown, pred["boxes"], pred["labels"], trip, names, predicates, f"{os.path.basename(path)}: top triplets")
+        fig.tight_layout()
+        fig.savefig(stem + "_sg.png", dpi=100)
+        plt.close(fig)
+        print(f"{path}: {len(trip)} triplets -> {stem}_sg.png, {stem}_sg.json")
+
+
+# ----------------------------------------------------------------------------------------------
+# Several seeds, the baseline-vs-aligned comparison, and the step-time benchmark
+
+# The paper's Table 2 (Visual Genome, VGG-16 Faster R-CNN), mR@20/50/100 as "mean ± std" over 4 runs.
+PAPER_TABLE2 = {
+    "predcls": {"Motifs*": ("15.0 ± 0.8", "19.8 ± 0.9", "21.9 ± 0.9"), "Align-Motifs*": ("16.5 ± 0.4", "21.7 ± 0.5", "24.2 ± 0.5")},
+    "sgcls": {"Motifs*": ("7.2 ± 0.3", "8.9 ± 0.4", "9.6 ± 0.4"), "Align-Motifs*": ("8.2 ± 0.2", "10.5 ± 0.2", "11.5 ± 0.3")},
+    "sgdet": {"Motifs*": ("4.2 ± 0.4", "5.9 ± 0.5", "7.2 ± 0.3"), "Align-Motifs*": ("4.4 ± 0.2", "6.4 ± 0.3", "7.8 ± 0.3")},
+}
+TABLE_KEYS = ["mR@20", "mR@50", "mR@100", "R@20", "R@50", "R@100", "head_mR@100", "body_mR@100", "tail_mR@100"]
+
+
+def mean_std(runs, key):
+    """'mean ± std' in percent over seeds (sample std, ddof=1; '±' omitted for one run)."""
+    v = 100 * np.array([r[key] for r in runs if key in r], dtype=float)
+    if len(v) == 0:
+        return "-"
+    return f"{v.mean():.1f} ± {v.std(ddof=1):.1f}" if len(v) > 1 else f"{v.mean():.1f}"
+
+
+def run_seeds(cfg, seeds, base, rank, world, device, align):
+    runs = []
+    for s in seeds:
+        c = dataclasses.replace(cfg, seed=s, no_align=not align, out="")
+        runs.append(train(c, os.path.join(base, f"{'align' if align else 'noalign'}-seed{s}"), rank, world, device))
+    return runs
+
+
+def compare(cfg, seeds, rank, world, device):
+    base = cfg.out or f"runs/motifs_align-{cfg.mode}-compare"
+    results = {"Motifs (ours)": run_seeds(cfg, seeds, base, rank, world, device, align=False),
+               "Align-Motifs (ours)": run_seeds(cfg, seeds, base, rank, world, device, align=True)}
+    if rank != 0:
+        return
+    lines = [f"{cfg.mode} test results on `{cfg.data}` data, seeds {seeds}, mean ± std (%):", "",
+             "| method | " + " | ".join(TABLE_KEYS) + " |", "|---" * (len(TABLE_KEYS) + 1) + "|"]
+    for name, runs in results.items():
+        lines.append(f"| {name} | " + " | ".join(mean_std(runs, k) for k in TABLE_KEYS) + " |")
+    for name, vals in PAPER_TABLE2[cfg.mode].items():
+        lines.append(f"| {name}, paper (Visual Genome) | " + " | ".join(vals) + " | - " * 6 + "|")
+    with open(os.path.join(base, "compare.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    with open(os.path.join(base, "compare.json"), "w") as f:
+        json.dump({"seeds": seeds, **results}, f, indent=1)
+    print("\n".join(lines))
+    # Figure 5 style: mean per-predicate R@100 difference, aligned - baseline, frequency order.
+    root = data.ensure_synthetic() if cfg.data == "synthetic" else cfg.data
+    train_ds = data.VGSGGDataset(root, "train", num_val_im=data.SYNTHETIC_NUM_VAL if cfg.data == "synthetic" else 5000)
+    _, counts = predicate_statistics(train_ds, train_ds.num_classes, train_ds.num_predicates)
+    groups = metrics.default_predicate_groups(train_ds.idx_to_predicate, counts)
+    per = {n: np.nanmean([r["per_predicate_R@100"] for r in runs], axis=0) for n, runs in results.items()}
+    diff = per["Align-Motifs (ours)"] - per["Motifs (ours)"]
+    order = _frequency_order(counts)
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(max(8, 0.3 * len(order)), 4))
+    _bars(ax, [100 * np.nan_to_num(diff[p - 1]) for p in order], order, groups, train_ds.idx_to_predicate)
+    ax.axhline(0, color="black", lw=0.8)
+    ax.set_ylabel("R@100 difference (points)")
+    ax.set_title(f"aligned - baseline per-predicate test R@100, mean of {len(seeds)} seed(s)")
+    fig.tight_layout()
+    fig.savefig(os.path.join(base, "compare_per_predicate.png"), dpi=100)
+    plt.close(fig)
+    print(f"wrote {base}/compare.md, compare.json, compare_per_predicate.png")
+
+
+def bench_step(cfg, device, n_batches=6, rounds=3, steps=6):
+    """Time one training step with and without the alignment on the same batches in one process."""
+    root, ds = load_datasets(cfg, 0)
+    C, P = ds["train"].num_classes, ds["train"].num_predicates
+    log_probs, _ = predicate_statistics(first(ds["train"], 500).dataset, C, P) if False else (torch.zeros(C, C, P), None)
+    detector = Detector(cfg, C).to(device).eval()   # a random detector: in predcls/sgcls its weights
+    for p in detector.parameters():                 # do not change the cost of a relation step
+        p.requires_grad_(False)
+    loader = torch.utils.data.DataLoader(ds["train"], batch_size=cfg.batch_size, collate_fn=data.collate,
+                                         sampler=data.TrainingSampler(len(ds["train"]), seed=0))
+    it = iter(loader)
+    batches = [next(it) for _ in range(n_batches)]
+    models = {}
+    for align in (False, True):
+        c = dataclasses.replace(cfg, no_align=not align)
+        torch.manual_seed(0)
+        m = MotifsRelationModel(c, C, P, detector.backbone.out_channels, detector.stride, log_probs).to(device).train()
+        models[align] = (m, c, torch.optim.SGD(m.parameters(), lr=1e-4, momentum=0.9))
+    times = {False: [], True: []}
+    for r in range(rounds + 1):        # round 0 warms up
+        for align, (m, c, opt) in models.items():
+            t0 = time.perf_counter()
+            for s in range(steps):
+                images, targets = batches[s % n_batches]
+                loss, _ = relation_step(m, detector, images.to(device), to_device(targets, device), c)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if r > 0:
+                times[align].append((time.perf_counter() - t0) / steps)
+    base, aligned = float(np.median(times[False])), float(np.median(times[True]))
+    print(f"bench-step ({cfg.mode}, batch {cfg.batch_size}, {device}, torch threads {torch.get_num_threads()}): "
+          f"without alignment {1000 * base:.1f} ms/step | with alignment {1000 * aligned:.1f} ms/step | "
+          f"ratio {aligned / base:.2f}")
+    return base, aligned
+
+
+# ----------------------------------------------------------------------------------------------
+# main
+
+def main(argv=None):
+    cfg = parse_args(argv)
+    if cfg.infer:
+        infer(cfg)
+        return
+    rank, world, device = setup_distributed(cfg)
+    try:
+        if cfg.bench_step:
+            bench_step(cfg, device)
+            return
+        seeds = [int(s) for s in cfg.seeds.split(",")] if cfg.seeds else [cfg.seed]
+        if cfg.compare:
+            compare(cfg, seeds, rank, world, device)
+        elif len(seeds) > 1:
+            base = cfg.out or f"runs/motifs_align-{cfg.mode}-{'noalign' if cfg.no_align else 'align'}-seeds"
+            runs = run_seeds(cfg, seeds, base, rank, world, device, align=not cfg.no_align)
+            if rank == 0:
+                line = " | ".join(f"{k} {mean_std(runs, k)}" for k in TABLE_KEYS)
+                print(f"seeds {seeds}: {line}")
+                with open(os.path.join(base, "summary.md"), "w") as f:
+                    f.write(f"seeds {seeds}, mean ± std (%): {line}\n")
+        else:
+            train(cfg, cfg.out or run_name(cfg), rank, world, device)
+    except FloatingPointError as e:
+        print(f"stopping: {e}", file=sys.stderr)
+        sys.exit(1)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,362 @@
+"""Tests of motifs_align.py: the box operations against naive references, the alignment's semantics
+(section 3.3 of the paper), and smoke runs of every entry point of the script with a tiny budget.
+
+The semantic tests use a tiny relation model on random tensors; each is written so that it fails if
+the corresponding line of the method is broken (e.g. a removed .detach(), a mirror with its own
+copy of the edge LSTM, the frequency bias added to the mirror, the mirror run at test time).
+"""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import motifs_align as M
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Box operations
+
+def naive_roi_align(fmap, box, S, scale, sr):
+    """torchvision's roi_align (aligned=True, fixed sampling ratio), one sample at a time."""
+    Fc, h, w = fmap.shape
+    x1, y1, x2, y2 = [float(v) * scale - 0.5 for v in box]
+    bw, bh = (x2 - x1) / S, (y2 - y1) / S
+    out = torch.zeros(Fc, S, S, dtype=torch.float64)
+    for i in range(S):
+        for j in range(S):
+            for a in range(sr):
+                for b in range(sr):
+                    y = y1 + i * bh + (a + 0.5) * bh / sr
+                    x = x1 + j * bw + (b + 0.5) * bw / sr
+                    if y < -1 or y > h or x < -1 or x > w:
+                        continue
+                    y, x = max(y, 0.0), max(x, 0.0)
+                    yl, xl = int(math.floor(y)), int(math.floor(x))
+                    if yl >= h - 1:
+                        yl = yh = h - 1
+                        y = float(yl)
+                    else:
+                        yh = yl + 1
+                    if xl >= w - 1:
+                        xl = xh = w - 1
+                        x = float(xl)
+                    else:
+                        xh = xl + 1
+                    ly, lx = y - yl, x - xl
+                    v = ((1 - ly) * (1 - lx) * fmap[:, yl, xl] + (1 - ly) * lx * fmap[:, yl, xh]
+                         + ly * (1 - lx) * fmap[:, yh, xl] + ly * lx * fmap[:, yh, xh])
+                    out[:, i, j] += v.double() / (sr * sr)
+    return out
+
+
+def test_roi_align_matches_naive_reference():
+    g = torch.Generator().manual_seed(0)
+    fmap = torch.randn(3, 9, 11, generator=g, dtype=torch.float64)
+    boxes = torch.tensor([[4.0, 6.0, 40.0, 30.0],      # inside
+                          [-10.0, -6.0, 20.0, 12.0],   # sticks out top-left
+                          [70.0, 50.0, 95.0, 80.0],    # sticks out bottom-right
+                          [13.0, 13.0, 14.0, 15.0]],   # smaller than one cell
+                         dtype=torch.float64)
+    got = M.roi_align(fmap, boxes, 5, 0.25, sampling_ratio=2)           # (4, 3, 5, 5)
+    for k, b in enumerate(boxes):
+        torch.testing.assert_close(got[k], naive_roi_align(fmap, b, 5, 0.25, 2), atol=1e-9, rtol=1e-9)
+
+
+def test_box_coder_round_trip_and_nms():
+    ref = torch.tensor([[10.0, 10.0, 50.0, 30.0], [0.0, 5.0, 8.0, 40.0]])
+    gt = torch.tensor([[12.0, 8.0, 60.0, 33.0], [1.0, 1.0, 5.0, 50.0]])
+    for w in ((1, 1, 1, 1), (10, 10, 5, 5)):
+        torch.testing.assert_close(M.decode_boxes(ref, M.encode_boxes(ref, gt, w), w), gt)
+    boxes = torch.tensor([[0.0, 0, 10, 10], [1, 1, 11, 11], [20, 20, 30, 30], [0, 0, 10, 9]])
+    scores = torch.tensor([0.9, 0.8, 0.7, 0.95])
+    assert M.nms(boxes, scores, 0.5).tolist() == [3, 2]        # 0 and 1 overlap 3 by IoU > 0.5
+    labels = torch.tensor([1, 2, 1, 1])                          # class-wise: box 1 is another class
+    assert sorted(M.batched_nms(boxes, scores, labels, 0.5).tolist()) == [1, 2, 3]
+
+
+def test_detection_map_perfect_and_missing():
+    import numpy as np
+    gt = [{"boxes": np.array([[0, 0, 10, 10], [20, 20, 30, 30]], dtype=np.float32), "labels": np.array([1, 2])}]
+    perfect = [{"boxes": gt[0]["boxes"], "labels": gt[0]["labels"], "scores": np.array([0.9, 0.8])}]
+    assert M.detection_map(perfect, gt, 3) == pytest.approx(1.0)
+    half = [{"boxes": gt[0]["boxes"][:1], "labels": gt[0]["labels"][:1], "scores": np.array([0.9])}]
+    assert M.detection_map(half, gt, 3) == pytest.approx(0.5)   # class 2 never detected: AP 0
+
+
+# ----------------------------------------------------------------------------------------------
+# The alignment's semantics on a tiny model
+
+C, P, FC = 6, 5, 3   # object classes + 1, predicates + 1, feature channels
+
+
+def tiny(align=True, tied=False, mode="predcls", mask_p=0.1, seed=0):
+    cfg = M.Config(mode=mode, no_align=not align, tied_head=tied, mask_p=mask_p, roi_dim=8, embed_dim=4,
+                   hidden=6, union_dim=10, mirror_dim=12)
+    torch.manual_seed(seed)
+    return M.MotifsRelationModel(cfg, C, P, FC, 4, torch.randn(C, C, P))
+
+
+def tiny_inputs(seed=1):
+    g = torch.Generator().manual_seed(seed)
+    counts = [4, 3]
+    boxes = []
+    for n in counts:
+        xy = torch.rand(n, 2, generator=g) * 20
+        boxes.append(torch.cat([xy, xy + 4 + torch.rand(n, 2, generator=g) * 10], 1))   # (n, 4)
+    N = sum(counts)
+    labels = torch.randint(1, C, (N,), generator=g)
+    return dict(fmap=torch.randn(2, FC, 8, 8, generator=g), boxes=boxes, sizes=[(32, 32), (32, 32)],
+                obj_feats=torch.randn(N, 8, generator=g), obj_dists=torch.softmax(torch.randn(N, C, generator=g), -1),
+                pairs=[M.all_pairs(n, "cpu") for n in counts], gt_labels=labels)
+
+
+def run(model, inp):
+    return model(inp["fmap"], inp["boxes"], inp["sizes"], inp["obj_feats"], inp["obj_dists"], inp["pairs"],
+                 inp["gt_labels"])
+
+
+def grads_of_align_loss(model, inp):
+    model.train()
+    model.zero_grad(set_to_none=True)
+    out = run(model, inp)
+    M.alignment_loss(out["rel_logits"], out["mirror_logits"], "kl").backward()
+    return {n: p.grad for n, p in model.named_parameters()}
+
+
+def nonzero(g):
+    return g is not None and g.abs().sum() > 0
+
+
+def test_alignment_loss_is_kl_with_a_fixed_target():
+    orig = torch.randn(7, P, requires_grad=True)
+    mirror = torch.randn(7, P, requires_grad=True)
+    loss = M.alignment_loss(orig, mirror, "kl")
+    p, q = orig.softmax(-1), mirror.softmax(-1)
+    torch.testing.assert_close(loss, (p * (p.log() - q.log())).sum(-1).mean())   # Eq. (2), batch mean
+    loss.backward()
+    assert orig.grad is None, "a gradient reached P_original: the KL target must be detached"
+    assert nonzero(mirror.grad)
+    assert M.alignment_loss(mirror, mirror, "kl").abs() < 1e-6
+
+
+@pytest.mark.parametrize("mode", ["predcls", "sgcls"])
+def test_no_gradient_through_the_target_distribution(mode):
+    grads = grads_of_align_loss(tiny(mode=mode), tiny_inputs())
+    # post_cat, rel_compress and the frequency bias make P_original and nothing in the untied mirror.
+    for name in ("post_cat.weight", "rel_compress.weight", "freq_bias.weight"):
+        assert not nonzero(grads[name]), f"L_align reached {name} through the target"
+
+
+def test_align_gradient_stops_at_the_mirror_inputs():
+    model, inp = tiny(mode="sgcls"), tiny_inputs()
+    inp["obj_feats"].requires_grad_(True)
+    inp["fmap"].requires_grad_(True)
+    grads = grads_of_align_loss(model, inp)
+    before = ("obj_embed_ctx", "pos_embed", "obj_ctx_rnn", "obj_classifier", "obj_embed_edge", "rect_conv", "union_fc")
+    for name, g in grads.items():
+        if name.startswith(before):
+            assert not nonzero(g), f"L_align reached {name}, before the relation predictor"
+    assert inp["obj_feats"].grad is None and inp["fmap"].grad is None
+    # ...and it does train the relation predictor's message passing and the untied head.
+    for name in ("edge_ctx_rnn.weight_ih_l0", "edge_ctx_rnn.weight_hh_l0_reverse", "post_emb.weight",
+                 "mirror_head.0.weight", "mirror_head.4.weight"):
+        assert nonzero(grads[name]), f"L_align did not reach {name}"
+
+
+def test_mirror_shares_every_weight_except_the_untied_head():
+    aligned, plain = tiny(align=True), tiny(align=False)
+    extra = set(dict(aligned.named_parameters())) - set(dict(plain.named_parameters()))
+    assert extra and all(n.startswith("mirror_head.") for n in extra), extra   # no private copies
+    assert set(dict(plain.named_parameters())) <= set(dict(aligned.named_parameters()))
+    head = [m for m in aligned.mirror_head if isinstance(m, torch.nn.Linear)]
+    assert len(head) == 3 and sum(isinstance(m, torch.nn.ReLU) for m in aligned.mirror_head) == 2
+    # The mirror runs the very same modules: the edge LSTM and head/tail projection twice per step.
+    calls = {"edge_ctx_rnn": 0, "post_emb": 0}
+    for name in calls:
+        getattr(aligned, name).register_forward_hook(lambda m, i, o, n=name: calls.__setitem__(n, calls[n] + 1))
+    aligned.train()
+    run(aligned, tiny_inputs())
+    assert calls == {"edge_ctx_rnn": 2, "post_emb": 2}
+    # Changing a shared weight changes the mirror's output.
+    inp = tiny_inputs()
+    torch.manual_seed(5)
+    m1 = run(aligned, inp)["mirror_logits"]
+    with torch.no_grad():
+        aligned.edge_ctx_rnn.weight_hh_l0.add_(0.5)
+    torch.manual_seed(5)
+    assert not torch.allclose(m1, run(aligned, inp)["mirror_logits"])
+
+
+def test_tied_head_ablation_shares_the_original_head():
+    model = tiny(tied=True)
+    assert not hasattr(model, "mirror_head")
+    grads = grads_of_align_loss(model, tiny_inputs())
+    assert nonzero(grads["post_cat.weight"]) and nonzero(grads["rel_compress.weight"])
+    assert not nonzero(grads["freq_bias.weight"])
+
+
+def test_no_frequency_bias_in_the_mirror():
+    model, inp = tiny(), tiny_inputs()
+    model.train()
+    torch.manual_seed(3)
+    out1 = run(model, inp)
+    with torch.no_grad():
+        model.freq_bias.weight.normal_(0, 10)
+    torch.manual_seed(3)   # the same masks
+    out2 = run(model, inp)
+    assert not torch.allclose(out1["rel_logits"], out2["rel_logits"])      # the original uses it
+    torch.testing.assert_close(out1["mirror_logits"], out2["mirror_logits"])  # the mirror does not
+
+
+def test_masks_drop_about_p_of_the_elements(monkeypatch):
+    x = torch.ones(200_000)
+    for p in (0.1, 0.4):
+        y = M.random_mask(x, p)
+        assert abs((y == 0).float().mean().item() - p) < 0.005
+        assert (y[y != 0] == 1).all()                    # Eq. (1) zeroes; no 1/(1-p) rescaling
+    assert (M.random_mask(x, 0.0) == 1).all()
+    seen = []
+    real = M.random_mask
+    monkeypatch.setattr(M, "random_mask", lambda t, p: seen.append((tuple(t.shape), p, t.requires_grad)) or real(t, p))
+    model, inp = tiny(mask_p=0.3), tiny_inputs()
+    model.train()
+    run(model, inp)
+    N, R = 7, 4 * 3 + 3 * 2
+    # Eq. (1) on the edge-LSTM input (N, E + 2H + roi) and on the union feature (R, Du), detached.
+    assert seen == [((N, 4 + 12 + 8), 0.3, False), ((R, 10), 0.3, False)]
+
+
+def test_eval_never_runs_the_mirror_and_equals_the_plain_model():
+    aligned, inp = tiny(align=True, mode="sgcls"), tiny_inputs()
+    aligned.train()
+    for _ in range(2):   # move the weights away from their initial values
+        out = run(aligned, inp)
+        (out["rel_logits"].logsumexp(-1).mean() + M.alignment_loss(out["rel_logits"], out["mirror_logits"], "kl")).backward()
+        with torch.no_grad():
+            for prm in aligned.parameters():
+                if prm.grad is not None:
+                    prm.sub_(0.1 * prm.grad)
+    aligned.eval()
+    aligned.mirror = lambda *a, **k: (_ for _ in ()).throw(AssertionError("mirror ran in eval mode"))
+    plain = tiny(align=False, mode="sgcls", seed=123)
+    plain.load_state_dict(M.strip_mirror(aligned.state_dict()))           # strict: same layout
+    plain.eval()
+    with torch.no_grad():
+        a, b = run(aligned, inp), run(plain, inp)
+    assert "mirror_logits" not in a
+    for k in ("rel_logits", "obj_logits", "obj_labels", "obj_scores"):
+        assert torch.equal(a[k], b[k]), k
+
+
+# ----------------------------------------------------------------------------------------------
+# Smoke runs of the script (subprocesses with a tiny budget; the detector is trained once, for 3
+# iterations, and then found in the session's cache by every later run with the same settings)
+
+TINY = ["--iters", "3", "--max-eval-images", "6", "--eval-every", "2", "--log-every", "1",
+        "--batch-size", "2", "--det-batch", "2", "--eval-batch", "3"]
+
+
+def script(*args, timeout=300, **kw):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, os.path.join(ROOT, "motifs_align.py"), *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout, **kw)
+
+
+def check_run(out_dir, mode):
+    with open(os.path.join(out_dir, "metrics.json")) as f:
+        m = json.load(f)
+    for k in ("R@20", "R@50", "R@100", "mR@20", "mR@50", "mR@100", "head_mR@100", "tail_mR@100", "det_mAP@0.5"):
+        assert k in m and 0.0 <= m[k] <= 1.0, k
+    for name in ("args.json", "log.txt", "curves.png", "per_predicate.png", "examples.png"):
+        assert os.path.getsize(os.path.join(out_dir, name)) > 0, name
+    ck = torch.load(os.path.join(out_dir, "ckpt_last.pt"), weights_only=True)
+    assert ck["step"] == 3 and ck["args"]["mode"] == mode
+    assert {"model", "optimizer", "scheduler", "step", "args"} <= set(ck)
+    return m
+
+
+@pytest.fixture(scope="session")
+def predcls_run(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("predcls"))
+    r = script("--predcls", *TINY, "--out", out)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return out, r.stdout
+
+
+def test_smoke_predcls(predcls_run):
+    out, stdout = predcls_run
+    check_run(out, "predcls")
+    assert "it 3/3 | loss" in stdout and "align" in stdout and "eta" in stdout
+
+
+@pytest.mark.parametrize("mode", ["sgcls", "sgdet"])
+def test_smoke_sgcls_sgdet(mode, tmp_path, predcls_run):
+    r = script(f"--{mode}", *TINY, "--no-align", "--out", str(tmp_path))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "detector loaded from" in r.stdout   # the predcls run's cached detector is reused
+    check_run(str(tmp_path), mode)
+
+
+def test_freq_baseline(tmp_path, predcls_run):
+    r = script("--predcls", "--freq-baseline", *TINY, "--out", str(tmp_path))
+    assert r.returncode == 0, r.stdout + r.stderr
+    with open(tmp_path / "metrics.json") as f:
+        assert 0.0 < json.load(f)["R@50"] <= 1.0   # the prior alone finds some triplets
+
+
+def test_resume_after_an_interrupted_run(tmp_path, predcls_run):
+    out = str(tmp_path)
+    common = ["--predcls", "--max-eval-images", "6", "--eval-every", "2", "--log-every", "1", "--batch-size", "2",
+              "--det-batch", "2", "--eval-batch", "3", "--det-iters", "3", "--out", out]
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "motifs_align.py"), *common, "--rel-iters", "100000"],
+                            cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = os.path.join(out, "ckpt_last.pt")
+    deadline = time.time() + 120
+    while not os.path.exists(last) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)   # killed mid-training, possibly while writing a checkpoint
+    proc.wait()
+    assert os.path.exists(last), "the run never wrote ckpt_last.pt"
+    step = torch.load(last, weights_only=True)["step"]
+    assert 2 <= step < 100000
+    r = script(*common, "--rel-iters", str(step + 2), "--resume")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"resumed from {last} at iteration {step}" in r.stdout
+    assert torch.load(last, weights_only=True)["step"] == step + 2
+    assert os.path.exists(os.path.join(out, "metrics.json"))
+
+
+def test_torchrun_two_cpu_processes(tmp_path, predcls_run):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29731",
+           os.path.join(ROOT, "motifs_align.py"), "--predcls", *TINY, "--out", str(tmp_path)]
+    r = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "2 process(es)" in r.stdout
+    check_run(str(tmp_path), "predcls")
+
+
+def test_infer_on_an_image_file(tmp_path, predcls_run):
+    from PIL import Image
+    out, _ = predcls_run
+    Image.new("RGB", (120, 100), (90, 140, 200)).save(tmp_path / "mine.png")
+    import data
+    names = data.VGSGGDataset(data.ensure_synthetic(), "test", num_val_im=data.SYNTHETIC_NUM_VAL).idx_to_label
+    boxes = {"mine.png": {"boxes": [[10, 10, 50, 60], [40, 30, 110, 90], [0, 0, 30, 20]],
+                          "labels": [names[1], names[2], 3]}}
+    (tmp_path / "boxes.json").write_text(json.dumps(boxes))
+    r = script("--infer", str(tmp_path / "mine.png"), "--ckpt", os.path.join(out, "ckpt_best.pt"),
+               "--boxes", str(tmp_path / "boxes.json"), "--out", str(tmp_path / "pred"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    triplets = json.loads((tmp_path / "pred" / "mine_sg.json").read_text())
+    assert len(triplets) == 6 and {"subject", "predicate", "object", "score"} <= set(triplets[0])
+    assert os.path.getsize(tmp_path / "pred" / "mine_sg.png") > 0
