@@ -130,11 +130,12 @@ def bernoulli_mask(seed, shape, p, device="cpu"):
     c2 = ar(H).view(1, H, 1, 1)                           # counter word 2: head h
     c3 = ar(B).view(B, 1, 1, 1)                           # counter word 3: batch element b
     c0, c1, c2, c3 = (c.expand(B, H, Lq, G) for c in (c0, c1, c2, c3))
+    if threshold == 0:                                    # p = 0: nothing to draw
+        return torch.zeros((B, H, Lq, Lk), dtype=torch.bool, device=device)
     words = philox4x32_torch(c0, c1, c2, c3, seed_lo, seed_hi)             # 4 x (B, H, Lq, G)
     # decision s = 0..7 of a group takes bits 16*(s%2) .. 16*(s%2)+15 of word s//2; key j = 8*g + s
-    u16 = torch.stack([(w >> shift) & 0xFFFF for w in words for shift in (0, 16)], dim=-1)
-    u16 = u16.reshape(B, H, Lq, G * DECISIONS_PER_CALL)[..., :Lk]          # (B, H, Lq, Lk)
-    return u16 < threshold
+    drop = torch.stack([((w >> shift) & 0xFFFF) < threshold for w in words for shift in (0, 16)], -1)
+    return drop.reshape(B, H, Lq, G * DECISIONS_PER_CALL)[..., :Lk]        # (B, H, Lq, Lk)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -149,14 +150,13 @@ def masked_attention_reference(q, k, v, p, seed, key_padding_mask=None):
     drop = bernoulli_mask(seed, (B, H, Lq, Lk), p, device=q.device)        # (B, H, Lq, Lk)
     if key_padding_mask is not None:
         drop = drop | key_padding_mask.to(device=q.device, dtype=torch.bool)[:, None, None, :]
+    # A row with no surviving key has no softmax (all -inf gives NaN, forward and backward). We leave
+    # such rows unmasked, so their softmax is finite, then zero their probabilities: zeros out, zero
+    # gradients, and one fused torch.softmax for all rows.
+    empty = drop.all(dim=-1, keepdim=True)                                  # (B, H, Lq, 1)
     s = torch.matmul(q, k.transpose(-1, -2)) * (1.0 / math.sqrt(D))         # (B, H, Lq, Lk)
-    s = s.masked_fill(drop, float("-inf"))
-    # softmax that survives all -inf rows: subtract a finite row max, divide by a non-zero sum
-    m = s.detach().amax(dim=-1, keepdim=True) if Lk > 0 else s.new_zeros(B, H, Lq, 1)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))             # (B, H, Lq, 1)
-    e = torch.exp(s - m)                                                    # dropped -> exactly 0
-    denom = e.sum(dim=-1, keepdim=True)
-    attn = e / torch.where(denom > 0, denom, torch.ones_like(denom))       # empty row -> zeros
+    attn = torch.softmax(s.masked_fill(drop & ~empty, float("-inf")), dim=-1)
+    attn = attn.masked_fill(empty, 0.0)                                     # (B, H, Lq, Lk)
     return torch.matmul(attn.to(v.dtype), v)                               # (B, H, Lq, D)
 
 
@@ -273,7 +273,8 @@ if triton is not None:
         out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
         tl.store(O + b.to(tl.int64) * sob + h * soh + offs_m[:, None] * som + offs_d[None, :] * sod,
                  out.to(O.dtype.element_ty), mask=row_ok[:, None])                # write BM*D
-        # +inf for an empty row makes every recomputed probability exp2(s - lse) exactly 0
+        # an empty row keeps no logit, so the backward zeros all of its P anyway; +inf rather than
+        # -inf keeps exp2(s - lse) at 0 instead of inf should anything ever read it unmasked
         lse = tl.where(has_keys, m_i + tl.math.log2(tl.where(has_keys, l_i, 1.0)), float("inf"))
         tl.store(LSE + bh.to(tl.int64) * Lq + offs_m, lse, mask=row_ok)
 
