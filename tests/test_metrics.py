@@ -217,7 +217,8 @@ def test_sgcls_uses_gt_boxes_with_predicted_labels():
     P = 2
     gt = {'boxes': GT_BOXES, 'labels': GT_LABELS, 'relations': np.array([[0, 1, 1], [1, 2, 2]])}
     pred = dict(predcls_pred([[0, 1], [1, 2]], [scores_row(P, {1: 0.5}), scores_row(P, {2: 0.5})]),
-                labels=np.array([1, 2, 1]), scores=np.array([1.0, 1.0, 1.0]))  # object 2 wrong
+                labels=np.array([1, 2, 1]), scores=np.array([1.0, 1.0, 1.0]),  # object 2 wrong
+                boxes=GT_BOXES + 500)  # ignored: SGCls is evaluated on the GT boxes
     ev = SGEvaluator('sgcls', P, ks=(2,))
     assert ev.add(gt, pred)['R@2'] == 0.5
 
