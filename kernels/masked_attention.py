@@ -25,17 +25,22 @@ The random generator (the part worth reading twice):
     * Philox4x32-10 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC 2011), the
       generator of cuRAND, of PyTorch's CUDA dropout, of FlashAttention's dropout and of
       tl.randint4x. It maps (counter: 4 x uint32, key: 2 x uint32) to 4 x uint32 random words.
-    * counter = (j // 8, i, h, b), key = the 64-bit seed. The mask bit of logit (b, h, i, j) is
-      therefore a pure function of (seed, b, h, i, j): independent of tile sizes, of the launch
-      grid, of the device. The same seed gives the same mask on the CUDA kernel, under the Triton
-      interpreter and in the plain-PyTorch path below (which re-implements Philox on int64 tensors).
-    * One Philox call gives 128 bits = 8 decisions of 16 bits, for keys j = 8*(j//8) .. +7
-      (FlashAttention draws 16 decisions of 8 bits per call). The logit is dropped iff its 16-bit
-      number u < round(p * 65536), so the drop rate is p up to 1/131072 (8-bit numbers would turn
-      p = 0.1 into 26/256 = 0.1016); p = 1 drops everything, p = 0 nothing.
-    * Cost: 10 rounds x (2 mulhi + 2 mul + 4 xor + 2 key adds) per 8 logits, i.e. about 15 integer
-      operations per logit, against 2*D multiply-adds per logit for the two matmuls (on tensor
-      cores) and one exp2. kernels/bench.py measures it (`--p 0` skips the generator entirely).
+    * key = the 64-bit seed, counter = (8 a + r, i, h, b) for key j = 64 a + 8 s + r: one call
+      gives 128 bits = 8 decisions of 16 bits, decision s for key 64 a + 8 s + r (keys 8 apart, to
+      match how tensor cores spread a row of logits over a thread; see _keep_tile). The mask bit of
+      logit (b, h, i, j) is therefore a pure function of (seed, b, h, i, j): independent of tile
+      sizes, of the launch grid, of the device. The same seed gives the same mask on the CUDA
+      kernel, under the Triton interpreter and in the plain-PyTorch path below (which re-implements
+      Philox on int64 tensors).
+    * Several decisions per call, as FlashAttention's dropout does (it draws 16 decisions of 8 bits).
+      The logit is dropped iff its 16-bit number u < round(p * 65536), so the drop rate is p up to
+      1/131072 (8-bit numbers would turn p = 0.1 into 26/256 = 0.1016); p = 1 drops everything,
+      p = 0 nothing (and skips the generator).
+    * Cost: 10 rounds x (2 wide multiplies + 2 three-input xors) per 8 logits, plus picking the
+      16 bits: about 10 integer instructions per logit, against one exp2 and a few float
+      instructions per logit for the softmax and 2*D multiply-adds on the tensor cores. Compiled
+      for sm_90 the forward kernel's SASS grows from about 1000 to 1500 instructions with the
+      generator (see BENCH.md); kernels/bench.py times it (`ours` against `ours p=0`).
 
 Dispatch (masked_attention below): CUDA tensors run the Triton kernels; CPU tensors run the same
 Triton kernels under the Triton interpreter if TRITON_INTERPRET=1 was set when this module was
@@ -68,7 +73,6 @@ except ImportError:  # no Triton wheel for this platform (macOS, Windows): the P
 PHILOX_ROUNDS = 10
 PHILOX_M0, PHILOX_M1 = 0xD2511F53, 0xCD9E8D57  # round multipliers (Random123; Triton's random.py)
 PHILOX_W0, PHILOX_W1 = 0x9E3779B9, 0xBB67AE85  # key increments (golden ratio, sqrt(3) - 1)
-DECISIONS_PER_CALL = 8  # 128 random bits per Philox call, 16 bits per drop decision
 U32 = 0xFFFFFFFF
 
 
@@ -123,19 +127,22 @@ def bernoulli_mask(seed, shape, p, device="cpu"):
     device = torch.device(device)
     if _use_triton(device) and B * H * Lq * Lk > 0:
         return _bernoulli_mask_triton(seed_lo, seed_hi, threshold, (B, H, Lq, Lk), device)
-    G = -(-Lk // DECISIONS_PER_CALL)                      # key groups of 8, ceil(Lk / 8)
+    if threshold == 0:                                    # p = 0: nothing to draw
+        return torch.zeros((B, H, Lq, Lk), dtype=torch.bool, device=device)
+    # key j = 64 a + 8 s + r: the Philox call with counter (8 a + r, i, h, b) draws the decisions
+    # s = 0..7, i.e. for the 8 keys j = 64 a + r, 64 a + r + 8, ..., 64 a + r + 56
+    A = -(-Lk // 64)                                      # blocks of 64 keys, ceil(Lk / 64)
     ar = lambda n: torch.arange(n, dtype=torch.int64, device=device)
-    c0 = ar(G).view(1, 1, 1, G)                           # counter word 0: key group j // 8
+    c0 = (8 * ar(A)[:, None] + ar(8)[None, :]).view(1, 1, 1, A * 8)   # counter word 0: 8 a + r
     c1 = ar(Lq).view(1, 1, Lq, 1)                         # counter word 1: query i
     c2 = ar(H).view(1, H, 1, 1)                           # counter word 2: head h
     c3 = ar(B).view(B, 1, 1, 1)                           # counter word 3: batch element b
-    c0, c1, c2, c3 = (c.expand(B, H, Lq, G) for c in (c0, c1, c2, c3))
-    if threshold == 0:                                    # p = 0: nothing to draw
-        return torch.zeros((B, H, Lq, Lk), dtype=torch.bool, device=device)
-    words = philox4x32_torch(c0, c1, c2, c3, seed_lo, seed_hi)             # 4 x (B, H, Lq, G)
-    # decision s = 0..7 of a group takes bits 16*(s%2) .. 16*(s%2)+15 of word s//2; key j = 8*g + s
-    drop = torch.stack([((w >> shift) & 0xFFFF) < threshold for w in words for shift in (0, 16)], -1)
-    return drop.reshape(B, H, Lq, G * DECISIONS_PER_CALL)[..., :Lk]        # (B, H, Lq, Lk)
+    c0, c1, c2, c3 = (c.expand(B, H, Lq, A * 8) for c in (c0, c1, c2, c3))
+    words = philox4x32_torch(c0, c1, c2, c3, seed_lo, seed_hi)             # 4 x (B, H, Lq, 8A)
+    # decision s takes bits 16*(s%2) .. 16*(s%2)+15 of word s//2 (16-bit numbers, drop if < threshold)
+    drop = torch.stack([((w.view(B, H, Lq, A, 8) >> shift) & 0xFFFF) < threshold
+                        for w in words for shift in (0, 16)], dim=-2)       # (B, H, Lq, A, 8 s, 8 r)
+    return drop.reshape(B, H, Lq, A * 64)[..., :Lk]                        # (B, H, Lq, Lk)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -185,25 +192,36 @@ if triton is not None:
     @triton.jit
     def _keep_tile(seed_lo, seed_hi, threshold, b, h, offs_m, start_n,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-        """(BM, BN) bool: True where logit (b, h, offs_m[r], start_n + c) survives the draw.
+        """(BM, BN) bool: True where logit (b, h, offs_m[row], start_n + col) survives the draw.
 
-        start_n is a multiple of 8, so the tile covers BN / 8 whole key groups: one Philox call per
-        (query, key group) gives the 8 decisions of that group. Nothing depends on BM or BN."""
+        Key j = 64 a + 8 s + r gets decision s of the Philox call with counter (8 a + r, i, h, b).
+        Why keys 8 apart share a call: a tensor-core accumulator gives each thread the columns
+        8 s + 2 t and 8 s + 2 t + 1 of its rows (s = 0..BN/8-1; mma on Ampere, wgmma on Hopper), so
+        with this grouping a thread uses all 8 decisions of every call it makes and no call is made by
+        two threads. (Grouping 8 consecutive keys instead made each thread compute 4x more Philox.)
+        Nothing here depends on BM or BN; start_n is a multiple of BN, BN a power of two >= 16."""
         k0 = seed_lo.to(tl.uint32, bitcast=True)
         k1 = seed_hi.to(tl.uint32, bitcast=True)
-        groups = (start_n // 8 + tl.arange(0, BLOCK_N // 8)).to(tl.uint32)        # (BN/8,)
-        c0 = tl.broadcast_to(groups[None, :], (BLOCK_M, BLOCK_N // 8))              # j // 8
-        c1 = tl.broadcast_to(offs_m.to(tl.uint32)[:, None], (BLOCK_M, BLOCK_N // 8))  # i
-        c2 = tl.zeros((BLOCK_M, BLOCK_N // 8), dtype=tl.uint32) + h.to(tl.uint32)   # h
-        c3 = tl.zeros((BLOCK_M, BLOCK_N // 8), dtype=tl.uint32) + b.to(tl.uint32)   # b
-        r0, r1, r2, r3 = _philox4x32_10(c0, c1, c2, c3, k0, k1)                     # 4 x (BM, BN/8)
-        # spread the 4 words over 8 decisions: decision s of a group = 16-bit half s%2 of word s//2
-        s = tl.arange(0, 8)[None, None, :]                                           # (1, 1, 8)
-        word = tl.where(s < 2, r0[:, :, None], tl.where(s < 4, r1[:, :, None],
-                        tl.where(s < 6, r2[:, :, None], r3[:, :, None])))           # (BM, BN/8, 8)
+        r = tl.arange(0, 8)
+        if BLOCK_N >= 64:  # the tile holds BN / 64 whole blocks of 64 keys, all 8 slots of each
+            comb = (start_n // 64 + tl.arange(0, BLOCK_N // 64))[:, None] * 8 + r[None, :]  # (BN/64, 8)
+            slot = tl.arange(0, 8)                                                          # (8,)
+        else:              # the tile holds BN / 8 of the 8 slots of one block of 64 keys
+            comb = (start_n // 64 * 8 + r)[None, :]                                         # (1, 8)
+            slot = (start_n // 8) % 8 + tl.arange(0, BLOCK_N // 8)                         # (BN/8,)
+        shape: tl.constexpr = (BLOCK_M, comb.shape[0], 8)
+        c0 = tl.broadcast_to(comb.to(tl.uint32)[None, :, :], shape)                 # 8 a + r
+        c1 = tl.broadcast_to(offs_m.to(tl.uint32)[:, None, None], shape)            # i
+        c2 = tl.zeros(shape, dtype=tl.uint32) + h.to(tl.uint32)                     # h
+        c3 = tl.zeros(shape, dtype=tl.uint32) + b.to(tl.uint32)                     # b
+        r0, r1, r2, r3 = _philox4x32_10(c0, c1, c2, c3, k0, k1)                     # 4 x (BM, NA, 8)
+        # decision s = 16-bit half s % 2 of word s // 2
+        s = slot[None, None, :, None]                                                # (1, 1, NS, 1)
+        word = tl.where(s < 2, r0[:, :, None, :], tl.where(s < 4, r1[:, :, None, :],
+                        tl.where(s < 6, r2[:, :, None, :], r3[:, :, None, :])))     # (BM, NA, NS, 8)
         u16 = ((word >> ((s % 2) * 16).to(tl.uint32)) & 0xFFFF).to(tl.int32)
         keep = (u16 >= threshold).to(tl.int8)
-        # row-major reshape: column 8*g + s of the tile is decision s of group g
+        # row-major reshape: tile column 64 na + 8 ns + r is key j = start_n + 64 na + 8 ns + r
         return tl.reshape(keep, (BLOCK_M, BLOCK_N)) != 0
 
     @triton.jit

@@ -121,7 +121,8 @@ def interp(tmp_path_factory):
         q, k, v, w, _ = make_inputs(D, dtype, seed=i)
         inputs[name] = {"q": q, "k": k, "v": v, "w": w}
     torch.save(inputs, tmp / "in.pt")
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    pythonpath = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1", PYTHONPATH=pythonpath)
     proc = subprocess.run([sys.executable, os.path.abspath(__file__), str(tmp / "in.pt"),
                            str(tmp / "out.pt")], env=env, cwd=ROOT, capture_output=True, text=True,
                           timeout=600)
@@ -220,10 +221,13 @@ def test_mask_reproducible_and_seed_dependent():
 def test_mask_drop_rate_and_independence(p):
     m = bernoulli_mask(7, (2, 4, 300, 1000), p).float()   # 2.4M decisions
     assert abs(m.mean().item() - p) < 0.002               # the issue asks for +-1%; 6 sigma is 0.002
-    # each of the 8 decisions drawn from one Philox call, and neighbours, are independent draws
-    slots = m.view(2, 4, 300, 125, 8)
+    # each of the 8 decisions drawn from one Philox call (keys 64 a + 8 s + r, s = 0..7) has rate p,
+    # and the decisions of one call, and neighbours, are independent draws
+    calls = m[..., :960].reshape(2, 4, 300, 15, 8, 8)                    # (B, H, Lq, a, s, r)
     for s in range(8):
-        assert abs(slots[..., s].mean().item() - p) < 0.005, f"decision slot {s}"
+        assert abs(calls[..., s, :].mean().item() - p) < 0.005, f"decision slot {s}"
+    both = (calls[..., 0, :] * calls[..., 1, :]).mean().item()          # two halves of one word
+    assert abs(both - p * p) < 0.005
     for a, b in ((m[..., :-1], m[..., 1:]), (m[..., :-1, :], m[..., 1:, :]), (m[:, :-1], m[:, 1:])):
         assert abs((a * b).mean().item() - p * p) < 0.005
 
