@@ -409,7 +409,9 @@ def test_gather_under_torch_distributed_equals_single_process(tmp_path):
             dist.destroy_process_group()
 
         if __name__ == '__main__':
-            mp.start_processes(worker, nprocs=2, start_method='fork')  # no re-import: fast
+            # fork: no torch re-import in the children (fast); macOS/Windows need spawn
+            mp.start_processes(worker, nprocs=2,
+                               start_method='fork' if sys.platform == 'linux' else 'spawn')
             ev = SGEvaluator('sgdet', 4, ks=(2, 5))
             for gt, pred in images():
                 ev.add(gt, pred)
