@@ -363,7 +363,7 @@ class InferenceSampler(torch.utils.data.Sampler):
 # Images are 96..160 px per side, 2..10 objects each. Objects are annotated completely (as VG's objects
 # nearly are); relations are not.
 
-SYNTHETIC_VERSION = 1            # bump whenever the generator's output changes: the cache folder is per version
+SYNTHETIC_VERSION = 2            # bump whenever the generator's output changes: the cache folder is per version
 SYNTHETIC_NUM_TRAIN = 3000       # images with split flag 0 (train + val)
 SYNTHETIC_NUM_TEST = 1000        # images with split flag 2
 SYNTHETIC_NUM_VAL = 500          # the num_val_im to pass to VGSGGDataset on the synthetic data
@@ -389,16 +389,16 @@ PERSONS, ITEMS = ("man", "woman", "child"), ("cup", "bottle", "plate", "pizza", 
 # These numbers set the long tail and the head-predicate bias, as in VG where "on" stands for "sitting on",
 # "standing on", "parked on", ... and "has" for "holding" or "wearing".
 ANNOTATOR = {
-    "on": (0.55, None, 0.0), "has": (0.35, None, 0.0), "wearing": (0.65, "has", 0.35), "of": (0.3, None, 0.0),
-    "in": (0.6, None, 0.0), "near": (0.2, None, 0.0), "behind": (0.35, "near", 0.2),
-    "in front of": (0.25, "near", 0.35), "holding": (0.65, "has", 0.35), "sitting on": (0.8, "on", 0.5),
-    "standing on": (0.45, "on", 0.6), "next to": (0.3, "near", 0.5), "riding": (0.85, "on", 0.4),
-    "under": (0.6, "near", 0.25), "walking on": (0.45, "on", 0.55), "looking at": (0.3, "near", 0.45),
-    "parked on": (0.6, "on", 0.6), "carrying": (0.55, "holding", 0.45), "lying on": (0.7, "on", 0.5),
-    "eating": (0.6, "holding", 0.5), "above": (0.5, "near", 0.3), "using": (0.6, "holding", 0.55),
+    "on": (0.55, None, 0.0), "has": (0.3, None, 0.0), "wearing": (0.65, "has", 0.4), "of": (0.3, "on", 0.4),
+    "in": (0.6, "on", 0.45), "near": (0.3, None, 0.0), "behind": (0.5, "near", 0.2),
+    "in front of": (0.45, "near", 0.35), "holding": (0.65, "has", 0.4), "sitting on": (0.8, "on", 0.55),
+    "standing on": (0.45, "on", 0.6), "next to": (0.45, "near", 0.5), "riding": (0.85, "on", 0.6),
+    "under": (0.6, "near", 0.35), "walking on": (0.45, "on", 0.55), "looking at": (0.45, "near", 0.45),
+    "parked on": (0.6, "on", 0.6), "carrying": (0.55, "holding", 0.5), "lying on": (0.7, "on", 0.55),
+    "eating": (0.6, "holding", 0.5), "above": (0.5, "near", 0.4), "using": (0.6, "holding", 0.55),
     "playing with": (0.5, "near", 0.45), "flying over": (0.6, "above", 0.5), "hanging from": (0.6, "on", 0.5),
 }
-DUPLICATE_P = 0.08   # when the generic predicate is written, the specific one is written too this often
+DUPLICATE_P = 0.12   # when the generic predicate is written, the specific one is written too this often
 SYNTHETIC_CLASSES = sorted(CLASS_COLORS)         # alphabetical, as VG's dicts
 SYNTHETIC_PREDICATES = sorted(ANNOTATOR)
 
@@ -498,7 +498,7 @@ def _dress(sc, p, item_p, bag_p=0.12):
         cx, cy, pred = hx + f * 0.9 * r, hy, "using"
     elif kind == "pizza" and rng.random() < 0.4:                # at the mouth: eating
         cx, cy, pred = hx + f * (r + 0.4 * w), hy + 0.3 * r, "eating"
-    elif kind == "ball" and o["pose"] in ("standing", "walking") and rng.random() < 0.6:   # at the feet
+    elif kind == "ball" and o["pose"] in ("standing", "walking") and rng.random() < 0.45:   # at the feet
         cx, cy, pred = (x2 + 0.6 * w) if f > 0 else (x1 - 0.6 * w), y2 - h / 2, "playing with"
     else:
         cx, cy, pred = ax + f * 0.3 * w, ay, "holding"
@@ -640,7 +640,7 @@ def _g_table(sc, cx, gy, U):
                 "phone": (.12, .2)}[kind]
         iw, ih = size[0] * U, size[1] * U
         if kind == "phone":    # lies flat
-            iw, ih = ih, 0.06 * U
+            iw, ih = ih, 0.08 * U
         i = sc.add(kind, [x - iw / 2, top - ih + 0.02 * U, x + iw / 2, top + 0.02 * U])
         sc.rel(i, t, "on")
         if kind == "plate" and rng.random() < 0.4:
@@ -745,10 +745,11 @@ def _g_flying(sc, cx, gy, U):
 def _g_bird(sc, cx, gy, U):
     """Birds on the ground or flying over it: the same (bird, ground) pair, told apart by the wings."""
     rng, f = sc.rng, sc.rng.choice([-1, 1])
-    if sc.ground_is("water") or (sc.ground is not None and rng.random() < 0.3):
+    if sc.ground is not None and rng.random() < (0.5 if sc.ground_is("water") else 0.3):
         return _g_flying(sc, cx, gy, U)
     b = sc.add("bird", [cx - 0.11 * U, gy - 0.16 * U, cx + 0.11 * U, gy], facing=f, pose="perched")
-    _support(sc, b)
+    if sc.ground is not None:
+        sc.rel(b, sc.ground, "on")              # standing on the ground, or swimming on the water
     return [b]
 
 
@@ -765,11 +766,13 @@ def _g_boat(sc, cx, gy, U):
     return [b]
 
 
-# template -> (probability weight on land, weight on water); their mix is what makes the long tail
-GROUPS = {"person": (_g_person, 10, 0), "seat": (_g_seat, 4, 0), "ride": (_g_ride, 2.2, 0),
-          "table": (_g_table, 3.5, 0), "animal": (_g_animal, 3.5, 0), "bed": (_g_bed, 1.0, 0),
-          "car": (_g_car, 2.5, 0), "tree": (_g_tree, 2.5, 0), "bird": (_g_bird, 1.0, 1),
-          "boat": (_g_boat, 0, 6)}
+# template -> (function, probability weight on land, weight on water, width in units of U). The weights
+# are what makes the long tail; the width lets a template be picked only where it fits at a readable size.
+GROUPS = {"person": (_g_person, 10, 0, 0.6), "seat": (_g_seat, 4, 0, 1.1), "ride": (_g_ride, 2.2, 0, 1.2),
+          "table": (_g_table, 3.5, 0, 1.0), "animal": (_g_animal, 3.5, 0, 0.8), "bed": (_g_bed, 1.0, 0, 1.2),
+          "car": (_g_car, 2.5, 0, 1.3), "tree": (_g_tree, 2.5, 0, 0.7), "bird": (_g_bird, 1.0, 1, 0.3),
+          "boat": (_g_boat, 0, 6, 1.2)}
+MIN_SCALE = 0.36     # smallest U / H: below it small items would be 3-4 px, too small to see
 
 
 def _incidental(sc):
@@ -816,7 +819,8 @@ def _make_scene(rng, W, H):
         sc.ground = sc.add(ground, [0, gy - 0.08 * H, W - 1, H - 1])
     names = list(GROUPS)
     weights = np.array([GROUPS[n][2 if ground == "water" else 1] for n in names], dtype=float)
-    n_groups = rng.choice([1, 2, 3], p=[.3, .45, .25])
+    widths = np.array([GROUPS[n][3] for n in names])
+    n_groups = min(rng.choice([1, 2, 3], p=[.2, .45, .35]), max(1, int(W // 45)))
     edges = np.concatenate([[0], np.cumsum(rng.dirichlet([4] * n_groups))]) * W
     # far groups first (drawn first, smaller, feet higher): depth order = drawing order
     order = rng.permutation(n_groups)
@@ -824,12 +828,17 @@ def _make_scene(rng, W, H):
         far = (n_groups - 1 - rank) / max(n_groups - 1, 1)          # 1 = farthest, 0 = nearest
         slot_w = edges[k + 1] - edges[k]
         U = H * rng.uniform(0.45, 0.55) * (1 - 0.15 * far)
-        U = min(U, slot_w / 0.75)             # groups about fit their slot; neighbours may overlap a bit
-        cx = (edges[k] + edges[k + 1]) / 2 + rng.uniform(-0.12, 0.12) * slot_w
+        # Each template about fits its slot (neighbours may overlap a bit: occlusion, "behind"); one that
+        # would have to shrink below MIN_SCALE is not picked here.
+        fit_U = np.minimum(U, 1.35 * slot_w / widths)
+        w_k = np.where(fit_U >= MIN_SCALE * H, weights, 0)
+        if w_k.sum() == 0:
+            continue
+        name = rng.choice(names, p=w_k / w_k.sum())
+        cx = (edges[k] + edges[k + 1]) / 2 + rng.uniform(-0.18, 0.18) * slot_w
         n_before = len(sc.objs)
         sc.group = rank
-        name = rng.choice(names, p=weights / weights.sum())
-        mains = GROUPS[name][0](sc, cx, gy - 0.05 * H * far, U)
+        mains = GROUPS[name][0](sc, cx, gy - 0.05 * H * far, fit_U[names.index(name)])
         if len(sc.objs) > MAX_OBJECTS:       # too many objects: drop the whole group
             sc.rels = [r for r in sc.rels if r[0] < n_before and r[1] < n_before]
             del sc.objs[n_before:]
@@ -874,8 +883,9 @@ def _draw_object(d, o):
 
     def rect(a, b, cc, e, fill, outline=None, width=1, radius=0):
         xy = [min(a, cc) * SS, min(b, e) * SS, max(a, cc) * SS, max(b, e) * SS]
-        if radius:
-            d.rounded_rectangle(xy, radius=radius * SS, fill=fill, outline=outline, width=width)
+        radius = min(radius * SS, (xy[2] - xy[0]) / 2 - 1, (xy[3] - xy[1]) / 2 - 1)  # PIL fails on larger ones
+        if radius >= 1:
+            d.rounded_rectangle(xy, radius=radius, fill=fill, outline=outline, width=width)
         else:
             d.rectangle(xy, fill=fill, outline=outline, width=width)
 
@@ -1206,3 +1216,108 @@ def ensure_synthetic(cache_dir=None, seed=0):
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return root
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Statistics, figures and the command line
+
+def split_statistics(ds):
+    """Counts over one split, from annotations only: images, objects and relations per image, how many
+    times each class (C + 1,) and predicate (P + 1,) occurs (index 0 unused)."""
+    num_obj = np.array([len(ds.gt_labels[i]) for i in range(len(ds))])
+    num_rel = np.array([len(ds.gt_relations[i]) for i in range(len(ds))])
+    labels = np.concatenate(ds.gt_labels) if len(ds) else np.zeros(0, np.int64)
+    preds = np.concatenate([r[:, 2] for r in ds.gt_relations]) if len(ds) else np.zeros(0, np.int64)
+    return {"images": len(ds), "objects_per_image": num_obj, "relations_per_image": num_rel,
+            "class_counts": np.bincount(labels, minlength=ds.num_classes),
+            "predicate_counts": np.bincount(preds, minlength=ds.num_predicates)}
+
+
+def print_statistics(root, num_val_im=SYNTHETIC_NUM_VAL):
+    """Print images per split, objects/relations per image and the train predicate histogram."""
+    datasets = {s: VGSGGDataset(root, s, num_val_im=num_val_im, filter_duplicate_rels=False) for s in SPLITS}
+    print(f"data: {root}")
+    for split, ds in datasets.items():
+        st = split_statistics(ds)
+        o, r = st["objects_per_image"], st["relations_per_image"]
+        print(f"{split:5s}: {st['images']:5d} images | objects/image {o.mean():.2f} (min {o.min()}, max {o.max()}) "
+              f"| relations/image {r.mean():.2f} (min {r.min()}, max {r.max()}) | {r.sum()} relations")
+    train = datasets["train"]
+    st = split_statistics(train)
+    counts = st["predicate_counts"][1:]
+    print(f"{train.num_classes - 1} classes, {train.num_predicates - 1} predicates; train predicate counts, "
+          f"head to tail (max/min = {counts.max() / max(counts.min(), 1):.0f}x):")
+    for p in np.argsort(-counts, kind="stable"):
+        bar = "#" * int(round(40 * math.log10(1 + counts[p]) / math.log10(1 + counts.max())))
+        print(f"  {train.idx_to_predicate[p + 1]:>14s} {counts[p]:6d} {100 * counts[p] / counts.sum():5.1f}% {bar}")
+
+
+def draw_figures(root, out_dir, num_val_im=SYNTHETIC_NUM_VAL, num_examples=6):
+    """synthetic_examples.png (test scenes with their annotated triplets) and synthetic_predicates.png
+    (train predicate histogram, sorted, log scale) in out_dir."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(out_dir, exist_ok=True)
+    test = VGSGGDataset(root, "test", num_val_im=num_val_im)
+    picks = [i for i in range(len(test)) if len(test.gt_relations[i]) >= 3][:num_examples]
+    fig, axes = plt.subplots(2, (len(picks) + 1) // 2, figsize=(3.3 * ((len(picks) + 1) // 2), 9))
+    for ax, i in zip(axes.flat, picks):
+        image, t = test[i]
+        ax.imshow(image.permute(1, 2, 0).numpy())
+        names = [test.idx_to_label[l] for l in t["labels"].tolist()]
+        for k, (x1, y1, x2, y2) in enumerate(t["boxes"].tolist()):
+            ax.add_patch(plt.Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, color=f"C{k % 10}", lw=1))
+            ax.text(x1, y1, f"{k}:{names[k]}", color=f"C{k % 10}", fontsize=6, va="bottom")
+        lines = [f"{s}:{names[s]} -{test.idx_to_predicate[p]}-> {o}:{names[o]}"
+                 for s, o, p in t["relations"].tolist()]
+        ax.set_title(f"image {t['image_id']} ({t['size'][1]}x{t['size'][0]})", fontsize=8)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_xlabel("\n".join(lines[:8] + (["..."] if len(lines) > 8 else [])), fontsize=6.5, loc="left")
+    for ax in list(axes.flat)[len(picks):]:
+        ax.axis("off")
+    fig.suptitle("Synthetic scenes (test split) with their annotated relations: incomplete, and biased to "
+                 "generic predicates", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "synthetic_examples.png"), dpi=130)
+    plt.close(fig)
+
+    train = VGSGGDataset(root, "train", num_val_im=num_val_im, filter_duplicate_rels=False)
+    counts = split_statistics(train)["predicate_counts"][1:]
+    order = np.argsort(-counts, kind="stable")
+    fig, ax = plt.subplots(figsize=(9, 3.6))
+    ax.bar(range(len(order)), counts[order], color="C0")
+    ax.set_yscale("log")
+    ax.set_xticks(range(len(order)))
+    ax.set_xticklabels([train.idx_to_predicate[p + 1] for p in order], rotation=70, ha="right", fontsize=8)
+    ax.set_ylabel("train annotations (log)")
+    ax.set_title(f"Synthetic data: predicate counts in train ({len(train)} images, {counts.sum()} relations)",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "synthetic_predicates.png"), dpi=130)
+    plt.close(fig)
+
+
+def main():
+    parser = argparse.ArgumentParser(description="Generate (or find) the built-in synthetic scene-graph data "
+                                     "and print its statistics; or inspect a VG-SGG folder.")
+    parser.add_argument("--data", default="synthetic", help="'synthetic' or the path of a VG-SGG folder")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic data")
+    parser.add_argument("--cache-dir", default=None, help="default: $SGG_ALIGN_CACHE or ~/.cache/sgg_align")
+    parser.add_argument("--num-val-im", type=int, default=None,
+                        help=f"val images carved from train (default {SYNTHETIC_NUM_VAL} synthetic, 5000 VG)")
+    parser.add_argument("--figures", metavar="DIR", default=None, help="also write the two figures into DIR")
+    args = parser.parse_args()
+    synthetic = args.data == "synthetic"
+    root = ensure_synthetic(args.cache_dir, args.seed) if synthetic else args.data
+    num_val_im = args.num_val_im if args.num_val_im is not None else (SYNTHETIC_NUM_VAL if synthetic else 5000)
+    print_statistics(root, num_val_im)
+    if args.figures:
+        draw_figures(root, args.figures, num_val_im)
+        print(f"wrote {args.figures}/synthetic_examples.png and synthetic_predicates.png")
+
+
+if __name__ == "__main__":
+    main()
