@@ -233,41 +233,52 @@ def environment(device):
 # ---------------------------------------------------------------------------------------------------
 # Compile for a GPU without one
 
-def compile_for_gpu(dtype="fp16", head_dim=64, arch=90):
-    """Compile the three attention kernels (default tiles, padding and mask on) for sm_<arch> and
-    return {kernel: {registers, stack_bytes, local_bytes}} from cuobjdump. Runs on a CPU machine."""
+def compile_for_gpu(dtype="fp16", head_dim=64, arch=90, drop=True):
+    """Compile the three attention kernels (default tiles, padding mask on) for sm_<arch> on any
+    machine and return {kernel: {registers, stack_bytes, local_bytes, sass, tiles}}.
+
+    The arguments are specialised as a launch on contiguous tensors would be (unit head-dim
+    strides, 16-byte aligned pointers and strides), so the code is the one a GPU would run.
+    `sass` counts the instructions of the whole kernel: compiling with drop=False shows how much
+    code the in-kernel generator adds (a static measure, not a time)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     x = f"*{dtype}"
-    precision = "tf32" if dtype == "fp32" else "ieee"
     jobs = {
-        "_fwd_kernel": (dict(Q=x, K=x, V=x, O=x, LSE="*fp32", KPM="*i8"), MA.FWD_BLOCKS),
+        "_fwd_kernel": (dict(Q=x, K=x, V=x, O=x, LSE="*fp32", KPM="*i8"), MA.FWD_BLOCKS,
+                        ("sqd", "skd", "svd", "sod")),
         "_bwd_dkdv_kernel": (dict(Q=x, K=x, V=x, DO=x, LSE="*fp32", DELTA="*fp32", DK=x, DV=x,
-                                  KPM="*i8"), MA.BWD_DKDV_BLOCKS),
+                                  KPM="*i8"), MA.BWD_DKDV_BLOCKS, ("sqd", "skd", "svd", "sdod")),
         "_bwd_dq_kernel": (dict(Q=x, K=x, V=x, DO=x, LSE="*fp32", DELTA="*fp32", DQ=x, KPM="*i8"),
-                           MA.BWD_DQ_BLOCKS),
+                           MA.BWD_DQ_BLOCKS, ("sqd", "skd", "svd", "sdod")),
     }
     usage = {}
-    for name, (pointers, blocks) in jobs.items():
+    for name, (pointers, blocks, unit_strides) in jobs.items():
         fn = getattr(MA, name)
         BM, BN, warps = blocks[head_dim]
-        consts = dict(HAS_KPM=True, HAS_DROP=True, D=head_dim, BLOCK_M=BM, BLOCK_N=BN,
-                      PRECISION=precision)
-        floats = ("qk_scale", "sm_scale")
-        signature = {a: "constexpr" if a in consts else pointers.get(a, "fp32" if a in floats else "i32")
-                     for a in fn.arg_names}
-        kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=consts),
+        consts = dict(HAS_KPM=True, HAS_DROP=drop, D=head_dim, BLOCK_M=BM, BLOCK_N=BN,
+                      PRECISION="tf32" if dtype == "fp32" else "ieee", **{a: 1 for a in unit_strides})
+        signature = {a: "constexpr" if a in consts else pointers.get(
+            a, "fp32" if a in ("qk_scale", "sm_scale") else "i32") for a in fn.arg_names}
+        aligned = [a for a in fn.arg_names if a not in consts and (a in pointers or a[0] == "s")
+                   and not a.startswith("seed") and a != "skpm" and a != "KPM"]
+        attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in aligned}
+        kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=consts, attrs=attrs),
                                 target=GPUTarget("cuda", arch, 32), options=dict(num_warps=warps))
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "k.cubin")
             with open(path, "wb") as f:
                 f.write(kernel.asm["cubin"])
-            out = subprocess.run([cuobjdump, "--dump-resource-usage", path], capture_output=True,
+            cuobjdump = os.path.join(bindir, "cuobjdump")
+            res = subprocess.run([cuobjdump, "--dump-resource-usage", path], capture_output=True,
                                  text=True, check=True).stdout
-        m = re.search(r"REG:(\d+).*?STACK:(\d+).*?LOCAL:(\d+)", out, re.S)
+            sass = subprocess.run([cuobjdump, "-sass", path], capture_output=True, text=True,
+                                  check=True).stdout
+        m = re.search(r"REG:(\d+).*?STACK:(\d+).*?LOCAL:(\d+)", res, re.S)
         usage[name] = dict(registers=int(m[1]), stack_bytes=int(m[2]), local_bytes=int(m[3]),
+                           sass=len(re.findall(r"^\s+/\*[0-9a-f]{4}\*/\s", sass, re.M)),
                            tiles=(BM, BN, warps))
     return usage
 
@@ -285,10 +296,22 @@ def main():
     args = ap.parse_args()
 
     if args.compile_only:
+        import triton
+        lines = ["| dtype | D | kernel | tiles (BM, BN, warps) | registers | spilled (local B) "
+                 "| SASS instructions, p > 0 | SASS, p = 0 |", "|---|---|---|---|---|---|---|---|"]
         for dtype, D in itertools.product(("fp16", "bf16", "fp32"), MA.HEAD_DIMS):
-            for name, u in compile_for_gpu(dtype, D).items():
+            with_gen, without = compile_for_gpu(dtype, D), compile_for_gpu(dtype, D, drop=False)
+            for name, u in with_gen.items():
                 print(f"sm_90 {dtype} D={D:3d} {name:17s} tiles {u['tiles']}: {u['registers']} "
-                      f"registers, {u['stack_bytes']} B stack, {u['local_bytes']} B local (spills)")
+                      f"registers, {u['local_bytes']} B spilled, {u['sass']} SASS instructions "
+                      f"({without[name]['sass']} without the generator)", flush=True)
+                lines.append(f"| {dtype} | {D} | {name} | {u['tiles']} | {u['registers']} | "
+                             f"{u['local_bytes']} | {u['sass']} | {without[name]['sass']} |")
+        text = (f"Compiled on a machine without a GPU for sm_90 (H100) with Triton {triton.__version__}"
+                f" (`python -m kernels.bench --compile-only`). Static counts, not timings.\n\n"
+                + "\n".join(lines))
+        if not args.no_write:
+            write_section("compile", text)
         return
 
     if args.cpu:

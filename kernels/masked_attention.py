@@ -405,11 +405,13 @@ if triton is not None:
 
 LOG2E = 1.4426950408889634
 HEAD_DIMS = (16, 32, 64, 128)
-# Tile sizes: (BM, BN, num_warps) per kernel. Chosen from the shapes of Triton tutorial 06 and not
-# yet tuned on a GPU (see kernels/BENCH.md). BN must be a power of two >= 16 (8 keys per Philox call).
-FWD_BLOCKS = {16: (64, 64, 4), 32: (64, 64, 4), 64: (64, 64, 4), 128: (64, 32, 4)}
-BWD_DKDV_BLOCKS = {16: (32, 64, 4), 32: (32, 64, 4), 64: (32, 64, 4), 128: (32, 64, 8)}
-BWD_DQ_BLOCKS = {16: (64, 32, 4), 32: (64, 32, 4), 64: (64, 32, 4), 128: (64, 32, 8)}
+# Tile sizes: (BM, BN, num_warps) per kernel. Not tuned on a GPU yet (kernels/BENCH.md). Chosen so
+# that every tl.dot has M >= 64 (Hopper's wgmma needs it; with BM = 32 Triton falls back to the older
+# mma), BN = 64 uses all 8 decisions of every Philox call, and nothing spills when compiled for sm_90
+# (`python -m kernels.bench --compile-only`). BN must be a power of two >= 16.
+FWD_BLOCKS = {16: (64, 64, 4), 32: (64, 64, 4), 64: (64, 64, 4), 128: (64, 64, 4)}
+BWD_DKDV_BLOCKS = {16: (64, 64, 4), 32: (64, 64, 4), 64: (64, 64, 4), 128: (64, 64, 8)}
+BWD_DQ_BLOCKS = {16: (64, 64, 4), 32: (64, 64, 4), 64: (64, 64, 4), 128: (64, 64, 8)}
 
 
 def _interpreting():
