@@ -10,7 +10,13 @@ comparable with published ones. The code is our own; where it follows a conventi
 No real dataset can be downloaded on a laptop in seconds, so the file also *generates* a small synthetic
 scene-graph dataset of rendered images, written as the very same h5/json/jpg files and read back through the
 same `VGSGGDataset`. It is the default data of both model scripts. See "Synthetic scenes" below for what it
-contains and why it is hard in the ways the paper cares about.
+contains and why it is hard in the ways the paper cares about. In numbers (seed 0, `python data.py`):
+4,000 images of 96..160 px per side (3,000 with the train flag, of which the first SYNTHETIC_NUM_VAL = 500
+kept ones are val, and 1,000 test); images without any annotated relation are dropped as in VG, leaving about
+2,300 train / 500 val / 940 test images; 2..10 objects (6.0 on average) and 3.5 relations per image;
+31 object classes, 25 predicates whose train counts go from about 2,500 ("on") down to about 10
+("hanging from"). The frequency prior alone (Neural Motifs' FREQ) reaches PredCls R@50 = 0.64 and
+mR@50 = 0.33 on its test split (on VG: R@50 = 0.61). Generation takes about 15 s on one CPU core.
 
 Layout of a data folder (`root`):
     root/VG-SGG-with-attri.h5          (or VG-SGG.h5)          boxes, labels, relations, split flags
@@ -359,11 +365,11 @@ class InferenceSampler(torch.utils.data.Sampler):
 #   * Annotation is incomplete and biased like VG's: every true relation is written down only with some
 #     probability, and a specific predicate is often replaced by its generic parent ("sitting on" -> "on",
 #     "holding" -> "has"), sometimes written twice (generic and specific) for the same pair.
-#   * The train split is small (SYNTHETIC_NUM_TRAIN images), so tail predicates have a few dozen examples.
+#   * The train split is small (SYNTHETIC_NUM_TRAIN images), so tail predicates have 10 to 50 examples.
 # Images are 96..160 px per side, 2..10 objects each. Objects are annotated completely (as VG's objects
 # nearly are); relations are not.
 
-SYNTHETIC_VERSION = 4            # bump whenever the generator's output changes: the cache folder is per version
+SYNTHETIC_VERSION = 5            # bump whenever the generator's output changes: the cache folder is per version
 SYNTHETIC_NUM_TRAIN = 3000       # images with split flag 0 (train + val)
 SYNTHETIC_NUM_TEST = 1000        # images with split flag 2
 SYNTHETIC_NUM_VAL = 500          # the num_val_im to pass to VGSGGDataset on the synthetic data
@@ -439,8 +445,8 @@ def _person(sc, cls, cx, bottom, U, pose, f, seat_y=None):
         hand = (cx + f * w / 2, top + 0.48 * h0)
     elif pose == "sitting":   # torso ends on the seat, thighs forward, shins down to `bottom`
         top = seat_y - 0.55 * h0
-        box = sorted([cx - f * 0.2 * h0, cx + f * 0.32 * h0]) + [bottom]
-        box = [box[0], top, box[1], bottom]
+        xs = sorted([cx - f * 0.2 * h0, cx + f * 0.32 * h0])
+        box = [xs[0], top, xs[1], bottom]
         head = (cx - f * 0.05 * h0, top + r)
         torso = sorted([cx - f * 0.19 * h0, cx + f * 0.09 * h0])
         torso = [torso[0], top + 0.25 * h0, torso[1], seat_y]
@@ -666,8 +672,8 @@ def _g_animal(sc, cx, gy, U):
     nose = x2 if f > 0 else x1
     u = rng.random()
     if u < 0.15:
-        b = sc.add("ball", [nose + f * 0.02 * U - 0.1 * U + f * 0.1 * U, gy - 0.2 * U,
-                            nose + f * 0.02 * U + 0.1 * U + f * 0.1 * U, gy])
+        bx = nose + f * 0.12 * U                # in front of the nose, on the ground
+        b = sc.add("ball", [bx - 0.1 * U, gy - 0.2 * U, bx + 0.1 * U, gy])
         sc.rel(m, b, "playing with")
     elif u < 0.22 and not lying:
         b = sc.add("pizza", [nose - 0.1 * U, y1, nose + 0.1 * U, y1 + 0.2 * U])
