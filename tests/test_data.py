@@ -299,6 +299,12 @@ def test_synthetic_long_tail_and_annotation_bias(synthetic):
         assert ratio > 0.3, (specific, generic, ratio)
 
 
+def test_synthetic_annotator_is_incomplete_and_biased():
+    written, generic = data.annotation_statistics(seed=1, num_scenes=300)
+    assert 0.3 < written < 0.7, written     # many true relations are never written down
+    assert 0.15 < generic < 0.45, generic   # and many written ones are the generic parent predicate
+
+
 def _class_pair_prior(ds):
     counts = np.zeros((ds.num_classes, ds.num_classes, ds.num_predicates))
     for i in range(len(ds)):
