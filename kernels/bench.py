@@ -76,6 +76,7 @@ def sdpa(q, k, v, seed):
 
 
 _flex = None
+_flex_seed = {}
 
 
 def flex_hash(q, k, v, seed):
@@ -89,9 +90,14 @@ def flex_hash(q, k, v, seed):
         _flex = torch.compile(flex_attention, dynamic=False)
     H, Lq, Lk = q.shape[1], q.shape[2], k.shape[2]
     threshold = round(P * 65536)
+    # the seed goes in as a tensor: a Python int would be baked into the compiled kernel and every
+    # new seed would recompile it
+    if q.device not in _flex_seed:
+        _flex_seed[q.device] = torch.zeros((), dtype=torch.int64, device=q.device)
+    seed_t = _flex_seed[q.device].fill_(seed & 0xFFFFFFFF)   # a fill kernel, no host-device copy
 
     def score_mod(score, b, h, i, j):
-        x = ((((b * H + h) * Lq + i) * Lk + j).to(torch.int64) ^ seed) & 0xFFFFFFFF
+        x = ((((b * H + h) * Lq + i) * Lk + j).to(torch.int64) ^ seed_t) & 0xFFFFFFFF
         x = (((x >> 16) ^ x) * 0x45D9F3B) & 0xFFFFFFFF
         x = (((x >> 16) ^ x) * 0x45D9F3B) & 0xFFFFFFFF
         return torch.where(((x >> 16) ^ x) & 0xFFFF < threshold, float("-inf"), score)
@@ -253,6 +259,8 @@ def compile_for_gpu(dtype="fp16", head_dim=64, arch=90, drop=True):
                                   KPM="*i8"), MA.BWD_DKDV_BLOCKS, ("sqd", "skd", "svd", "sdod")),
         "_bwd_dq_kernel": (dict(Q=x, K=x, V=x, DO=x, LSE="*fp32", DELTA="*fp32", DQ=x, KPM="*i8"),
                            MA.BWD_DQ_BLOCKS, ("sqd", "skd", "svd", "sdod")),
+        "_bwd_delta_kernel": (dict(O=x, DO=x, DELTA="*fp32"), {head_dim: (64, None, 4)},
+                              ("sod", "sdod")),
     }
     usage = {}
     for name, (pointers, blocks, unit_strides) in jobs.items():
@@ -260,6 +268,7 @@ def compile_for_gpu(dtype="fp16", head_dim=64, arch=90, drop=True):
         BM, BN, warps = blocks[head_dim]
         consts = dict(HAS_KPM=True, HAS_DROP=drop, D=head_dim, BLOCK_M=BM, BLOCK_N=BN,
                       PRECISION="tf32" if dtype == "fp32" else "ieee", **{a: 1 for a in unit_strides})
+        consts = {a: c for a, c in consts.items() if a in fn.arg_names}
         signature = {a: "constexpr" if a in consts else pointers.get(
             a, "fp32" if a in ("qk_scale", "sm_scale") else "i32") for a in fn.arg_names}
         aligned = [a for a in fn.arg_names if a not in consts and (a in pointers or a[0] == "s")
@@ -344,13 +353,17 @@ def main():
     plot(rows, methods, os.path.join(HERE, "bench.png"), f"masked cross-attention, {args.dtype}, {env}")
     met_mask = sum(r["ratios"][0] >= 2.0 for r in rows)
     met_floor = sum(r["ratios"][1] <= 1.3 for r in rows)
-    no_mask_alloc = sum(r["ours"][1] < r["mask_mib"] for r in rows)
+    # out, lse and the three gradients are allocated by every method; what must not appear is
+    # anything of the mask's size: ours may exceed the unmasked floor's peak by less than one mask
+    no_mask_alloc = sum(r["ours"][1] - r["sdpa"][1] < r["mask_mib"] for r in rows)
     errors = sorted({e for r in rows for e in r.get("errors", [])})
     text = (f"{env}, {args.dtype}, p = {P}, forward + backward, median of triton.testing.do_bench.\n"
             f"Command: `python -m kernels.bench{' --full' if args.full else ''}`\n\n"
             f"Targets met on {met_mask}/{len(rows)} shapes (>= 2x faster than sdpa+mask), "
             f"{met_floor}/{len(rows)} (within 1.3x of sdpa), {no_mask_alloc}/{len(rows)} "
-            f"(ours' peak extra memory below one bool mask).\n\n"
+            f"(ours' peak memory exceeds unmasked sdpa's by less than one bool mask).\n"
+            f"MiB columns: peak memory of one forward+backward above the inputs (the output and the "
+            f"gradients included); `mask MiB` is the size of one (B, H, Lq, Lk) bool mask.\n\n"
             + table(rows, methods, with_memory=True) + "\n\n![forward+backward time](bench.png)\n"
             + ("\nErrors:\n" + "\n".join(f"- {e}" for e in errors) + "\n" if errors else ""))
     write_section("gpu", text)

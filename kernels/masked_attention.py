@@ -297,6 +297,24 @@ if triton is not None:
         tl.store(LSE + bh.to(tl.int64) * Lq + offs_m, lse, mask=row_ok)
 
     @triton.jit
+    def _bwd_delta_kernel(O, DO, DELTA, sob, soh, som, sod, sdob, sdoh, sdom, sdod, H, Lq,
+                          D: tl.constexpr, BLOCK_M: tl.constexpr):
+        """delta_i = sum_d dO_id O_id = sum_j P_ij dP_ij, the row term of the softmax backward
+        (FlashAttention-2), for BM queries of one (b, h). Read 2*BM*D, write BM."""
+        pid_m = tl.program_id(0)
+        bh = tl.program_id(1)
+        b = bh // H
+        h = bh % H
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, D)
+        row_ok = offs_m < Lq
+        o = tl.load(O + b.to(tl.int64) * sob + h * soh + offs_m[:, None] * som + offs_d[None, :] * sod,
+                    mask=row_ok[:, None], other=0.0).to(tl.float32)               # (BM, D)
+        do = tl.load(DO + b.to(tl.int64) * sdob + h * sdoh + offs_m[:, None] * sdom
+                     + offs_d[None, :] * sdod, mask=row_ok[:, None], other=0.0).to(tl.float32)
+        tl.store(DELTA + bh.to(tl.int64) * Lq + offs_m, tl.sum(o * do, 1), mask=row_ok)
+
+    @triton.jit
     def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KPM, seed_lo, seed_hi, threshold,
                          sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
                          sdob, sdoh, sdom, sdod, skpm, H, Lq, Lk, qk_scale, sm_scale,
@@ -483,8 +501,9 @@ def _backward(q, k, v, o, lse, do, kpm, seed_lo, seed_hi, threshold, blocks=None
     """Launch the two backward kernels. Returns dq, dk, dv in the inputs' dtype."""
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
-    # delta_i = sum_d dO_id O_id = sum_j P_ij dP_ij: the softmax-backward row term (FlashAttention-2)
-    delta = (do.float() * o.float()).sum(-1).contiguous()                 # (B, H, Lq)
+    delta = torch.empty((B, H, Lq), dtype=torch.float32, device=q.device)
+    _bwd_delta_kernel[(triton.cdiv(Lq, 64), B * H)](o, do, delta, *o.stride(), *do.stride(), H, Lq,
+                                                     D=D, BLOCK_M=64)
     dq = torch.empty((B, H, Lq, D), dtype=q.dtype, device=q.device)
     dk = torch.empty((B, H, Lk, D), dtype=k.dtype, device=q.device)
     dv = torch.empty((B, H, Lk, D), dtype=v.dtype, device=q.device)
