@@ -416,12 +416,12 @@ class _Scene:
     def __init__(self, rng, W, H):
         self.rng, self.W, self.H = rng, W, H
         self.objs, self.rels, self.mains = [], [], []   # mains: per group, the objects incidental relations use
-        self.ground, self.group = None, -1
+        self.ground = None                                # index of the ground region, if any
 
     def add(self, cls, box, **kw):
         jitter = self.rng.integers(-14, 15, size=3)
         color = tuple(int(c) for c in np.clip(np.array(CLASS_COLORS[cls]) + jitter, 0, 255))
-        self.objs.append(dict(cls=cls, box=[float(v) for v in box], color=color, group=self.group, **kw))
+        self.objs.append(dict(cls=cls, box=[float(v) for v in box], color=color, **kw))
         return len(self.objs) - 1
 
     def rel(self, s, o, pred):
@@ -843,7 +843,6 @@ def _make_scene(rng, W, H):
         name = rng.choice(names, p=w_k / w_k.sum())
         cx = (edges[k] + edges[k + 1]) / 2 + rng.uniform(-0.18, 0.18) * slot_w
         n_before = len(sc.objs)
-        sc.group = rank
         mains = GROUPS[name][0](sc, cx, gy - 0.05 * H * far, fit_U[names.index(name)])
         if len(sc.objs) > MAX_OBJECTS:       # too many objects: drop the whole group
             sc.rels = [r for r in sc.rels if r[0] < n_before and r[1] < n_before]

@@ -222,6 +222,22 @@ def test_synthetic_generation_is_deterministic(tmp_path):
     assert a["VG-SGG.h5"] != c["VG-SGG.h5"]
 
 
+def test_synthetic_boxes_survive_the_1024_encoding():
+    # The writer rounds like VG's preprocessing (corner floored, size ceiled, centre = corner + size // 2);
+    # read back the way the reader does, a coordinate moves by at most 1.5 steps of the 1024 grid
+    # (W = 150: 0.22 px), never more.
+    rng = np.random.default_rng(0)
+    W, H = 150, 100
+    xy = rng.uniform(0, [W - 1, H - 1], size=(200, 2))
+    boxes = np.concatenate([xy, xy + rng.uniform(2, 40, size=(200, 2))], 1).clip(0, [W - 1, H - 1, W - 1, H - 1])
+    enc = data._encode_boxes(boxes, W, H, 1024).astype(float)             # (cx, cy, w, h) ints at 1024
+    x1y1 = enc[:, :2] - enc[:, 2:] / 2
+    back = np.concatenate([x1y1, x1y1 + enc[:, 2:]], 1) / 1024 * max(W, H)
+    step = max(W, H) / 1024
+    assert np.abs(back - boxes).max() <= 1.5 * step + 1e-9
+    assert np.abs(back - boxes).mean() < 0.6 * step
+
+
 def test_ensure_synthetic_is_cached_and_atomic(tmp_path):
     root = data.ensure_synthetic()                 # conftest points $SGG_ALIGN_CACHE at a temporary folder
     assert root.startswith(os.environ["SGG_ALIGN_CACHE"])
