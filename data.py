@@ -62,7 +62,7 @@ H5_KEYS = ("split", "img_to_first_box", "img_to_last_box", "img_to_first_rel", "
            "labels", "boxes_1024", "relationships", "predicates")
 H5_NAMES = ("VG-SGG-with-attri.h5", "VG-SGG.h5")
 DICT_NAMES = ("VG-SGG-dicts-with-attri.json", "VG-SGG-dicts.json")
-DICT_KEYS = ("label_to_idx", "idx_to_label", "predicate_to_idx", "idx_to_predicate")
+DICT_KEYS = ("label_to_idx", "predicate_to_idx")   # the json also has idx_to_label/idx_to_predicate: the same
 LAYOUT = ("expected a VG-SGG folder laid out as\n"
           "  root/VG-SGG-with-attri.h5 (or VG-SGG.h5)  with keys " + ", ".join(H5_KEYS) + "\n"
           "  root/VG-SGG-dicts-with-attri.json (or VG-SGG-dicts.json)  with keys " + ", ".join(DICT_KEYS) + "\n"
@@ -97,9 +97,13 @@ def load_vg_dicts(dict_file):
     if missing:
         raise ValueError(f"{dict_file}: missing key(s) {missing}; {LAYOUT}")
     # Indices in the json start at 1; 0 is reserved for "no object" / "no relation" in every SGG model.
-    idx_to_label = ["__background__"] + sorted(info["label_to_idx"], key=info["label_to_idx"].get)
-    idx_to_predicate = ["__background__"] + sorted(info["predicate_to_idx"], key=info["predicate_to_idx"].get)
-    return idx_to_label, idx_to_predicate
+    names = []
+    for key in DICT_KEYS:
+        to_idx = info[key]
+        if sorted(to_idx.values()) != list(range(1, len(to_idx) + 1)):
+            raise ValueError(f"{dict_file}: {key} must number its entries 1..{len(to_idx)}")
+        names.append(["__background__"] + sorted(to_idx, key=to_idx.get))
+    return names[0], names[1]
 
 
 def load_image_info(image_file):
@@ -170,8 +174,8 @@ def load_graphs(h5_file, split, num_im=-1, num_val_im=0, filter_empty_rels=True,
         else:
             rels_i = np.zeros((0, 3), dtype=np.int64)
         if filter_non_overlap:
-            # SGDet training in Neural Motifs / SGB: keep only relations whose two boxes overlap, and drop
-            # images left without any (a detector's proposals rarely pair far-apart objects).
+            # An option of Neural Motifs / SGB for SGDet training: keep only relations whose two boxes
+            # overlap (IoU > 0 at the 1024 scale, pixel-inclusive) and drop images left without any.
             ious = _box_iou_inclusive(boxes_i, boxes_i)                       # (G, G)
             rels_i = rels_i[ious[rels_i[:, 0], rels_i[:, 1]] > 0]
             if len(rels_i) == 0:
@@ -243,16 +247,16 @@ class VGSGGDataset(torch.utils.data.Dataset):
         return len(self.image_ids)
 
     def _out_size(self, index):
-        """(scale, H, W) of the returned image: the size image_data.json states, resized to max_size."""
+        """(H, W) of the returned image: the size image_data.json states, resized to max_size."""
         info = self.img_info[index]
         w, h = int(info["width"]), int(info["height"])
         s = 1.0 if self.max_size is None else self.max_size / max(w, h)
-        return s, max(1, round(h * s)), max(1, round(w * s))
+        return max(1, round(h * s)), max(1, round(w * s))
 
     def get_groundtruth(self, index):
         """The target of image `index` without reading the image (for statistics and evaluation)."""
         info = self.img_info[index]
-        s, out_h, out_w = self._out_size(index)
+        out_h, out_w = self._out_size(index)
         # Boxes are stored for a longest side of 1024; the reference loaders scale them back with the
         # width/height of image_data.json (not the jpg's), so do we.
         boxes = self.gt_boxes[index] / BOX_SCALE * max(info["width"], info["height"])      # (G, 4)
@@ -265,10 +269,10 @@ class VGSGGDataset(torch.utils.data.Dataset):
             # the reference loaders keep one of them, chosen at random each time the image is loaded.
             # torch's RNG (not numpy's) so that DataLoader workers draw different choices.
             by_pair = defaultdict(list)
-            for s_, o_, p_ in rels.tolist():
-                by_pair[(s_, o_)].append(p_)
-            rels = torch.tensor([(s_, o_, preds[torch.randint(len(preds), ()).item()])
-                                 for (s_, o_), preds in by_pair.items()], dtype=torch.int64)
+            for s, o, p in rels.tolist():
+                by_pair[(s, o)].append(p)
+            rels = torch.tensor([(s, o, preds[torch.randint(len(preds), ()).item()])
+                                 for (s, o), preds in by_pair.items()], dtype=torch.int64)
         return {"boxes": torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4),
                 "labels": torch.as_tensor(self.gt_labels[index], dtype=torch.int64),
                 "relations": rels, "image_id": self.image_ids[index], "size": (out_h, out_w)}
@@ -879,6 +883,7 @@ def _dark(c, k=0.6):
 
 
 def _draw_object(d, o):
+    """Draw object o's glyph inside its box on the canvas d (SS times the image resolution)."""
     cls, c, f = o["cls"], o["color"], o.get("facing", 1)
     x1, y1, x2, y2 = o["box"]
     w, h = x2 - x1, y2 - y1
