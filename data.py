@@ -16,7 +16,7 @@ kept ones are val, and 1,000 test); images without any annotated relation are dr
 2,290 train / 500 val / 930 test images; 2..10 objects (6.0 on average) and 3.5 relations per image;
 31 object classes, 25 predicates whose train counts go from about 2,500 ("on") down to about 10
 ("hanging from"). The frequency prior alone (Neural Motifs' FREQ) reaches PredCls R@50 = 0.63 and
-mR@50 = 0.35 on its test split (on VG: R@50 = 0.61). Generation takes about 15 s on one CPU core.
+mR@50 = 0.35 on its test split (on VG: R@50 ≈ 0.60). Generation takes about 15 s on one CPU core.
 
 Layout of a data folder (`root`):
     root/VG-SGG-with-attri.h5          (or VG-SGG.h5)          boxes, labels, relations, split flags
@@ -1269,13 +1269,21 @@ def print_statistics(root, num_val_im=SYNTHETIC_NUM_VAL):
     for split, ds in datasets.items():
         st = split_statistics(ds)
         o, r = st["objects_per_image"], st["relations_per_image"]
+        if not len(ds):
+            print(f"{split:5s}:     0 images")
+            continue
         print(f"{split:5s}: {st['images']:5d} images | objects/image {o.mean():.2f} (min {o.min()}, max {o.max()}) "
               f"| relations/image {r.mean():.2f} (min {r.min()}, max {r.max()}) | {r.sum()} relations")
     train = datasets["train"]
     st = split_statistics(train)
     counts = st["predicate_counts"][1:]
+    if counts.sum() == 0:
+        print("no training relations")
+        return
+    spread = (f"max/min = {counts.max() / counts.min():.0f}x" if counts.min() > 0 else
+              f"{(counts == 0).sum()} predicate(s) never occur")
     print(f"{train.num_classes - 1} classes, {train.num_predicates - 1} predicates; train predicate counts, "
-          f"head to tail (max/min = {counts.max() / max(counts.min(), 1):.0f}x):")
+          f"head to tail ({spread}):")
     for p in np.argsort(-counts, kind="stable"):
         bar = "#" * int(round(40 * math.log10(1 + counts[p]) / math.log10(1 + counts.max())))
         print(f"  {train.idx_to_predicate[p + 1]:>14s} {counts[p]:6d} {100 * counts[p] / counts.sum():5.1f}% {bar}")
