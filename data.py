@@ -370,8 +370,8 @@ class InferenceSampler(torch.utils.data.Sampler):
 #     probability, and a specific predicate is often replaced by its generic parent ("sitting on" -> "on",
 #     "holding" -> "has"), sometimes written twice (generic and specific) for the same pair.
 #   * The train split is small (SYNTHETIC_NUM_TRAIN images), so tail predicates have 10 to 50 examples.
-# Images are 96..160 px per side, 2..10 objects each. Objects are annotated completely (as VG's objects
-# nearly are); relations are not.
+# Images are 96..160 px per side, 2..10 objects each. Every drawn object is annotated; only the relations
+# are incomplete.
 
 SYNTHETIC_VERSION = 6            # bump whenever the generator's output changes: the cache folder is per version
 SYNTHETIC_NUM_TRAIN = 3000       # images with split flag 0 (train + val)
