@@ -315,6 +315,26 @@ def test_synthetic_long_tail_and_annotation_bias(synthetic):
         assert ratio > 0.3, (specific, generic, ratio)
 
 
+def test_synthetic_predicates_follow_geometry(synthetic):
+    # The same class pair gets different predicates from where the boxes are: a ball on a table sits on its
+    # top, a ball under it stands on the floor; a bird flying over the ground is well above it.
+    ds = synthetic["train"]
+    idx = {n: i for i, n in enumerate(ds.idx_to_label)}
+    pred = {n: i for i, n in enumerate(ds.idx_to_predicate)}
+    gaps = {("ball", "table", "on"): [], ("ball", "table", "under"): [],
+            ("bird", "grass", "on"): [], ("bird", "grass", "flying over"): []}
+    for i in range(len(ds)):
+        t = ds.get_groundtruth(i)
+        b, lab = t["boxes"], t["labels"]
+        for s, o, p in t["relations"].tolist():
+            for (sc, oc, pn), out in gaps.items():
+                if lab[s] == idx[sc] and lab[o] == idx[oc] and p == pred[pn]:
+                    out.append(float(b[s, 3] - b[o, 1]) / float(b[o, 3] - b[o, 1]))   # subject bottom vs object top
+    assert all(len(v) >= 3 for v in gaps.values()), {k: len(v) for k, v in gaps.items()}
+    assert max(gaps[("ball", "table", "on")]) < 0.25 < min(gaps[("ball", "table", "under")])
+    assert max(gaps[("bird", "grass", "flying over")]) < -0.5 < min(gaps[("bird", "grass", "on")])
+
+
 def test_synthetic_annotator_is_incomplete_and_biased():
     written, generic = data.annotation_statistics(seed=1, num_scenes=300)
     assert 0.3 < written < 0.7, written     # many true relations are never written down
