@@ -63,58 +63,105 @@ from kernels import masked_attention
 @dataclass
 class Config:
     # run
-    data: str = "synthetic"          # 'synthetic' (built-in, generated on first use) or a Visual Genome folder
-    out: str = ""                    # run folder; default runs/sgtr_align-sgdet-<align|noalign>-seed<s>
-    device: str = "auto"             # 'auto' (cuda if available), 'cpu' or 'cuda'
-    seed: int = 0                    # random seed of this run
-    seeds: str = ""                  # comma-separated seeds, e.g. 0,1,2,3: one run per seed
-    compare: bool = False            # run baseline and aligned for every seed, write compare.md
-    resume: bool = False             # continue from <out>/ckpt_last.pt
-    preset: str = ""                 # named overrides: 'vg' = SGTR's own settings for Visual Genome
-    iters: int = 0                   # if > 0, cap the number of training iterations (smoke runs)
-    max_eval_images: int = 0         # if > 0, evaluate on at most this many val/test images
-    num_workers: int = 0             # DataLoader workers
-    log_every: int = 50              # iterations between progress lines
-    eval_every: int = 1000           # iterations between validation runs (model selection)
-    bench_step: bool = False         # time a training step with and without alignment, then exit
+    data: str = "synthetic"
+    """'synthetic' (built-in, generated on first use) or a Visual Genome folder"""
+    out: str = ""
+    """run folder; default runs/sgtr_align-sgdet-<align|noalign>-seed<s>"""
+    device: str = "auto"
+    """'auto' (cuda if available), 'cpu' or 'cuda'"""
+    seed: int = 0
+    """random seed of this run"""
+    seeds: str = ""
+    """comma-separated seeds, e.g. 0,1,2,3: one run per seed"""
+    compare: bool = False
+    """run baseline and aligned for every seed, write compare.md"""
+    resume: bool = False
+    """continue from <out>/ckpt_last.pt"""
+    preset: str = ""
+    """named overrides: 'vg' = SGTR's own settings for Visual Genome"""
+    iters: int = 0
+    """if > 0, cap the number of training iterations (smoke runs)"""
+    max_eval_images: int = 0
+    """if > 0, evaluate on at most this many val/test images"""
+    num_workers: int = 0
+    """DataLoader workers"""
+    log_every: int = 50
+    """iterations between progress lines"""
+    eval_every: int = 1000
+    """iterations between validation runs (model selection)"""
+    bench_step: bool = False
+    """time a training step with and without alignment, then exit"""
     # the paper's alignment (sections 3.2 and 7)
-    no_align: bool = False           # train the SGTR baseline (no mirror, no alignment loss)
-    mask_p: float = 0.1              # p: probability that an attention logit is masked (Eq. 1)
-    align_weight: float = 10.0       # lambda in L = L_sup + lambda L_align (Eq. 3)
-    align_loss: str = "kl"           # 'kl' (self-supervised, Eq. 2) or 'supervised' (Table 3 ablation)
-    tied_head: bool = False          # share the class heads with the mirror too (Table 3 "PH")
+    no_align: bool = False
+    """train the SGTR baseline (no mirror, no alignment loss)"""
+    mask_p: float = 0.1
+    """p: probability that an attention logit is masked (Eq. 1)"""
+    align_weight: float = 10.0
+    """lambda in L = L_sup + lambda L_align (Eq. 3)"""
+    align_loss: str = "kl"
+    """'kl' (self-supervised, Eq. 2) or 'supervised' (Table 3 ablation)"""
+    tied_head: bool = False
+    """share the class heads with the mirror too (Table 3 'PH')"""
     # model sizes (defaults train on the synthetic data on a CPU; --preset vg has SGTR's)
-    d_model: int = 128               # D, transformer width
-    nheads: int = 4                  # attention heads
-    ffn_dim: int = 256               # feed-forward hidden width
-    dropout: float = 0.1             # dropout in all transformer blocks (never in the mirror)
-    backbone_width: int = 32         # channels of the first CNN stage (doubled per stage)
-    backbone_stride: int = 16        # total stride of the CNN (16 -> an 8x8 map for 128 px images)
-    enc_layers: int = 2              # image transformer encoder layers
-    ent_dec_layers: int = 3          # entity decoder layers
-    rel_enc_layers: int = 1          # relation feature encoder layers
-    pred_dec_layers: int = 3         # structural predicate decoder layers
-    num_ent_queries: int = 20        # Qe
-    num_pred_queries: int = 30       # Qp
-    max_size: int = 0                # if > 0, resize images so the longest side is this
+    d_model: int = 128
+    """D, transformer width"""
+    nheads: int = 4
+    """attention heads"""
+    ffn_dim: int = 256
+    """feed-forward hidden width"""
+    dropout: float = 0.1
+    """dropout in all transformer blocks (never in the mirror)"""
+    backbone_width: int = 32
+    """channels of the first CNN stage (doubled per stage)"""
+    backbone_stride: int = 16
+    """total stride of the CNN (16 -> an 8x8 map for 128 px images)"""
+    enc_layers: int = 2
+    """image transformer encoder layers"""
+    ent_dec_layers: int = 3
+    """entity decoder layers"""
+    rel_enc_layers: int = 1
+    """relation feature encoder layers"""
+    pred_dec_layers: int = 3
+    """structural predicate decoder layers"""
+    num_ent_queries: int = 20
+    """Qe"""
+    num_pred_queries: int = 30
+    """Qp"""
+    max_size: int = 0
+    """if > 0, resize images so the longest side is this"""
     # graph assembling
-    ent_topk: int = 3                # K entities considered per subject / object indicator
+    ent_topk: int = 3
+    """K entities considered per subject / object indicator"""
     # optimisation (AdamW as in DETR / SGTR)
-    batch_size: int = 16             # images per iteration (per process)
-    eval_batch_size: int = 32        # images per evaluation batch
-    max_iter: int = 3000             # training iterations
-    lr: float = 4e-4                 # learning rate of the transformer parts
-    lr_backbone: float = 4e-4        # learning rate of the CNN (1e-5 for a pretrained one)
-    weight_decay: float = 1e-4       # AdamW weight decay
-    warmup_iters: int = 200          # linear warm-up iterations
-    lr_drop: float = 0.8             # lr x 0.1 after this fraction of max_iter (DETR's step schedule)
-    grad_clip: float = 0.1           # max gradient norm (DETR's 0.1)
-    val_images: int = 500            # validation images used for model selection
+    batch_size: int = 16
+    """images per iteration (per process)"""
+    eval_batch_size: int = 32
+    """images per evaluation batch"""
+    max_iter: int = 3000
+    """training iterations"""
+    lr: float = 4e-4
+    """learning rate of the transformer parts"""
+    lr_backbone: float = 4e-4
+    """learning rate of the CNN (1e-5 for a pretrained one)"""
+    weight_decay: float = 1e-4
+    """AdamW weight decay"""
+    warmup_iters: int = 200
+    """linear warm-up iterations"""
+    lr_drop: float = 0.8
+    """lr x 0.1 after this fraction of max_iter (DETR's step schedule)"""
+    grad_clip: float = 0.1
+    """max gradient norm (DETR's 0.1)"""
+    val_images: int = 500
+    """validation images used for model selection"""
     # loss weights (DETR: class 1, L1 5, GIoU 2, background weight 0.1)
-    w_cls: float = 1.0               # entity / predicate / indicator class losses
-    w_l1: float = 5.0                # box L1 loss
-    w_giou: float = 2.0              # box GIoU loss
-    eos_coef: float = 0.1            # weight of the background / no-relation class
+    w_cls: float = 1.0
+    """entity / predicate / indicator class losses"""
+    w_l1: float = 5.0
+    """box L1 loss"""
+    w_giou: float = 2.0
+    """box GIoU loss"""
+    eos_coef: float = 0.1
+    """weight of the background / no-relation class"""
 
 
 PRESETS = {
@@ -129,27 +176,32 @@ PRESETS = {
 }
 
 
+def field_docs():
+    """The docstring under each Config field, read from this file's source (the --help text)."""
+    import ast
+    import inspect
+    body, docs = ast.parse(inspect.getsource(Config)).body[0].body, {}
+    for a, b in zip(body, body[1:]):
+        if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant):
+            docs[a.target.id] = b.value.value
+    return docs
+
+
 def parse_config(argv=None) -> Config:
     """argparse generated from the dataclass: `--help` lists every field with its default."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    docs = field_docs()
     for f in dataclasses.fields(Config):
         flag = "--" + f.name.replace("_", "-")
         if f.type is bool or f.type == "bool":
-            p.add_argument(flag, action="store_true", help=f.name)
+            p.add_argument(flag, action="store_true", default=None, help=docs[f.name])
         else:
-            typ = {"int": int, "float": float, "str": str}.get(f.type, f.type)
-            p.add_argument(flag, type=typ, default=None, help=f"{f.name} (default {f.default})")
-    args = vars(p.parse_args(argv))
-    cfg = Config()
-    if args["preset"]:
-        if args["preset"] not in PRESETS:
-            p.error(f"unknown --preset {args['preset']!r}; choose from {sorted(PRESETS)}")
-        for k, v in PRESETS[args["preset"]].items():
-            setattr(cfg, k, v)
-    for k, v in args.items():
-        if v is not None and v is not False:
-            setattr(cfg, k, v)
+            p.add_argument(flag, type=type(f.default), default=None, help=f"{docs[f.name]} (default: {f.default!r})")
+    given = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
+    preset = given.get("preset", "")
+    if preset and preset not in PRESETS:
+        p.error(f"unknown --preset {preset!r}; choose from {sorted(PRESETS)}")
+    cfg = Config(**{**PRESETS.get(preset, {}), **given})
     if cfg.align_loss not in ("kl", "supervised"):
         p.error(f"--align-loss must be 'kl' or 'supervised', got {cfg.align_loss!r}")
     if not 0.0 <= cfg.mask_p < 1.0:
@@ -306,6 +358,21 @@ def sine_position_embedding(pad_mask, d):
     return torch.cat([py, px], -1).flatten(1, 2)  # (B, S, D)
 
 
+def box_sine_embedding(boxes, d):
+    """boxes (B, Q, 4) normalised cxcywh -> (B, Q, 2D): each coordinate as D/2 sines and cosines with
+    the frequencies of the image positions, so that a query's box and the image tokens' positions live
+    in comparable codes (DAB-DETR, Liu et al. 2022)."""
+    npf = d // 2
+    dim_t = 10000 ** (2 * (torch.arange(npf, device=boxes.device) // 2) / npf)  # (D/2,)
+    x = boxes[..., [1, 0, 2, 3], None] * 2 * math.pi / dim_t  # (B, Q, 4, D/2), y first as in the image
+    return torch.stack([x[..., 0::2].sin(), x[..., 1::2].cos()], -1).flatten(-3)  # (B, Q, 2D)
+
+
+def inverse_sigmoid(x, eps=1e-5):
+    x = x.clamp(eps, 1 - eps)
+    return torch.log(x / (1 - x))
+
+
 class EncoderLayer(nn.Module):
     """Post-norm transformer encoder layer (DETR): self-attention with positions on q and k, FFN."""
 
@@ -396,11 +463,22 @@ class SGTR(nn.Module):
         self.backbone = Backbone(cfg.backbone_width, cfg.backbone_stride)
         self.input_proj = nn.Conv2d(self.backbone.out_channels, d, 1)
         self.encoder = nn.ModuleList(EncoderLayer(d, h, f, p) for _ in range(cfg.enc_layers))
-        self.ent_query = nn.Embedding(cfg.num_ent_queries, d)
+        # Entity queries are learned anchor boxes refined layer by layer (DAB-DETR / Deformable DETR's
+        # iterative refinement). Vanilla DETR's position-only queries need ~10x more iterations to
+        # localise anything, too many for a CPU run; the idea (a set of queries, Hungarian matching) is
+        # unchanged. Anchors start spread uniformly over the image with a 0.2 x 0.2 size.
+        self.ent_anchor = nn.Embedding(cfg.num_ent_queries, 4)
+        with torch.no_grad():
+            self.ent_anchor.weight[:, :2].uniform_(0, 1)
+            self.ent_anchor.weight[:, 2:].fill_(0.2)
+            self.ent_anchor.weight.copy_(inverse_sigmoid(self.ent_anchor.weight))
+        self.ent_qpos = MLP(2 * d, d, d, 2)  # anchor box -> query position
         self.ent_decoder = nn.ModuleList(EntityDecoderLayer(d, h, f, p) for _ in range(cfg.ent_dec_layers))
         self.ent_norm = nn.LayerNorm(d)
         self.ent_class = nn.Linear(d, num_classes)  # (.., C + 1)
-        self.ent_box = MLP(d, d, 4, 3)
+        self.ent_box = MLP(d, d, 4, 3)  # predicts a correction of the layer's reference box
+        nn.init.zeros_(self.ent_box.layers[-1].weight)
+        nn.init.zeros_(self.ent_box.layers[-1].bias)
         # predicate node generator: relation feature encoder, entity-conditioned predicate queries
         self.rel_encoder = nn.ModuleList(EncoderLayer(d, h, f, p) for _ in range(cfg.rel_enc_layers))
         self.pred_query = nn.Embedding(cfg.num_pred_queries, 3 * d)  # predicate | subject | object
@@ -434,16 +512,19 @@ class SGTR(nn.Module):
         for layer in self.encoder:
             src = layer(src, pos, kpm)
         B = images.shape[0]
-        qpos = self.ent_query.weight[None].expand(B, -1, -1)  # (B, Qe, D)
-        t, ent = torch.zeros_like(qpos), []
+        ref = self.ent_anchor.weight.sigmoid()[None].expand(B, -1, -1)  # (B, Qe, 4) cxcywh
+        t, ent_out = src.new_zeros(B, ref.shape[1], self.cfg.d_model), []  # (B, Qe, D) content
         for layer in self.ent_decoder:
+            qpos = self.ent_qpos(box_sine_embedding(ref, self.cfg.d_model))  # (B, Qe, D)
             t = layer(t, qpos, src, pos, kpm)
-            ent.append(self.ent_norm(t))  # (B, Qe, D) per layer, for auxiliary losses
-        ent_out = [dict(logits=self.ent_class(e), boxes=self.ent_box(e).sigmoid()) for e in ent]
+            e = self.ent_norm(t)  # (B, Qe, D)
+            boxes = (inverse_sigmoid(ref) + self.ent_box(e)).sigmoid()  # (B, Qe, 4) refined
+            ent_out.append(dict(logits=self.ent_class(e), boxes=boxes, feats=e))  # per layer: aux losses
+            ref = boxes.detach()  # the next layer refines this box (no gradient through the reference)
         rel = src
         for layer in self.rel_encoder:
             rel = layer(rel, pos, kpm)  # (B, S, D) image features refined for relations
-        ent_mem = ent[-1]  # (B, Qe, D)
+        ent_mem = ent_out[-1]["feats"]  # (B, Qe, D)
         ent_pos = self.ent_box_embed(ent_out[-1]["boxes"].detach())  # (B, Qe, D)
         qinit = self.pred_query.weight[None].expand(B, -1, -1).chunk(3, -1)  # 3 x (B, Qp, D)
         # SGTR's entity-aware predicate queries: each part looks at the entity decoder's output.
@@ -1059,13 +1140,13 @@ def bench_step(cfg: Config, steps=20):
     aligned = SGTR(dataclasses.replace(cfg, no_align=False), train_ds.num_classes, train_ds.num_predicates).to(device)
     base = SGTR(dataclasses.replace(cfg, no_align=True), train_ds.num_classes, train_ds.num_predicates).to(device)
     base.load_state_dict(aligned.state_dict(), strict=False)  # same weights; base lacks the untied heads
+    models = {"baseline": (base, build_optimizer(base, cfg, 1)[0]),
+              "aligned": (aligned, build_optimizer(aligned, cfg, 1)[0])}
     times = {"baseline": [], "aligned": []}
     for i in range(steps + 3):  # interleaved so that machine load hits both alike; 3 warm-up steps
-        for name, model in (("baseline", base), ("aligned", aligned)):
+        for name, (model, opt) in models.items():
             images, targets = batches[i % len(batches)]
             images = images.to(device)
-            opt, _ = build_optimizer(model, cfg, 1) if i == 0 else (model._opt, None)
-            model._opt = opt
             if device.type == "cuda":
                 torch.cuda.synchronize()
             t = time.perf_counter()

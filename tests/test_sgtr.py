@@ -178,7 +178,7 @@ def test_alignment_targets_are_detached():
 def test_stop_gradient_at_mirror_inputs():
     for kw in (dict(), dict(align_loss="supervised"), dict(tied_head=True)):
         grads = align_grads(**kw)
-        outside = ("backbone.", "input_proj.", "encoder.", "ent_query.", "ent_decoder.", "ent_norm.",
+        outside = ("backbone.", "input_proj.", "encoder.", "ent_anchor.", "ent_qpos.", "ent_decoder.", "ent_norm.",
                    "ent_class.", "ent_box.", "rel_encoder.", "pred_query.", "query_cond.", "ent_box_embed.")
         leaked = [n for n, g in grads.items() if n.startswith(outside) and has_grad(g)]
         assert not leaked, f"L_align ({kw}) reached parameters before the decoder: {leaked[:5]}"
