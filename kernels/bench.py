@@ -2,19 +2,21 @@
 
 Forward + backward time and peak extra memory of:
     ours          kernels.masked_attention: mask drawn inside the fused kernel (p = 0.1)
-    ours p=0      the same kernel with the generator compiled out: the cost of the random numbers
+    ours_p0       the same kernel with the generator compiled out: the cost of the random numbers
     naive         plain PyTorch: torch.rand mask (B, H, Lq, Lk), masked_fill, softmax, matmul
-    sdpa+mask     F.scaled_dot_product_attention with the materialised boolean mask
-    flex+hash     FlexAttention with a hash-based score_mod (torch >= 2.5; compiled)
+    sdpa_mask     F.scaled_dot_product_attention with the materialised boolean mask
+    flex_hash     FlexAttention with a hash-based score_mod (torch >= 2.5; compiled per shape)
     sdpa          F.scaled_dot_product_attention without any mask: the floor
 Shapes: B in 2..32, H = 8, Lq 100..300 predicate queries, Lk 100..1500 entity/image tokens,
 D = 32 and 64, fp16 (the default grid is a subset; --full runs all). No padding mask in any method.
 
-Targets (issue 4): >= 2x faster than sdpa+mask, within 1.3x of sdpa, no mask-sized allocation.
+Targets (issue 4): >= 2x faster than sdpa_mask, within 1.3x of sdpa, no mask-sized allocation.
 
 Run:
     python -m kernels.bench                 # CUDA GPU: table + plot into kernels/BENCH.md
     python -m kernels.bench --full          # every shape of the grid
+    python -m kernels.bench --methods ours,ours_p0,sdpa_mask,sdpa   # a subset (FlexAttention
+                                            # compiles once per shape: the slow part of a run)
     python -m kernels.bench --cpu           # no GPU: the CPU (plain-PyTorch) path, labelled as such
     python -m kernels.bench --compile-only  # any machine: compile the kernels for sm_90, print
                                             # registers / spills per kernel (ptxas ships with Triton)
@@ -105,8 +107,8 @@ def flex_hash(q, k, v, seed):
     return _flex(q, k, v, score_mod=score_mod)
 
 
-METHODS = {"ours": ours, "ours p=0": ours_p0, "naive": naive, "sdpa+mask": sdpa_mask,
-           "flex+hash": flex_hash, "sdpa": sdpa}
+METHODS = {"ours": ours, "ours_p0": ours_p0, "naive": naive, "sdpa_mask": sdpa_mask,
+           "flex_hash": flex_hash, "sdpa": sdpa}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -144,7 +146,7 @@ def measure(fn, B, H, Lq, Lk, D, dtype, device, reps):
     times = []
     if device.type == "cuda":
         import triton.testing
-        ms = triton.testing.do_bench(step, warmup=25, rep=100 * reps, return_mode="median")
+        ms = triton.testing.do_bench(step, warmup=25, rep=200, return_mode="median")
         return ms, peak
     for _ in range(reps):
         t0 = time.perf_counter()
@@ -165,12 +167,12 @@ def run_grid(shapes, head_dims, dtype, device, reps, methods):
                 row.setdefault("errors", []).append(f"{name}: {type(e).__name__}: {str(e)[:120]}")
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-        ratio_mask = row["sdpa+mask"][0] / row["ours"][0] if "sdpa+mask" in row else float("nan")
+        ratio_mask = row["sdpa_mask"][0] / row["ours"][0] if "sdpa_mask" in row else float("nan")
         ratio_floor = row["ours"][0] / row["sdpa"][0] if "sdpa" in row else float("nan")
         row["ratios"] = (ratio_mask, ratio_floor)
         print(f"B={B:2d} Lq={Lq:3d} Lk={Lk:4d} D={D:3d} | " + " | ".join(
             f"{n} {row[n][0]:.3f} ms" for n in methods) +
-            f" | sdpa+mask/ours {ratio_mask:.2f}x, ours/sdpa {ratio_floor:.2f}x", flush=True)
+            f" | sdpa_mask/ours {ratio_mask:.2f}x, ours/sdpa {ratio_floor:.2f}x", flush=True)
         for e in row.get("errors", []):
             print("   ", e)
         rows.append(row)
@@ -182,7 +184,7 @@ def run_grid(shapes, head_dims, dtype, device, reps, methods):
 
 def table(rows, methods, with_memory):
     head = "| B | Lq | Lk | D | " + " | ".join(f"{m} ms" for m in methods)
-    head += " | sdpa+mask / ours | ours / sdpa |"
+    head += " | sdpa_mask / ours | ours / sdpa |"
     if with_memory:
         head += " mask MiB | " + " | ".join(f"{m} MiB" for m in methods) + " |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
@@ -231,7 +233,15 @@ def write_section(section, text, path=os.path.join(HERE, "BENCH.md")):
 
 def environment(device):
     import triton
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "CPU"
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = platform.processor() or "CPU"
+        if os.path.exists("/proc/cpuinfo"):
+            with open("/proc/cpuinfo") as f:
+                models = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+            name = f"{models[0]} ({len(models)} cores)" if models else name
+        name += ", load average %.1f during the run" % os.getloadavg()[0]
     return (f"{name}; torch {torch.__version__}, Triton {triton.__version__}, "
             f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
 
@@ -288,7 +298,7 @@ def compile_for_gpu(dtype="fp16", head_dim=64, arch=90, drop=True):
         m = re.search(r"REG:(\d+).*?STACK:(\d+).*?LOCAL:(\d+)", res, re.S)
         usage[name] = dict(registers=int(m[1]), stack_bytes=int(m[2]), local_bytes=int(m[3]),
                            sass=len(re.findall(r"^\s+/\*[0-9a-f]{4}\*/\s", sass, re.M)),
-                           tiles=(BM, BN, warps))
+                           tiles=(BM, BN or "-", warps))
     return usage
 
 
@@ -298,7 +308,10 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--full", action="store_true", help="every shape of the grid (slow)")
     ap.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
-    ap.add_argument("--reps", type=int, default=10, help="timing repetitions (CPU) / x100 ms (GPU)")
+    ap.add_argument("--reps", type=int, default=10, help="timing repetitions on CPU (GPU: 200 ms "
+                    "of triton.testing.do_bench per method and shape)")
+    ap.add_argument("--methods", default=",".join(METHODS),
+                    help="comma-separated subset of " + ", ".join(METHODS))
     ap.add_argument("--cpu", action="store_true", help="time the CPU path (no GPU needed)")
     ap.add_argument("--compile-only", action="store_true", help="compile for sm_90 and report")
     ap.add_argument("--no-write", action="store_true", help="print only, leave BENCH.md alone")
@@ -327,7 +340,7 @@ def main():
         torch.set_num_threads(1)
         device = torch.device("cpu")
         shapes, dims = [(2, 100, 300)], [32]
-        methods = ["ours", "ours p=0", "naive", "sdpa+mask", "sdpa"]
+        methods = ["ours", "ours_p0", "naive", "sdpa_mask", "sdpa"]
         print(f"CPU, 1 thread, {'Triton interpreter' if MA._interpreting() else 'plain-PyTorch path'}")
         rows = run_grid(shapes, dims, torch.float32, device, args.reps, methods)
         path = "Triton interpreter" if MA._interpreting() else "plain-PyTorch path (Philox in torch)"
@@ -344,7 +357,11 @@ def main():
                  "`python -m kernels.bench --cpu` (CPU path) or `--compile-only` (sm_90 compile check).")
     device = torch.device("cuda")
     dtype = getattr(torch, args.dtype)
-    methods = list(METHODS)
+    methods = args.methods.split(",")
+    unknown = [m for m in methods + ["ours", "sdpa_mask", "sdpa"] if m not in METHODS]
+    if unknown:
+        sys.exit(f"unknown method(s) {unknown}; choose from {list(METHODS)}")
+    methods = [m for m in METHODS if m in methods or m in ("ours", "sdpa_mask", "sdpa")]
     shapes = FULL_SHAPES if args.full else DEFAULT_SHAPES
     rows = run_grid(shapes, [32, 64], dtype, device, args.reps, methods)
     env = environment(device)
@@ -358,8 +375,8 @@ def main():
     no_mask_alloc = sum(r["ours"][1] - r["sdpa"][1] < r["mask_mib"] for r in rows)
     errors = sorted({e for r in rows for e in r.get("errors", [])})
     text = (f"{env}, {args.dtype}, p = {P}, forward + backward, median of triton.testing.do_bench.\n"
-            f"Command: `python -m kernels.bench{' --full' if args.full else ''}`\n\n"
-            f"Targets met on {met_mask}/{len(rows)} shapes (>= 2x faster than sdpa+mask), "
+            f"Command: `{' '.join(['python -m kernels.bench'] + sys.argv[1:])}`\n\n"
+            f"Targets met on {met_mask}/{len(rows)} shapes (>= 2x faster than sdpa_mask), "
             f"{met_floor}/{len(rows)} (within 1.3x of sdpa), {no_mask_alloc}/{len(rows)} "
             f"(ours' peak memory exceeds unmasked sdpa's by less than one bool mask).\n"
             f"MiB columns: peak memory of one forward+backward above the inputs (the output and the "
