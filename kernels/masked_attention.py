@@ -39,17 +39,19 @@ The random generator (the part worth reading twice):
     * Cost: 10 rounds x (2 wide multiplies + 2 three-input xors) per 8 logits, plus picking the
       16 bits: about 10 integer instructions per logit, against one exp2 and a few float
       instructions per logit for the softmax and 2*D multiply-adds on the tensor cores. Compiled
-      for sm_90 the forward kernel's SASS grows from about 1000 to 1500 instructions with the
-      generator (see BENCH.md); kernels/bench.py times it (`ours` against `ours p=0`).
+      for sm_90 (fp16, D = 64) the forward kernel grows from 1152 to 1504 SASS instructions with
+      the generator (kernels/BENCH.md); kernels/bench.py times it (`ours` against `ours_p0`).
 
 Dispatch (masked_attention below): CUDA tensors run the Triton kernels; CPU tensors run the same
 Triton kernels under the Triton interpreter if TRITON_INTERPRET=1 was set when this module was
 imported (Triton reads the variable when `@triton.jit` decorates a function), else the plain-PyTorch
-path with the identical mask. Tested against Triton 3.9 / torch 2.13 (CPU, interpreter); written
-for Triton >= 3.6 (plain pointer arithmetic, no TMA descriptors, no autotuner).
+path with the identical mask. Plain pointer arithmetic, no TMA descriptors, no autotuner, so that
+it runs on Triton >= 3.6: tested under the interpreter with Triton 3.9 and 3.6 and compiled for
+sm_90 with both; NOT yet run on a GPU (kernels/BENCH.md says what that leaves unmeasured).
 
-Run `python -m kernels.masked_attention` for a correctness check against the naive version and a
-small timing on whatever device is at hand; `python -m kernels.bench` for the benchmark.
+Run `python kernels/masked_attention.py` for a correctness check against PyTorch's attention given
+the materialised mask and a small timing on whatever device is at hand; `python -m kernels.bench`
+for the benchmark.
 
 References: FlashAttention-2 (Dao 2023) for the online softmax and the backward; the Triton
 tutorials 06-fused-attention (forward/backward structure) and 04-low-memory-dropout (seeded masks).
@@ -440,6 +442,9 @@ def _interpreting():
     return triton is not None and isinstance(_fwd_kernel, InterpretedFunction)
 
 
+_warned = [False]  # warn once about a TRITON_INTERPRET set too late
+
+
 def _use_triton(device):
     if triton is None:
         if device.type == "cuda":
@@ -454,8 +459,6 @@ def _use_triton(device):
                       "(same mask). Set it before `import kernels` to run the interpreter.")
     return False
 
-
-_warned = [False]
 
 
 def _precision(dtype):
@@ -477,10 +480,10 @@ def _i32(x):
     return x - 2**32 if x >= 2**31 else x
 
 
-def _kpm_arg(key_padding_mask, q):
-    if key_padding_mask is None:
+def _kpm_arg(kpm, q):
+    """(pointer, row stride, HAS_KPM) for the padding mask, already int8 (1 = padded) or None."""
+    if kpm is None:
         return q, 0, False  # any pointer; HAS_KPM=False compiles the loads away
-    kpm = key_padding_mask.to(torch.int8).contiguous()
     return kpm, kpm.stride(0), True
 
 
@@ -501,7 +504,8 @@ def _forward(q, k, v, kpm, seed_lo, seed_hi, threshold, blocks=None):
 
 
 def _backward(q, k, v, o, lse, do, kpm, seed_lo, seed_hi, threshold, blocks=None):
-    """Launch the two backward kernels. Returns dq, dk, dv in the inputs' dtype."""
+    """Launch the backward kernels (delta, then dk/dv and dq). Returns dq, dk, dv in the inputs'
+    dtype. Deterministic: every gradient element is written by one program, no atomics."""
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
     delta = torch.empty((B, H, Lq), dtype=torch.float32, device=q.device)
@@ -585,7 +589,8 @@ def masked_attention(q, k, v, p, seed, key_padding_mask=None, _blocks=None):
     if q.dtype == torch.bfloat16 and not q.is_cuda:  # Triton 3.9's interpreter: tl.dot on bf16 is wrong
         raise TypeError("the Triton interpreter cannot multiply bfloat16 tiles (it holds them as "
                         "uint16); use float16/float32 under TRITON_INTERPRET=1, or run on CUDA")
-    return _MaskedAttention.apply(q, k, v, key_padding_mask, seed_lo, seed_hi, threshold, _blocks)
+    kpm8 = None if key_padding_mask is None else key_padding_mask.to(torch.int8).contiguous()
+    return _MaskedAttention.apply(q, k, v, kpm8, seed_lo, seed_hi, threshold, _blocks)  # (B,H,Lq,D)
 
 
 # ---------------------------------------------------------------------------------------------------
