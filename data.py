@@ -116,12 +116,12 @@ def load_image_info(image_file):
 def _box_iou_inclusive(a, b):
     """IoU of xyxy boxes a (N, 4) and b (M, 4) -> (N, M), pixel-inclusive (w = x2 - x1 + 1) as in the
     reference code, so boxes that merely touch count as overlapping."""
-    lt = np.maximum(a[:, None, :2], b[None, :, :2])
-    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
-    wh = np.clip(rb - lt + 1, 0, None)
-    inter = wh[..., 0] * wh[..., 1]
-    area_a = (a[:, 2] - a[:, 0] + 1) * (a[:, 3] - a[:, 1] + 1)
-    area_b = (b[:, 2] - b[:, 0] + 1) * (b[:, 3] - b[:, 1] + 1)
+    lt = np.maximum(a[:, None, :2], b[None, :, :2])                  # (N, M, 2)
+    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])                  # (N, M, 2)
+    wh = np.clip(rb - lt + 1, 0, None)                               # (N, M, 2)
+    inter = wh[..., 0] * wh[..., 1]                                  # (N, M)
+    area_a = (a[:, 2] - a[:, 0] + 1) * (a[:, 3] - a[:, 1] + 1)       # (N,)
+    area_b = (b[:, 2] - b[:, 0] + 1) * (b[:, 3] - b[:, 1] + 1)       # (M,)
     return inter / (area_a[:, None] + area_b[None, :] - inter)
 
 
@@ -158,8 +158,12 @@ def load_graphs(h5_file, split, num_im=-1, num_val_im=0, filter_empty_rels=True,
 
     if np.any(all_boxes[:, 2:] <= 0):
         raise ValueError(f"{h5_file}: boxes_{BOX_SCALE} has boxes with zero or negative width/height")
-    # (cx, cy, w, h) -> (x1, y1, x2, y2), exactly as the reference loaders: x1 = cx - w/2, x2 = x1 + w.
-    xyxy = np.concatenate([all_boxes[:, :2] - all_boxes[:, 2:] / 2, all_boxes[:, :2] + all_boxes[:, 2:] / 2], 1)
+    # (cx, cy, w, h) -> (x1, y1, x2, y2) with x1 = cx - w/2, x2 = x1 + w, as the reference loaders write it.
+    # They do it in place on the int32 array, which truncates x1 to an integer: for an odd w their box is
+    # shifted from ours by half a step of the 1024 grid (max(W, H) / 2048 px, 0.24 px on a 500 px image).
+    # We keep the float.
+    xyxy = np.concatenate([all_boxes[:, :2] - all_boxes[:, 2:] / 2,
+                           all_boxes[:, :2] + all_boxes[:, 2:] / 2], 1)                  # (all boxes, 4)
 
     kept_rows, boxes, labels, relations = [], [], [], []
     for row in rows:
@@ -232,9 +236,13 @@ class VGSGGDataset(torch.utils.data.Dataset):
             h5_file, split, num_im, num_val_im if split != "test" else 0, filter_empty_rels, filter_non_overlap)
         self.img_info = [infos[r] for r in rows]
         self.image_ids = [int(im["image_id"]) for im in self.img_info]
-        for labels in self.gt_labels:
+        # An id the dicts json does not name means the h5 and json do not belong together; a 0 would be read
+        # as "no object" / "no relation" and silently trained as background.
+        for labels, rels in zip(self.gt_labels, self.gt_relations):
             if len(labels) and (labels.min() < 1 or labels.max() >= self.num_classes):
-                raise ValueError(f"{h5_file}: labels outside 1..{self.num_classes - 1}")
+                raise ValueError(f"{h5_file}: labels outside 1..{self.num_classes - 1} of {dict_file}")
+            if len(rels) and (rels[:, 2].min() < 1 or rels[:, 2].max() >= self.num_predicates):
+                raise ValueError(f"{h5_file}: predicates outside 1..{self.num_predicates - 1} of {dict_file}")
         missing = [i for i in self.image_ids if not os.path.isfile(self._image_path(i))]
         if missing:
             raise FileNotFoundError(f"{self.image_dir}: {len(missing)} image(s) of split {split!r} missing, "
@@ -281,6 +289,8 @@ class VGSGGDataset(torch.utils.data.Dataset):
         target = self.get_groundtruth(index)
         img = Image.open(self._image_path(self.image_ids[index])).convert("RGB")  # some VG images are gray
         out_h, out_w = target["size"]
+        # The boxes were scaled with image_data.json's width/height (as the reference loaders do), so a jpg of
+        # another size is resized to that frame (Scene-Graph-Benchmark only prints an error for those).
         if img.size != (out_w, out_h):
             img = img.resize((out_w, out_h), Image.BILINEAR)
         image = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)  # (3, H, W)

@@ -189,6 +189,18 @@ def test_missing_h5_key_is_named(tmp_path):
         data.VGSGGDataset(root, "train")
 
 
+@pytest.mark.parametrize("key, value, message", [("labels", 4, "labels outside 1..3"),
+                                                 ("predicates", 0, "predicates outside 1..3"),
+                                                 ("predicates", 4, "predicates outside 1..3")])
+def test_ids_the_dicts_do_not_name_fail(vg, key, value, message):
+    # An h5 paired with another dataset's dicts json; predicate 0 would otherwise train as "no relation".
+    with h5py.File(os.path.join(vg, "VG-SGG-with-attri.h5"), "r+") as h5:
+        h5[key][-1, 0] = value                    # the test image's last box / relation
+    with pytest.raises(ValueError, match=message):
+        data.VGSGGDataset(vg, "test")
+    assert len(data.VGSGGDataset(vg, "train", num_val_im=0)) == 4   # the train rows are untouched
+
+
 def test_misaligned_image_data_fails(tmp_path):
     root = write_vg_folder(str(tmp_path / "vg"), extra_json_image=True)
     with pytest.raises(ValueError, match="must match"):
