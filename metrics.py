@@ -55,10 +55,10 @@ Where the reference has a quirk, we keep it and say so:
   pair predicts one predicate); this is why ngR > R.
 - Ties in the ranking: the reference takes R@K's order from the model's own sort (torch.sort in
   Scene-Graph-Benchmark's post-processor) and ngR@K's from np.argsort (quicksort, not stable), so
-  tied predictions come out in an implementation-defined order. We break ties by (subject index, object index, predicate id),
-  then by the caller's row index, which only separates identical predictions, so the result never
-  depends on the caller's order. Ties are common (PredCls object scores are all 1, softmaxes
-  saturate, a frequency baseline gives one score per class pair).
+  tied predictions come out in an implementation-defined order. We break ties by (subject index,
+  object index, predicate id), then by the caller's row index, which only separates identical
+  predictions, so the result never depends on the caller's order. Ties are common (PredCls object
+  scores are all 1, softmaxes saturate, a frequency baseline gives one score per class pair).
 - ngR keeps the top 100 (pair, predicate) candidates in the reference; we keep the top max(ks),
   which is 100 for the default ks.
 - IoU is pixel-inclusive: width = x2 - x1 + 1. VG boxes, the Fast R-CNN tooling and both
@@ -77,7 +77,6 @@ MODES = ('predcls', 'sgcls', 'sgdet')
 
 # ----------------------------------------------------------------------------------------------
 # Predicate groups (HEAD / BODY / TAIL)
-# ----------------------------------------------------------------------------------------------
 # The 50 predicates of the standard VG split (VG-SGG-dicts.json, ids 1..50 in this order).
 VG_PREDICATES = [
     'above', 'across', 'against', 'along', 'and', 'at', 'attached to', 'behind', 'belonging to',
@@ -163,7 +162,6 @@ def default_predicate_groups(idx_to_predicate, train_counts=None):
 
 # ----------------------------------------------------------------------------------------------
 # Boxes and ranking
-# ----------------------------------------------------------------------------------------------
 def box_iou_inclusive(a, b):
     """IoU of every box in a (N, 4) with every box in b (G, 4), xyxy, pixel-inclusive -> (N, G).
 
@@ -199,7 +197,6 @@ def _rank(score, tie_keys):
 
 # ----------------------------------------------------------------------------------------------
 # The evaluator
-# ----------------------------------------------------------------------------------------------
 def _to_numpy(x, name):
     if x is None:
         return None
@@ -545,7 +542,6 @@ def format_summary(s, ks=None):
 
 # ----------------------------------------------------------------------------------------------
 # Benchmark: python metrics.py --bench
-# ----------------------------------------------------------------------------------------------
 def _synthetic_sgdet_image(rng, num_boxes=64, num_gt=20, num_rels=25, P=50, C=30):
     """A random SGDet image: GT objects and relations, num_boxes detections (jittered copies of
     the GT boxes, 20% with a wrong label), every ordered pair (num_boxes*(num_boxes-1)) scored by

@@ -39,7 +39,6 @@ def predcls_pred(pairs, rows):
 
 # ----------------------------------------------------------------------------------------------
 # IoU
-# ----------------------------------------------------------------------------------------------
 def test_iou_is_pixel_inclusive_and_exactly_half_counts_as_a_hit():
     # [0,0,9,9] spans 10x10 = 100 pixels, [0,0,9,4] 10x5 = 50 inside it: IoU exactly 0.5
     # (pixel-exclusive it would be 36/81 = 0.44 and the match below would fail).
@@ -58,7 +57,6 @@ def test_iou_is_pixel_inclusive_and_exactly_half_counts_as_a_hit():
 
 # ----------------------------------------------------------------------------------------------
 # R@K: ranking, ties, order, swaps, duplicates, images without relations
-# ----------------------------------------------------------------------------------------------
 def test_recall_ranks_by_triplet_score_with_object_scores():
     """SGDet, 3 GT triplets. The model's best predicate probability alone would rank (0,1) first,
     but its object scores are low, so the triplet score puts it last."""
@@ -150,7 +148,6 @@ def test_no_candidate_pairs_gives_zero_recall():
 
 # ----------------------------------------------------------------------------------------------
 # mR@K, ngR@K, groups
-# ----------------------------------------------------------------------------------------------
 def two_image_evaluator(groups=None):
     """Image A: GT predicates 1, 1, 2; predictions hit one of the 1s and the 2.
     Image B: GT predicate 1, hit. P = 4, predicates 3 and 4 never occur."""
@@ -199,7 +196,6 @@ def test_no_graph_constraint_recall_finds_the_second_best_predicate():
 
 # ----------------------------------------------------------------------------------------------
 # Modes and inputs
-# ----------------------------------------------------------------------------------------------
 def test_predcls_uses_gt_boxes_labels_and_unit_scores():
     P = 2
     gt = {'boxes': GT_BOXES, 'labels': GT_LABELS, 'relations': np.array([[0, 1, 1], [1, 2, 2]])}
@@ -261,7 +257,6 @@ def test_sgdet_requires_boxes():
 
 # ----------------------------------------------------------------------------------------------
 # Parity with a slow, per-triplet implementation of the reference protocol
-# ----------------------------------------------------------------------------------------------
 def random_image(rng, mode, P, quantize):
     """A small random image where matches, near-misses and (with quantize) ties are common."""
     G = int(rng.integers(2, 7))
@@ -367,7 +362,6 @@ def test_parity_with_slow_reference(mode, quantize):
 
 # ----------------------------------------------------------------------------------------------
 # Combining evaluators (DDP)
-# ----------------------------------------------------------------------------------------------
 def test_merge_and_state_dict_equal_single_process():
     rng = np.random.default_rng(7)
     images = [random_image(rng, 'sgdet', 4, True) for _ in range(12)]
@@ -429,7 +423,6 @@ def test_gather_under_torch_distributed_equals_single_process(tmp_path):
 
 # ----------------------------------------------------------------------------------------------
 # Predicate groups
-# ----------------------------------------------------------------------------------------------
 def test_vg_groups_are_the_standard_7_21_22_split():
     names = ['__background__'] + metrics.VG_PREDICATES
     g = vg_predicate_groups(names)
