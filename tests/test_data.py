@@ -2,6 +2,7 @@
 the synthetic generator (determinism, atomic caching, statistics), collate and the samplers."""
 import json
 import os
+import shutil
 
 import h5py
 import numpy as np
@@ -173,6 +174,13 @@ def test_plain_vg_sgg_file_names(tmp_path):
 def test_missing_file_is_named(vg, missing):
     os.remove(os.path.join(vg, missing))
     with pytest.raises(FileNotFoundError, match=missing.replace(".", r"\.")) as e:
+        data.VGSGGDataset(vg, "train")
+    assert "expected a VG-SGG folder" in str(e.value)
+
+
+def test_missing_image_folder_is_named(vg):
+    shutil.rmtree(os.path.join(vg, "VG_100K"))
+    with pytest.raises(FileNotFoundError, match="VG_100K/") as e:
         data.VGSGGDataset(vg, "train")
     assert "expected a VG-SGG folder" in str(e.value)
 
