@@ -158,12 +158,11 @@ def load_graphs(h5_file, split, num_im=-1, num_val_im=0, filter_empty_rels=True,
 
     if np.any(all_boxes[:, 2:] <= 0):
         raise ValueError(f"{h5_file}: boxes_{BOX_SCALE} has boxes with zero or negative width/height")
-    # (cx, cy, w, h) -> (x1, y1, x2, y2) with x1 = cx - w/2, x2 = x1 + w, as the reference loaders write it.
-    # They do it in place on the int32 array, which truncates x1 to an integer: for an odd w their box is
-    # shifted from ours by half a step of the 1024 grid (max(W, H) / 2048 px, 0.24 px on a 500 px image).
-    # We keep the float.
-    xyxy = np.concatenate([all_boxes[:, :2] - all_boxes[:, 2:] / 2,
-                           all_boxes[:, :2] + all_boxes[:, 2:] / 2], 1)                  # (all boxes, 4)
+    # (cx, cy, w, h) -> (x1, y1, x2, y2) exactly as the reference loaders write it: x1 = cx - w/2 and then
+    # x2 = x1 + w, computed in place on the int32 array, so x1 is truncated to an integer (for an odd w the
+    # box sits half a step of the 1024 grid left of its float centre). We reproduce the truncation so that
+    # our boxes, and every IoU computed on them, are the reference's to the bit.
+    xyxy = _decode_boxes(all_boxes)                                                        # (all boxes, 4)
 
     kept_rows, boxes, labels, relations = [], [], [], []
     for row in rows:
@@ -1107,6 +1106,16 @@ def _render(sc):
 
 
 # Writing the files, in exactly the VG-SGG format read above
+
+def _decode_boxes(cxcywh):
+    """int (cx, cy, w, h) (G, 4) at the 1024 scale -> float xyxy (G, 4) at that scale, as the reference
+    loaders decode them: x1 = cx - w/2 truncated to an integer (they compute it in place on the int32
+    array), x2 = x1 + w. With VG's encoding (cx = x1 + w // 2) an odd w therefore comes back one grid
+    step left of where it was: a quirk of the field's pipeline that we keep, so boxes match it exactly."""
+    cxcywh = np.asarray(cxcywh, np.float64)
+    x1y1 = np.trunc(cxcywh[:, :2] - cxcywh[:, 2:] / 2)                                     # (G, 2)
+    return np.concatenate([x1y1, x1y1 + cxcywh[:, 2:]], 1)                                 # (G, 4)
+
 
 def _encode_boxes(boxes, W, H, scale):
     """xyxy pixel boxes (G, 4) -> int32 (cx, cy, w, h) for a longest side of `scale`, rounding as VG's
