@@ -87,7 +87,7 @@ class Config:
     """DataLoader workers"""
     log_every: int = 50
     """iterations between progress lines"""
-    eval_every: int = 1000
+    eval_every: int = 500
     """iterations between validation runs (model selection)"""
     bench_step: bool = False
     """time a training step with and without alignment, then exit"""
@@ -137,7 +137,7 @@ class Config:
     """images per iteration (per process)"""
     eval_batch_size: int = 32
     """images per evaluation batch"""
-    max_iter: int = 3000
+    max_iter: int = 2000
     """training iterations"""
     lr: float = 4e-4
     """learning rate of the transformer parts"""
@@ -151,7 +151,7 @@ class Config:
     """lr x 0.1 after this fraction of max_iter (DETR's step schedule)"""
     grad_clip: float = 0.1
     """max gradient norm (DETR's 0.1)"""
-    val_images: int = 500
+    val_images: int = 300
     """validation images used for model selection"""
     # loss weights (DETR: class 1, L1 5, GIoU 2, background weight 0.1)
     w_cls: float = 1.0
@@ -1176,8 +1176,11 @@ def main(argv=None):
     if cfg.compare:
         compare(cfg, seeds)
     else:
-        for s in seeds:
-            train(dataclasses.replace(cfg, seed=s, out=cfg.out if len(seeds) == 1 else ""))
+        runs = [train(dataclasses.replace(cfg, seed=s, out=cfg.out if len(seeds) == 1 else "")) for s in seeds]
+        if len(seeds) > 1 and is_main():
+            print(f"seeds {cfg.seeds}, mean ± std: " + " | ".join(
+                f"{k} {100 * np.mean([r[k] for r in runs]):.1f} ± {100 * np.std([r[k] for r in runs], ddof=1):.1f}"
+                for k in ("R@50", "R@100", "mR@50", "mR@100")))
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
