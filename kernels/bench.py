@@ -249,14 +249,15 @@ def environment(device):
 # ---------------------------------------------------------------------------------------------------
 # Compile for a GPU without one
 
-def compile_for_gpu(dtype="fp16", head_dim=64, arch=90, drop=True):
+def compile_for_gpu(dtype="fp16", head_dim=64, arch=90, drop=True, precision="ieee"):
     """Compile the three attention kernels (default tiles, padding mask on) for sm_<arch> on any
     machine and return {kernel: {registers, stack_bytes, local_bytes, sass, tiles}}.
 
     The arguments are specialised as a launch on contiguous tensors would be (unit head-dim
     strides, 16-byte aligned pointers and strides), so the code is the one a GPU would run.
     `sass` counts the instructions of the whole kernel: compiling with drop=False shows how much
-    code the in-kernel generator adds (a static measure, not a time)."""
+    code the in-kernel generator adds (a static measure, not a time). precision: tl.dot's
+    input_precision for fp32 inputs, "ieee" (torch's default) or "tf32"."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -277,7 +278,7 @@ def compile_for_gpu(dtype="fp16", head_dim=64, arch=90, drop=True):
         fn = getattr(MA, name)
         BM, BN, warps = blocks[head_dim]
         consts = dict(HAS_KPM=True, HAS_DROP=drop, D=head_dim, BLOCK_M=BM, BLOCK_N=BN,
-                      PRECISION="tf32" if dtype == "fp32" else "ieee", **{a: 1 for a in unit_strides})
+                      PRECISION=precision, **{a: 1 for a in unit_strides})
         consts = {a: c for a, c in consts.items() if a in fn.arg_names}
         signature = {a: "constexpr" if a in consts else pointers.get(
             a, "fp32" if a in ("qk_scale", "sm_scale") else "i32") for a in fn.arg_names}
@@ -297,7 +298,7 @@ def compile_for_gpu(dtype="fp16", head_dim=64, arch=90, drop=True):
                                   check=True).stdout
         m = re.search(r"REG:(\d+).*?STACK:(\d+).*?LOCAL:(\d+)", res, re.S)
         usage[name] = dict(registers=int(m[1]), stack_bytes=int(m[2]), local_bytes=int(m[3]),
-                           sass=len(re.findall(r"^\s+/\*[0-9a-f]{4}\*/\s", sass, re.M)),
+                           sass=len(re.findall(r"^\s+/\*[0-9a-f]{4,}\*/\s", sass, re.M)),
                            tiles=(BM, BN or "-", warps))
     return usage
 
@@ -319,16 +320,21 @@ def main():
 
     if args.compile_only:
         import triton
-        lines = ["| dtype | D | kernel | tiles (BM, BN, warps) | registers | spilled (local B) "
-                 "| SASS instructions, p > 0 | SASS, p = 0 |", "|---|---|---|---|---|---|---|---|"]
-        for dtype, D in itertools.product(("fp16", "bf16", "fp32"), MA.HEAD_DIMS):
-            with_gen, without = compile_for_gpu(dtype, D), compile_for_gpu(dtype, D, drop=False)
+        lines = ["| dtype (dot precision) | D | kernel | tiles (BM, BN, warps) | registers | spilled "
+                 "(stack + local, B) | SASS instructions, p > 0 | SASS, p = 0 |",
+                 "|---|---|---|---|---|---|---|---|"]
+        configs = [("fp16", "ieee"), ("bf16", "ieee"), ("fp32", "tf32"), ("fp32", "ieee")]
+        for (dtype, precision), D in itertools.product(configs, MA.HEAD_DIMS):
+            with_gen = compile_for_gpu(dtype, D, precision=precision)
+            without = compile_for_gpu(dtype, D, drop=False, precision=precision)
             for name, u in with_gen.items():
-                print(f"sm_90 {dtype} D={D:3d} {name:17s} tiles {u['tiles']}: {u['registers']} "
-                      f"registers, {u['local_bytes']} B spilled, {u['sass']} SASS instructions "
+                spilled = u["stack_bytes"] + u["local_bytes"]
+                label = dtype if dtype != "fp32" else f"fp32 ({precision})"
+                print(f"sm_90 {label:12s} D={D:3d} {name:17s} tiles {u['tiles']}: {u['registers']} "
+                      f"registers, {spilled} B spilled, {u['sass']} SASS instructions "
                       f"({without[name]['sass']} without the generator)", flush=True)
-                lines.append(f"| {dtype} | {D} | {name} | {u['tiles']} | {u['registers']} | "
-                             f"{u['local_bytes']} | {u['sass']} | {without[name]['sass']} |")
+                lines.append(f"| {label} | {D} | {name} | {u['tiles']} | {u['registers']} | "
+                             f"{spilled} | {u['sass']} | {without[name]['sass']} |")
         text = (f"Compiled on a machine without a GPU for sm_90 (H100) with Triton {triton.__version__}"
                 f" (`python -m kernels.bench --compile-only`). Static counts, not timings.\n\n"
                 + "\n".join(lines))

@@ -430,10 +430,13 @@ LOG2E = 1.4426950408889634
 HEAD_DIMS = (16, 32, 64, 128)
 # Tile sizes: (BM, BN, num_warps) per kernel. Not tuned on a GPU yet (kernels/BENCH.md). Chosen so
 # that every tl.dot has M >= 64 (Hopper's wgmma needs it; with BM = 32 Triton falls back to the older
-# mma), BN = 64 uses all 8 decisions of every Philox call, and nothing spills when compiled for sm_90
-# (`python -m kernels.bench --compile-only`). BN must be a power of two >= 16.
+# mma), BN = 64 uses all 8 decisions of every Philox call, and fp16/bf16 do not spill registers
+# when compiled for sm_90 (`python -m kernels.bench --compile-only`; dk/dv at D = 128 takes BN = 32
+# for that). fp32 inputs run tl.dot in TF32 if torch.backends.cuda.matmul.allow_tf32 is set, else in
+# full fp32 on the CUDA cores, which spills in the dk/dv kernel: use AMP (fp16/bf16) for speed.
+# BN must be a power of two >= 16.
 FWD_BLOCKS = {16: (64, 64, 4), 32: (64, 64, 4), 64: (64, 64, 4), 128: (64, 64, 4)}
-BWD_DKDV_BLOCKS = {16: (64, 64, 4), 32: (64, 64, 4), 64: (64, 64, 4), 128: (64, 64, 8)}
+BWD_DKDV_BLOCKS = {16: (64, 64, 4), 32: (64, 64, 4), 64: (64, 64, 4), 128: (64, 32, 8)}
 BWD_DQ_BLOCKS = {16: (64, 64, 4), 32: (64, 64, 4), 64: (64, 64, 4), 128: (64, 64, 8)}
 
 

@@ -298,8 +298,9 @@ def test_compiles_for_h100_without_a_gpu():
         usage = bench.compile_for_gpu(dtype="fp16", head_dim=32)
     except ImportError as e:  # Triton internals moved
         pytest.skip(f"cannot reach Triton's compiler API: {e}")
-    for name, u in usage.items():
-        assert u["local_bytes"] == 0, f"{name} spills registers to local memory: {u}"
+    assert set(usage) == {"_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel", "_bwd_delta_kernel"}
+    for name, u in usage.items():  # spilled registers show up as stack (or local) bytes
+        assert u["stack_bytes"] + u["local_bytes"] == 0, f"{name} spills registers: {u}"
 
 
 if __name__ == "__main__":
