@@ -597,7 +597,7 @@ def masked_attention(q, k, v, p, seed, key_padding_mask=None, _blocks=None):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Correctness check and a quick timing: python -m kernels.masked_attention
+# Correctness check and a quick timing: python kernels/masked_attention.py
 
 if __name__ == "__main__":
     import time
