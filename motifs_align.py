@@ -1081,6 +1081,7 @@ def train(cfg, out_dir, rank, world, device):
             json.dump(dataclasses.asdict(cfg), f, indent=1)
     log(f"run {out_dir} | mode {cfg.mode} | {'aligned' if not cfg.no_align else 'baseline (no alignment)'} "
         f"| {world} process(es) on {device}")
+    t_run = time.time()
     root, ds = load_datasets(cfg, rank)
     C, P = ds["train"].num_classes, ds["train"].num_predicates
     t0 = time.time()
@@ -1089,6 +1090,7 @@ def train(cfg, out_dir, rank, world, device):
     log(f"data {root}: {len(ds['train'])} train / {len(ds['val'])} val / {len(ds['test'])} test images, "
         f"{C - 1} classes, {P - 1} predicates (statistics in {time.time() - t0:.1f}s)")
     detector, det_map = get_detector(cfg, root, ds, device, rank, world, log)
+    log(f"time so far (data, statistics, stage 1): {fmt_time(time.time() - t_run)}")
     vocab = {"idx_to_label": list(ds["train"].idx_to_label), "idx_to_predicate": list(ds["train"].idx_to_predicate)}
     if cfg.freq_baseline:
         summary = evaluate(None, detector, first(ds["test"], cfg.max_eval_images), cfg, device, groups,
@@ -1107,7 +1109,7 @@ def train(cfg, out_dir, rank, world, device):
     last_path, best_path = os.path.join(out_dir, "ckpt_last.pt"), os.path.join(out_dir, "ckpt_best.pt")
     if cfg.resume:
         if not os.path.exists(last_path):
-            raise FileNotFoundError(f"--resume: no checkpoint at {last_path}")
+            raise SystemExit(f"--resume: no checkpoint at {last_path}; start the run without --resume")
         ck = torch.load(last_path, map_location=device, weights_only=True)
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
@@ -1171,11 +1173,13 @@ def train(cfg, out_dir, rank, world, device):
     # Test the checkpoint with the best validation mR@50 (the paper's model selection).
     ck = torch.load(best_path, map_location=device, weights_only=True)
     model.load_state_dict(ck["model"])
-    log(f"testing the best checkpoint (iteration {ck['step']}, val mR@50 {ck['best_val_mR@50']:.4f})")
+    log(f"time so far (with stage 2): {fmt_time(time.time() - t_run)}; testing the best checkpoint "
+        f"(iteration {ck['step']}, val mR@50 {ck['best_val_mR@50']:.4f})")
     test = first(ds["test"], cfg.max_eval_images)
     summary, examples = evaluate(model, detector, test, cfg, device, groups, keep_examples=4)
     summary.update({"det_mAP@0.5": det_map, "best_step": ck["step"], "val_mR@50": ck["best_val_mR@50"]})
     finish(cfg, out_dir, summary, history, ds, counts, groups, log, rank, examples)
+    log(f"total time {fmt_time(time.time() - t_run)}")
     return summary
 
 
