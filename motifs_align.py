@@ -1493,8 +1493,10 @@ def compare(cfg, seeds, rank, world, device):
     print(f"wrote {base}/compare.md, compare.json, compare_per_predicate.png")
 
 
-def bench_step(cfg, device, n_batches=6, rounds=3, steps=6):
-    """Time one training step with and without the alignment on the same batches in one process."""
+def bench_step(cfg, device, n_batches=6, rounds=5, steps=6):
+    """Time one training step with and without the alignment on the same batches in one process.
+    Rounds alternate which model goes first; we report the median of wall-clock and of process CPU
+    time per step (CPU time is the robust one on a shared machine; on a GPU, read the wall clock)."""
     root, ds = load_datasets(cfg, 0)
     C, P = ds["train"].num_classes, ds["train"].num_predicates
     log_probs = torch.zeros(C, C, P)   # the frequency bias values do not change the cost
@@ -1511,10 +1513,11 @@ def bench_step(cfg, device, n_batches=6, rounds=3, steps=6):
         torch.manual_seed(0)
         m = MotifsRelationModel(c, C, P, detector.backbone.out_channels, detector.stride, log_probs).to(device).train()
         models[align] = (m, c, torch.optim.SGD(m.parameters(), lr=1e-4, momentum=0.9))
-    times = {False: [], True: []}
+    wall, cpu = {False: [], True: []}, {False: [], True: []}
     for r in range(rounds + 1):        # round 0 warms up
-        for align, (m, c, opt) in models.items():
-            t0 = time.perf_counter()
+        for align in ((False, True) if r % 2 == 0 else (True, False)):
+            m, c, opt = models[align]
+            t0, c0 = time.perf_counter(), time.process_time()
             for s in range(steps):
                 images, targets = batches[s % n_batches]
                 loss, _ = relation_step(m, detector, images.to(device), to_device(targets, device), c)
@@ -1524,12 +1527,13 @@ def bench_step(cfg, device, n_batches=6, rounds=3, steps=6):
             if device.type == "cuda":
                 torch.cuda.synchronize()
             if r > 0:
-                times[align].append((time.perf_counter() - t0) / steps)
-    base, aligned = float(np.median(times[False])), float(np.median(times[True]))
+                wall[align].append((time.perf_counter() - t0) / steps)
+                cpu[align].append((time.process_time() - c0) / steps)
+    w0, w1, c0, c1 = (float(np.median(x[a])) for x in (wall, cpu) for a in (False, True))
     print(f"bench-step ({cfg.mode}, batch {cfg.batch_size}, {device}, torch threads {torch.get_num_threads()}): "
-          f"without alignment {1000 * base:.1f} ms/step | with alignment {1000 * aligned:.1f} ms/step | "
-          f"ratio {aligned / base:.2f}")
-    return base, aligned
+          f"without alignment {1000 * w0:.1f} ms/step wall, {1000 * c0:.1f} ms CPU | with alignment "
+          f"{1000 * w1:.1f} ms wall, {1000 * c1:.1f} ms CPU | ratio {w1 / w0:.2f} wall, {c1 / c0:.2f} CPU")
+    return w1 / w0, c1 / c0
 
 
 # ----------------------------------------------------------------------------------------------
