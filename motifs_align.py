@@ -23,6 +23,17 @@ Run (the built-in synthetic data is generated on first use; everything runs on a
 Real Visual Genome (the standard VG-SGG.h5 files) on a GPU:
     python motifs_align.py --predcls --preset vg --data /path/to/vg [--vgg-weights vgg16.pth]
 
+Where this differs from the paper and from Neural Motifs (each also noted where the code does it):
+  - stage 1 is a compact VGG-style Faster R-CNN with BatchNorm trained from scratch with AdamW for 300
+    iterations on the synthetic data (paper: VGG-16 Faster R-CNN, ImageNet-initialised, trained on VG);
+    `--preset vg` restores the VGG-16 layout, SGD and the paper's solver for stage 2;
+  - stage 2 on a CPU: 1K iterations of batch 8 at lr 0.05 (paper: 100K of batch 24 at lr 0.01), the
+    cosine schedule updated 100 times in both;
+  - label refinement is a linear classifier on the object context (Motifs: a decoder LSTM);
+  - the two-box spatial mask is rasterised at 7 x 7 directly (Motifs: 27 x 27 and convolutions);
+  - the mirror's MLP reads [pair features, masked union feature] concatenated (the paper does not say
+    how the two are combined); masking only zeroes, without dropout's 1/(1-p) rescaling (Eq. 1).
+
 Symbols used in shape comments:
     B images in a batch, N objects (boxes) in a batch, R relation pairs in a batch,
     C object classes + 1 (background at 0), P predicates + 1 (no-relation at 0),
@@ -1458,12 +1469,15 @@ def run_seeds(cfg, seeds, base, rank, world, device, align):
 
 def compare(cfg, seeds, rank, world, device):
     base = cfg.out or f"runs/motifs_align-{cfg.mode}-compare"
+    # The frequency prior alone (no training, no seed) is the floor a trained model must clear.
+    freq = train(dataclasses.replace(cfg, freq_baseline=True, out=""), os.path.join(base, "freq"), rank, world, device)
     results = {"Motifs (ours)": run_seeds(cfg, seeds, base, rank, world, device, align=False),
                "Align-Motifs (ours)": run_seeds(cfg, seeds, base, rank, world, device, align=True)}
     if rank != 0:
         return
     lines = [f"{cfg.mode} test results on `{cfg.data}` data, seeds {seeds}, mean ± std (%):", "",
-             "| method | " + " | ".join(TABLE_KEYS) + " |", "|---" * (len(TABLE_KEYS) + 1) + "|"]
+             "| method | " + " | ".join(TABLE_KEYS) + " |", "|---" * (len(TABLE_KEYS) + 1) + "|",
+             "| FREQ (frequency prior only, ours) | " + " | ".join(mean_std([freq], k) for k in TABLE_KEYS) + " |"]
     for name, runs in results.items():
         lines.append(f"| {name} | " + " | ".join(mean_std(runs, k) for k in TABLE_KEYS) + " |")
     for name, vals in PAPER_TABLE2[cfg.mode].items():
@@ -1471,7 +1485,7 @@ def compare(cfg, seeds, rank, world, device):
     with open(os.path.join(base, "compare.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     with open(os.path.join(base, "compare.json"), "w") as f:
-        json.dump({"seeds": seeds, **results}, f, indent=1)
+        json.dump({"seeds": seeds, "FREQ": freq, **results}, f, indent=1)
     print("\n".join(lines))
     # Figure 5 style: mean per-predicate R@100 difference, aligned - baseline, frequency order.
     root = data.ensure_synthetic() if cfg.data == "synthetic" else cfg.data
