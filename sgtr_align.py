@@ -1027,7 +1027,7 @@ def train(cfg: Config) -> dict:
                                          num_workers=cfg.num_workers)
     batches = iter(loader)
     model.train()
-    t0, t_last, it0, sums = time.time(), time.time(), step, {}
+    t0, t_last, it0, last_log, sums = time.time(), time.time(), step, step, {}
     while step < max_iter:
         images, targets = next(batches)
         images = images.to(device)
@@ -1046,24 +1046,25 @@ def train(cfg: Config) -> dict:
         for k in ("total", "sup", "align"):
             sums[k] = sums.get(k, 0.0) + losses[k].item()
         if step % cfg.log_every == 0 or step == max_iter:
-            n = step - (history[-1]["it"] if history and "loss" in history[-1] else it0)
-            n = max(1, min(n, cfg.log_every))
+            n = step - last_log
             avg = {k: v / n for k, v in sums.items()}
             speed = n / (time.time() - t_last)
             history.append({"it": step, "loss": avg["total"], "sup": avg["sup"], "align": avg["align"]})
             log(f"it {step}/{max_iter} | loss {avg['total']:.3f} (sup {avg['sup']:.3f}, align {avg['align']:.3f}) | "
                 f"{speed:.1f} it/s | eta {fmt_time((max_iter - step) * (time.time() - t0) / (step - it0))}")
-            sums, t_last = {}, time.time()
+            sums, t_last, last_log = {}, time.time(), step
         if step % cfg.eval_every == 0 or step == max_iter:
             validate()
             checkpoint(last_path)
-    log(f"training done in {fmt_time(time.time() - t0)}")
+            t_last = time.time()  # it/s counts training only
+    train_seconds = time.time() - t0
+    log(f"training done in {fmt_time(train_seconds)} (validation included)")
 
     # test with the best validation checkpoint
     if os.path.exists(best_path):
         model.load_state_dict(torch.load(best_path, map_location=device, weights_only=True)["model"])
     summary, examples = evaluate(model, test_ds, cfg, device, groups, cfg.max_eval_images, keep_examples=4)
-    summary["train_seconds"] = time.time() - t0
+    summary["train_seconds"], summary["test_seconds"] = train_seconds, time.time() - t0 - train_seconds
     if is_main():
         with open(os.path.join(out_dir, "metrics.json"), "w") as f:
             json.dump(summary, f, indent=2)
