@@ -1117,7 +1117,7 @@ def compare(cfg: Config, seeds):
         cells = []
         for k in keys:
             v = 100 * np.array([r.get(k, float("nan")) for r in runs])
-            cells.append(f"{v.mean():.1f} ± {v.std(ddof=1) if len(v) > 1 else 0.0:.1f}")
+            cells.append(f"{v.mean():.1f} ± {v.std(ddof=1):.1f}" if len(v) > 1 else f"{v[0]:.1f}")  # no ± for 1 seed
         lines.append(f"| {name} (ours) | " + " | ".join(cells) + " |")
     for name, row in TABLE1.items():
         lines.append(f"| {name} (paper, VG) | " + " | ".join(row[k] for k in keys) + " |")
