@@ -289,7 +289,7 @@ class MultiheadAttention(nn.Module):
         if seed is None:
             out = attention(q, k, v, key_padding_mask)
         else:
-            # PAPER (section 3.2): each attention-matrix element is set to -inf with probability p
+            # PAPER: (section 3.2): each attention-matrix element is set to -inf with probability p
             # before the softmax; the mask is a pure function of `seed` (fused Triton kernel on GPU).
             out = masked_attention(q.contiguous(), k.contiguous(), v.contiguous(), mask_p, seed,
                                    key_padding_mask)
@@ -500,12 +500,12 @@ class SGTR(nn.Module):
         self.sub_box, self.obj_box = MLP(d, d, 4, 3), MLP(d, d, 4, 3)
         self.align = not cfg.no_align
         if self.align and not cfg.tied_head:
-            # PAPER (sections 3.1.2, 3.2, Fig. 4): untied projection heads for the relation, subject
+            # PAPER: (sections 3.1.2, 3.2, Fig. 4): untied projection heads for the relation, subject
             # and object distributions of the mirror; every other weight is shared.
             self.mirror_pred_class = nn.Linear(d, num_predicates)
             self.mirror_sub_class = nn.Linear(d, num_classes)
             self.mirror_obj_class = nn.Linear(d, num_classes)
-        # PAPER (section 7): a fresh mask per cross-attention block, per layer and per step. Seeds come
+        # PAPER: (section 7): a fresh mask per cross-attention block, per layer and per step. Seeds come
         # from this generator (state saved in checkpoints) so that runs are reproducible.
         self.mask_rng = torch.Generator().manual_seed(cfg.seed)
 
@@ -572,39 +572,39 @@ class SGTR(nn.Module):
         ent_out, inputs = self.encode_and_detect(images, pad_mask)
         pred_out = self.forward_decoder(inputs, use_dropout=self.training)
         if targets is None:
-            return {**ent_out[-1], **pred_out[-1]}  # PAPER (section 3.1): inference never runs the mirror
+            return {**ent_out[-1], **pred_out[-1]}  # PAPER: (section 3.1): inference never runs the mirror
         tg = normalised_targets(targets, images.device)
         losses = sgtr_losses(ent_out, pred_out, tg, self.cfg)
         losses["align"] = torch.zeros((), device=images.device)
         if self.align:
             losses["align"] = self.alignment_loss(inputs, tg)
-        # PAPER Eq. (3): L_final = L_original + lambda * L_align
+        # PAPER: Eq. (3): L_final = L_original + lambda * L_align
         losses["total"] = losses["sup"] + self.cfg.align_weight * losses["align"]
         return losses
 
     def alignment_loss(self, inputs, tg):
-        """PAPER (sections 3.2, 4.1, 7): the self-supervised relation alignment on the SGTR decoder.
+        """PAPER: (sections 3.2, 4.1, 7): the self-supervised relation alignment on the SGTR decoder.
 
         inputs: the decoder's inputs from encode_and_detect; tg: normalised_targets() (used only by
         the supervised ablation). Returns the scalar L_align."""
         cfg = self.cfg
-        # PAPER (section 3.1): the decoder's inputs (relation/image features, entity features, the
+        # PAPER: (section 3.1): the decoder's inputs (relation/image features, entity features, the
         # entity-conditioned queries) enter the mirror with their gradient stopped, so L_align only
         # trains the structural predicate decoder (and the untied heads).
         frozen = {k: v.detach() for k, v in inputs.items()}
-        # PAPER (section 7): a mask drawn independently per cross-attention block, layer and step.
+        # PAPER: (section 7): a mask drawn independently per cross-attention block, layer and step.
         seeds = self.draw_seeds()
-        # PAPER (section 4.1): the mirror has no dropout at all; masked cross-attention with prob. p.
+        # PAPER: (section 4.1): the mirror has no dropout at all; masked cross-attention with prob. p.
         mirror = self.forward_decoder(frozen, use_dropout=False, mask_p=cfg.mask_p, seeds=seeds,
                                       mirror_heads=True)
         if cfg.align_loss == "supervised":
-            # PAPER (section 4.3, Table 3 "SA"): the same supervised loss on the mirror instead of KL.
+            # PAPER: (section 4.3, Table 3 "SA"): the same supervised loss on the mirror instead of KL.
             return predicate_loss(mirror[-1], tg, cfg)
-        # PAPER (section 4.1): an extra forward pass of the original decoder WITHOUT dropout gives the
+        # PAPER: (section 4.1): an extra forward pass of the original decoder WITHOUT dropout gives the
         # target distributions; no_grad = the target is fixed (section 3.1.2: "we fix P_original").
         with torch.no_grad():
             target = self.forward_decoder(frozen, use_dropout=False)[-1]
-        # PAPER Eq. (2), last layer only (section 3.2): KL(P_original || P_masked) for the predicate,
+        # PAPER: Eq. (2), last layer only (section 3.2): KL(P_original || P_masked) for the predicate,
         # subject and object distributions, averaged over all predicate queries (no labels needed).
         loss = 0.0
         for key in ("pred_logits", "sub_logits", "obj_logits"):
