@@ -30,6 +30,8 @@ Public API:
     SYNTHETIC_NUM_VAL                                 the num_val_im to use on the synthetic data
     collate(batch) -> (images, targets)               for torch's DataLoader
     TrainingSampler(size), InferenceSampler(size)     infinite shuffled / sharded sequential, DDP-aware
+    DataError                                         raised for every problem with the data files: one line
+                                                      naming the file and what was expected (a ValueError)
 
 Shapes: B images in a batch, G ground-truth objects of an image, R ground-truth relations of an image,
 C object classes and P predicates (both without the background class at index 0), H x W image height/width.
@@ -56,18 +58,41 @@ from PIL import Image, ImageDraw
 # ----------------------------------------------------------------------------------------------------------
 # The VG-SGG format and its reader
 
+class DataError(ValueError):
+    """A problem with the user's data files; the message names the file and what was expected.
+
+    Every mistake in a data folder (a missing folder or file, an empty or non-HDF5 h5, a truncated json, a
+    missing key, an id the dicts do not name, a missing image) raises this, with a one-line message written to
+    read after "error: ": the scripts catch it, print `error: <message>` and exit without a traceback. Mistakes
+    in how *code* calls this file (a bad `split`, say) stay plain ValueErrors: those are bugs, and a traceback
+    is what finds them. A subclass of ValueError, so code that catches ValueError still catches it.
+    """
+
+
 # The h5 file stores all images' boxes and relations in flat arrays; per image, [first, last] index ranges
 # (inclusive, -1 when the image has none) point into them. `relationships` holds *global* box indices.
-H5_KEYS = ("split", "img_to_first_box", "img_to_last_box", "img_to_first_rel", "img_to_last_rel",
-           "labels", "boxes_1024", "relationships", "predicates")
+# Shapes: N image rows, NB boxes and NR relations in the whole file.
+H5_SHAPES = {"split": "(N,)", "img_to_first_box": "(N,)", "img_to_last_box": "(N,)", "img_to_first_rel": "(N,)",
+             "img_to_last_rel": "(N,)", "labels": "(NB, 1)", "boxes_1024": "(NB, 4)", "relationships": "(NR, 2)",
+             "predicates": "(NR, 1)"}
+H5_KEYS = tuple(H5_SHAPES)
 H5_NAMES = ("VG-SGG-with-attri.h5", "VG-SGG.h5")
 DICT_NAMES = ("VG-SGG-dicts-with-attri.json", "VG-SGG-dicts.json")
 DICT_KEYS = ("label_to_idx", "predicate_to_idx")   # the json also has idx_to_label/idx_to_predicate: the same
-LAYOUT = ("expected a VG-SGG folder laid out as\n"
-          "  root/VG-SGG-with-attri.h5 (or VG-SGG.h5)  with keys " + ", ".join(H5_KEYS) + "\n"
+LAYOUT = ("A VG-SGG data folder (--data) is laid out as\n"
+          "  root/VG-SGG-with-attri.h5 (or VG-SGG.h5)  an HDF5 file with the datasets\n"
+          "      split, img_to_first_box, img_to_last_box, img_to_first_rel, img_to_last_rel  (N,) for N images,\n"
+          "      labels (NB, 1), boxes_1024 (NB, 4) for NB boxes,\n"
+          "      relationships (NR, 2), predicates (NR, 1) for NR relations\n"
           "  root/VG-SGG-dicts-with-attri.json (or VG-SGG-dicts.json)  with keys " + ", ".join(DICT_KEYS) + "\n"
           "  root/image_data.json  (list of {image_id, width, height, ...}, one per image, in h5 row order)\n"
-          "  root/VG_100K/{image_id}.jpg")
+          "  root/VG_100K/{image_id}.jpg\n")
+# What each error message says was expected (one line each; LAYOUT is for --help).
+EXPECTED_FOLDER = ("expected a VG-SGG folder: VG-SGG-with-attri.h5 (or VG-SGG.h5), VG-SGG-dicts-with-attri.json "
+                   "(or VG-SGG-dicts.json), image_data.json and VG_100K/{image_id}.jpg (see `python data.py --help`)")
+EXPECTED_H5 = "expected an HDF5 file with datasets " + ", ".join(f"{k} {s}" for k, s in H5_SHAPES.items())
+EXPECTED_DICTS = "expected a JSON object with label_to_idx and predicate_to_idx, each {name: index from 1}"
+EXPECTED_IMAGE_DATA = "expected a JSON array of {image_id, width, height, ...} (integers), one per VG image"
 
 # Boxes are stored at a fixed scale: the longest image side is 1024 (and 512 in `boxes_512`), as integer
 # (cx, cy, w, h). The preprocessing script (vg_to_roidb.py of Xu et al.) rescaled every image's boxes so one
@@ -82,35 +107,113 @@ CORRUPTED_IMAGE_IDS = (1592, 1722, 4616, 4617)
 SPLITS = ("train", "val", "test")
 
 
+def _one_line(e):
+    return " ".join(str(e).split())
+
+
 def _find_file(root, names):
     for name in names:
         if os.path.isfile(os.path.join(root, name)):
             return os.path.join(root, name)
-    raise FileNotFoundError(f"{root}: missing {' or '.join(names)}; {LAYOUT}")
+    raise DataError(f"{root}: missing {' or '.join(names)}; {EXPECTED_FOLDER}")
+
+
+def _read_json(path, expected):
+    """The parsed json file, or a DataError naming the file (and where the json breaks)."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise DataError(f"{path}: cannot be read ({e.strerror or _one_line(e)}); {expected}") from None
+    if not raw.strip():
+        raise DataError(f"{path}: the file is empty; {expected}")
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError as e:   # a truncated download ends in e.g. "Expecting ',' delimiter"
+        raise DataError(f"{path}: not valid JSON ({e.msg}: line {e.lineno} column {e.colno}); "
+                        f"{expected}") from None
+    except UnicodeDecodeError as e:     # an h5 or a jpg under a json's name
+        raise DataError(f"{path}: not JSON text (byte {e.start} is not UTF-8); {expected}") from None
+
+
+def _json_type(x):
+    return {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}.get(type(x), "number")
 
 
 def load_vg_dicts(dict_file):
     """Class and predicate names from the dicts json, as lists with '__background__' at index 0."""
-    with open(dict_file) as f:
-        info = json.load(f)
+    info = _read_json(dict_file, EXPECTED_DICTS)
+    if not isinstance(info, dict):
+        raise DataError(f"{dict_file}: holds a JSON {_json_type(info)}; {EXPECTED_DICTS}")
     missing = [k for k in DICT_KEYS if k not in info]
     if missing:
-        raise ValueError(f"{dict_file}: missing key(s) {missing}; {LAYOUT}")
+        raise DataError(f"{dict_file}: missing key(s) {', '.join(missing)}; {EXPECTED_DICTS}")
     # Indices in the json start at 1; 0 is reserved for "no object" / "no relation" in every SGG model.
     names = []
     for key in DICT_KEYS:
         to_idx = info[key]
-        if sorted(to_idx.values()) != list(range(1, len(to_idx) + 1)):
-            raise ValueError(f"{dict_file}: {key} must number its entries 1..{len(to_idx)}")
+        if not isinstance(to_idx, dict) or not to_idx or any(type(v) is not int for v in to_idx.values()):
+            raise DataError(f"{dict_file}: {key} is not a non-empty {{name: integer index}} object; {EXPECTED_DICTS}")
+        idx = sorted(to_idx.values())
+        if idx != list(range(1, len(to_idx) + 1)):
+            shown = ", ".join(map(str, idx[:6])) + (", ..." if len(idx) > 6 else "")
+            raise DataError(f"{dict_file}: {key} has the indices {shown}; expected each of 1..{len(idx)} once")
         names.append(["__background__"] + sorted(to_idx, key=to_idx.get))
     return names[0], names[1]
 
 
 def load_image_info(image_file):
     """image_data.json without the 4 corrupted images, so that entry i describes h5 row i."""
-    with open(image_file) as f:
-        im_data = json.load(f)
+    im_data = _read_json(image_file, EXPECTED_IMAGE_DATA)
+    if not isinstance(im_data, list):
+        raise DataError(f"{image_file}: holds a JSON {_json_type(im_data)}; {EXPECTED_IMAGE_DATA}")
+    for k, im in enumerate(im_data):
+        if not (isinstance(im, dict) and all(type(im.get(key)) is int for key in ("image_id", "width", "height"))
+                and im["width"] > 0 and im["height"] > 0):
+            text = json.dumps(im)
+            raise DataError(f"{image_file}: entry {k} is {text[:80] + ' ...' if len(text) > 80 else text}; "
+                            f"expected {{image_id, width, height, ...}} with integer id and positive sizes")
     return [im for im in im_data if im["image_id"] not in CORRUPTED_IMAGE_IDS]
+
+
+def _open_h5(h5_file):
+    """h5py.File(h5_file, "r"), or a DataError naming the file (h5py's own error does not)."""
+    if os.path.getsize(h5_file) == 0:
+        raise DataError(f"{h5_file}: the file is empty; {EXPECTED_H5}")
+    try:
+        return h5py.File(h5_file, "r")
+    except OSError as e:   # "Unable to synchronously open file (file signature not found)", truncated files, ...
+        raise DataError(f"{h5_file}: not a readable HDF5 file ({_one_line(e)}); {EXPECTED_H5}") from None
+
+
+def _read_h5(h5_file):
+    """All H5_KEYS datasets of the h5 file as arrays, checked: key -> array. A DataError names the file and
+    the first dataset that is missing, unreadable, of the wrong shape, or whose index ranges point outside."""
+    arrays = {}
+    with _open_h5(h5_file) as h5:
+        missing = [k for k in H5_KEYS if not isinstance(h5.get(k), h5py.Dataset)]
+        if missing:
+            raise DataError(f"{h5_file}: missing dataset(s) {', '.join(missing)}; {EXPECTED_H5}")
+        for k in H5_KEYS:
+            try:
+                arrays[k] = h5[k][()]
+            except (OSError, TypeError, ValueError) as e:   # truncated or corrupt after the header
+                raise DataError(f"{h5_file}: dataset {k} cannot be read ({_one_line(e)}); {EXPECTED_H5}") from None
+    n, nb, nr = (arrays[k].shape[0] if arrays[k].ndim else 0 for k in ("split", "labels", "relationships"))
+    want = {"(N,)": (n,), "(NB, 1)": (nb, 1), "(NB, 4)": (nb, 4), "(NR, 2)": (nr, 2), "(NR, 1)": (nr, 1)}
+    for k, shape in H5_SHAPES.items():
+        a = arrays[k]
+        if not np.issubdtype(a.dtype, np.number) or a.shape != want[shape]:
+            raise DataError(f"{h5_file}: dataset {k} has shape {a.shape} and dtype {a.dtype}; expected numbers of "
+                            f"shape {shape}, N = {n} (rows of split), NB = {nb} (of labels), NR = {nr} (of relationships)")
+    for kind, total in (("box", nb), ("rel", nr)):
+        first, last = arrays[f"img_to_first_{kind}"], arrays[f"img_to_last_{kind}"]
+        ok = (first == -1) | ((first >= 0) & (first <= last) & (last < total))                    # (N,)
+        if not ok.all():
+            row = int(np.argmin(ok))
+            raise DataError(f"{h5_file}: row {row} has img_to_first_{kind} = {first[row]}, img_to_last_{kind} = "
+                            f"{last[row]}; expected -1 (none) or first <= last < {total}")
+    return arrays
 
 
 def _box_iou_inclusive(a, b):
@@ -132,17 +235,14 @@ def load_graphs(h5_file, split, num_im=-1, num_val_im=0, filter_empty_rels=True,
     boxes (G, 4) float xyxy at BOX_SCALE, labels (G,) int64 in 1..C, relations (R, 3) int64 rows
     (subject index, object index, predicate in 1..P), indices local to the image.
     """
-    with h5py.File(h5_file, "r") as h5:
-        missing = [k for k in H5_KEYS if k not in h5]
-        if missing:
-            raise ValueError(f"{h5_file}: missing h5 key(s) {missing}; {LAYOUT}")
-        data_split = h5["split"][:]
-        first_box, last_box = h5["img_to_first_box"][:], h5["img_to_last_box"][:]
-        first_rel, last_rel = h5["img_to_first_rel"][:], h5["img_to_last_rel"][:]
-        all_labels = h5["labels"][:, 0].astype(np.int64)
-        all_boxes = h5[f"boxes_{BOX_SCALE}"][:].astype(np.float64)  # (cx, cy, w, h)
-        all_rels = h5["relationships"][:].astype(np.int64)           # global box indices
-        all_preds = h5["predicates"][:, 0].astype(np.int64)
+    h5 = _read_h5(h5_file)
+    data_split = h5["split"]
+    first_box, last_box = h5["img_to_first_box"], h5["img_to_last_box"]
+    first_rel, last_rel = h5["img_to_first_rel"], h5["img_to_last_rel"]
+    all_labels = h5["labels"][:, 0].astype(np.int64)
+    all_boxes = h5[f"boxes_{BOX_SCALE}"].astype(np.float64)    # (cx, cy, w, h)
+    all_rels = h5["relationships"].astype(np.int64)            # global box indices
+    all_preds = h5["predicates"][:, 0].astype(np.int64)
 
     # VG-SGG has only two split flags: 0 = train, 2 = test. There is no official val split: everyone
     # carves val from the *start* of the (filtered) train split and trains on the rest.
@@ -156,8 +256,10 @@ def load_graphs(h5_file, split, num_im=-1, num_val_im=0, filter_empty_rels=True,
     if num_val_im > 0:
         rows = rows[:num_val_im] if split == "val" else rows[num_val_im:] if split == "train" else rows
 
-    if np.any(all_boxes[:, 2:] <= 0):
-        raise ValueError(f"{h5_file}: boxes_{BOX_SCALE} has boxes with zero or negative width/height")
+    bad = np.nonzero(np.any(all_boxes[:, 2:] <= 0, axis=1))[0]
+    if len(bad):
+        raise DataError(f"{h5_file}: boxes_{BOX_SCALE} has {len(bad)} box(es) with zero or negative width/height "
+                        f"(the first is box {bad[0]}); expected (cx, cy, w, h) with w, h >= 1")
     # (cx, cy, w, h) -> (x1, y1, x2, y2) exactly as the reference loaders write it: x1 = cx - w/2 and then
     # x2 = x1 + w, computed in place on the int32 array, so x1 is truncated to an integer (for an odd w the
     # box sits half a step of the 1024 grid left of its float centre). We reproduce the truncation so that
@@ -172,7 +274,8 @@ def load_graphs(h5_file, split, num_im=-1, num_val_im=0, filter_empty_rels=True,
             r0, r1 = first_rel[row], last_rel[row] + 1
             pair = all_rels[r0:r1] - b0                                      # (R, 2) local indices
             if pair.size and (pair.min() < 0 or pair.max() >= len(boxes_i)):
-                raise ValueError(f"{h5_file}: row {row} has a relation pointing outside its own boxes")
+                raise DataError(f"{h5_file}: row {row} has a relationship pointing outside its own boxes; "
+                                f"expected global indices {b0}..{b1 - 1} (img_to_first_box..img_to_last_box)")
             rels_i = np.column_stack([pair, all_preds[r0:r1]])               # (R, 3)
         else:
             rels_i = np.zeros((0, 3), dtype=np.int64)
@@ -198,8 +301,12 @@ class VGSGGDataset(torch.utils.data.Dataset):
     `image_id` int, `size` (H, W). `max_size` resizes so the longest side is max_size (None: original size).
 
     The filters are the field's: `filter_empty_rels` drops images without relations; `filter_duplicate_rels`
-    (train only) keeps one randomly chosen predicate per (subject, object) pair; `filter_non_overlap` (train
-    only, used for SGDet) keeps only relations between overlapping boxes. `num_im` keeps the first images only.
+    (train only) keeps one predicate per (subject, object) pair, chosen by a draw seeded with the image id (see
+    get_groundtruth); `filter_non_overlap` (train only, used for SGDet) keeps only relations between
+    overlapping boxes. `num_im` keeps the first images only.
+
+    Every problem with the files raises DataError (one line naming the file); the folder is checked here,
+    once, so that training does not stop hours in on a missing image.
     """
 
     def __init__(self, root, split, num_val_im=5000, filter_empty_rels=True, filter_duplicate_rels=True,
@@ -212,12 +319,13 @@ class VGSGGDataset(torch.utils.data.Dataset):
         if filter_non_overlap and split != "train":
             raise ValueError("filter_non_overlap is a training-time filter; use it with split='train' only")
         if not os.path.isdir(root):
-            raise FileNotFoundError(f"{root}: data folder does not exist; {LAYOUT}")
+            raise DataError(f"{root}: {'not a folder' if os.path.exists(root) else 'no such folder'}; "
+                            f"{EXPECTED_FOLDER}")
         h5_file, dict_file = _find_file(root, H5_NAMES), _find_file(root, DICT_NAMES)
         image_file = _find_file(root, ("image_data.json",))
         self.image_dir = os.path.join(root, "VG_100K")
         if not os.path.isdir(self.image_dir):
-            raise FileNotFoundError(f"{root}: missing the image folder VG_100K/; {LAYOUT}")
+            raise DataError(f"{root}: missing the image folder VG_100K/; {EXPECTED_FOLDER}")
 
         self.root, self.split, self.max_size = root, split, max_size
         # Duplicate predicates are only reduced for training (the test set keeps every annotation).
@@ -225,27 +333,29 @@ class VGSGGDataset(torch.utils.data.Dataset):
         self.idx_to_label, self.idx_to_predicate = load_vg_dicts(dict_file)
         self.num_classes, self.num_predicates = len(self.idx_to_label), len(self.idx_to_predicate)
 
-        with h5py.File(h5_file, "r") as h5:
-            num_rows = len(h5["split"]) if "split" in h5 else None
         infos = load_image_info(image_file)
-        if num_rows is not None and len(infos) != num_rows:
-            raise ValueError(f"{image_file} has {len(infos)} images (after skipping the corrupted ids "
-                             f"{CORRUPTED_IMAGE_IDS}) but {h5_file} has {num_rows} rows; they must match 1:1")
         rows, self.gt_boxes, self.gt_labels, self.gt_relations = load_graphs(
             h5_file, split, num_im, num_val_im if split != "test" else 0, filter_empty_rels, filter_non_overlap)
+        with _open_h5(h5_file) as h5:
+            num_rows = len(h5["split"])
+        if len(infos) != num_rows:
+            raise DataError(f"{image_file}: {len(infos)} images (without the corrupted ids {CORRUPTED_IMAGE_IDS}) "
+                            f"but {h5_file} has {num_rows} rows; expected one entry per h5 row, in row order")
         self.img_info = [infos[r] for r in rows]
         self.image_ids = [int(im["image_id"]) for im in self.img_info]
         # An id the dicts json does not name means the h5 and json do not belong together; a 0 would be read
         # as "no object" / "no relation" and silently trained as background.
-        for labels, rels in zip(self.gt_labels, self.gt_relations):
-            if len(labels) and (labels.min() < 1 or labels.max() >= self.num_classes):
-                raise ValueError(f"{h5_file}: labels outside 1..{self.num_classes - 1} of {dict_file}")
-            if len(rels) and (rels[:, 2].min() < 1 or rels[:, 2].max() >= self.num_predicates):
-                raise ValueError(f"{h5_file}: predicates outside 1..{self.num_predicates - 1} of {dict_file}")
+        for image_id, labels, rels in zip(self.image_ids, self.gt_labels, self.gt_relations):
+            for what, ids, n in (("label", labels, self.num_classes), ("predicate", rels[:, 2], self.num_predicates)):
+                bad = ids[(ids < 1) | (ids >= n)]
+                if len(bad):
+                    raise DataError(f"{h5_file}: image {image_id} has {what} {bad[0]}, outside the {what}s "
+                                    f"1..{n - 1} of {dict_file}; expected the h5 and dicts json of one dataset")
         missing = [i for i in self.image_ids if not os.path.isfile(self._image_path(i))]
         if missing:
-            raise FileNotFoundError(f"{self.image_dir}: {len(missing)} image(s) of split {split!r} missing, "
-                                    f"e.g. {[f'{i}.jpg' for i in missing[:5]]}; {LAYOUT}")
+            names = ", ".join(f"{i}.jpg" for i in missing[:3]) + (", ..." if len(missing) > 3 else "")
+            raise DataError(f"{self.image_dir}: {len(missing)} image(s) of the {split} split missing ({names}); "
+                            f"expected one {{image_id}}.jpg per image of {image_file}")
 
     def _image_path(self, image_id):
         return os.path.join(self.image_dir, f"{image_id}.jpg")
@@ -286,7 +396,13 @@ class VGSGGDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index):
         target = self.get_groundtruth(index)
-        img = Image.open(self._image_path(self.image_ids[index])).convert("RGB")  # some VG images are gray
+        path = self._image_path(self.image_ids[index])
+        try:
+            with Image.open(path) as img:
+                img = img.convert("RGB")                                       # some VG images are gray
+        except OSError as e:   # not an image, a truncated jpg, deleted since __init__ checked it
+            raise DataError(f"{path}: cannot be read as an image ({_one_line(e)}); expected the jpg of image "
+                            f"{target['image_id']}") from None
         out_h, out_w = target["size"]
         # The boxes were scaled with image_data.json's width/height (as the reference loaders do), so a jpg of
         # another size is resized to that frame (Scene-Graph-Benchmark only prints an error for those).
@@ -1360,7 +1476,8 @@ def draw_figures(root, out_dir, num_val_im=SYNTHETIC_NUM_VAL, num_examples=6):
 
 def main():
     parser = argparse.ArgumentParser(description="Generate (or find) the built-in synthetic scene-graph data "
-                                     "and print its statistics; or inspect a VG-SGG folder.")
+                                     "and print its statistics; or inspect a VG-SGG folder.", epilog=LAYOUT,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default="synthetic", help="'synthetic' or the path of a VG-SGG folder")
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic data")
     parser.add_argument("--cache-dir", default=None, help="default: $SGG_ALIGN_CACHE or ~/.cache/sgg_align")
@@ -1368,17 +1485,23 @@ def main():
                         help=f"val images carved from train (default {SYNTHETIC_NUM_VAL} synthetic, 5000 VG)")
     parser.add_argument("--figures", metavar="DIR", default=None, help="also write the two figures into DIR")
     args = parser.parse_args()
+    if args.num_val_im is not None and args.num_val_im < 1:
+        sys.exit(f"error: --num-val-im must be at least 1 (val is the first images of train), got {args.num_val_im}")
     synthetic = args.data == "synthetic"
     root = ensure_synthetic(args.cache_dir, args.seed) if synthetic else args.data
     num_val_im = args.num_val_im if args.num_val_im is not None else (SYNTHETIC_NUM_VAL if synthetic else 5000)
-    print_statistics(root, num_val_im)
-    if synthetic:
-        written, generic = annotation_statistics(args.seed)
-        print(f"annotator (2000 fresh scenes): {100 * written:.0f}% of the true relations are written down; "
-              f"{100 * generic:.0f}% of the written labels are a generic predicate instead of the true specific one")
-    if args.figures:
-        draw_figures(root, args.figures, num_val_im)
-        print(f"wrote {args.figures}/synthetic_examples.png and synthetic_predicates.png")
+    try:
+        print_statistics(root, num_val_im)
+        if synthetic:
+            written, generic = annotation_statistics(args.seed)
+            print(f"annotator (2000 fresh scenes): {100 * written:.0f}% of the true relations are written down; "
+                  f"{100 * generic:.0f}% of the written labels are a generic predicate instead of the true "
+                  f"specific one")
+        if args.figures:
+            draw_figures(root, args.figures, num_val_im)
+            print(f"wrote {args.figures}/synthetic_examples.png and synthetic_predicates.png")
+    except DataError as e:   # the user's data: one line, no traceback (STYLE.md 7)
+        sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

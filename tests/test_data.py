@@ -2,7 +2,10 @@
 the synthetic generator (determinism, atomic caching, statistics), collate and the samplers."""
 import json
 import os
+import re
 import shutil
+import subprocess
+import sys
 
 import h5py
 import numpy as np
@@ -170,49 +173,181 @@ def test_plain_vg_sgg_file_names(tmp_path):
     assert data.VGSGGDataset(root, "test").image_ids == [16]
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Mistakes in a data folder: each ends in one DataError line naming the file and what was expected
+
+def _data_error(root, split="train", **kw):
+    """The DataError VGSGGDataset(root, split) raises, checked to be one line (the scripts print it after
+    'error: ')."""
+    with pytest.raises(data.DataError) as e:
+        data.VGSGGDataset(root, split, **kw)
+    message = str(e.value)
+    assert "\n" not in message and "expected" in message, message
+    return message
+
+
+def test_data_error_is_a_value_error():
+    # Code written against the old ValueErrors still catches the new errors.
+    assert issubclass(data.DataError, ValueError)
+
+
+def test_missing_or_non_folder_is_named(tmp_path):
+    assert _data_error(str(tmp_path / "nope")).startswith(f"{tmp_path / 'nope'}: no such folder")
+    (tmp_path / "file").write_text("x")
+    assert "not a folder" in _data_error(str(tmp_path / "file"))
+
+
 @pytest.mark.parametrize("missing", ["image_data.json", "VG-SGG-dicts-with-attri.json", "VG-SGG-with-attri.h5"])
 def test_missing_file_is_named(vg, missing):
     os.remove(os.path.join(vg, missing))
-    with pytest.raises(FileNotFoundError, match=missing.replace(".", r"\.")) as e:
-        data.VGSGGDataset(vg, "train")
-    assert "expected a VG-SGG folder" in str(e.value)
+    message = _data_error(vg)
+    assert missing in message and "expected a VG-SGG folder" in message
 
 
 def test_missing_image_folder_is_named(vg):
     shutil.rmtree(os.path.join(vg, "VG_100K"))
-    with pytest.raises(FileNotFoundError, match="VG_100K/") as e:
-        data.VGSGGDataset(vg, "train")
-    assert "expected a VG-SGG folder" in str(e.value)
+    message = _data_error(vg)
+    assert "VG_100K/" in message and "expected a VG-SGG folder" in message
 
 
 def test_missing_image_is_named(vg):
     os.remove(os.path.join(vg, "VG_100K", "13.jpg"))
-    with pytest.raises(FileNotFoundError, match="13.jpg"):
-        data.VGSGGDataset(vg, "train", num_val_im=1)
+    message = _data_error(vg, num_val_im=1)
+    assert message.startswith(os.path.join(vg, "VG_100K")) and "13.jpg" in message and "image_data.json" in message
+
+
+def test_unreadable_image_is_named_when_loaded(vg):
+    ds = data.VGSGGDataset(vg, "test")
+    path = os.path.join(vg, "VG_100K", "16.jpg")
+    with open(path, "wb") as f:
+        f.write(b"not a jpeg")
+    with pytest.raises(data.DataError, match="16.jpg: cannot be read as an image"):
+        ds[0]
+
+
+@pytest.mark.parametrize("content, says", [(b"", "the file is empty"),
+                                           (b"this is not HDF5 " * 100, "not a readable HDF5 file")])
+def test_empty_or_non_hdf5_h5_is_named(vg, content, says):
+    # h5py's own error ("Unable to synchronously open file (file signature not found)") names no file.
+    with open(os.path.join(vg, "VG-SGG-with-attri.h5"), "wb") as f:
+        f.write(content)
+    message = _data_error(vg)
+    assert message.startswith(os.path.join(vg, "VG-SGG-with-attri.h5") + ": " + says), message
+    assert "boxes_1024 (NB, 4)" in message
+
+
+def test_truncated_h5_is_named(vg):
+    path = os.path.join(vg, "VG-SGG-with-attri.h5")
+    with open(path, "rb") as f:
+        head = f.read(os.path.getsize(path) // 2)
+    with open(path, "wb") as f:
+        f.write(head)
+    assert _data_error(vg).startswith(path + ": ")
 
 
 def test_missing_h5_key_is_named(tmp_path):
     root = write_vg_folder(str(tmp_path / "vg"), drop_key="img_to_first_rel")
-    with pytest.raises(ValueError, match="img_to_first_rel"):
-        data.VGSGGDataset(root, "train")
+    message = _data_error(root)
+    assert "VG-SGG-with-attri.h5: missing dataset(s) img_to_first_rel" in message
 
 
-@pytest.mark.parametrize("key, value, message", [("labels", 4, "labels outside 1..3"),
-                                                 ("predicates", 0, "predicates outside 1..3"),
-                                                 ("predicates", 4, "predicates outside 1..3")])
-def test_ids_the_dicts_do_not_name_fail(vg, key, value, message):
+@pytest.mark.parametrize("key, value, says", [
+    ("labels", np.zeros(5, np.int64), "dataset labels has shape (5,)"),          # not (NB, 1)
+    ("boxes_1024", np.zeros((3, 4), np.int32), "dataset boxes_1024 has shape (3, 4)"),  # not one per label
+    ("img_to_last_box", np.full(7, 99, np.int32), "row 0 has img_to_first_box = 0, img_to_last_box = 99"),
+    ("relationships", np.array([[0, 7], [0, 1], [1, 2], [3, 4], [5, 6], [5, 6], [8, 9], [11, 12], [11, 12]],
+                               np.int32), "row 0 has a relationship pointing outside its own boxes")])
+def test_malformed_h5_dataset_is_named(vg, key, value, says):
+    with h5py.File(os.path.join(vg, "VG-SGG-with-attri.h5"), "r+") as h5:
+        del h5[key]
+        h5[key] = value
+    message = _data_error(vg, num_val_im=0)
+    assert message.startswith(os.path.join(vg, "VG-SGG-with-attri.h5") + ": " + says), message
+
+
+@pytest.mark.parametrize("name", ["VG-SGG-dicts-with-attri.json", "image_data.json"])
+@pytest.mark.parametrize("cut, says", [(0, "the file is empty"), (-7, "not valid JSON (")])
+def test_empty_or_truncated_json_is_named(vg, name, cut, says):
+    path = os.path.join(vg, name)
+    with open(path, "rb") as f:
+        text = f.read()
+    with open(path, "wb") as f:
+        f.write(text[:cut])                         # an interrupted download
+    message = _data_error(vg)
+    assert message.startswith(path + ": " + says), message
+    if cut:                                         # where the json breaks, inside what is left of it
+        column = re.search(r": line 1 column (\d+)\); expected", message)
+        assert column and 0 < int(column.group(1)) <= len(text) + cut + 1, message
+
+
+def test_binary_json_is_named(vg):
+    path = os.path.join(vg, "image_data.json")
+    with open(path, "wb") as f:
+        f.write(b"\x89HDF\r\n\x1a\n\xff\xfe")
+    assert _data_error(vg).startswith(path + ": not JSON text")
+
+
+@pytest.mark.parametrize("dicts, says", [
+    ([1, 2], "holds a JSON array"),
+    ({"label_to_idx": {"a": 1}}, "missing key(s) predicate_to_idx"),
+    ({"label_to_idx": {"a": 1}, "predicate_to_idx": {"on": "1"}}, "predicate_to_idx is not a non-empty"),
+    ({"label_to_idx": {"a": 1, "b": 3}, "predicate_to_idx": {"on": 1}}, "label_to_idx has the indices 1, 3; expected each of 1..2 once")])
+def test_malformed_dicts_json_is_named(vg, dicts, says):
+    path = os.path.join(vg, "VG-SGG-dicts-with-attri.json")
+    with open(path, "w") as f:
+        json.dump(dicts, f)
+    assert _data_error(vg).startswith(f"{path}: {says}")
+
+
+@pytest.mark.parametrize("entry, says", [({"image_id": 10, "width": 256}, "entry 0 is {"),
+                                         ({"image_id": "10", "width": 256, "height": 128}, "entry 0 is {"),
+                                         ({"image_id": 10, "width": 0, "height": 128}, "entry 0 is {")])
+def test_malformed_image_data_is_named(vg, entry, says):
+    path = os.path.join(vg, "image_data.json")
+    with open(path) as f:
+        im_data = json.load(f)
+    with open(path, "w") as f:
+        json.dump([entry] + im_data[1:], f)
+    message = _data_error(vg)
+    assert message.startswith(f"{path}: {says}") and "integer id and positive sizes" in message
+    with open(path, "w") as f:
+        json.dump({"images": im_data}, f)
+    assert _data_error(vg).startswith(f"{path}: holds a JSON object")
+
+
+@pytest.mark.parametrize("key, value, says", [("labels", 4, "has label 4, outside the labels 1..3"),
+                                              ("predicates", 0, "has predicate 0, outside the predicates 1..3"),
+                                              ("predicates", 4, "has predicate 4, outside the predicates 1..3")])
+def test_ids_the_dicts_do_not_name_fail(vg, key, value, says):
     # An h5 paired with another dataset's dicts json; predicate 0 would otherwise train as "no relation".
     with h5py.File(os.path.join(vg, "VG-SGG-with-attri.h5"), "r+") as h5:
         h5[key][-1, 0] = value                    # the test image's last box / relation
-    with pytest.raises(ValueError, match=message):
-        data.VGSGGDataset(vg, "test")
+    message = _data_error(vg, "test")
+    assert f"VG-SGG-with-attri.h5: image 16 {says}" in message and "VG-SGG-dicts-with-attri.json" in message
     assert len(data.VGSGGDataset(vg, "train", num_val_im=0)) == 4   # the train rows are untouched
+
+
+def test_zero_size_box_is_named(vg):
+    with h5py.File(os.path.join(vg, "VG-SGG-with-attri.h5"), "r+") as h5:
+        h5["boxes_1024"][2, 2] = 0
+    assert "boxes_1024 has 1 box(es) with zero or negative width/height" in _data_error(vg)
 
 
 def test_misaligned_image_data_fails(tmp_path):
     root = write_vg_folder(str(tmp_path / "vg"), extra_json_image=True)
-    with pytest.raises(ValueError, match="must match"):
-        data.VGSGGDataset(root, "train")
+    message = _data_error(root)
+    assert message.startswith(os.path.join(root, "image_data.json") + ": 8 images") and "has 7 rows" in message
+
+
+def test_data_script_ends_a_data_error_in_one_line(tmp_path, vg):
+    # `python data.py --data BAD`: one line on stderr, no traceback, a non-zero exit.
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data.py")
+    open(os.path.join(vg, "VG-SGG-with-attri.h5"), "wb").close()
+    for bad in (str(tmp_path / "nope"), vg):
+        out = subprocess.run([sys.executable, script, "--data", bad], capture_output=True, text=True)
+        assert out.returncode == 1, out
+        assert out.stderr.count("\n") == 1 and out.stderr.startswith(f"error: {bad}"), out.stderr
+        assert "Traceback" not in out.stderr
 
 
 def test_bad_split_names_the_valid_ones(vg):
