@@ -14,8 +14,8 @@ contains and why it is hard in the ways the paper cares about. In numbers (seed 
 4,000 images of 96..160 px per side (3,000 with the train flag, of which the first SYNTHETIC_NUM_VAL = 500
 kept ones are val, and 1,000 test); images without any annotated relation are dropped as in VG, leaving about
 2,290 train / 500 val / 930 test images; 2..10 objects (6.0 on average) and 3.5 relations per image;
-31 object classes, 25 predicates whose train counts go from about 2,500 ("on") down to about 10
-("hanging from"). The frequency prior alone (Neural Motifs' FREQ) reaches PredCls R@50 = 0.63 and
+31 object classes, 25 predicates whose training frequency (predicate_counts) goes from about 2,400 ("on") down
+to about 10 ("hanging from"). The frequency prior alone (Neural Motifs' FREQ) reaches PredCls R@50 = 0.63 and
 mR@50 = 0.35 on its test split (on VG: R@50 ≈ 0.60). Generation takes about 15 s on one CPU core.
 
 Layout of a data folder (`root`):
@@ -30,6 +30,9 @@ Public API:
     SYNTHETIC_NUM_VAL                                 the num_val_im to use on the synthetic data
     collate(batch) -> (images, targets)               for torch's DataLoader
     TrainingSampler(size), InferenceSampler(size)     infinite shuffled / sharded sequential, DDP-aware
+    predicate_counts(ds) -> (P + 1,)                  training frequency: predicates of the triplets a model
+                                                      trains on (as get_groundtruth yields them)
+    frequency_order(counts) -> [predicate ids]        most frequent first, ties by id
     DataError                                         raised for every problem with the data files: one line
                                                       naming the file and what was expected (a ValueError)
 
@@ -37,7 +40,7 @@ Shapes: B images in a batch, G ground-truth objects of an image, R ground-truth 
 C object classes and P predicates (both without the background class at index 0), H x W image height/width.
 
 Run `python data.py` to generate (or find) the synthetic data and print its statistics;
-`python data.py --figures docs/` also draws example scenes and the predicate histogram.
+`python data.py --figures docs/` also draws example scenes and the training frequency of the predicates.
 """
 import argparse
 import io
@@ -169,10 +172,10 @@ def load_image_info(image_file):
         raise DataError(f"{image_file}: holds a JSON {_json_type(im_data)}; {EXPECTED_IMAGE_DATA}")
     for k, im in enumerate(im_data):
         if not (isinstance(im, dict) and all(type(im.get(key)) is int for key in ("image_id", "width", "height"))
-                and im["width"] > 0 and im["height"] > 0):
+                and im["image_id"] >= 0 and im["width"] > 0 and im["height"] > 0):
             text = json.dumps(im)
             raise DataError(f"{image_file}: entry {k} is {text[:80] + ' ...' if len(text) > 80 else text}; "
-                            f"expected {{image_id, width, height, ...}} with integer id and positive sizes")
+                            f"expected {{image_id, width, height, ...}}, integers, id >= 0 and positive sizes")
     return [im for im in im_data if im["image_id"] not in CORRUPTED_IMAGE_IDS]
 
 
@@ -204,8 +207,9 @@ def _read_h5(h5_file):
     for k, shape in H5_SHAPES.items():
         a = arrays[k]
         if not np.issubdtype(a.dtype, np.number) or a.shape != want[shape]:
-            raise DataError(f"{h5_file}: dataset {k} has shape {a.shape} and dtype {a.dtype}; expected numbers of "
-                            f"shape {shape}, N = {n} (rows of split), NB = {nb} (of labels), NR = {nr} (of relationships)")
+            raise DataError(f"{h5_file}: dataset {k} has shape {a.shape} and dtype {a.dtype}; expected numbers "
+                            f"of shape {shape}, N = {n} (rows of split), NB = {nb} (of labels), NR = {nr} (of "
+                            f"relationships)")
     for kind, total in (("box", nb), ("rel", nr)):
         first, last = arrays[f"img_to_first_{kind}"], arrays[f"img_to_last_{kind}"]
         ok = (first == -1) | ((first >= 0) & (first <= last) & (last < total))                    # (N,)
@@ -371,7 +375,8 @@ class VGSGGDataset(torch.utils.data.Dataset):
         return max(1, round(h * s)), max(1, round(w * s))
 
     def get_groundtruth(self, index):
-        """The target of image `index` without reading the image (for statistics and evaluation)."""
+        """The target of image `index` without reading the image (for statistics and evaluation). The same
+        on every call: nothing in it is drawn from a global RNG."""
         info = self.img_info[index]
         out_h, out_w = self._out_size(index)
         # Boxes are stored for a longest side of 1024; the reference loaders scale them back with the
@@ -382,14 +387,19 @@ class VGSGGDataset(torch.utils.data.Dataset):
         boxes = np.clip(boxes, 0, np.array([out_w - 1, out_h - 1] * 2))
         rels = torch.as_tensor(self.gt_relations[index], dtype=torch.int64).reshape(-1, 3)  # (R, 3)
         if self.filter_duplicate_rels and len(rels):
-            # VG annotators often gave one pair several predicates ("on" and "sitting on"). For training,
-            # the reference loaders keep one of them, chosen at random each time the image is loaded.
-            # torch's RNG (not numpy's) so that DataLoader workers draw different choices.
-            by_pair = defaultdict(list)
+            # VG annotators often gave one pair several predicates ("on" and "sitting on"); for training, one
+            # of them is kept. The reference loaders (Scene-Graph-Benchmark, neural-motifs) draw it with
+            # np.random.choice each time the image is loaded, so the triplets a model trains on depend on the
+            # global RNG, the worker and the epoch. We draw it from a generator seeded with the image id: an
+            # image always yields the same triplets, in any process, worker or call order, so runs repeat
+            # exactly and predicate_counts() counts exactly what a model trains on. The price: a model sees
+            # one of a pair's predicates, not each in turn over the epochs.
+            rng = np.random.default_rng(self.image_ids[index])
+            by_pair = defaultdict(list)               # (subject, object) -> predicates, in annotation order
             for s, o, p in rels.tolist():
                 by_pair[(s, o)].append(p)
-            rels = torch.tensor([(s, o, preds[torch.randint(len(preds), ()).item()])
-                                 for (s, o), preds in by_pair.items()], dtype=torch.int64)
+            rels = torch.tensor([(s, o, preds[rng.integers(len(preds))]) for (s, o), preds in by_pair.items()],
+                                dtype=torch.int64)                                                 # (R', 3)
         return {"boxes": torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4),
                 "labels": torch.as_tensor(self.gt_labels[index], dtype=torch.int64),
                 "relations": rels, "image_id": self.image_ids[index], "size": (out_h, out_w)}
@@ -1367,8 +1377,9 @@ def ensure_synthetic(cache_dir=None, seed=0):
 # Statistics, figures and the command line
 
 def split_statistics(ds):
-    """Counts over one split, from annotations only: images, objects and relations per image, how many
-    times each class (C + 1,) and predicate (P + 1,) occurs (index 0 unused)."""
+    """Counts over one split, from the raw annotations (before duplicate filtering): images, objects and
+    relations per image, how many times each class (C + 1,) and predicate (P + 1,) is annotated (index 0
+    unused). For the training frequency of the predicates use predicate_counts()."""
     num_obj = np.array([len(ds.gt_labels[i]) for i in range(len(ds))])
     num_rel = np.array([len(ds.gt_relations[i]) for i in range(len(ds))])
     labels = np.concatenate(ds.gt_labels) if len(ds) else np.zeros(0, np.int64)
@@ -1376,6 +1387,29 @@ def split_statistics(ds):
     return {"images": len(ds), "objects_per_image": num_obj, "relations_per_image": num_rel,
             "class_counts": np.bincount(labels, minlength=ds.num_classes),
             "predicate_counts": np.bincount(preds, minlength=ds.num_predicates)}
+
+
+def predicate_counts(ds):
+    """Training frequency, the project's one definition of it: how often each predicate occurs among the
+    triplets a model trains on -> int64 (P + 1,), index 0 = 0.
+
+    Counts the relations exactly as `ds.get_groundtruth(i)` yields them for every image i of the split: on a
+    train split (filter_duplicate_rels), one predicate per annotated pair, so a generic "on" written next to
+    "sitting on" counts once, not twice as in split_statistics(). `python data.py`, its figure and both model
+    scripts (head/body/tail groups, per-predicate plots) order predicates by it. ds: a VGSGGDataset, or a
+    torch Subset of one.
+    """
+    base, indices = (ds.dataset, ds.indices) if isinstance(ds, torch.utils.data.Subset) else (ds, range(len(ds)))
+    counts = np.zeros(base.num_predicates, dtype=np.int64)                                   # (P + 1,)
+    for i in indices:
+        counts += np.bincount(base.get_groundtruth(i)["relations"][:, 2].numpy(), minlength=base.num_predicates)
+    return counts
+
+
+def frequency_order(counts):
+    """Predicate ids 1..P, most frequent first, ties by id (a stable sort, so the order never depends on
+    anything but the counts): counts (P + 1,) as from predicate_counts, index 0 ignored -> list of P ints."""
+    return [int(p) + 1 for p in np.argsort(-np.asarray(counts)[1:], kind="stable")]
 
 
 def annotation_statistics(seed=0, num_scenes=2000):
@@ -1398,8 +1432,12 @@ def annotation_statistics(seed=0, num_scenes=2000):
 
 
 def print_statistics(root, num_val_im=SYNTHETIC_NUM_VAL):
-    """Print images per split, objects/relations per image and the train predicate histogram."""
-    datasets = {s: VGSGGDataset(root, s, num_val_im=num_val_im, filter_duplicate_rels=False) for s in SPLITS}
+    """Print images per split, objects/relations per image and the training frequency of the predicates
+    (predicate_counts, as a histogram on a log scale)."""
+    # Built with the defaults, as the model scripts build them, so that train yields the triplets they train on.
+    datasets = {s: VGSGGDataset(root, s, num_val_im=num_val_im) for s in SPLITS}
+    train = datasets["train"]
+    counts = predicate_counts(train)
     print(f"data: {root}")
     for split, ds in datasets.items():
         st = split_statistics(ds)
@@ -1408,25 +1446,23 @@ def print_statistics(root, num_val_im=SYNTHETIC_NUM_VAL):
             print(f"{split:5s}:     0 images")
             continue
         print(f"{split:5s}: {st['images']:5d} images | objects/image {o.mean():.2f} (min {o.min()}, max {o.max()}) "
-              f"| relations/image {r.mean():.2f} (min {r.min()}, max {r.max()}) | {r.sum()} relations")
-    train = datasets["train"]
-    st = split_statistics(train)
-    counts = st["predicate_counts"][1:]
+              f"| relations/image {r.mean():.2f} (min {r.min()}, max {r.max()}) | {r.sum()} relations"
+              + (f" ({counts.sum()} trained on: one predicate per pair)" if ds is train else ""))
     if counts.sum() == 0:
         print("no training relations")
         return
-    spread = (f"max/min = {counts.max() / counts.min():.0f}x" if counts.min() > 0 else
-              f"{(counts == 0).sum()} predicate(s) never occur")
-    print(f"{train.num_classes - 1} classes, {train.num_predicates - 1} predicates; train predicate counts, "
-          f"head to tail ({spread}):")
-    for p in np.argsort(-counts, kind="stable"):
+    spread = (f"max/min = {counts[1:].max() / counts[1:].min():.0f}x" if counts[1:].min() > 0 else
+              f"{(counts[1:] == 0).sum()} predicate(s) never occur")
+    print(f"{train.num_classes - 1} classes, {train.num_predicates - 1} predicates by training frequency (the train "
+          f"relations a model trains on, one predicate per pair), most frequent first ({spread}); bars: log scale")
+    for p in frequency_order(counts):
         bar = "#" * int(round(40 * math.log10(1 + counts[p]) / math.log10(1 + counts.max())))
-        print(f"  {train.idx_to_predicate[p + 1]:>14s} {counts[p]:6d} {100 * counts[p] / counts.sum():5.1f}% {bar}")
+        print(f"  {train.idx_to_predicate[p]:>14s} {counts[p]:6d} {100 * counts[p] / counts.sum():5.1f}% {bar}")
 
 
 def draw_figures(root, out_dir, num_val_im=SYNTHETIC_NUM_VAL, num_examples=6):
     """synthetic_examples.png (test scenes with their annotated triplets) and synthetic_predicates.png
-    (train predicate histogram, sorted, log scale) in out_dir."""
+    (training frequency of the predicates, predicate_counts, most frequent first, log scale) in out_dir."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -1458,17 +1494,17 @@ def draw_figures(root, out_dir, num_val_im=SYNTHETIC_NUM_VAL, num_examples=6):
     fig.savefig(os.path.join(out_dir, "synthetic_examples.png"), dpi=110)
     plt.close(fig)
 
-    train = VGSGGDataset(root, "train", num_val_im=num_val_im, filter_duplicate_rels=False)
-    counts = split_statistics(train)["predicate_counts"][1:]
-    order = np.argsort(-counts, kind="stable")
+    train = VGSGGDataset(root, "train", num_val_im=num_val_im)
+    counts = predicate_counts(train)
+    order = frequency_order(counts)
     fig, ax = plt.subplots(figsize=(9, 3.6))
     ax.bar(range(len(order)), counts[order], color="C0")
     ax.set_yscale("log")
     ax.set_xticks(range(len(order)))
-    ax.set_xticklabels([train.idx_to_predicate[p + 1] for p in order], rotation=70, ha="right", fontsize=8)
-    ax.set_ylabel("train annotations (log)")
-    ax.set_title(f"Synthetic data: predicate counts in train ({len(train)} images, {counts.sum()} relations)",
-                 fontsize=9)
+    ax.set_xticklabels([train.idx_to_predicate[p] for p in order], rotation=70, ha="right", fontsize=8)
+    ax.set_ylabel("count (log scale)")
+    ax.set_title(f"Synthetic data: training frequency of the predicates (log scale)\n{len(train)} train images, "
+                 f"{counts.sum()} relations as trained on (one predicate per annotated pair)", fontsize=9)
     fig.tight_layout()
     fig.savefig(os.path.join(out_dir, "synthetic_predicates.png"), dpi=110)
     plt.close(fig)

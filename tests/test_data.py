@@ -143,19 +143,40 @@ def test_image_tensor(vg):
 
 
 def test_duplicate_predicates_reduced_in_train_only(vg):
-    # Test keeps both annotations of the pair; train keeps one, chosen at random each time.
+    # Test keeps both annotations of the pair; train keeps one, the same on every call whatever the global
+    # RNGs (the reference draws it anew each call; we seed the draw with the image id so runs repeat).
     assert sorted(data.VGSGGDataset(vg, "test").get_groundtruth(0)["relations"].tolist()) == [[0, 1, HAS], [0, 1, ON]]
     ds = data.VGSGGDataset(vg, "train", num_val_im=0)
     assert ds.image_ids[0] == 10
-    torch.manual_seed(0)
-    seen = set()
-    for _ in range(40):
-        rels = ds.get_groundtruth(0)["relations"].tolist()
-        assert len(rels) == 2 and [1, 2, NEAR] in rels
-        seen.add(next(p for s, o, p in rels if (s, o) == (0, 1)))
-    assert seen == {ON, HAS}
+    first = ds.get_groundtruth(0)["relations"].tolist()
+    assert len(first) == 2 and [1, 2, NEAR] in first
+    assert next(p for s, o, p in first if (s, o) == (0, 1)) in (ON, HAS)
+    for k in range(10):
+        torch.manual_seed(k)
+        np.random.seed(k)
+        assert ds.get_groundtruth(0)["relations"].tolist() == first
+    assert data.VGSGGDataset(vg, "train", num_val_im=0).get_groundtruth(0)["relations"].tolist() == first
     kept = data.VGSGGDataset(vg, "train", num_val_im=0, filter_duplicate_rels=False)
     assert len(kept.get_groundtruth(0)["relations"]) == 3
+
+
+def test_predicate_counts_are_what_get_groundtruth_yields(vg):
+    # Train rows 10 (on, has on one pair; near), 13 (on), 14 (near, on), 15 (near).
+    raw = data.VGSGGDataset(vg, "train", num_val_im=0, filter_duplicate_rels=False)
+    counts = data.predicate_counts(raw)
+    assert counts.dtype == np.int64 and counts.tolist() == [0, 1, 3, 3]   # (P + 1,): -, has, near, on
+    assert data.frequency_order(counts) == [NEAR, ON, HAS]                 # near and on tie: by id
+    ds = data.VGSGGDataset(vg, "train", num_val_im=0)
+    kept = next(p for s, o, p in ds.get_groundtruth(0)["relations"].tolist() if (s, o) == (0, 1))
+    assert data.predicate_counts(ds).tolist() == [0, int(kept == HAS), 3, 2 + int(kept == ON)]
+    assert data.split_statistics(ds)["predicate_counts"].tolist() == [0, 1, 3, 3]   # raw annotations
+    assert data.predicate_counts(torch.utils.data.Subset(ds, [1, 2])).tolist() == [0, 0, 1, 2]   # 13 and 14
+
+
+def test_frequency_order_most_frequent_first_ties_by_id():
+    assert data.frequency_order(np.array([0, 5, 7, 5, 0, 9])) == [5, 2, 1, 3, 4]
+    assert data.frequency_order([0, 0, 0]) == [1, 2]
+    assert data.frequency_order(np.array([99, 1, 2])) == [2, 1]   # index 0 is ignored
 
 
 def test_filter_non_overlap(vg):
@@ -291,7 +312,8 @@ def test_binary_json_is_named(vg):
     ([1, 2], "holds a JSON array"),
     ({"label_to_idx": {"a": 1}}, "missing key(s) predicate_to_idx"),
     ({"label_to_idx": {"a": 1}, "predicate_to_idx": {"on": "1"}}, "predicate_to_idx is not a non-empty"),
-    ({"label_to_idx": {"a": 1, "b": 3}, "predicate_to_idx": {"on": 1}}, "label_to_idx has the indices 1, 3; expected each of 1..2 once")])
+    ({"label_to_idx": {"a": 1, "b": 3}, "predicate_to_idx": {"on": 1}},
+     "label_to_idx has the indices 1, 3; expected each of 1..2 once")])
 def test_malformed_dicts_json_is_named(vg, dicts, says):
     path = os.path.join(vg, "VG-SGG-dicts-with-attri.json")
     with open(path, "w") as f:
@@ -309,7 +331,7 @@ def test_malformed_image_data_is_named(vg, entry, says):
     with open(path, "w") as f:
         json.dump([entry] + im_data[1:], f)
     message = _data_error(vg)
-    assert message.startswith(f"{path}: {says}") and "integer id and positive sizes" in message
+    assert message.startswith(f"{path}: {says}") and "integers, id >= 0 and positive sizes" in message
     with open(path, "w") as f:
         json.dump({"images": im_data}, f)
     assert _data_error(vg).startswith(f"{path}: holds a JSON object")
@@ -495,6 +517,77 @@ def test_synthetic_annotator_is_incomplete_and_biased():
     written, generic = data.annotation_statistics(seed=1, num_scenes=300)
     assert 0.3 < written < 0.7, written     # many true relations are never written down
     assert 0.15 < generic < 0.45, generic   # and many written ones are the generic parent predicate
+
+
+def test_synthetic_duplicate_choice_is_a_draw_per_image(synthetic):
+    # On pairs annotated with several predicates, the kept one is drawn (not always the first or last written).
+    root = data.ensure_synthetic()
+    ds = data.VGSGGDataset(root, "train", num_val_im=data.SYNTHETIC_NUM_VAL)
+    raw = synthetic["train"]
+    positions = []
+    for i in range(len(ds)):
+        by_pair = {}
+        for s, o, p in raw.gt_relations[i].tolist():
+            by_pair.setdefault((s, o), []).append(p)
+        for s, o, p in ds.get_groundtruth(i)["relations"].tolist():
+            if len(set(by_pair[(s, o)])) > 1:
+                positions.append(by_pair[(s, o)].index(p))
+    assert len(positions) >= 50 and 0.25 < np.mean(positions) < 0.75, (len(positions), np.mean(positions))
+
+
+def test_python_data_py_orders_predicates_by_training_frequency(synthetic, capsys, monkeypatch, tmp_path):
+    import matplotlib.figure
+    root = data.ensure_synthetic()
+    train = data.VGSGGDataset(root, "train", num_val_im=data.SYNTHETIC_NUM_VAL)
+    order = [train.idx_to_predicate[p] for p in data.frequency_order(data.predicate_counts(train))]
+    raw = data.split_statistics(train)["predicate_counts"]
+    assert order != [train.idx_to_predicate[p] for p in data.frequency_order(raw)]   # the test can tell them apart
+    data.print_statistics(root)
+    lines = capsys.readouterr().out.splitlines()
+    header = next(k for k, line in enumerate(lines) if "by training frequency" in line)
+    assert "log scale" in lines[header]
+    assert [line.split()[:-3] for line in lines[header + 1:header + 1 + len(order)]] == [p.split() for p in order]
+    saved = {}
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig",
+                        lambda fig, path, **kw: saved.setdefault(os.path.basename(path), fig.axes[0]))
+    data.draw_figures(root, str(tmp_path), num_examples=2)
+    ax = saved["synthetic_predicates.png"]
+    assert ax.get_yscale() == "log" and ax.get_ylabel() == "count (log scale)" and "log scale" in ax.get_title()
+    assert [t.get_text() for t in ax.get_xticklabels()] == order
+
+
+def _run_digest(out):
+    """What a run takes from data.py: the generated files (a small dataset written to `out`), the synthetic
+    train triplets, their training frequency and the sampler's order, as a json-able list."""
+    import hashlib
+    data.generate_synthetic(out, seed=5, num_train=6, num_test=2, verbose=False)
+    files = hashlib.sha256()
+    for dirpath, dirnames, names in sorted(os.walk(out)):
+        for name in sorted(names):
+            with open(os.path.join(dirpath, name), "rb") as f:
+                files.update(os.path.relpath(os.path.join(dirpath, name), out).encode() + f.read())
+    train = data.VGSGGDataset(data.ensure_synthetic(), "train", num_val_im=data.SYNTHETIC_NUM_VAL)
+    triplets = hashlib.sha256(b"".join(train.get_groundtruth(i)["relations"].numpy().tobytes()
+                                       for i in range(len(train))))
+    sampler = iter(data.TrainingSampler(len(train), seed=3, rank=0, world_size=1))
+    return [files.hexdigest(), triplets.hexdigest(), data.predicate_counts(train).tolist(), _take(sampler, 20)]
+
+
+def test_data_repeats_across_processes_and_hash_seeds(synthetic, tmp_path):
+    # The same in another process with another PYTHONHASHSEED (set iteration order) and other global RNG states.
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    code = ("import json, os, random, sys, numpy, torch; random.seed(os.getpid()); "
+            "numpy.random.seed(os.getpid()); torch.manual_seed(os.getpid()); import test_data; "
+            "print(json.dumps(test_data._run_digest(sys.argv[1])))")
+    hash_seed = "1" if os.environ.get("PYTHONHASHSEED") != "1" else "2"
+    env = dict(os.environ, PYTHONHASHSEED=hash_seed,
+               PYTHONPATH=os.pathsep.join([tests_dir, os.path.dirname(tests_dir)]))
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "there")], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    torch.manual_seed(12345)
+    np.random.seed(12345)
+    assert json.loads(out.stdout) == _run_digest(str(tmp_path / "here"))
 
 
 def _class_pair_prior(ds):
