@@ -29,7 +29,8 @@ Public API:
     ensure_synthetic(cache_dir=None, seed=0) -> root  the built-in synthetic data (generated once, then cached)
     SYNTHETIC_NUM_VAL                                 the num_val_im to use on the synthetic data
     collate(batch) -> (images, targets)               for torch's DataLoader
-    TrainingSampler(size), InferenceSampler(size)     infinite shuffled / sharded sequential, DDP-aware
+    TrainingSampler(size, ..., start=0)               infinite shuffled stream, DDP-aware; start resumes it
+    InferenceSampler(size)                            sharded sequential, DDP-aware
     predicate_counts(ds) -> (P + 1,)                  training frequency: predicates of the triplets a model
                                                       trains on (as get_groundtruth yields them)
     frequency_order(counts) -> [predicate ids]        most frequent first, ties by id
@@ -44,6 +45,7 @@ Run `python data.py` to generate (or find) the synthetic data and print its stat
 """
 import argparse
 import io
+import itertools
 import json
 import math
 import os
@@ -453,23 +455,36 @@ class TrainingSampler(torch.utils.data.Sampler):
     All ranks generate the same stream of permutations from `seed`; rank r takes every world_size-th index
     starting at r, so within each window of world_size consecutive draws the ranks see disjoint images.
     rank/world_size default to torch.distributed's when it is initialised (pass them explicitly in tests).
+
+    `start` skips the first `start` indices of this rank's stream, so a run resumed after k iterations of
+    batch b passes start=k*b and sees exactly the images it would have seen without stopping (with the same
+    seed and world size). The skipped epochs' permutations are still drawn, to bring the generator to the
+    same state (milliseconds per skipped epoch).
     """
 
-    def __init__(self, size, shuffle=True, seed=0, rank=None, world_size=None):
+    def __init__(self, size, shuffle=True, seed=0, rank=None, world_size=None, start=0):
         if size <= 0:
             raise ValueError(f"TrainingSampler needs a non-empty dataset, got size {size}")
-        self.size, self.shuffle, self.seed = size, shuffle, seed
+        if start < 0:
+            raise ValueError(f"start must be >= 0, got {start}")
+        self.size, self.shuffle, self.seed, self.start = size, shuffle, seed, start
         self.rank, self.world_size = _rank_world(rank, world_size)
 
-    def _infinite(self):
+    def _infinite(self, skip):
+        """The shared stream (all ranks) from its position `skip` on."""
         g = torch.Generator().manual_seed(self.seed)
+        epochs, skip = divmod(skip, self.size)
+        for _ in range(epochs if self.shuffle else 0):
+            torch.randperm(self.size, generator=g)          # discarded: only advances g as that epoch did
         while True:
-            yield from (torch.randperm(self.size, generator=g) if self.shuffle else torch.arange(self.size)).tolist()
+            epoch = torch.randperm(self.size, generator=g) if self.shuffle else torch.arange(self.size)
+            yield from epoch[skip:].tolist()
+            skip = 0
 
     def __iter__(self):
-        for k, idx in enumerate(self._infinite()):
-            if k % self.world_size == self.rank:
-                yield idx
+        # This rank's j-th index is the shared stream's index j * world_size + rank.
+        stream = self._infinite(self.start * self.world_size + self.rank)
+        return itertools.islice(stream, 0, None, self.world_size)
 
 
 class InferenceSampler(torch.utils.data.Sampler):

@@ -1,5 +1,6 @@
 """Tests of data.py: the VG-SGG reader on a tiny VG-format folder written here with the real format's quirks,
 the synthetic generator (determinism, atomic caching, statistics), collate and the samplers."""
+import itertools
 import json
 import os
 import re
@@ -647,6 +648,22 @@ def test_training_sampler_shards_are_disjoint_and_complete(size):
     assert sorted(more[size:2 * size]) == list(range(size)) and more[:size] != more[size:2 * size]
     assert more == _take(iter(data.TrainingSampler(size, seed=5, rank=0, world_size=1)), 3 * size)
     assert _take(iter(data.TrainingSampler(size, shuffle=False, rank=0, world_size=1)), size) == list(range(size))
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_training_sampler_resumes_exactly(world_size, shuffle):
+    # A run resumed after k indices of its stream (k = iterations * batch) continues where it stopped, also
+    # in a later epoch (size 7: k = 23 is in the 4th epoch for one rank, the 7th of the shared stream for two).
+    size, m = 7, 30
+    for rank in range(world_size):
+        full = _take(iter(data.TrainingSampler(size, shuffle=shuffle, seed=4, rank=rank, world_size=world_size)),
+                     23 + m)
+        for k in (0, 1, 6, 7, 8, 13, 23):
+            resumed = data.TrainingSampler(size, shuffle=shuffle, seed=4, rank=rank, world_size=world_size, start=k)
+            assert list(itertools.islice(iter(resumed), m)) == full[k:k + m], (rank, k)
+    with pytest.raises(ValueError):
+        data.TrainingSampler(size, start=-1, rank=0, world_size=1)
 
 
 def test_inference_sampler_shards_are_contiguous_and_complete():
