@@ -410,8 +410,8 @@ class VGSGGDataset(torch.utils.data.Dataset):
         target = self.get_groundtruth(index)
         path = self._image_path(self.image_ids[index])
         try:
-            with Image.open(path) as img:
-                img = img.convert("RGB")                                       # some VG images are gray
+            with Image.open(path) as f:
+                img = f.convert("RGB")                                         # some VG images are gray
         except OSError as e:   # not an image, a truncated jpg, deleted since __init__ checked it
             raise DataError(f"{path}: cannot be read as an image ({_one_line(e)}); expected the jpg of image "
                             f"{target['image_id']}") from None
