@@ -23,12 +23,22 @@ What this is
     (Eq. 3). At inference only the original model runs, so SGTR and Align-SGTR cost the same.
 
 How to run
-    python sgtr_align.py                      # aligned SGTR on the built-in synthetic data (CPU)
+    python sgtr_align.py                      # aligned SGTR on the built-in synthetic data (CPU):
+                                              # 1200 iterations into runs/sgtr_align-sgdet-align-seed0
+    python sgtr_align.py --resume             # continue that run after an interruption (same command
+                                              # plus --resume; it ends exactly where it would have)
     python sgtr_align.py --no-align           # the SGTR baseline
+    python sgtr_align.py --iters 50 --val-images 50 --out runs/quick   # a shorter run
     python sgtr_align.py --compare --seeds 0,1,2,3   # both, 4 seeds: compare.md (Table-1 style)
+    python sgtr_align.py --infer a.jpg b.png --ckpt runs/sgtr_align-sgdet-align-seed0/ckpt_best.pt
+                                              # scene graphs of your own images: <ckpt folder>/infer/
     python sgtr_align.py --bench-step         # time one training step with and without alignment
     python sgtr_align.py --preset vg --data /path/to/vg   # SGTR's own sizes on Visual Genome (GPU)
     torchrun --nproc_per_node 2 sgtr_align.py # data parallel (gloo on CPU, nccl on GPU)
+    A run writes into its folder: args.json, log.txt, ckpt_last.pt (every --ckpt-every iterations),
+    ckpt_best.pt (best validation mR@50), metrics.json (test metrics, best iteration, loss and
+    validation history: the same command and seed repeat it exactly), timing.json, curves.png,
+    per_predicate.png, examples.png. A folder holding another or a finished run is never overwritten.
 
 Differences from SGTR (see also the README)
     - The backbone is a small CNN trained from scratch (no ImageNet ResNet-101: this project has no
@@ -49,8 +59,10 @@ import dataclasses
 import json
 import math
 import os
+import random
 import time
 from dataclasses import dataclass
+from typing import List
 
 import numpy as np
 import torch
@@ -77,27 +89,34 @@ class Config:
     device: str = "auto"
     """'auto' (cuda if available), 'cpu' or 'cuda'"""
     seed: int = 0
-    """random seed of this run"""
+    """random seed of this run: fixes the data order, the initial weights, dropout and the masks"""
     seeds: str = ""
     """comma-separated seeds, e.g. 0,1,2,3: one run per seed"""
     compare: bool = False
     """run baseline and aligned for every seed, write compare.md"""
     resume: bool = False
-    """continue from <out>/ckpt_last.pt"""
+    """continue the run in --out from its ckpt_last.pt (same command plus --resume)"""
     preset: str = ""
     """named overrides: 'vg' = SGTR's own settings for Visual Genome"""
-    iters: int = 0
-    """if > 0, cap the number of training iterations (smoke runs)"""
-    max_eval_images: int = 0
-    """if > 0, evaluate on at most this many val/test images"""
+    threads: int = 1
+    """torch CPU threads; 1 by default: on a shared 2-core machine extra threads spin against other jobs, and the numbers in the README are for 1 thread"""
     num_workers: int = 0
-    """DataLoader workers"""
+    """DataLoader workers (a resumed run repeats the uninterrupted one exactly only with 0)"""
     log_every: int = 50
     """iterations between progress lines"""
     eval_every: int = 600
     """iterations between validation runs (model selection)"""
+    ckpt_every: int = 50
+    """iterations between writes of ckpt_last.pt (also written at each validation)"""
+    max_eval_images: int = 0
+    """cap on the val and test images, for smoke runs (0 = all)"""
+    # other entry points
     bench_step: bool = False
     """time a training step with and without alignment, then exit"""
+    infer: List[str] = dataclasses.field(default_factory=list)
+    """image files: draw the scene graph that the model in --ckpt finds in each, then exit"""
+    ckpt: str = ""
+    """checkpoint for --infer (a ckpt_best.pt written by a training run)"""
     # the paper's alignment (sections 3.2 and 7)
     no_align: bool = False
     """train the SGTR baseline (no mirror, no alignment loss)"""
@@ -135,17 +154,17 @@ class Config:
     num_pred_queries: int = 30
     """Qp"""
     max_size: int = 0
-    """if > 0, resize images so the longest side is this"""
+    """if > 0, resize images so the longest side is this (--infer: default the training images' longest side)"""
     # graph assembling
     ent_topk: int = 3
     """K entities considered per subject / object indicator"""
     # optimisation (AdamW as in DETR / SGTR)
+    iters: int = 1200
+    """training iterations"""
     batch_size: int = 16
     """images per iteration (per process)"""
-    eval_batch_size: int = 32
+    eval_batch: int = 32
     """images per evaluation batch"""
-    max_iter: int = 1200
-    """training iterations"""
     lr: float = 4e-4
     """learning rate of the transformer parts"""
     lr_backbone: float = 4e-4
@@ -155,11 +174,11 @@ class Config:
     warmup_iters: int = 200
     """linear warm-up iterations"""
     lr_drop: float = 0.8
-    """lr x 0.1 after this fraction of max_iter (DETR's step schedule)"""
+    """lr x 0.1 after this fraction of iters (DETR's step schedule)"""
     grad_clip: float = 0.1
     """max gradient norm (DETR's 0.1)"""
     val_images: int = 300
-    """validation images used for model selection"""
+    """validation images used for model selection (0 = the whole val split)"""
     # loss weights (DETR: class 1, L1 5, GIoU 2, background weight 0.1)
     w_cls: float = 1.0
     """entity / predicate / indicator class losses"""
@@ -178,9 +197,21 @@ PRESETS = {
     "vg": dict(d_model=256, nheads=8, ffn_dim=2048, backbone_width=64, backbone_stride=32,
                enc_layers=6, ent_dec_layers=6, rel_enc_layers=6, pred_dec_layers=6,
                num_ent_queries=100, num_pred_queries=180, max_size=800, ent_topk=5,
-               batch_size=4, eval_batch_size=8, max_iter=120000, lr=1e-4, lr_backbone=1e-5,
-               warmup_iters=1000, lr_drop=0.7, eval_every=5000, val_images=1000, log_every=100),
+               batch_size=4, eval_batch=8, iters=120000, lr=1e-4, lr_backbone=1e-5,
+               warmup_iters=1000, lr_drop=0.7, eval_every=5000, ckpt_every=1000, val_images=1000,
+               log_every=100),
 }
+
+
+def fail(msg):
+    """A user's mistake ends here: one line `error: ...` on stderr, exit status 1, no traceback
+    (tracebacks are for bugs)."""
+    raise SystemExit("error: " + " ".join(str(msg).split()))  # always one line
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's own errors (unknown flag, bad int) in the same one line
+        fail(message)
 
 
 def field_docs():
@@ -196,26 +227,63 @@ def field_docs():
 
 def parse_config(argv=None) -> Config:
     """argparse generated from the dataclass: `--help` lists every field with its default."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n")[0])
     docs = field_docs()
     for f in dataclasses.fields(Config):
         flag = "--" + f.name.replace("_", "-")
         if f.type is bool or f.type == "bool":
             p.add_argument(flag, action="store_true", default=None, help=docs[f.name])
+        elif f.name == "infer":
+            p.add_argument(flag, nargs="+", metavar="IMG", default=None, help=docs[f.name])
         else:
             p.add_argument(flag, type=type(f.default), default=None, help=f"{docs[f.name]} (default: {f.default!r})")
     given = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
     preset = given.get("preset", "")
     if preset and preset not in PRESETS:
-        p.error(f"unknown --preset {preset!r}; choose from {sorted(PRESETS)}")
+        fail(f"unknown --preset {preset!r}; choose from {sorted(PRESETS)}")
     cfg = Config(**{**PRESETS.get(preset, {}), **given})
-    if cfg.align_loss not in ("kl", "supervised"):
-        p.error(f"--align-loss must be 'kl' or 'supervised', got {cfg.align_loss!r}")
-    if not 0.0 <= cfg.mask_p < 1.0:
-        p.error(f"--mask-p must be in [0, 1), got {cfg.mask_p}")
-    if cfg.d_model % cfg.nheads:
-        p.error(f"--d-model {cfg.d_model} must be divisible by --nheads {cfg.nheads}")
+    check_config(cfg)
     return cfg
+
+
+def check_config(cfg: Config):
+    """Every flag's value, checked before anything runs (one error line for a bad one)."""
+    positive = ("threads", "log_every", "eval_every", "ckpt_every", "d_model", "nheads", "ffn_dim",
+                "backbone_width", "enc_layers", "ent_dec_layers", "pred_dec_layers", "num_ent_queries",
+                "num_pred_queries", "ent_topk", "iters", "batch_size", "eval_batch")
+    for name in positive:
+        if getattr(cfg, name) < 1:
+            fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+    for name in ("num_workers", "max_eval_images", "max_size", "val_images", "rel_enc_layers", "warmup_iters",
+                 "lr", "lr_backbone", "weight_decay", "grad_clip", "align_weight", "dropout", "eos_coef"):
+        if getattr(cfg, name) < 0:
+            fail(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
+    if cfg.device not in ("auto", "cpu", "cuda"):
+        fail(f"--device must be 'auto', 'cpu' or 'cuda', got {cfg.device!r}")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        fail("--device cuda: this machine has no CUDA device (use --device cpu)")
+    if cfg.seeds and not all(s.strip().lstrip("-").isdigit() for s in cfg.seeds.split(",")):
+        fail(f"--seeds must be comma-separated integers like 0,1,2, got {cfg.seeds!r}")
+    if cfg.align_loss not in ("kl", "supervised"):
+        fail(f"--align-loss must be 'kl' or 'supervised', got {cfg.align_loss!r}")
+    if not 0.0 <= cfg.mask_p < 1.0:
+        fail(f"--mask-p must be in [0, 1), got {cfg.mask_p}")
+    if not 0.0 <= cfg.dropout < 1.0:
+        fail(f"--dropout must be in [0, 1), got {cfg.dropout}")
+    if not 0.0 <= cfg.lr_drop <= 1.0:
+        fail(f"--lr-drop must be in [0, 1], got {cfg.lr_drop}")
+    if cfg.d_model % 4:
+        fail(f"--d-model must be a multiple of 4 (sine positions), got {cfg.d_model}")
+    if cfg.d_model % cfg.nheads:
+        fail(f"--d-model {cfg.d_model} must be divisible by --nheads {cfg.nheads}")
+    if cfg.backbone_width % 8:
+        fail(f"--backbone-width must be a multiple of 8 (GroupNorm with 8 groups), got {cfg.backbone_width}")
+    if cfg.backbone_stride < 2 or cfg.backbone_stride & (cfg.backbone_stride - 1):
+        fail(f"--backbone-stride must be a power of 2 >= 2, got {cfg.backbone_stride}")
+    if cfg.ckpt and not cfg.infer:
+        fail("--ckpt is for --infer IMG [IMG ...]; to continue a training run use --out RUN --resume")
+    if cfg.infer and not cfg.ckpt:
+        fail("--infer needs --ckpt PATH (a ckpt_best.pt written by a training run)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -779,6 +847,17 @@ def assemble_graph(out, size, topk=3, max_pairs=100):
                 rel_pairs=torch.stack([uniq // Qe, uniq % Qe], 1).cpu(), rel_scores=rel_scores.cpu())
 
 
+def top_triplets(pred, k):
+    """assemble_graph's output -> the k best triplets [(subject, object, predicate, score)], ranked by
+    the evaluator's score: best foreground predicate x subject confidence x object confidence."""
+    fg = pred["rel_scores"][:, 1:]  # (M, P)
+    best, p = fg.max(-1)  # (M,)
+    pairs = pred["rel_pairs"]  # (M, 2)
+    score = best * pred["scores"][pairs[:, 0]] * pred["scores"][pairs[:, 1]]  # (M,)
+    order = score.argsort(descending=True, stable=True)[:k].tolist()
+    return [(int(pairs[m, 0]), int(pairs[m, 1]), int(p[m]) + 1, float(score[m])) for m in order]
+
+
 # ----------------------------------------------------------------------------------------------
 # Evaluation (SGDet with metrics.SGEvaluator)
 
@@ -801,9 +880,9 @@ def evaluate(model, ds, cfg, device, groups, max_images=0, keep_examples=0):
     """SGDet evaluation on the first `max_images` images of `ds` (all if 0). Returns (summary, examples)."""
     model.eval()
     n = len(ds) if max_images <= 0 else min(len(ds), max_images)
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, range(n)), batch_size=cfg.eval_batch_size,
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, range(n)), batch_size=cfg.eval_batch,
                                          sampler=data.InferenceSampler(n), collate_fn=data.collate,
-                                         num_workers=cfg.num_workers)
+                                         num_workers=cfg.num_workers, generator=torch.Generator())
     ev = metrics.SGEvaluator("sgdet", num_predicates=ds.num_predicates - 1, ks=(20, 50, 100),
                              predicate_groups=groups)
     examples = []
@@ -825,17 +904,26 @@ def evaluate(model, ds, cfg, device, groups, max_images=0, keep_examples=0):
 
 
 # ----------------------------------------------------------------------------------------------
-# Pictures: training curves, per-predicate recall, example scene graphs
+# Pictures: training curves, per-predicate recall, scene graphs (examples.png and --infer)
 
-def plot_curves(history, path):
+def pyplot():
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_curves(history, lam, path):
+    """Left: the loss terms of the progress lines, under the same names; right: validation recall."""
+    plt = pyplot()
     fig, ax = plt.subplots(1, 2, figsize=(11, 4))
-    tr = [h for h in history if "loss" in h]
-    for key in ("loss", "sup", "align"):
-        ax[0].plot([h["it"] for h in tr], [h[key] for h in tr], label=key)
-    ax[0].set(xlabel="iteration", ylabel="loss", yscale="log", title="training loss")
+    tr = [h for h in history if "total" in h]
+    curves = [("total", f"total = sup + λ·align, λ = {lam:g}" if lam else "total = sup (baseline, no alignment)"),
+              ("sup", "sup (L_original)")] + ([("align", "align (L_align)")] if lam else [])
+    for key, label in curves:
+        ax[0].plot([h["it"] for h in tr], [h[key] for h in tr], label=label)
+    ax[0].set(xlabel="iteration", ylabel="loss (mean over the progress-line interval)", yscale="log",
+              title="training loss")
     ax[0].legend()
     va = [h for h in history if "val_mR@50" in h]
     for key in ("val_mR@50", "val_R@50"):
@@ -847,53 +935,137 @@ def plot_curves(history, path):
     plt.close(fig)
 
 
-def plot_per_predicate(values, names, order, path, title, ylabel="R@100 (%)", diff=False):
-    """Bars per predicate in `order` (most frequent in training first, as the paper's Fig. 5)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(max(8, 0.32 * len(order)), 4))
+def plot_per_predicate(values, names, counts, path, title, ylabel="R@100 (%)", diff=False):
+    """One bar per predicate, in data.frequency_order(counts): most frequent in training first, as the
+    paper's Fig. 5 (and as `python data.py` prints them). values (P,), counts (P+1,)."""
+    plt = pyplot()
+    order = [int(i) for i in data.frequency_order(counts)]
+    fig, ax = plt.subplots(figsize=(max(8, 0.34 * len(order)), 4.5))
     v = [100 * values[i - 1] for i in order]
     ax.bar(range(len(order)), v, color=["tab:green" if x >= 0 else "tab:red" for x in v] if diff else "tab:blue")
     ax.set_xticks(range(len(order)))
-    ax.set_xticklabels([names[i] for i in order], rotation=90, fontsize=7)
-    ax.set(ylabel=ylabel, title=title)
+    ax.set_xticklabels([f"{names[i]} ({counts[i]})" for i in order], rotation=90, fontsize=9)
+    ax.set(ylabel=ylabel, title=title, xlabel="predicate (training count), by training frequency")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def plot_examples(examples, ds, path, top=4):
-    """Test images with their GT triplets and the model's top-`top` triplets (green = correct)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def draw_boxes(ax, image, tagged, pt_per_px):
+    """image (3, H, W) in [0, 1]; tagged: [(tag, xyxy box in pixels, colour)]. Each box is drawn in
+    its colour with its tag inside its top-left corner; a tag that would cover one already placed
+    moves right (then down), so tags never hide each other. pt_per_px: the drawing's scale."""
+    plt = pyplot()
+    H, W = image.shape[1:]
+    ax.imshow(image.permute(1, 2, 0).clamp(0, 1).numpy())
+    ax.set_axis_off()
+    placed = []  # (x, y, w, h) of the tags, in pixels
+    for tag, box, colour in tagged:
+        x0, y0, x1, y1 = [float(v) for v in box]
+        ax.add_patch(plt.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, color=colour, lw=1.5))
+        w, h = (5.5 * len(str(tag)) + 3) / pt_per_px, 12 / pt_per_px  # a 9-pt tag, in pixels
+        x, y = max(0.0, x0) + 1, max(0.0, y0) + 1
+        for _ in range(30):
+            if not any(x < a + c and a < x + w and y < b + d and b < y + h for a, b, c, d in placed):
+                break
+            x += w
+            if x + w > min(W, max(x1, x0 + 2 * w)):
+                x, y = max(0.0, x0) + 1, y + h
+        placed.append((x, y, w, h))
+        ax.text(x, y, str(tag), color="white", fontsize=9, fontweight="bold", ha="left", va="top",
+                bbox=dict(facecolor=colour, edgecolor="none", pad=1.0, alpha=0.85))
+    ax.set_xlim(-0.5, W - 0.5)
+    ax.set_ylim(H - 0.5, -0.5)
+
+
+def fmt_triplet(ta, sub, pred, tb, obj, score=None):
+    """'3:man riding 5:horse 0.41' (tags as on the picture; two significant digits, never 0.00)."""
+    return f"{ta}:{sub} {pred} {tb}:{obj}" + ("" if score is None else f"  {score:.2g}")
+
+
+def plot_examples(examples, ds, path, top=5):
+    """Test images, each as two panels: its annotation (GT) and the model's top-`top` triplets.
+
+    Boxes carry numbered tags in the colours of the lists below them. A predicted entity that matches
+    an annotated box (same class, IoU >= 0.5 as the evaluator counts) takes that box's number and
+    colour, so the panels of one image read side by side; '+' marks a triplet the evaluator counts as
+    found (a GT relation with that predicate between two matching boxes), '-' one it does not."""
     if not examples:
         return
-    fig, axes = plt.subplots(1, len(examples), figsize=(4 * len(examples), 5.2), squeeze=False)
-    for ax, (img, t, pred) in zip(axes[0], examples):
-        ax.imshow(img.permute(1, 2, 0).clamp(0, 1).numpy())
-        ax.axis("off")
-        s = pred["scores"]
-        fg = pred["rel_scores"][:, 1:]
-        score = fg.max(-1).values * s[pred["rel_pairs"][:, 0]] * s[pred["rel_pairs"][:, 1]]
-        gt = {(int(t["labels"][a]), int(p), int(t["labels"][b])) for a, b, p in t["relations"].tolist()}
-        lines = []
-        for m in score.argsort(descending=True)[:top].tolist():
-            a, b = pred["rel_pairs"][m].tolist()
-            p = int(fg[m].argmax()) + 1
-            la, lb = int(pred["labels"][a]), int(pred["labels"][b])
-            ok = (la, p, lb) in gt  # labels only; the evaluator also checks IoU >= 0.5
-            for box, c in ((pred["boxes"][a], "tab:orange"), (pred["boxes"][b], "tab:cyan")):
-                x0, y0, x1, y1 = box.tolist()
-                ax.add_patch(plt.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, color=c, lw=1.5))
-            lines.append(("+ " if ok else "- ") + f"{ds.idx_to_label[la]} {ds.idx_to_predicate[p]} "
-                         f"{ds.idx_to_label[lb]} ({score[m]:.2f})")
-        gt_lines = [f"GT: {ds.idx_to_label[a]} {ds.idx_to_predicate[p]} {ds.idx_to_label[b]}"
-                    for a, p, b in sorted(gt)[:3]]
-        ax.set_title("\n".join(gt_lines + lines), fontsize=7, loc="left")
-    fig.tight_layout()
+    plt = pyplot()
+    pw, th, tt, gap = 3.0, (top + 0.6) * 0.18, 0.3, 0.12  # inches: image box, list, title, gaps
+    per_row = 2  # examples per row, each GT | predicted
+    rows = (len(examples) + per_row - 1) // per_row
+    W, H = 2 * per_row * (pw + gap) + gap, rows * (tt + pw + th + gap)
+    fig = plt.figure(figsize=(W, H))
+    labels, preds = ds.idx_to_label, ds.idx_to_predicate
+    for n, (img, t, pred) in enumerate(examples):
+        r, c = divmod(n, per_row)
+        top_y = H - r * (tt + pw + th + gap) - tt  # inches from the bottom to the top of the images
+        h_img, w_img = img.shape[1:]
+        pt_per_px = 72 * pw / max(h_img, w_img)
+        gt_boxes, gt_labels = t["boxes"], t["labels"].tolist()
+        # GT panel: the first `top` annotated relations and the boxes they name, tagged by GT index
+        rels = t["relations"].tolist()[:top]
+        gt_lines = [fmt_triplet(s, labels[gt_labels[s]], preds[p], o, labels[gt_labels[o]]) for s, o, p in rels]
+        gt_tags = sorted({i for s, o, _ in rels for i in (s, o)})
+        gt_tagged = [(g, gt_boxes[g], f"C{g % 10}") for g in gt_tags]
+        # predicted panel: the top triplets; entities matched to GT boxes by class and IoU >= 0.5
+        trip = top_triplets(pred, top)
+        iou = metrics.box_iou_inclusive(pred["boxes"].numpy(), gt_boxes.numpy())  # (Qe, G)
+        same = pred["labels"].numpy()[:, None] == np.array(gt_labels)[None, :]  # (Qe, G)
+        hit = (iou >= 0.5) & same
+        tag, next_tag = {}, len(gt_labels)  # entity -> tag; unmatched ones numbered after the GT boxes
+        for s, o, _, _ in trip:
+            for e in (s, o):
+                if e not in tag:
+                    if hit[e].any():
+                        tag[e] = int(np.where(hit[e], iou[e], -1).argmax())
+                    else:
+                        tag[e], next_tag = next_tag, next_tag + 1
+        pred_lines = []
+        for s, o, p, score in trip:
+            ok = any(p == gp and hit[s, gs] and hit[o, go] for gs, go, gp in t["relations"].tolist())
+            pred_lines.append(("+ " if ok else "- ") + fmt_triplet(tag[s], labels[int(pred["labels"][s])], preds[p],
+                                                               tag[o], labels[int(pred["labels"][o])], score))
+        pred_tagged = [(tag[e], pred["boxes"][e], f"C{tag[e] % 10}") for e in tag]
+        panels = ((f"image {t['image_id']}: annotated", gt_tagged, gt_lines),
+                  (f"predicted, top {top} ('+' = found)", pred_tagged, pred_lines))
+        for k, (title, tagged, lines) in enumerate(panels):
+            x = gap + (2 * c + k) * (pw + gap)
+            ax = fig.add_axes([x / W, (top_y - pw) / H, pw / W, pw / H])
+            draw_boxes(ax, img, tagged, pt_per_px)
+            ax.set_title(title, fontsize=10, loc="left")
+            tx = fig.add_axes([x / W, (top_y - pw - th) / H, pw / W, th / H])
+            tx.axis("off")
+            tx.text(0, 1, "\n".join(lines) or "(none)", fontsize=9, family="monospace", va="top",
+                    transform=tx.transAxes)
     fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_scene_graph(image, pred, triplets, names, predicates, title, path):
+    """--infer's picture: the image filling the figure at its own aspect ratio, the boxes of the top
+    triplets tagged by number, the triplets listed below. image (3, H, W); pred boxes in its pixels."""
+    plt = pyplot()
+    H, W = image.shape[1:]
+    iw = 6.0 if W >= H else max(3.0, 6.0 * W / H)  # inches; the longest side 6 in
+    ih = iw * H / W
+    th = (len(triplets) + 1.6) * 0.18
+    fig = plt.figure(figsize=(iw, ih + th))
+    ax = fig.add_axes([0, th / (ih + th), 1, ih / (ih + th)])
+    tag = {}  # entity -> tag, in order of first mention
+    for s, o, _, _ in triplets:
+        for e in (s, o):
+            tag.setdefault(e, len(tag))
+    draw_boxes(ax, image, [(tag[e], pred["boxes"][e], f"C{tag[e] % 10}") for e in tag], 72 * iw / W)
+    lines = [fmt_triplet(tag[s], names[int(pred["labels"][s])], predicates[p], tag[o],
+                         names[int(pred["labels"][o])], score) for s, o, p, score in triplets]
+    tx = fig.add_axes([0, 0, 1, th / (ih + th)])
+    tx.axis("off")
+    tx.text(0.01, 0.97, "\n".join([title] + (lines or ["(no triplets)"])), fontsize=9, family="monospace",
+            va="top", transform=tx.transAxes)
+    fig.savefig(path, dpi=110, bbox_inches="tight", pad_inches=0.03)  # "tight" keeps a long line whole
     plt.close(fig)
 
 
@@ -912,24 +1084,77 @@ def setup_distributed(cfg):
     return torch.device("cpu")
 
 
+def is_main():
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def all_ranks(obj):
+    """[obj of rank 0, obj of rank 1, ...] on every rank; [obj] without torch.distributed."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    objs = [None] * dist.get_world_size()
+    dist.all_gather_object(objs, obj)
+    return objs
+
+
+def barrier():
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
 def default_out(cfg):
     return cfg.out or os.path.join("runs", f"sgtr_align-sgdet-{'noalign' if cfg.no_align else 'align'}-seed{cfg.seed}")
 
 
 def load_datasets(cfg):
-    root = data.ensure_synthetic() if cfg.data == "synthetic" else cfg.data
-    num_val = data.SYNTHETIC_NUM_VAL if cfg.data == "synthetic" else 5000  # val is carved from train
-    kw = dict(num_val_im=num_val, max_size=cfg.max_size or None)
-    return (data.VGSGGDataset(root, "train", **kw), data.VGSGGDataset(root, "val", **kw),
-            data.VGSGGDataset(root, "test", **kw))
+    """train / val / test; a problem in the data folder ends in one error line naming the file."""
+    try:
+        root = data.ensure_synthetic() if cfg.data == "synthetic" else cfg.data
+        num_val = data.SYNTHETIC_NUM_VAL if cfg.data == "synthetic" else 5000  # val is carved from train
+        kw = dict(num_val_im=num_val, max_size=cfg.max_size or None)
+        return (data.VGSGGDataset(root, "train", **kw), data.VGSGGDataset(root, "val", **kw),
+                data.VGSGGDataset(root, "test", **kw))
+    except data.DataError as e:
+        fail(e)
 
 
-def predicate_counts(ds):
-    """Training frequency of every predicate, (P+1,) with index 0 unused: for groups and plot order."""
-    counts = np.zeros(ds.num_predicates, dtype=np.int64)
-    for i in range(len(ds)):
-        np.add.at(counts, ds.get_groundtruth(i)["relations"][:, 2].numpy(), 1)
-    return counts
+# The settings that do not change a run's numbers: a run may be continued with other values of them.
+NOT_SETTINGS = ("resume", "out", "log_every", "num_workers", "infer", "ckpt")
+
+
+def run_folder_state(cfg):
+    """'new', 'finished' or 'unfinished' for the run folder cfg.out. Reads, never writes: a folder
+    that holds anything but a run with these very settings ends in one error line."""
+    out, args_file = cfg.out, os.path.join(cfg.out, "args.json")
+    if not os.path.exists(args_file):
+        if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+            fail(f"{out} exists and is not a run folder (no args.json); pass --out NEW_FOLDER")
+        return "new"
+    try:
+        with open(args_file) as f:
+            old = json.load(f)
+        assert isinstance(old, dict)
+    except (OSError, ValueError, AssertionError):
+        fail(f"{args_file} is not the JSON settings of a run; pass --out NEW_FOLDER")
+    new = json.loads(json.dumps(dataclasses.asdict(cfg)))  # as args.json would hold them
+    differ = sorted(k for k in set(old) | set(new) if k not in NOT_SETTINGS and old.get(k, "?") != new.get(k, "?"))
+    if differ:
+        fail(f"{out} holds a run with other settings (differs in: {', '.join(differ)}); pass --out NEW_FOLDER")
+    return "finished" if os.path.exists(os.path.join(out, "metrics.json")) else "unfinished"
+
+
+def read_checkpoint(path, keys):
+    """torch.load, with one error line for a missing, unreadable or foreign file."""
+    if not os.path.isfile(path):
+        fail(f"{path}: no such checkpoint file")
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, not a torch file, ...: any failure here is the file's
+        fail(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+    missing = [k for k in keys if not (isinstance(ck, dict) and k in ck)]
+    if missing:
+        fail(f"{path}: not a checkpoint of sgtr_align.py (no {', '.join(missing)})")
+    return ck
 
 
 def save_atomic(obj, path):
@@ -943,13 +1168,13 @@ def fmt_time(s):
     return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
-def build_optimizer(model, cfg, max_iter):
+def build_optimizer(model, cfg):
     """AdamW, a lower lr for the backbone (DETR/SGTR), linear warm-up then x0.1 at lr_drop."""
     bb = [p for n, p in model.named_parameters() if n.startswith("backbone.")]
     rest = [p for n, p in model.named_parameters() if not n.startswith("backbone.")]
     opt = torch.optim.AdamW([dict(params=rest, lr=cfg.lr), dict(params=bb, lr=cfg.lr_backbone)],
                             weight_decay=cfg.weight_decay)
-    drop_at = int(cfg.lr_drop * max_iter)
+    drop_at = int(cfg.lr_drop * cfg.iters)
 
     def factor(it):
         return min(1.0, (it + 1) / max(1, cfg.warmup_iters)) * (0.1 if it >= drop_at else 1.0)
@@ -957,19 +1182,90 @@ def build_optimizer(model, cfg, max_iter):
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
-def train(cfg: Config) -> dict:
-    """Train one run into cfg.out; returns the test metrics of the best (val mR@50) checkpoint."""
-    device = setup_distributed(cfg)
+def seed_everything(seed):
+    """Every global generator this process uses: python, numpy, torch (CPU and CUDA)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_states(model, device):
+    """This process's generators, as tensors and lists (so torch.load(weights_only=True) reads them)."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, state, gauss_next = random.getstate()
+    s = dict(torch=torch.get_rng_state(), mask=model.mask_rng.get_state(),
+             numpy=[name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+             python=[version, list(state), gauss_next])
+    if device.type == "cuda":
+        s["cuda"] = torch.cuda.get_rng_state(device)
+    return s
+
+
+def set_rng_states(s, model, device):
+    torch.set_rng_state(s["torch"])
+    model.mask_rng.set_state(s["mask"])
+    name, keys, pos, has_gauss, gauss = s["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, state, gauss_next = s["python"]
+    random.setstate((version, tuple(state), gauss_next))
+    if "cuda" in s:
+        torch.cuda.set_rng_state(s["cuda"], device)
+
+
+def train(cfg: Config, device) -> dict:
+    """Train one run into cfg.out; returns the test metrics of the best (val mR@50) checkpoint.
+
+    Everything is checked (the data, the run folder, the checkpoint to resume) before anything is
+    written; --resume restores every rank's state, and the run ends exactly as an uninterrupted one."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
-    torch.manual_seed(cfg.seed + rank)
+    seed_everything(cfg.seed + rank)  # before the first random draw; each rank its own dropout
+    t_data = time.time()
+    train_ds, val_ds, test_ds = load_datasets(cfg)
+    counts = data.predicate_counts(train_ds)  # (P+1,) training frequency: predicate groups, plot order
+    groups = metrics.default_predicate_groups(train_ds.idx_to_predicate, counts)
+    vocab = dict(idx_to_label=list(train_ds.idx_to_label), idx_to_predicate=list(train_ds.idx_to_predicate))
+    # --infer resizes the user's images to the longest side the model was trained at
+    image_side = cfg.max_size or max(max(im["width"], im["height"]) for im in train_ds.img_info)
+    model = SGTR(cfg, train_ds.num_classes, train_ds.num_predicates).to(device)
+    model.mask_rng.manual_seed(cfg.seed * 1000 + rank)  # each rank its own masks
+    opt, sched = build_optimizer(model, cfg)
     out_dir = cfg.out = default_out(cfg)
+    last_path, best_path = os.path.join(out_dir, "ckpt_last.pt"), os.path.join(out_dir, "ckpt_best.pt")
+    state = run_folder_state(cfg)
+    if state == "finished" and not cfg.resume:
+        fail(f"{out_dir} already holds a finished run with these settings; pass --out NEW_FOLDER to run again")
+    if state == "unfinished" and not cfg.resume:
+        fail(f"{out_dir} holds an unfinished run with these settings; add --resume to continue it, "
+             f"or pass --out NEW_FOLDER")
+    step, best, best_step, history, sums, last_log, seconds = 0, -1.0, 0, [], {}, 0, 0.0
+    if cfg.resume:
+        if not os.path.isfile(last_path):
+            fail(f"--resume: {last_path} does not exist (the run stopped before its first checkpoint, or "
+                 f"--out is not a run folder); pass --out NEW_FOLDER to start again")
+        ck = read_checkpoint(last_path, ("model", "optimizer", "scheduler", "step", "rng", "vocab", "history"))
+        if ck["vocab"] != vocab:
+            fail(f"{last_path} was trained on other classes or predicates than those of --data {cfg.data}")
+        if len(ck["rng"]) != world:
+            fail(f"{last_path} was written by {len(ck['rng'])} process(es); resume it with as many, not {world}")
+        try:
+            model.load_state_dict(ck["model"])
+            opt.load_state_dict(ck["optimizer"])
+            sched.load_state_dict(ck["scheduler"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            fail(f"{last_path} holds another model layout than these settings ({str(e).splitlines()[0]})")
+        set_rng_states(ck["rng"][rank], model, device)  # this rank's own generators (masks, dropout)
+        step, history, sums, last_log, seconds = ck["step"], ck["history"], ck["loss_sums"], ck["last_log"], ck["train_seconds"]
+        best, best_step = ck["best_val_mR@50"], ck["best_step"]
+    barrier()  # every rank has checked everything before rank 0 writes the first byte
+
     log_file = None
     if is_main():
         os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, "args.json"), "w") as f:
-            json.dump(dataclasses.asdict(cfg), f, indent=2)
-        log_file = open(os.path.join(out_dir, "log.txt"), "a")
+        if not cfg.resume:
+            with open(os.path.join(out_dir, "args.json"), "w") as f:
+                json.dump(dataclasses.asdict(cfg), f, indent=2)
+        log_file = open(os.path.join(out_dir, "log.txt"), "a", encoding="utf-8")
 
     def log(msg):
         if is_main():
@@ -977,58 +1273,57 @@ def train(cfg: Config) -> dict:
             log_file.write(msg + "\n")
             log_file.flush()
 
-    t_data = time.time()
-    train_ds, val_ds, test_ds = load_datasets(cfg)
-    counts = predicate_counts(train_ds)
-    groups = metrics.default_predicate_groups(train_ds.idx_to_predicate, counts)
     log(f"data: {len(train_ds)} train / {len(val_ds)} val / {len(test_ds)} test images, "
         f"C = {train_ds.num_classes - 1} classes, P = {train_ds.num_predicates - 1} predicates "
         f"({time.time() - t_data:.0f}s)")
-
-    model = SGTR(cfg, train_ds.num_classes, train_ds.num_predicates).to(device)
-    model.mask_rng.manual_seed(cfg.seed * 1000 + rank)  # each rank its own masks
-    max_iter = min(cfg.max_iter, cfg.iters) if cfg.iters > 0 else cfg.max_iter
-    opt, sched = build_optimizer(model, cfg, max_iter)
-    step, best, history = 0, -1.0, []
-    last_path, best_path = os.path.join(out_dir, "ckpt_last.pt"), os.path.join(out_dir, "ckpt_best.pt")
-    if cfg.resume:
-        if not os.path.exists(last_path):
-            raise SystemExit(f"--resume: no checkpoint at {last_path}")
-        ck = torch.load(last_path, map_location=device, weights_only=True)
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        sched.load_state_dict(ck["scheduler"])
-        model.mask_rng.set_state(ck["mask_rng"])
-        step, best, history = ck["step"], ck["best_val_mR@50"], ck["history"]
-        log(f"resumed from {last_path} at iteration {step}")
+    lam = 0.0 if cfg.no_align else cfg.align_weight
     log(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
-        f"{'aligned (p = %g, lambda = %g, %s%s)' % (cfg.mask_p, cfg.align_weight, cfg.align_loss, ', tied head' if cfg.tied_head else '') if model.align else 'baseline (no alignment)'}, "
-        f"{max_iter} iterations x {cfg.batch_size} images x {world} process(es) on {device}")
+        f"{'aligned (p = %g, λ = %g, %s%s)' % (cfg.mask_p, lam, cfg.align_loss, ', tied head' if cfg.tied_head else '') if model.align else 'baseline (no alignment)'}, "
+        f"{cfg.iters} iterations x {cfg.batch_size} images x {world} process(es) on {device}, "
+        f"{torch.get_num_threads()} thread(s)")
+    if cfg.resume:
+        log(f"resumed from {last_path} at iteration {step} ({fmt_time(seconds)} of training so far)")
     ddp = model if world == 1 else nn.parallel.DistributedDataParallel(model)
+    n_val = cfg.val_images or len(val_ds)
+    n_val = min(n_val, cfg.max_eval_images) if cfg.max_eval_images else n_val
+    t_session = time.time()
 
-    def checkpoint(path):
+    def elapsed():  # training seconds of this run, earlier sessions included (validation too)
+        return seconds + time.time() - t_session
+
+    def save_last():  # a collective: every rank sends its generators to rank 0
+        rngs = all_ranks(rng_states(model, device))
         if is_main():
-            save_atomic(dict(model=model.state_dict(), optimizer=opt.state_dict(), scheduler=sched.state_dict(),
-                             step=step, args=dataclasses.asdict(cfg), mask_rng=model.mask_rng.get_state(),
-                             history=history, **{"best_val_mR@50": best}), path)
+            save_atomic({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                         "step": step, "args": dataclasses.asdict(cfg), "vocab": vocab, "image_side": image_side,
+                         "rng": rngs, "best_val_mR@50": best, "best_step": best_step, "history": history,
+                         "loss_sums": sums, "last_log": last_log, "train_seconds": elapsed()}, last_path)
 
     def validate():
-        nonlocal best
-        s, _ = evaluate(model, val_ds, cfg, device, groups, min(cfg.val_images, cfg.max_eval_images or cfg.val_images))
+        nonlocal best, best_step
+        s, _ = evaluate(model, val_ds, cfg, device, groups, n_val)
         history.append({"it": step, "val_mR@50": s["mR@50"], "val_R@50": s["R@50"]})
         log(f"val it {step} | mR@50 {100 * s['mR@50']:.2f} | R@50 {100 * s['R@50']:.2f} | "
             f"mR@100 {100 * s['mR@100']:.2f} | R@100 {100 * s['R@100']:.2f}")
-        if s["mR@50"] > best:  # model selection by validation mR@50 (paper section 4.1)
-            best = s["mR@50"]
-            checkpoint(best_path)
+        # Model selection by validation mR@50 (paper section 4.1). A tie goes to the later checkpoint,
+        # the more trained one (and a tiny test run, whose recalls are all 0, still exercises a last
+        # validation that replaces ckpt_best.pt).
+        if s["mR@50"] >= best:
+            best, best_step = s["mR@50"], step
+            if is_main():
+                save_atomic({"model": model.state_dict(), "step": step, "args": dataclasses.asdict(cfg),
+                             "vocab": vocab, "image_side": image_side, "val_mR@50": best}, best_path)
 
+    # The sampler continues where the interrupted run was: the same batches, none replayed.
+    sampler = data.TrainingSampler(len(train_ds), seed=cfg.seed, start=step * cfg.batch_size)
+    # Its own generator: otherwise each new DataLoader iterator draws from the global torch RNG.
     loader = torch.utils.data.DataLoader(train_ds, batch_size=cfg.batch_size, collate_fn=data.collate,
-                                         sampler=data.TrainingSampler(len(train_ds), seed=cfg.seed),
-                                         num_workers=cfg.num_workers)
+                                         sampler=sampler, num_workers=cfg.num_workers,
+                                         generator=torch.Generator().manual_seed(cfg.seed * 1000 + rank))
     batches = iter(loader)
     model.train()
-    t0, t_last, it0, last_log, sums = time.time(), time.time(), step, step, {}
-    while step < max_iter:
+    t_last, timed_from = time.time(), step  # it/s counts training only, this session only
+    while step < cfg.iters:
         images, targets = next(batches)
         images = images.to(device)
         losses = ddp(images, pad_mask_for(images, targets), targets)
@@ -1045,39 +1340,113 @@ def train(cfg: Config) -> dict:
         step += 1
         for k in ("total", "sup", "align"):
             sums[k] = sums.get(k, 0.0) + losses[k].item()
-        if step % cfg.log_every == 0 or step == max_iter:
-            n = step - last_log
-            avg = {k: v / n for k, v in sums.items()}
-            speed = n / (time.time() - t_last)
-            history.append({"it": step, "loss": avg["total"], "sup": avg["sup"], "align": avg["align"]})
-            log(f"it {step}/{max_iter} | loss {avg['total']:.3f} (sup {avg['sup']:.3f}, align {avg['align']:.3f}) | "
-                f"{speed:.1f} it/s | eta {fmt_time((max_iter - step) * (time.time() - t0) / (step - it0))}")
-            sums, t_last, last_log = {}, time.time(), step
-        if step % cfg.eval_every == 0 or step == max_iter:
+        if step % cfg.log_every == 0 or step == cfg.iters:
+            avg = {k: v / (step - last_log) for k, v in sums.items()}
+            speed = (step - timed_from) / max(time.time() - t_last, 1e-9)
+            history.append({"it": step, **avg})
+            log(f"it {step}/{cfg.iters} | loss {avg['total']:.3f} (sup {avg['sup']:.3f}, align {avg['align']:.3f}, "
+                f"λ {lam:g}) | {speed:.1f} it/s | eta {fmt_time((cfg.iters - step) * elapsed() / step)}")
+            sums, last_log, t_last, timed_from = {}, step, time.time(), step
+        validated = step % cfg.eval_every == 0 or step == cfg.iters
+        if validated:
             validate()
-            checkpoint(last_path)
-            t_last = time.time()  # it/s counts training only
-    train_seconds = time.time() - t0
+            t_last, timed_from = time.time(), step
+        if validated or step % cfg.ckpt_every == 0:
+            save_last()
+    train_seconds = elapsed()
     log(f"training done in {fmt_time(train_seconds)} (validation included)")
 
-    # test with the best validation checkpoint
-    if os.path.exists(best_path):
-        model.load_state_dict(torch.load(best_path, map_location=device, weights_only=True)["model"])
+    # Test with the best validation checkpoint. Rank 0 may have written it at the last validation:
+    # every rank waits for that write, then loads it, and says which one it tests.
+    barrier()
+    ck = read_checkpoint(best_path, ("model", "step"))
+    model.load_state_dict(ck["model"])
+    tested = all_ranks(ck["step"])
+    log("test: ckpt_best.pt of iteration " + ", ".join(f"{s} on rank {r}" for r, s in enumerate(tested)))
+    if len(set(tested)) != 1:
+        raise RuntimeError(f"ranks tested different checkpoints: {tested}")
+    t_test = time.time()
     summary, examples = evaluate(model, test_ds, cfg, device, groups, cfg.max_eval_images, keep_examples=4)
-    summary["train_seconds"], summary["test_seconds"] = train_seconds, time.time() - t0 - train_seconds
+    summary.update({"best_step": ck["step"], "best_val_mR@50": ck["val_mR@50"], "history": history})
     if is_main():
+        # metrics.json holds only what the seed and settings determine (a rerun gives the same file);
+        # wall-clock times go to timing.json.
         with open(os.path.join(out_dir, "metrics.json"), "w") as f:
             json.dump(summary, f, indent=2)
+        with open(os.path.join(out_dir, "timing.json"), "w") as f:
+            json.dump({"train_seconds": train_seconds, "test_seconds": time.time() - t_test}, f, indent=2)
         log("test SGDet | " + " | ".join(f"{k} {100 * summary[k]:.2f}" for k in
                                          ("R@20", "R@50", "R@100", "mR@20", "mR@50", "mR@100") if k in summary)
             + " | " + " | ".join(f"{g} mR@100 {100 * summary[f'{g}_mR@100']:.2f}" for g in groups))
-        plot_curves(history, os.path.join(out_dir, "curves.png"))
-        order = [int(i) for i in np.argsort(-counts[1:], kind="stable") + 1]
-        plot_per_predicate(summary["per_predicate_R@100"], train_ds.idx_to_predicate, order,
+        plot_curves(history, lam, os.path.join(out_dir, "curves.png"))
+        plot_per_predicate(summary["per_predicate_R@100"], train_ds.idx_to_predicate, counts,
                            os.path.join(out_dir, "per_predicate.png"), f"SGDet per-predicate R@100 ({out_dir})")
         plot_examples(examples, test_ds, os.path.join(out_dir, "examples.png"))
         log_file.close()
     return summary
+
+
+# ----------------------------------------------------------------------------------------------
+# Inference on your own images: the original model only (the mirror exists only in training)
+
+@torch.no_grad()
+def infer(cfg: Config):
+    """For each image file: <out>/<stem>_sg.png (the picture) and <out>/<stem>_sg.json (the top
+    triplets, boxes in the image's own pixels). Default out: <folder of the checkpoint>/infer."""
+    from PIL import Image
+    ck = read_checkpoint(cfg.ckpt, ("model", "args", "vocab", "image_side"))
+    try:
+        args = Config(**{**ck["args"], "no_align": True})
+    except TypeError as e:
+        fail(f"{cfg.ckpt}: its settings are not those of this sgtr_align.py ({e})")
+    names, predicates = ck["vocab"]["idx_to_label"], ck["vocab"]["idx_to_predicate"]
+    model = SGTR(args, len(names), len(predicates))
+    # Inference runs the original model only (paper section 3.1): the mirror's untied heads are dropped.
+    state = {k: v for k, v in ck["model"].items() if not k.startswith("mirror_")}
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        fail(f"{cfg.ckpt}: holds another model layout than its own settings describe ({str(e).splitlines()[0]})")
+    images, stems = [], set()
+    for path in cfg.infer:  # every image is read before anything is written
+        try:
+            with Image.open(path) as im:
+                images.append((path, im.convert("RGB")))
+        except OSError as e:
+            fail(f"{path}: not a readable image file ({e})")
+        stem = os.path.splitext(os.path.basename(path))[0]
+        if stem in stems:
+            fail(f"two images named {stem}.*: their {stem}_sg.png would overwrite each other; rename one")
+        stems.add(stem)
+    side = cfg.max_size or ck["image_side"]
+    out_dir = cfg.out or os.path.join(os.path.dirname(os.path.abspath(cfg.ckpt)), "infer")
+    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    device = torch.device("cuda" if use_cuda else "cpu")
+    model.to(device).eval()
+    os.makedirs(out_dir, exist_ok=True)
+    for path, img in images:
+        W, H = img.size
+        s = side / max(W, H)  # the longest side as in training, as the dataset resizes
+        w, h = max(1, round(W * s)), max(1, round(H * s))
+        x = torch.from_numpy(np.asarray(img.resize((w, h), Image.BILINEAR), dtype=np.float32) / 255)
+        x = x.permute(2, 0, 1)[None].to(device)  # (1, 3, h, w)
+        out = model(x, torch.zeros(1, h, w, dtype=torch.bool, device=device))
+        o = dict(ent_logits=out["logits"][0], ent_boxes=out["boxes"][0],
+                 **{k: out[k][0] for k in ("pred_logits", "sub_logits", "obj_logits", "sub_boxes", "obj_boxes")})
+        pred = assemble_graph(o, (h, w), args.ent_topk)
+        scale = torch.tensor([w / W, h / H, w / W, h / H])
+        pred["boxes"] = torch.minimum((pred["boxes"] / scale).clamp(min=0), torch.tensor([W, H, W, H]))  # (Qe, 4) original pixels
+        trip = top_triplets(pred, 10)
+        stem = os.path.join(out_dir, os.path.splitext(os.path.basename(path))[0])
+        with open(stem + "_sg.json", "w") as f:
+            json.dump([{"subject": names[int(pred["labels"][a])], "subject_box": [round(v, 1) for v in pred["boxes"][a].tolist()],
+                        "predicate": predicates[p], "object": names[int(pred["labels"][b])],
+                        "object_box": [round(v, 1) for v in pred["boxes"][b].tolist()], "score": sc}
+                       for a, b, p, sc in trip], f, indent=1)
+        shown = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255).permute(2, 0, 1)  # (3, H, W)
+        plot_scene_graph(shown, pred, trip, names, predicates,
+                         f"{os.path.basename(path)} ({W}x{H} px): top {len(trip)} triplets", stem + "_sg.png")
+        print(f"{path}: {len(trip)} triplets -> {stem}_sg.png, {stem}_sg.json")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1091,20 +1460,33 @@ TABLE1 = {  # paper Table 1, SGDet on VG test, mean +- std over 4 runs (percent)
 }
 
 
-def compare(cfg: Config, seeds):
+def train_or_reuse(runs, device):
+    """Several runs (--seeds, --compare): a finished one with the same settings is reused, never
+    overwritten, an unfinished one continued with --resume; every folder is checked first."""
+    states = [run_folder_state(r) for r in runs]
+    for r, s in zip(runs, states):
+        if s == "unfinished" and not r.resume:
+            fail(f"{r.out} holds an unfinished run with these settings; add --resume to continue it, "
+                 f"or pass --out NEW_FOLDER")
+    results = []
+    for r, s in zip(runs, states):
+        if s == "finished":
+            print(f"reusing {r.out}/metrics.json")
+            with open(os.path.join(r.out, "metrics.json")) as f:
+                results.append(json.load(f))
+        else:
+            results.append(train(dataclasses.replace(r, resume=s == "unfinished"), device))
+    return results
+
+
+def compare(cfg: Config, seeds, device):
     """Train (or reuse finished) baseline and aligned runs for every seed; write compare.md + plot."""
-    results = {}
-    for no_align in (True, False):
-        for s in seeds:
-            run = dataclasses.replace(cfg, seed=s, no_align=no_align, out="", compare=False, seeds="")
-            path = os.path.join(default_out(run), "metrics.json")
-            if os.path.exists(path):  # a finished run is reused, never overwritten
-                print(f"reusing {path}")
-            else:
-                train(run)
-            if is_main():
-                with open(path) as f:
-                    results.setdefault("SGTR" if no_align else "Align-SGTR", []).append(json.load(f))
+    runs = {name: [dataclasses.replace(cfg, seed=s, no_align=no_align, compare=False, seeds="", out="")
+                   for s in seeds] for name, no_align in (("SGTR", True), ("Align-SGTR", False))}
+    for r in runs["SGTR"] + runs["Align-SGTR"]:
+        r.out = default_out(r)
+    flat = train_or_reuse(runs["SGTR"] + runs["Align-SGTR"], device)
+    results = {"SGTR": flat[:len(seeds)], "Align-SGTR": flat[len(seeds):]}
     if not is_main():
         return
     out = cfg.out or os.path.join("runs", "sgtr_align-compare")
@@ -1113,10 +1495,10 @@ def compare(cfg: Config, seeds):
     lines = [f"SGDet test results, mean ± std over seeds {','.join(map(str, seeds))} (percent); "
              f"data: {cfg.data}. Paper rows: Table 1 (Visual Genome, 4 runs).", "",
              "| method | " + " | ".join(keys) + " |", "|" + "---|" * (len(keys) + 1)]
-    for name, runs in results.items():
+    for name, res in results.items():
         cells = []
         for k in keys:
-            v = 100 * np.array([r.get(k, float("nan")) for r in runs])
+            v = 100 * np.array([r.get(k, float("nan")) for r in res])
             cells.append(f"{v.mean():.1f} ± {v.std(ddof=1):.1f}" if len(v) > 1 else f"{v[0]:.1f}")  # no ± for 1 seed
         lines.append(f"| {name} (ours) | " + " | ".join(cells) + " |")
     for name, row in TABLE1.items():
@@ -1125,12 +1507,9 @@ def compare(cfg: Config, seeds):
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
     # Figure 5: per-predicate R@100 difference, aligned - baseline, averaged over seeds
-    ds = data.VGSGGDataset(data.ensure_synthetic() if cfg.data == "synthetic" else cfg.data, "train",
-                           num_val_im=data.SYNTHETIC_NUM_VAL if cfg.data == "synthetic" else 5000)
-    counts = predicate_counts(ds)
-    order = [int(i) for i in np.argsort(-counts[1:], kind="stable") + 1]
-    mean = {n: np.mean([r["per_predicate_R@100"] for r in runs], 0) for n, runs in results.items()}
-    plot_per_predicate(mean["Align-SGTR"] - mean["SGTR"], ds.idx_to_predicate, order,
+    train_ds = load_datasets(cfg)[0]
+    mean = {n: np.mean([r["per_predicate_R@100"] for r in res], 0) for n, res in results.items()}
+    plot_per_predicate(mean["Align-SGTR"] - mean["SGTR"], train_ds.idx_to_predicate, data.predicate_counts(train_ds),
                        os.path.join(out, "compare_per_predicate.png"),
                        "Per-predicate R@100, Align-SGTR - SGTR (mean over seeds)", "difference (points)", diff=True)
     print(f"wrote {out}/compare.md and compare_per_predicate.png")
@@ -1139,12 +1518,11 @@ def compare(cfg: Config, seeds):
 # ----------------------------------------------------------------------------------------------
 # Step-time benchmark: one training step with and without the alignment, in one process
 
-def bench_step(cfg: Config, steps=20):
+def bench_step(cfg: Config, device, steps=20):
     """Median time of a full training step (forward, backward, AdamW) of SGTR with and without the
     alignment, same weights and batches, interleaved (order alternating) so machine load hits both
     alike. On a CPU the process CPU time is printed too: unlike wall time it does not grow when other
     programs share the cores."""
-    device = setup_distributed(cfg)
     train_ds, _, _ = load_datasets(cfg)
     loader = iter(torch.utils.data.DataLoader(train_ds, batch_size=cfg.batch_size, collate_fn=data.collate,
                                               sampler=data.TrainingSampler(len(train_ds), seed=0)))
@@ -1153,8 +1531,8 @@ def bench_step(cfg: Config, steps=20):
     aligned = SGTR(dataclasses.replace(cfg, no_align=False), train_ds.num_classes, train_ds.num_predicates).to(device)
     base = SGTR(dataclasses.replace(cfg, no_align=True), train_ds.num_classes, train_ds.num_predicates).to(device)
     base.load_state_dict(aligned.state_dict(), strict=False)  # same weights; base lacks the untied heads
-    models = [("baseline", base, build_optimizer(base, cfg, 1)[0]),
-              ("aligned", aligned, build_optimizer(aligned, cfg, 1)[0])]
+    models = [("baseline", base, build_optimizer(base, cfg)[0]),
+              ("aligned", aligned, build_optimizer(aligned, cfg)[0])]
     wall, cpu = {"baseline": [], "aligned": []}, {"baseline": [], "aligned": []}
     for i in range(steps + 3):  # 3 warm-up steps
         images, targets = batches[i % len(batches)]
@@ -1183,21 +1561,33 @@ def bench_step(cfg: Config, steps=20):
 # main
 
 def main(argv=None):
-    cfg = parse_config(argv)
-    if cfg.bench_step:
-        bench_step(cfg)
+    cfg = parse_config(argv)  # a bad flag value ends here, in one line
+    torch.set_num_threads(cfg.threads)
+    if cfg.infer:
+        infer(cfg)
         return
-    seeds = [int(s) for s in cfg.seeds.split(",")] if cfg.seeds else [cfg.seed]
-    if cfg.compare:
-        compare(cfg, seeds)
-    else:
-        runs = [train(dataclasses.replace(cfg, seed=s, out=cfg.out if len(seeds) == 1 else "")) for s in seeds]
-        if len(seeds) > 1 and is_main():
-            print(f"seeds {cfg.seeds}, mean ± std: " + " | ".join(
-                f"{k} {100 * np.mean([r[k] for r in runs]):.1f} ± {100 * np.std([r[k] for r in runs], ddof=1):.1f}"
-                for k in ("R@50", "R@100", "mR@50", "mR@100")))
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    device = setup_distributed(cfg)
+    try:
+        if cfg.bench_step:
+            bench_step(cfg, device)
+            return
+        seeds = [int(s) for s in cfg.seeds.split(",")] if cfg.seeds else [cfg.seed]
+        if cfg.compare:
+            compare(cfg, seeds, device)
+        elif len(seeds) == 1:
+            train(dataclasses.replace(cfg, seed=seeds[0], seeds=""), device)
+        else:
+            runs = [dataclasses.replace(cfg, seed=s, seeds="", out="") for s in seeds]
+            for r in runs:
+                r.out = default_out(r)
+            res = train_or_reuse(runs, device)
+            if is_main():
+                print(f"seeds {cfg.seeds}, mean ± std: " + " | ".join(
+                    f"{k} {100 * np.mean([r[k] for r in res]):.1f} ± {100 * np.std([r[k] for r in res], ddof=1):.1f}"
+                    for k in ("R@50", "R@100", "mR@50", "mR@100")))
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

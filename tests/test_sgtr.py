@@ -5,8 +5,11 @@ runs launch the script on the synthetic data from the test session's private cac
 """
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -280,42 +283,199 @@ def test_graph_assembling_hand_made():
 
 SMOKE = ["--d-model", "32", "--nheads", "2", "--ffn-dim", "64", "--backbone-width", "8",
          "--enc-layers", "1", "--ent-dec-layers", "1", "--rel-enc-layers", "1", "--pred-dec-layers", "1",
-         "--batch-size", "4", "--eval-batch-size", "8", "--max-eval-images", "8", "--log-every", "2"]
+         "--batch-size", "4", "--eval-batch", "8", "--max-eval-images", "8", "--log-every", "2"]
+# Aligned, 12 iterations, validation at 6 and 12, ckpt_last.pt every 2: long enough to be killed mid-run.
+RUN = SMOKE + ["--iters", "12", "--eval-every", "6", "--ckpt-every", "2"]
+ENV = dict(os.environ, OMP_NUM_THREADS="1")
 
 
-def run(args, timeout=240):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "sgtr_align.py")] + args, cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=timeout)
+def script(args, **kw):
+    cmd = [sys.executable, os.path.join(ROOT, "sgtr_align.py")] + args
+    return subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=240, **kw)
+
+
+def run(args):
+    r = script(args)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     return r.stdout
 
 
-def test_smoke_run_outputs_and_resume(tmp_path):
-    out = str(tmp_path / "run")
-    log = run(SMOKE + ["--iters", "4", "--eval-every", "2", "--out", out])
-    assert "it 4/4 | loss" in log and "align" in log and "eta" in log
-    for f in ("args.json", "log.txt", "metrics.json", "ckpt_best.pt", "ckpt_last.pt", "curves.png",
-              "per_predicate.png", "examples.png"):
+def metrics_of(out):
+    with open(os.path.join(out, "metrics.json")) as f:
+        return json.load(f)
+
+
+def user_error(argv):
+    """S.main(argv) in this process must stop with one `error: ...` line (SystemExit's message)."""
+    with pytest.raises(SystemExit) as e:
+        S.main(argv)
+    msg = str(e.value.code)
+    assert msg.startswith("error: ") and "\n" not in msg, msg
+    return msg
+
+
+def folder_state(out):
+    return {f: os.path.getmtime(os.path.join(out, f)) for f in sorted(os.listdir(out))}
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """One uninterrupted run of RUN, shared by the tests below: (its folder, its stdout)."""
+    out = str(tmp_path_factory.mktemp("sgtr") / "a")
+    return out, run(RUN + ["--out", out])
+
+
+def test_smoke_run_outputs(finished):
+    out, log = finished
+    for f in ("args.json", "log.txt", "metrics.json", "timing.json", "ckpt_best.pt", "ckpt_last.pt",
+              "curves.png", "per_predicate.png", "examples.png"):
         assert os.path.exists(os.path.join(out, f)), f
-    m = json.load(open(os.path.join(out, "metrics.json")))
+    # the progress lines in their documented format, one every --log-every iterations
+    lines = re.findall(r"^it (\d+)/12 \| loss [\d.]+ \(sup [\d.]+, align [\d.]+, λ 10\) \| [\d.]+ it/s \| "
+                       r"eta \d+m\d\ds$", log, re.M)
+    assert lines == ["2", "4", "6", "8", "10", "12"], log
+    m = metrics_of(out)
     for k in ("R@20", "R@50", "R@100", "mR@50", "mR@100", "ngR@50", "head_mR@100", "tail_mR@100"):
         assert 0.0 <= m[k] <= 1.0, k
+    assert m["num_images"] == 8  # --max-eval-images
+    losses = [h for h in m["history"] if "total" in h]
+    assert [h["it"] for h in losses] == [2, 4, 6, 8, 10, 12]
+    for h in losses:  # the logged terms add up as Eq. (3) says, and the alignment term is really there
+        assert h["align"] > 0 and h["total"] == pytest.approx(h["sup"] + 10 * h["align"], rel=1e-5)
+    assert [h["it"] for h in m["history"] if "val_mR@50" in h] == [6, 12]
+    assert m["best_step"] in (6, 12)
+    assert "train_seconds" not in m  # timings vary from run to run: they live in timing.json
+    with open(os.path.join(out, "timing.json")) as f:
+        assert set(json.load(f)) == {"train_seconds", "test_seconds"}
+    assert f"test: ckpt_best.pt of iteration {m['best_step']} on rank 0" in log
     ck = torch.load(os.path.join(out, "ckpt_last.pt"), weights_only=True)
-    assert ck["step"] == 4 and {"model", "optimizer", "scheduler", "args"} <= set(ck)
-    log = run(SMOKE + ["--iters", "6", "--eval-every", "2", "--out", out, "--resume"])
-    assert "resumed from" in log and "at iteration 4" in log and "it 6/6" in log
-    assert torch.load(os.path.join(out, "ckpt_last.pt"), weights_only=True)["step"] == 6
+    assert ck["step"] == 12 and ck["best_step"] == m["best_step"] and ck["history"] == m["history"]
+    assert {"model", "optimizer", "scheduler", "args", "vocab", "image_side", "train_seconds"} <= set(ck)
+    assert len(ck["rng"]) == 1 and {"torch", "numpy", "python", "mask"} <= set(ck["rng"][0])
+    assert ck["image_side"] == 160  # the synthetic images' longest side, for --infer
+    assert torch.load(os.path.join(out, "ckpt_best.pt"), weights_only=True)["step"] == m["best_step"]
 
 
-def test_ddp_two_cpu_processes(tmp_path):
+def test_same_command_twice_gives_identical_metrics(finished, tmp_path):
+    """STYLE.md 11: the same command and seed on one machine and thread count repeat every number,
+    the training losses of every progress line included (metrics.json holds them)."""
+    out = str(tmp_path / "b")
+    run(RUN + ["--out", out])
+    assert metrics_of(out) == metrics_of(finished[0])
+
+
+def test_killed_run_resumes_to_the_uninterrupted_end(finished, tmp_path):
+    out = str(tmp_path / "c")
+    p = subprocess.Popen([sys.executable, os.path.join(ROOT, "sgtr_align.py")] + RUN + ["--out", out], cwd=ROOT,
+                         env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 200
+        while not os.path.exists(os.path.join(out, "ckpt_last.pt")) and p.poll() is None and time.time() < deadline:
+            time.sleep(0.02)
+    finally:
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+    assert not os.path.exists(os.path.join(out, "metrics.json")), "the run ended before it was killed"
+    step = torch.load(os.path.join(out, "ckpt_last.pt"), weights_only=True)["step"]
+    assert 2 <= step < 12
+    # the same command again must not start over in the folder, and says how to continue
+    assert "add --resume to continue it" in user_error(RUN + ["--out", out])
+    log = run(RUN + ["--out", out, "--resume"])
+    assert f"resumed from {out}/ckpt_last.pt at iteration {step}" in log
+    # same batches (the sampler continues), same masks and dropout (every generator restored), same
+    # schedule: the resumed run ends exactly where the uninterrupted one did
+    assert metrics_of(out) == metrics_of(finished[0])
+
+
+def test_infer_on_own_images(finished, tmp_path):
+    from PIL import Image, ImageDraw
+    paths = []
+    for name, size in (("wide", (240, 150)), ("tall", (90, 200))):
+        img = Image.new("RGB", size, (120, 180, 230))
+        d = ImageDraw.Draw(img)
+        d.rectangle([20, 40, 70, 120], fill=(30, 60, 200))
+        d.ellipse([size[0] // 2, 20, size[0] - 10, 90], fill=(220, 120, 40))
+        paths.append(str(tmp_path / f"{name}.png"))
+        img.save(paths[-1])
+    stdout = run(["--infer"] + paths + ["--ckpt", os.path.join(finished[0], "ckpt_best.pt")])
+    out = os.path.join(finished[0], "infer")  # the default: next to the checkpoint
+    assert len(stdout.strip().splitlines()) == 2
+    for path, (W, H) in zip(paths, ((240, 150), (90, 200))):
+        stem = os.path.join(out, os.path.splitext(os.path.basename(path))[0])
+        assert f"{stem}_sg.png" in stdout
+        with open(stem + "_sg.json") as f:
+            triplets = json.load(f)
+        assert 1 <= len(triplets) <= 10
+        assert [t["score"] for t in triplets] == sorted((t["score"] for t in triplets), reverse=True)
+        for t in triplets:
+            assert {"subject", "subject_box", "predicate", "object", "object_box", "score"} == set(t)
+            for x0, y0, x1, y1 in (t["subject_box"], t["object_box"]):  # the image's own pixels
+                assert 0 <= x0 <= x1 <= W and 0 <= y0 <= y1 <= H
+        w, h = Image.open(stem + "_sg.png").size
+        assert (w >= h) == (W >= H)  # the picture follows the image's aspect ratio
+
+
+def test_user_mistakes_end_in_one_error_line(finished, tmp_path):
+    # in a subprocess: exit status, stderr, no traceback, nothing created
+    bad = str(tmp_path / "no_such_data")
+    r = script(SMOKE + ["--data", bad, "--out", str(tmp_path / "run")])
+    err = r.stderr.strip().splitlines()
+    assert r.returncode != 0 and len(err) == 1 and err[0].startswith("error: ") and bad in err[0], r.stderr
+    assert not os.path.exists(tmp_path / "run")
+    # in this process: the run folder of a finished run is refused and left untouched
+    out = finished[0]
+    before = folder_state(out)
+    assert "already holds a finished run" in user_error(RUN + ["--out", out])
+    msg = user_error(RUN + ["--out", out, "--iters", "14", "--lr", "1e-3"])
+    assert "holds a run with other settings (differs in: iters, lr)" in msg
+    assert "other settings" in user_error(RUN + ["--out", out, "--iters", "14", "--resume"])
+    assert folder_state(out) == before
+    assert "ckpt_last.pt does not exist" in user_error(RUN + ["--out", str(tmp_path / "new"), "--resume"])
+    assert not os.path.exists(tmp_path / "new")
+    assert "--mask-p" in user_error(SMOKE + ["--mask-p", "1.5"])
+    assert "--iters" in user_error(SMOKE + ["--iters", "ten"])
+    not_ckpt = os.path.join(out, "args.json")
+    assert not_ckpt in user_error(["--infer", "x.png", "--ckpt", not_ckpt])
+    assert "no_such.png" in user_error(["--infer", str(tmp_path / "no_such.png"), "--ckpt",
+                                        os.path.join(out, "ckpt_best.pt")])
+
+
+def test_rng_states_survive_a_checkpoint(tmp_path):
+    """Every generator --resume restores (torch, numpy, python, the mask generator) comes back from
+    a weights_only checkpoint exactly."""
+    import random
+
+    import numpy as np
+    model = S.SGTR(tiny_cfg(), C1, P1)
+
+    def draw():
+        return (torch.rand(3).tolist(), np.random.rand(3).tolist(), [random.random() for _ in range(3)],
+                model.draw_seeds())
+
+    torch.save({"rng": [S.rng_states(model, torch.device("cpu"))]}, tmp_path / "ck.pt")
+    first = draw()
+    S.set_rng_states(torch.load(tmp_path / "ck.pt", weights_only=True)["rng"][0], model, torch.device("cpu"))
+    assert draw() == first
+    assert draw() != first  # (the generators do move on)
+
+
+def test_ddp_two_processes_test_the_best_checkpoint(tmp_path):
+    """Two processes (gloo), aligned, validations at 2 and 4; the last one replaces ckpt_best.pt (a tie
+    goes to the later checkpoint, and the tiny run's recalls tie at 0). Rank 0 writes that file while
+    the others go on to the test: every rank must test the checkpoint that metrics.json names."""
     out = str(tmp_path / "ddp")
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                        "--master_port", "29533", os.path.join(ROOT, "sgtr_align.py")] + SMOKE
-                       + ["--iters", "2", "--eval-every", "2", "--out", out, "--no-align"],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        os.path.join(ROOT, "sgtr_align.py")] + SMOKE
+                       + ["--iters", "4", "--eval-every", "2", "--ckpt-every", "2", "--out", out],
+                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     assert "2 process(es)" in r.stdout
-    m = json.load(open(os.path.join(out, "metrics.json")))
+    m = metrics_of(out)
+    assert [h["it"] for h in m["history"] if "val_mR@50" in h] == [2, 4]
+    assert m["best_step"] == 4, "the last validation must replace ckpt_best.pt, or this test tests nothing"
+    assert re.search(r"^test: ckpt_best.pt of iteration 4 on rank 0, 4 on rank 1$", r.stdout, re.M), r.stdout
     assert m["num_images"] == 8  # each test image counted once across the two ranks
+    # every rank's generators are in ckpt_last.pt, each its own (rank 1 resumes its own masks)
+    rng = torch.load(os.path.join(out, "ckpt_last.pt"), weights_only=True)["rng"]
+    assert len(rng) == 2
+    assert not torch.equal(rng[0]["mask"], rng[1]["mask"]) and not torch.equal(rng[0]["torch"], rng[1]["torch"])
