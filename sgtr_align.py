@@ -1222,14 +1222,7 @@ def train(cfg: Config, device) -> dict:
     seed_everything(cfg.seed + rank)  # before the first random draw; each rank its own dropout
     t_data = time.time()
     train_ds, val_ds, test_ds = load_datasets(cfg)
-    counts = data.predicate_counts(train_ds)  # (P+1,) training frequency: predicate groups, plot order
-    groups = metrics.default_predicate_groups(train_ds.idx_to_predicate, counts)
-    vocab = dict(idx_to_label=list(train_ds.idx_to_label), idx_to_predicate=list(train_ds.idx_to_predicate))
-    # --infer resizes the user's images to the longest side the model was trained at
-    image_side = cfg.max_size or max(max(im["width"], im["height"]) for im in train_ds.img_info)
-    model = SGTR(cfg, train_ds.num_classes, train_ds.num_predicates).to(device)
-    model.mask_rng.manual_seed(cfg.seed * 1000 + rank)  # each rank its own masks
-    opt, sched = build_optimizer(model, cfg)
+    data_seconds = time.time() - t_data
     out_dir = cfg.out = default_out(cfg)
     last_path, best_path = os.path.join(out_dir, "ckpt_last.pt"), os.path.join(out_dir, "ckpt_best.pt")
     state = run_folder_state(cfg)
@@ -1238,11 +1231,19 @@ def train(cfg: Config, device) -> dict:
     if state == "unfinished" and not cfg.resume:
         fail(f"{out_dir} holds an unfinished run with these settings; add --resume to continue it, "
              f"or pass --out NEW_FOLDER")
+    if cfg.resume and not os.path.isfile(last_path):
+        fail(f"--resume: {last_path} does not exist (the run stopped before its first checkpoint, or "
+             f"--out is not a run folder); pass --out NEW_FOLDER to start again")
+    counts = data.predicate_counts(train_ds)  # (P+1,) training frequency: predicate groups, plot order
+    groups = metrics.default_predicate_groups(train_ds.idx_to_predicate, counts)
+    vocab = dict(idx_to_label=list(train_ds.idx_to_label), idx_to_predicate=list(train_ds.idx_to_predicate))
+    # --infer resizes the user's images to the longest side the model was trained at
+    image_side = cfg.max_size or max(max(im["width"], im["height"]) for im in train_ds.img_info)
+    model = SGTR(cfg, train_ds.num_classes, train_ds.num_predicates).to(device)
+    model.mask_rng.manual_seed(cfg.seed * 1000 + rank)  # each rank its own masks
+    opt, sched = build_optimizer(model, cfg)
     step, best, best_step, history, sums, last_log, seconds = 0, -1.0, 0, [], {}, 0, 0.0
     if cfg.resume:
-        if not os.path.isfile(last_path):
-            fail(f"--resume: {last_path} does not exist (the run stopped before its first checkpoint, or "
-                 f"--out is not a run folder); pass --out NEW_FOLDER to start again")
         ck = read_checkpoint(last_path, ("model", "optimizer", "scheduler", "step", "rng", "vocab", "history"))
         if ck["vocab"] != vocab:
             fail(f"{last_path} was trained on other classes or predicates than those of --data {cfg.data}")
@@ -1275,7 +1276,7 @@ def train(cfg: Config, device) -> dict:
 
     log(f"data: {len(train_ds)} train / {len(val_ds)} val / {len(test_ds)} test images, "
         f"C = {train_ds.num_classes - 1} classes, P = {train_ds.num_predicates - 1} predicates "
-        f"({time.time() - t_data:.0f}s)")
+        f"({data_seconds:.0f}s)")
     lam = 0.0 if cfg.no_align else cfg.align_weight
     log(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
         f"{'aligned (p = %g, λ = %g, %s%s)' % (cfg.mask_p, lam, cfg.align_loss, ', tied head' if cfg.tied_head else '') if model.align else 'baseline (no alignment)'}, "
@@ -1471,7 +1472,8 @@ def train_or_reuse(runs, device):
     results = []
     for r, s in zip(runs, states):
         if s == "finished":
-            print(f"reusing {r.out}/metrics.json")
+            if is_main():
+                print(f"reusing {r.out}/metrics.json")
             with open(os.path.join(r.out, "metrics.json")) as f:
                 results.append(json.load(f))
         else:
