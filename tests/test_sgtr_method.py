@@ -1,0 +1,409 @@
+"""The paper's method in sgtr_align.py, pinned: sections 3.1, 3.2, 4.1, 4.3 and supplementary 7.
+
+The core of this file is a by-hand reference of the structural predicate decoder (decoder_by_hand):
+the same modules as the model, its own attention with the mirror's mask taken from
+kernels.masked_attention.bernoulli_mask(seed) (the mask is a pure function of the seed). From it the
+tests recompute L_align (KL(P_original || P_masked) on the predicate, subject and object
+distributions of the last layer), the supervised ablation, the tied-head ablation and Eq. (3), and
+compare with the model, so that a one-line change to the method makes some test fail: a mask in a
+self-attention or in the original, a reused seed, dropout in the mirror or in the target pass, the
+mirror's heads used for the target, alignment on another layer, swapped KL arguments, a missing
+.detach() or lambda, ... A tiny SGTR on random images: the whole file takes seconds on one CPU thread.
+"""
+import dataclasses
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import sgtr_align as S
+from kernels.masked_attention import bernoulli_mask
+
+C1, P1 = 8, 6  # C + 1 object classes, P + 1 predicates
+KEYS = ("pred_logits", "sub_logits", "obj_logits")
+
+
+def tiny_cfg(**kw):
+    base = dict(d_model=32, nheads=2, ffn_dim=64, backbone_width=8, backbone_stride=8, enc_layers=1,
+                ent_dec_layers=2, rel_enc_layers=1, pred_dec_layers=3, num_ent_queries=5,
+                num_pred_queries=7, dropout=0.5, mask_p=0.3)
+    base.update(kw)
+    return S.Config(**base)
+
+
+def tiny(**kw):
+    """A tiny SGTR in training mode whose weights are moved away from their initial values (so that a
+    private copy of a shared module made at construction would no longer agree with the original)."""
+    torch.manual_seed(0)
+    model = S.SGTR(tiny_cfg(**kw), C1, P1).train()
+    with torch.no_grad():
+        for prm in model.parameters():
+            prm.add_(0.2 * torch.randn_like(prm))
+    return model
+
+
+def batch(B=2, seed=0):
+    """Random images of different sizes (so padding is exercised) with random boxes and relations."""
+    g = torch.Generator().manual_seed(seed)
+    sizes = [(48, 40), (40, 48)][:B]
+    images = torch.zeros(B, 3, 48, 48)
+    targets = []
+    for b, (h, w) in enumerate(sizes):
+        images[b, :, :h, :w] = torch.rand(3, h, w, generator=g)
+        xy = torch.rand(3, 2, generator=g) * 20
+        boxes = torch.cat([xy, xy + 5 + torch.rand(3, 2, generator=g) * 15], 1)
+        targets.append(dict(boxes=boxes, labels=torch.tensor([1, 2, 3]),
+                            relations=torch.tensor([[0, 1, 2], [2, 0, 5]]), size=(h, w)))
+    return images, S.pad_mask_for(images, targets), targets
+
+
+def setup(**kw):
+    model = tiny(**kw)
+    images, mask, targets = batch()
+    _, inputs = model.encode_and_detect(images, mask)
+    return model, inputs, S.normalised_targets(targets, "cpu")
+
+
+def heads(model, mirror):
+    """The (predicate, subject, object) class heads of the original, or of the mirror: untied ones,
+    the original's in the tied-head ablation (decided by the config, not by what the model built)."""
+    if mirror and not model.cfg.tied_head:
+        return model.mirror_pred_class, model.mirror_sub_class, model.mirror_obj_class
+    return model.pred_class, model.sub_class, model.obj_class
+
+
+def has_grad(g):
+    return g is not None and g.abs().sum() > 0
+
+
+# ----------------------------------------------------------------------------------------------
+# The structural predicate decoder by hand
+
+def attention_by_hand(mha, q, k, v, kpm=None, p=0.0, seed=None):
+    """Multi-head attention with the model's projections; with a seed, each attention logit is set
+    to -inf with probability p before the softmax (section 3.2), the mask bernoulli_mask(seed)."""
+    B, Lq, D = q.shape
+    Lk, Hd = k.shape[1], mha.nheads
+    split = lambda x, L: x.view(B, L, Hd, D // Hd).transpose(1, 2)            # (B, Hd, L, Dh)
+    qh, kh, vh = split(mha.q_proj(q), Lq), split(mha.k_proj(k), Lk), split(mha.v_proj(v), Lk)
+    logits = qh @ kh.transpose(-1, -2) / math.sqrt(D // Hd)                   # (B, Hd, Lq, Lk)
+    drop = torch.zeros(logits.shape, dtype=torch.bool)
+    if seed is not None:
+        drop = bernoulli_mask(seed, logits.shape, p)
+    if kpm is not None:
+        drop = drop | kpm[:, None, None, :]
+    attn = logits.masked_fill(drop, float("-inf")).softmax(-1).nan_to_num(0.0)   # no key left: zeros
+    return mha.o_proj((attn @ vh).transpose(1, 2).reshape(B, Lq, D))
+
+
+def decoder_by_hand(model, inputs, class_heads, p=0.0, seeds=None):
+    """No dropout anywhere. seeds None = the original (nothing masked); else one (relation memory,
+    subject, object) seed triple per layer for the three cross-attention blocks, never the
+    self-attention. -> one dict of predictions per layer."""
+    qp, qs, qo = inputs["qp"], inputs["qs"], inputs["qo"]
+    rel, rel_pos, kpm = inputs["rel_mem"], inputs["rel_pos"], inputs["rel_kpm"]
+    ent, ent_pos = inputs["ent_mem"], inputs["ent_pos"]
+    ffn = lambda f, x: f.fc2(F.relu(f.fc1(x)))
+    outs = []
+    for i, layer in enumerate(model.pred_decoder):
+        s, n = seeds[i] if seeds is not None else (None, None, None), layer.norms
+        qp = n[0](qp + attention_by_hand(layer.self_attn, qp, qp, qp))
+        qp = n[1](qp + attention_by_hand(layer.rel_cross, qp, rel + rel_pos, rel, kpm, p, s[0]))
+        qs = n[2](qs + attention_by_hand(layer.sub_cross, qs + qp, ent + ent_pos, ent, None, p, s[1]))
+        qo = n[3](qo + attention_by_hand(layer.obj_cross, qo + qp, ent + ent_pos, ent, None, p, s[2]))
+        qp = n[4](qp + layer.fuse(torch.cat([qs, qo], -1)))
+        qp, qs, qo = n[5](qp + ffn(layer.ffn_p, qp)), n[6](qs + ffn(layer.ffn_s, qs)), n[7](qo + ffn(layer.ffn_o, qo))
+        hp, hs, ho = (norm(x) for norm, x in zip(model.pred_norms, (qp, qs, qo)))
+        outs.append(dict(pred_logits=class_heads[0](hp), sub_logits=class_heads[1](hs), obj_logits=class_heads[2](ho),
+                         sub_boxes=model.sub_box(hs).sigmoid(), obj_boxes=model.obj_box(ho).sigmoid()))
+    return outs
+
+
+def kl_by_hand(target, mirror):
+    """Eq. (2) for the three distributions: sum over classes, mean over queries and images, summed."""
+    total = 0.0
+    for key in KEYS:
+        p, log_q = target[key].softmax(-1), mirror[key].log_softmax(-1)
+        total = total + (p * (p.log() - log_q)).sum(-1).mean()
+    return total
+
+
+def align_with_seeds(model, inputs, tg):
+    """model.alignment_loss, and the seeds it drew (the mask generator is rewound and drawn again)."""
+    state = model.mask_rng.get_state()
+    loss = model.alignment_loss(inputs, tg)
+    after = model.mask_rng.get_state()
+    model.mask_rng.set_state(state)
+    seeds = model.draw_seeds()
+    assert torch.equal(model.mask_rng.get_state(), after), "alignment_loss must draw one set of seeds"
+    return loss, seeds
+
+
+# ----------------------------------------------------------------------------------------------
+# Eq. (2) on the last layer, the target pass, the mirror
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_alignment_loss_equals_kl_of_the_original_to_the_masked_mirror_by_hand(tied):
+    model, inputs, tg = setup(tied_head=tied)
+    loss, seeds = align_with_seeds(model, inputs, tg)
+    with torch.no_grad():
+        # target: the original decoder, ORIGINAL heads, no dropout, no mask; mirror: masked, no dropout,
+        # untied heads (the original ones in the tied ablation)
+        target = decoder_by_hand(model, inputs, heads(model, mirror=False))
+        mirror = decoder_by_hand(model, inputs, heads(model, mirror=True), 0.3, seeds)
+        expected = kl_by_hand(target[-1], mirror[-1])
+        # (each alternative is visibly different here, so the comparison below can fail)
+        assert abs(expected - kl_by_hand(mirror[-1], target[-1])) > 1e-3            # direction
+        assert abs(expected - kl_by_hand(target[0], mirror[0])) > 1e-3              # layer
+        unmasked = decoder_by_hand(model, inputs, heads(model, mirror=True))
+        assert abs(expected - kl_by_hand(target[-1], unmasked[-1])) > 1e-3         # the masks matter
+    torch.testing.assert_close(loss, expected)
+
+
+def test_masks_only_in_the_mirrors_cross_attention_with_fresh_seeds(monkeypatch):
+    """Section 7: one mask per cross-attention block (relation memory, subject, object) per layer and
+    per step, never in a self-attention, never in the original decoder."""
+    calls = []
+    real = S.masked_attention
+    monkeypatch.setattr(S, "masked_attention", lambda q, k, v, p, seed, kpm=None: calls.append(
+        dict(seed=seed, p=p, Lq=q.shape[2], Lk=k.shape[2])) or real(q, k, v, p, seed, kpm))
+    model = tiny()
+    cfg, L = model.cfg, model.cfg.pred_dec_layers
+    images, mask, targets = batch()
+    tokens, Qe = (48 // cfg.backbone_stride) ** 2, cfg.num_ent_queries
+    drawn = []
+    for _ in range(2):   # two training steps
+        state = model.mask_rng.get_state()
+        model(images, mask, targets)
+        after = model.mask_rng.get_state()
+        model.mask_rng.set_state(state)
+        drawn += [s for triple in model.draw_seeds() for s in triple]
+        model.mask_rng.set_state(after)
+    assert len(calls) == 2 * 3 * L, f"{len(calls)} masked attention calls, expected 3 per layer per step"
+    assert [c["Lk"] for c in calls] == [tokens, Qe, Qe] * (2 * L)   # relation memory, subject, object
+    assert all(c["Lq"] == cfg.num_pred_queries and c["p"] == cfg.mask_p for c in calls)
+    assert [c["seed"] for c in calls] == drawn                       # in order: layer by layer, block by block
+    assert len(set(drawn)) == len(drawn), "a mask seed was reused across blocks, layers or steps"
+    calls.clear()
+    S.SGTR(tiny_cfg(no_align=True), C1, P1).train()(images, mask, targets)
+    assert calls == []                                               # the baseline never masks
+
+
+def test_draw_seeds_fresh_per_block_layer_and_step_and_reproducible():
+    a, b = tiny(seed=3), tiny(seed=3)
+    s1, s2 = a.draw_seeds(), a.draw_seeds()
+    assert len(s1) == 3 and all(len(t) == 3 for t in s1)
+    flat = [x for t in s1 + s2 for x in t]
+    assert len(set(flat)) == len(flat)
+    assert b.draw_seeds() == s1 and b.draw_seeds() == s2                       # one seed fixes the masks
+    assert tiny(seed=4).draw_seeds() != s1
+
+
+def test_no_dropout_in_the_mirror_nor_in_the_target_pass():
+    model, inputs, tg = setup(dropout=0.5)
+    # the training pass of the original does use dropout (so the checks below could fail)
+    a = model.forward_decoder(inputs, use_dropout=True)[-1]["pred_logits"]
+    b = model.forward_decoder(inputs, use_dropout=True)[-1]["pred_logits"]
+    assert not torch.allclose(a, b)
+    state = model.mask_rng.get_state()
+    l1 = model.alignment_loss(inputs, tg)
+    model.mask_rng.set_state(state)
+    torch.manual_seed(123)   # another dropout draw: no effect when nothing uses dropout
+    l2 = model.alignment_loss(inputs, tg)
+    assert l1.item() == l2.item() and l1.item() > 0
+
+
+def test_target_is_the_dropout_free_original_with_the_original_heads():
+    model, inputs, tg = setup()
+    captured = []
+    real = model.forward_decoder
+
+    def spy(*a, **k):
+        outs = real(*a, **k)
+        captured.append(outs[-1])
+        return outs
+    model.forward_decoder = spy
+
+    def target():
+        captured.clear()
+        model.alignment_loss(inputs, tg)
+        fixed = [o for o in captured if not o["pred_logits"].requires_grad]
+        assert len(fixed) == 1, "expected one gradient-free target pass"
+        return fixed[0]
+    with torch.no_grad():
+        reference = real(inputs, use_dropout=False)[-1]
+    t = target()
+    for key in KEYS:
+        torch.testing.assert_close(t[key], reference[key])
+    with torch.no_grad():
+        for name in ("mirror_pred_class", "mirror_sub_class", "mirror_obj_class"):
+            getattr(model, name).weight.normal_()
+    t2 = target()
+    for key in KEYS:   # changing the mirror's heads does not change the target ...
+        torch.testing.assert_close(t2[key], t[key])
+    with torch.no_grad():
+        model.pred_class.weight.normal_()
+    assert not torch.allclose(target()["pred_logits"], t["pred_logits"])   # ... changing the original's does
+
+
+def test_only_the_last_layer_is_aligned():
+    model, inputs, tg = setup()
+    real = model.forward_decoder
+    torch.manual_seed(0)
+    state = model.mask_rng.get_state()
+    clean = model.alignment_loss(inputs, tg)
+
+    def noisy(layers):
+        def f(*a, **k):
+            outs = real(*a, **k)
+            for i in layers:
+                outs[i] = {key: v + 3 * torch.randn_like(v) for key, v in outs[i].items()}
+            return outs
+        return f
+    model.forward_decoder = noisy([0, 1])   # every layer's predictions but the last one's
+    model.mask_rng.set_state(state)
+    torch.testing.assert_close(model.alignment_loss(inputs, tg), clean)
+    model.forward_decoder = noisy([2])      # (the last layer's do count)
+    model.mask_rng.set_state(state)
+    assert abs(model.alignment_loss(inputs, tg) - clean) > 1e-3
+
+
+def test_mirror_at_p0_with_tied_heads_is_the_dropout_free_original():
+    """The anchor: nothing masked and the same heads -> the mirror IS the original without dropout
+    (weights shared, not copied: tiny() moved every weight after construction)."""
+    model, inputs, _ = setup(tied_head=True, mask_p=0.0)
+    with torch.no_grad():
+        orig = model.forward_decoder(inputs, use_dropout=False)
+        mirror = model.forward_decoder(inputs, use_dropout=False, mask_p=0.0, seeds=model.draw_seeds(),
+                                       mirror_heads=True)
+        ref = decoder_by_hand(model, inputs, heads(model, mirror=False))
+    for layer in range(3):
+        for key in orig[layer]:
+            torch.testing.assert_close(mirror[layer][key], orig[layer][key], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(orig[layer][key], ref[layer][key], atol=1e-5, rtol=1e-5)
+
+
+def test_mirror_shares_every_weight_except_three_untied_class_heads():
+    plain = set(dict(S.SGTR(tiny_cfg(no_align=True), C1, P1).named_parameters()))
+    untied = set(dict(S.SGTR(tiny_cfg(), C1, P1).named_parameters()))
+    tied = set(dict(S.SGTR(tiny_cfg(tied_head=True), C1, P1).named_parameters()))
+    assert untied - plain == {f"mirror_{h}_class.{w}" for h in ("pred", "sub", "obj") for w in ("weight", "bias")}
+    assert plain <= untied and tied == plain
+
+
+def test_plain_attention_is_masked_attention_at_p0():
+    """The original's attention and the kernel at p = 0 are the same function (padding included)."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 2, 5, 16, generator=g)
+    k, v = torch.randn(2, 2, 7, 16, generator=g), torch.randn(2, 2, 7, 16, generator=g)
+    kpm = torch.zeros(2, 7, dtype=torch.bool)
+    kpm[0, 4:] = True
+    kpm[1] = True  # a fully padded image row -> zeros in both
+    ours = S.attention(q, k, v, kpm)
+    torch.testing.assert_close(ours, S.masked_attention(q, k, v, 0.0, 123, kpm), atol=1e-6, rtol=1e-5)
+    assert ours[1].abs().max() == 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Gradients: a fixed target, the stop-gradient at the decoder's inputs
+
+def align_grads(**kw):
+    model, inputs, tg = setup(**kw)
+    model.alignment_loss(inputs, tg).backward()
+    return {n: p.grad for n, p in model.named_parameters()}
+
+
+def test_target_distributions_are_fixed():
+    grads = align_grads()
+    # P_original is a fixed target: the original class heads get nothing from L_align ...
+    for name in ("pred_class", "sub_class", "obj_class"):
+        assert not has_grad(grads[name + ".weight"]), f"L_align reached the original {name} head"
+    # ... while the mirror's untied heads do
+    for name in ("mirror_pred_class", "mirror_sub_class", "mirror_obj_class"):
+        assert has_grad(grads[name + ".weight"])
+
+
+BEFORE_THE_DECODER = ("backbone.", "input_proj.", "encoder.", "ent_anchor.", "ent_qpos.", "ent_decoder.", "ent_norm.",
+                      "ent_class.", "ent_box.", "rel_encoder.", "pred_query.", "query_cond.", "ent_box_embed.")
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(align_loss="supervised"), dict(tied_head=True)])
+def test_stop_gradient_at_the_mirrors_inputs(kw):
+    grads = align_grads(**kw)
+    leaked = [n for n, g in grads.items() if n.startswith(BEFORE_THE_DECODER) and has_grad(g)]
+    assert not leaked, f"L_align ({kw}) reached parameters before the decoder: {leaked[:5]}"
+    # the structural decoder itself is trained by the alignment, in every layer
+    for i in range(3):
+        for block in ("self_attn", "rel_cross", "sub_cross", "obj_cross"):
+            assert has_grad(grads[f"pred_decoder.{i}.{block}.q_proj.weight"]), (i, block)
+
+
+# ----------------------------------------------------------------------------------------------
+# The ablations (section 4.3, Table 3) and Eq. (3)
+
+def test_supervised_ablation_is_the_predicate_loss_of_the_mirrors_last_layer():
+    model, inputs, tg = setup(align_loss="supervised")
+    loss, seeds = align_with_seeds(model, inputs, tg)
+    with torch.no_grad():
+        mirror = decoder_by_hand(model, inputs, heads(model, mirror=True), 0.3, seeds)
+        target = decoder_by_hand(model, inputs, heads(model, mirror=False))
+        expected = S.predicate_loss(mirror[-1], tg, model.cfg)
+        for other in (S.predicate_loss(mirror[0], tg, model.cfg), S.predicate_loss(target[-1], tg, model.cfg),
+                      expected + kl_by_hand(target[-1], mirror[-1])):
+            assert abs(expected - other) > 1e-3      # (the alternatives are visibly different)
+    torch.testing.assert_close(loss, expected)
+
+
+def test_total_is_sup_plus_lambda_align_and_its_gradient_scales():
+    model = tiny(dropout=0.0)   # no dropout: encode_and_detect gives the inputs forward() sees
+    images, mask, targets = batch()
+    targets[1] = dict(boxes=torch.zeros(0, 4), labels=torch.zeros(0, dtype=torch.long),
+                      relations=torch.zeros(0, 3, dtype=torch.long), size=targets[1]["size"])  # no relations
+    with torch.no_grad():
+        _, inputs = model.encode_and_detect(images, mask)
+        model.mask_rng.manual_seed(5)
+        seeds = model.draw_seeds()
+        expected = kl_by_hand(decoder_by_hand(model, inputs, heads(model, mirror=False))[-1],
+                              decoder_by_hand(model, inputs, heads(model, mirror=True), 0.3, seeds)[-1])
+    grads, sups = {}, []
+    for lam in (1.0, 4.0):
+        model.cfg = dataclasses.replace(model.cfg, align_weight=lam)
+        model.mask_rng.manual_seed(5)
+        model.zero_grad()
+        losses = model(images, mask, targets)
+        assert all(torch.isfinite(v) for v in losses.values())
+        torch.testing.assert_close(losses["align"], expected)
+        torch.testing.assert_close(losses["total"], losses["sup"] + lam * expected)   # Eq. (3)
+        sups.append(losses["sup"].item())
+        losses["total"].backward()
+        grads[lam] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert sups[0] == pytest.approx(sups[1])
+    for name in ("mirror_pred_class.weight", "mirror_obj_class.bias"):   # reached by L_align only
+        assert has_grad(grads[1.0][name])
+        torch.testing.assert_close(grads[4.0][name], 4.0 * grads[1.0][name])
+    base = S.SGTR(tiny_cfg(no_align=True), C1, P1).train()
+    assert base(images, mask, targets)["align"] == 0
+
+
+def test_inference_never_runs_the_mirror(monkeypatch):
+    calls = []
+    real = S.masked_attention
+    monkeypatch.setattr(S, "masked_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    aligned = tiny()
+    base = S.SGTR(tiny_cfg(no_align=True), C1, P1)
+    base.load_state_dict(aligned.state_dict(), strict=False)
+    called = []
+    for name in ("mirror_pred_class", "mirror_sub_class", "mirror_obj_class"):
+        getattr(aligned, name).register_forward_hook(lambda *a: called.append(1))
+    images, mask, targets = batch()
+    aligned.eval(), base.eval()
+    state = aligned.mask_rng.get_state()
+    with torch.no_grad():
+        a, b = aligned(images, mask), base(images, mask)
+    assert calls == [] and called == [] and torch.equal(aligned.mask_rng.get_state(), state)
+    for key in a:  # the aligned model at inference is exactly SGTR with the same weights
+        torch.testing.assert_close(a[key], b[key], atol=0, rtol=0)
+    aligned.train()
+    aligned(images, mask, targets)
+    assert calls and called  # (the hooks do fire in training, so the check above can fail)
