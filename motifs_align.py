@@ -11,13 +11,15 @@ Read it top to bottom: config, box operations, stage 1 (a compact Faster R-CNN t
 then frozen), stage 2 (the Motifs relation model with the alignment, lines marked `# PAPER:`),
 training, evaluation, pictures, inference on your own images, main.
 
-Run (the built-in synthetic data is generated on first use; everything runs on a laptop CPU):
+Run (the built-in synthetic data is generated on first use; everything runs on a laptop CPU; each run
+writes its folder runs/motifs_align-<mode>-<align|noalign>-seed<s>/ (or --out), never over another run):
     python motifs_align.py --predcls                  # aligned Motifs, PredCls (the default mode)
     python motifs_align.py --predcls --no-align       # the Motifs baseline
     python motifs_align.py --sgcls    /  --sgdet      # the other two protocols
     python motifs_align.py --predcls --freq-baseline  # the frequency-prior-only predictor (FREQ)
     python motifs_align.py --compare --seeds 0,1,2,3  # baseline vs aligned, Table-2 style, mean ± std
     python motifs_align.py --bench-step               # step time with and without the alignment
+    python motifs_align.py --predcls --resume         # continue a killed run where it stopped
     python motifs_align.py --infer a.jpg b.jpg --ckpt runs/<run>/ckpt_best.pt   # your own images
     torchrun --nproc_per_node=2 motifs_align.py --predcls                        # data parallel
 Real Visual Genome (the standard VG-SGG.h5 files) on a GPU:
@@ -46,6 +48,7 @@ import hashlib
 import json
 import math
 import os
+import random
 import sys
 import time
 from dataclasses import dataclass, field
@@ -84,11 +87,11 @@ class Config:
     compare: bool = False
     """train the baseline and the aligned model on the same seeds; Table-2-style comparison"""
     resume: bool = False
-    """continue from <out>/ckpt_last.pt"""
-    iters: int = 0
-    """smoke runs: cap every training stage (detector and relation model) at this many iterations"""
+    """continue from <out>/ckpt_last.pt (the same command plus --resume ends where the uninterrupted run ends)"""
+    threads: int = 1
+    """torch CPU threads; 1 by default: a second thread buys little here and spins against other jobs"""
     max_eval_images: int = 0
-    """smoke runs: cap every evaluation at this many images (0 = all)"""
+    """smoke runs: cap every evaluation (detector, validation, test) at this many images (0 = all)"""
     # -- the paper's alignment (section 3.3)
     no_align: bool = False
     """train the plain Motifs baseline (no mirror, no alignment loss)"""
@@ -108,7 +111,7 @@ class Config:
     detector_ckpt: str = ""
     """a trained detector (a file written by this script) to use instead of training one"""
     det_iters: int = 300
-    """detector training iterations"""
+    """detector training iterations (a cached detector trained with the same settings is reused)"""
     det_batch: int = 8
     """detector images per iteration (per process)"""
     det_optimizer: str = "adamw"
@@ -122,7 +125,7 @@ class Config:
     det_max_per_image: int = 20
     """detections kept per image (SGDet boxes)"""
     max_size: int = 0
-    """resize images so the longest side is this many pixels (0 = as stored)"""
+    """resize images so the longest side is this many pixels (0 = as stored; --infer: as in training)"""
     # -- stage 2: the Motifs relation model
     roi_dim: int = 256
     """box head width = object RoI feature width (VGG: 4096)"""
@@ -134,7 +137,7 @@ class Config:
     """union-box (relation) feature width (Motifs: 4096)"""
     mirror_dim: int = 256
     """hidden width of the mirror's untied three-layer MLP head"""
-    rel_iters: int = 1000
+    iters: int = 1000
     """relation model training iterations (paper: 100K)"""
     batch_size: int = 8
     """images per iteration per process (paper: 24)"""
@@ -152,7 +155,7 @@ class Config:
     """training pairs sampled per image (positives first)"""
     neg_per_pos: int = 3
     """at most this many unrelated pairs per related pair in training"""
-    max_val_images: int = 0
+    val_images: int = 0
     """validation images used for model selection (0 = the whole val split)"""
     eval_batch: int = 8
     """images per evaluation batch"""
@@ -161,7 +164,9 @@ class Config:
     log_every: int = 50
     """print a progress line every this many iterations"""
     eval_every: int = 250
-    """validate (mR@50), save the best and last checkpoints every this many iterations"""
+    """validate (mR@50) and save the best checkpoint every this many iterations"""
+    ckpt_every: int = 50
+    """write <out>/ckpt_last.pt every this many iterations (a kill loses at most this many)"""
     # -- other entry points
     freq_baseline: bool = False
     """do not train: evaluate the frequency-prior-only predictor (FREQ of Neural Motifs)"""
@@ -170,7 +175,7 @@ class Config:
     infer: List[str] = field(default_factory=list)
     """run a trained model (--ckpt) on these image files and draw their top triplets"""
     ckpt: str = ""
-    """checkpoint for --infer"""
+    """checkpoint for --infer (a ckpt_best.pt written by a training run)"""
     boxes: str = ""
     """--infer in predcls/sgcls: JSON {image file name: {"boxes": [[x1,y1,x2,y2],...], "labels": [...]}}"""
 
@@ -179,8 +184,8 @@ class Config:
 PRESETS = {
     "vg": dict(backbone="vgg16", anchor_sizes="32,64,128,256,512", max_size=592, det_iters=60000,
                det_batch=8, det_optimizer="sgd", det_lr=0.01, det_max_per_image=64, roi_dim=4096, embed_dim=200,
-               hidden=512, union_dim=4096, mirror_dim=1024, rel_iters=100000, batch_size=24,
-               lr=0.01, lr_steps=100, max_val_images=5000, eval_batch=8, num_workers=4,
+               hidden=512, union_dim=4096, mirror_dim=1024, iters=100000, batch_size=24,
+               lr=0.01, lr_steps=100, val_images=5000, eval_batch=8, num_workers=4,
                log_every=100, eval_every=2000),
 }
 
@@ -215,6 +220,15 @@ def parse_args(argv=None):
         parser.error(f"--align-loss must be kl or supervised, not {cfg.align_loss!r}")
     if not 0.0 <= cfg.mask_p < 1.0:
         parser.error(f"--mask-p must be in [0, 1), got {cfg.mask_p}")
+    for name in ("iters", "det_iters", "batch_size", "det_batch", "eval_batch", "threads", "log_every",
+                 "eval_every", "ckpt_every", "lr_steps", "max_pairs_per_image", "det_max_per_image"):
+        if getattr(cfg, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
+    for name in ("val_images", "max_eval_images", "max_size", "num_workers", "neg_per_pos"):
+        if getattr(cfg, name) < 0:
+            parser.error(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(cfg, name)}")
+    if cfg.infer and not cfg.ckpt:
+        parser.error("--infer needs --ckpt PATH (a ckpt_best.pt written by a training run)")
     return cfg
 
 
@@ -820,7 +834,7 @@ def all_pairs(n, device):
 def predicate_statistics(train_ds, C, P):
     """Training statistics for the frequency bias (Motifs' get_counts): the predicate counts of each
     (subject class, object class) pair; the 'no relation' column counts overlapping GT pairs that are
-    not related. -> log empirical distribution (C, C, P), predicate counts (P,)."""
+    not related. -> log empirical distribution (C, C, P)."""
     fg = np.zeros((C, C, P))
     for i in range(len(train_ds)):
         t = train_ds.get_groundtruth(i)
@@ -835,9 +849,7 @@ def predicate_statistics(train_ds, C, P):
             fg[labels[s], labels[o], 0] += 1
     dist_ = fg / np.maximum(fg.sum(2, keepdims=True), 1)
     log_probs = np.log(dist_ + 1e-3)   # Motifs' smoothing; unseen class pairs get a flat prior
-    counts = fg[:, :, :].sum((0, 1))
-    counts[0] = 0
-    return torch.tensor(log_probs, dtype=torch.float32), counts
+    return torch.tensor(log_probs, dtype=torch.float32)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -881,6 +893,11 @@ def fmt_time(s):
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
+def clock(start):
+    """(wall, cpu) at a start -> 'wall 1m02s, CPU 1m01s' since then (CPU = this process, all threads)."""
+    return f"wall {fmt_time(time.time() - start[0])}, CPU {fmt_time(time.process_time() - start[1])}"
+
+
 def cache_dir():
     return os.environ.get("SGG_ALIGN_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "sgg_align")
 
@@ -894,7 +911,8 @@ def load_datasets(cfg, rank):
     else:
         root, num_val = cfg.data, 5000   # the standard VG-SGG split: 5000 val images carved from train
         if not os.path.isdir(root):
-            raise FileNotFoundError(f"--data {root!r} is not a folder (expected the VG-SGG files)")
+            raise SystemExit(f"error: --data {root}: no such folder (expected a folder with the VG-SGG files, "
+                             f"or --data synthetic)")
     kw = dict(num_val_im=num_val, max_size=cfg.max_size or None)
     return root, {s: data.VGSGGDataset(root, s, **kw) for s in ("train", "val", "test")}
 
@@ -912,6 +930,89 @@ def save_atomic(obj, path):
     tmp = path + ".tmp"
     torch.save(obj, tmp)
     os.replace(tmp, path)   # a kill mid-write leaves the previous file intact
+
+
+def load_checkpoint(path, device):
+    """A checkpoint written by this script, or one line that says what is wrong with the file."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: {path}: no such checkpoint file")
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:   # truncated, not a torch file, or not ours
+        raise SystemExit(f"error: {path} is not a checkpoint this script can read ({str(e).splitlines()[0]})")
+
+
+# Settings that do not change a run's numbers; every other field must match for a folder to be resumed.
+NOT_RESULT_FIELDS = {"out", "resume", "log_every", "num_workers", "seeds", "compare", "bench_step",
+                     "infer", "ckpt", "boxes", "device"}
+
+
+def existing_run(cfg, out_dir):
+    """-> None if out_dir holds no run, else (the settings that differ from cfg's, whether it finished)."""
+    args_path = os.path.join(out_dir, "args.json")
+    if not os.path.exists(args_path):
+        return None
+    with open(args_path) as f:
+        old = json.load(f)
+    new = dataclasses.asdict(cfg)
+    differ = sorted(k for k in set(old) | set(new) if k not in NOT_RESULT_FIELDS and old.get(k) != new.get(k))
+    return differ, os.path.exists(os.path.join(out_dir, "metrics.json"))
+
+
+def claim_run_dir(cfg, out_dir):
+    """Refuse, in one line, to write into a folder that holds another run, or a finished one. Called after
+    every input has been checked and before anything is written, so a refused run leaves no trace."""
+    found = existing_run(cfg, out_dir)
+    if found is None:
+        if cfg.resume:
+            raise SystemExit(f"error: --resume: {out_dir} holds no run (no args.json); start it without --resume")
+        return
+    differ, finished = found
+    if differ:
+        raise SystemExit(f"error: {out_dir} holds a run with other settings (differs in: {', '.join(differ)}); "
+                         f"pass --out NEW_FOLDER")
+    if cfg.resume:
+        if not os.path.exists(os.path.join(out_dir, "ckpt_last.pt")):
+            raise SystemExit(f"error: --resume: {out_dir} has no ckpt_last.pt; start it again with --out NEW_FOLDER")
+    elif finished:
+        raise SystemExit(f"error: {out_dir} already holds a finished run with these settings; "
+                         f"pass --out NEW_FOLDER to run again")
+    else:
+        raise SystemExit(f"error: {out_dir} holds an unfinished run with these settings; add --resume to "
+                         f"continue it, or pass --out NEW_FOLDER")
+
+
+def rng_states():
+    """Every random stream a training step draws from (the masks of Eq. 1, pair sampling, ...)."""
+    np_state = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]),
+            "python": random.getstate()}
+
+
+def gather_rng_states(world):
+    """-> a list of every rank's rng_states() (each rank has its own streams under DDP)."""
+    if world == 1:
+        return [rng_states()]
+    parts = [None] * world
+    dist.all_gather_object(parts, rng_states())
+    return parts
+
+
+def set_rng_states(states, rank):
+    s = states[rank]
+    torch.set_rng_state(s["torch"])
+    if s["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+    n = s["numpy"]
+    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), *n[2:]))
+    random.setstate(s["python"])
+
+
+def typical_image_side(ds):
+    """Median longest image side of a split (pixels, after --max-size): --infer resizes photos to it."""
+    return int(np.median([max(ds.get_groundtruth(i)["size"]) for i in range(len(ds))]))
 
 
 def cosine_lambda(total, steps, warmup=0):
@@ -935,27 +1036,36 @@ def check_finite(step, terms):
 # ----------------------------------------------------------------------------------------------
 # Stage 1 training: the detector, trained once on the train split, cached, then frozen
 
-def get_detector(cfg, root, ds, device, rank, world, log):
-    """Load the cached detector for these data and settings, or train and cache it."""
-    C = ds["train"].num_classes
-    detector = Detector(cfg, C).to(device)
-    det_iters = min(cfg.det_iters, cfg.iters) if cfg.iters else cfg.det_iters
-    settings = {k: getattr(cfg, k) for k in ("backbone", "vgg_weights", "det_batch", "det_optimizer", "det_lr", "det_seed",
-                                             "anchor_sizes", "roi_dim", "max_size", "det_max_per_image")}
-    key_src = json.dumps({"root": os.path.abspath(root), "iters": det_iters, "world": world, **settings},
-                         sort_keys=True)
+def detector_path(cfg, root, world, device):
+    """Where the detector for these data and settings is cached -> (path, whether it exists). The key holds
+    everything that changes the trained weights, thread count included (float sums differ across it)."""
+    if cfg.detector_ckpt:
+        return cfg.detector_ckpt, True
+    settings = {k: getattr(cfg, k) for k in ("backbone", "vgg_weights", "det_iters", "det_batch", "det_optimizer",
+                                             "det_lr", "det_seed", "anchor_sizes", "roi_dim", "max_size",
+                                             "det_max_per_image")}
+    key_src = json.dumps({"root": os.path.abspath(root), "world": world, "threads": torch.get_num_threads(),
+                          "device": device.type, **settings}, sort_keys=True)
     key = hashlib.sha1(key_src.encode()).hexdigest()[:12]
-    path = cfg.detector_ckpt or os.path.join(cache_dir(), "detectors", f"detector-{key}.pt")
-    if os.path.exists(path):
-        blob = torch.load(path, map_location=device, weights_only=True)
-        detector.load_state_dict(blob["detector"])
+    path = os.path.join(cache_dir(), "detectors", f"detector-{key}.pt")
+    return path, os.path.exists(path)
+
+
+def get_detector(cfg, ds, path, cached, device, rank, world, log):
+    """Load the cached detector for these data and settings, or train and cache it. -> (detector, test mAP)."""
+    torch.manual_seed(cfg.det_seed)   # the initial weights too: one detector per setting, as in the paper
+    detector = Detector(cfg, ds["train"].num_classes).to(device)
+    if cached:
+        blob = load_checkpoint(path, device)
+        try:
+            detector.load_state_dict(blob["detector"])
+        except (KeyError, RuntimeError) as e:
+            raise SystemExit(f"error: {path} does not hold a detector with these settings ({str(e).splitlines()[0]})")
         log(f"stage 1: detector loaded from {path}")
-    elif cfg.detector_ckpt:
-        raise FileNotFoundError(f"--detector-ckpt {path!r} does not exist")
     else:
-        log(f"stage 1: training the detector ({det_iters} iterations), cached as {path}")
-        train_detector(cfg, detector, ds["train"], det_iters, device, rank, world, log)
-        blob = {"detector": detector.state_dict(), "settings": key_src}
+        log(f"stage 1: training the detector ({cfg.det_iters} iterations), cached as {path}")
+        train_detector(cfg, detector, ds["train"], cfg.det_iters, device, rank, world, log)
+        blob = {"detector": detector.state_dict()}
         if rank == 0:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             save_atomic(blob, path)
@@ -965,18 +1075,17 @@ def get_detector(cfg, root, ds, device, rank, world, log):
         p.requires_grad_(False)   # frozen for stage 2, as in the two-stage protocol
     # Detection mAP@0.5 on test, cached with the weights per number of evaluated images.
     n_eval = min(cfg.max_eval_images or len(ds["test"]), len(ds["test"]))
-    cached = blob.get(f"map50_test{n_eval}")
-    if cached is None:
-        cached = evaluate_detector(detector, first(ds["test"], cfg.max_eval_images), cfg, device)
+    cached_map = blob.get(f"map50_test{n_eval}")
+    if cached_map is None:
+        cached_map = evaluate_detector(detector, first(ds["test"], cfg.max_eval_images), cfg, device)
         if rank == 0 and not cfg.detector_ckpt:
-            blob[f"map50_test{n_eval}"] = cached
+            blob[f"map50_test{n_eval}"] = cached_map
             save_atomic(blob, path)
-    log(f"stage 1: detector mAP@0.5 on {n_eval} test images = {cached:.4f}")
-    return detector, float(cached)
+    log(f"stage 1: detector mAP@0.5 on {n_eval} test images = {cached_map:.4f}")
+    return detector, float(cached_map)
 
 
 def train_detector(cfg, detector, train_ds, iters, device, rank, world, log):
-    torch.manual_seed(cfg.det_seed)
     if cfg.vgg_weights:
         load_vgg16_weights(detector, cfg.vgg_weights)
     model = nn.parallel.DistributedDataParallel(detector) if world > 1 else detector
@@ -988,7 +1097,7 @@ def train_detector(cfg, detector, train_ds, iters, device, rank, world, log):
     sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_lambda(iters, iters, warmup=min(100, iters // 5)))
     loader = torch.utils.data.DataLoader(train_ds, batch_size=cfg.det_batch, collate_fn=data.collate,
                                          sampler=data.TrainingSampler(len(train_ds), seed=cfg.det_seed),
-                                         num_workers=cfg.num_workers)
+                                         num_workers=cfg.num_workers, generator=torch.Generator().manual_seed(cfg.det_seed))
     detector.train()
     it, t0 = iter(loader), time.time()
     for step in range(iters):
@@ -1026,7 +1135,8 @@ def evaluate_detector(detector, ds, cfg, device):
 
 def eval_loader(ds, cfg):
     return torch.utils.data.DataLoader(ds, batch_size=cfg.eval_batch, collate_fn=data.collate,
-                                       sampler=data.InferenceSampler(len(ds)), num_workers=cfg.num_workers)
+                                       sampler=data.InferenceSampler(len(ds)), num_workers=cfg.num_workers,
+                                       generator=torch.Generator())   # leaves the global random stream alone
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1084,24 +1194,34 @@ def relation_step(model, detector, images, targets, cfg):
 
 def train(cfg, out_dir, rank, world, device):
     """Stage 1 + stage 2 + test of the best checkpoint. -> the test metrics dict."""
-    os.makedirs(out_dir, exist_ok=True)
-    barrier()
+    t_run = (time.time(), time.process_time())
+    # Every input is checked before anything is written: the data, the detector file, the run folder.
+    root, ds = load_datasets(cfg, rank)
+    if cfg.detector_ckpt and not os.path.isfile(cfg.detector_ckpt):
+        raise SystemExit(f"error: --detector-ckpt {cfg.detector_ckpt}: no such file")
+    claim_run_dir(cfg, out_dir)
+    barrier()   # every rank has looked at the folder before rank 0 writes into it
     log = Log(os.path.join(out_dir, "log.txt"), rank)
-    if rank == 0:
+    if rank == 0 and not cfg.resume:
+        os.makedirs(out_dir, exist_ok=True)
         with open(os.path.join(out_dir, "args.json"), "w") as f:
             json.dump(dataclasses.asdict(cfg), f, indent=1)
-    log(f"run {out_dir} | mode {cfg.mode} | {'aligned' if not cfg.no_align else 'baseline (no alignment)'} "
-        f"| {world} process(es) on {device}")
-    t_run = time.time()
-    root, ds = load_datasets(cfg, rank)
     C, P = ds["train"].num_classes, ds["train"].num_predicates
-    t0 = time.time()
-    log_probs, counts = predicate_statistics(ds["train"], C, P)
-    groups = metrics.default_predicate_groups(ds["train"].idx_to_predicate, counts)
+    det_path, det_cached = detector_path(cfg, root, world, device)
+    what = "FREQ (frequency prior only)" if cfg.freq_baseline else \
+        f"baseline (no alignment), {cfg.iters} iterations" if cfg.no_align else \
+        f"aligned (p {cfg.mask_p}, λ {cfg.align_weight:g}, {cfg.align_loss}{', tied head' if cfg.tied_head else ''}), {cfg.iters} iterations"
+    log(f"run {out_dir} | {cfg.mode} | {what} | seed {cfg.seed} | detector: "
+        f"{'reused from ' + det_path if det_cached else f'trained for {cfg.det_iters} iterations, cached as {det_path}'} "
+        f"| {world} process(es) on {device}, {torch.get_num_threads()} thread(s)")
     log(f"data {root}: {len(ds['train'])} train / {len(ds['val'])} val / {len(ds['test'])} test images, "
-        f"{C - 1} classes, {P - 1} predicates (statistics in {time.time() - t0:.1f}s)")
-    detector, det_map = get_detector(cfg, root, ds, device, rank, world, log)
-    log(f"time so far (data, statistics, stage 1): {fmt_time(time.time() - t_run)}")
+        f"{C - 1} classes, {P - 1} predicates ({clock(t_run)})")
+    log_probs = predicate_statistics(ds["train"], C, P)
+    counts = data.predicate_counts(ds["train"])
+    groups = metrics.default_predicate_groups(ds["train"].idx_to_predicate, counts)
+    t_stage = (time.time(), time.process_time())
+    detector, det_map = get_detector(cfg, ds, det_path, det_cached, device, rank, world, log)
+    log(f"stage 1 done ({clock(t_stage)})")
     vocab = {"idx_to_label": list(ds["train"].idx_to_label), "idx_to_predicate": list(ds["train"].idx_to_predicate)}
     if cfg.freq_baseline:
         summary = evaluate(None, detector, first(ds["test"], cfg.max_eval_images), cfg, device, groups,
@@ -1114,35 +1234,51 @@ def train(cfg, out_dir, rank, world, device):
     model = MotifsRelationModel(cfg, C, P, detector.backbone.out_channels, detector.stride, log_probs).to(device)
     ddp = nn.parallel.DistributedDataParallel(model) if world > 1 else model
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    iters = min(cfg.rel_iters, cfg.iters) if cfg.iters else cfg.rel_iters
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_lambda(iters, cfg.lr_steps))
-    start, best, history = 0, -1.0, {"step": [], "loss": [], "sup": [], "align": [], "val_step": [], "val_mR@50": []}
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_lambda(cfg.iters, cfg.lr_steps))
+    state = {"step": 0, "best_val_mR@50": -1.0, "best_step": 0, "elapsed": 0.0,
+             "history": {"step": [], "loss": [], "sup": [], "align": [], "val_step": [], "val_mR@50": []},
+             "acc": {"loss": 0.0, "sup": 0.0, "align": 0.0, "n": 0}}   # running sums of the current log interval
     last_path, best_path = os.path.join(out_dir, "ckpt_last.pt"), os.path.join(out_dir, "ckpt_best.pt")
     if cfg.resume:
-        if not os.path.exists(last_path):
-            raise SystemExit(f"--resume: no checkpoint at {last_path}; start the run without --resume")
-        ck = torch.load(last_path, map_location=device, weights_only=True)
-        model.load_state_dict(ck["model"])
+        ck = load_checkpoint(last_path, device)
+        try:
+            model.load_state_dict(ck["model"])
+        except RuntimeError as e:
+            raise SystemExit(f"error: --resume: {last_path} does not fit this model ({str(e).splitlines()[0]})")
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
-        start, best, history = ck["step"], ck["best_val_mR@50"], ck["history"]
-        log(f"resumed from {last_path} at iteration {start}")
+        state = ck["state"]
+        log(f"resumed from {last_path} at iteration {state['step']}")
 
-    def checkpoint(step):
-        return {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                "step": step, "args": dataclasses.asdict(cfg), "best_val_mR@50": best, "history": history,
-                "detector": detector.state_dict(), "vocab": vocab, "freq_log_probs": log_probs}
+    def save(path, with_detector=False):
+        """Rank 0 writes; every rank's random state goes in (gathered), so a resume is exact."""
+        rng = gather_rng_states(world)
+        if rank == 0:
+            ck = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                  "step": state["step"], "args": dataclasses.asdict(cfg), "rng": rng, "state": state}
+            if with_detector:   # ckpt_best.pt is self-contained for --infer
+                ck.update(detector=detector.state_dict(), vocab=vocab, freq_log_probs=log_probs,
+                          image_side=typical_image_side(ds["train"]))
+            save_atomic(ck, path)
+        barrier()   # nobody reads a checkpoint before rank 0 has written it
 
-    # A new sampler seed after a resume so the resumed run does not replay the batches already seen.
-    sampler = data.TrainingSampler(len(ds["train"]), seed=cfg.seed + 1000003 * start)
+    # The sampler continues where the interrupted run stopped: position step x batch of this rank's stream.
+    # The loader gets a generator of its own: its iterator draws a seed at creation, which must not come from
+    # the global stream that the masks and pair sampling use.
+    sampler = data.TrainingSampler(len(ds["train"]), seed=cfg.seed, start=state["step"] * cfg.batch_size)
     loader = torch.utils.data.DataLoader(ds["train"], batch_size=cfg.batch_size, sampler=sampler,
-                                         collate_fn=data.collate, num_workers=cfg.num_workers)
-    val = first(ds["val"], cfg.max_eval_images or cfg.max_val_images)
-    it, t_last, acc = iter(loader), time.time(), {"loss": 0.0, "sup": 0.0, "align": 0.0, "n": 0}
-    log(f"stage 2: training the relation model for {iters} iterations "
-        f"(batch {cfg.batch_size} x {world}, validation mR@50 on {len(val)} images every {cfg.eval_every})")
+                                         collate_fn=data.collate, num_workers=cfg.num_workers,
+                                         generator=torch.Generator().manual_seed(cfg.seed))
+    n_val = min([n for n in (cfg.val_images, cfg.max_eval_images) if n] or [len(ds["val"])])
+    val = first(ds["val"], n_val)
+    log(f"stage 2: training the relation model for {cfg.iters} iterations (batch {cfg.batch_size} x {world}, "
+        f"validation mR@50 on {len(val)} images every {cfg.eval_every}, ckpt_last.pt every {cfg.ckpt_every})")
+    t_stage = (time.time() - state["elapsed"], time.process_time())
+    it, t_last, acc, history = iter(loader), time.time(), state["acc"], state["history"]
+    if cfg.resume:
+        set_rng_states(ck["rng"], rank)   # this rank's own random streams, where the killed run left them
     model.train()
-    for step in range(start, iters):
+    for step in range(state["step"], cfg.iters):
         images, targets = next(it)
         images, targets = images.to(device), to_device(targets, device)
         loss, terms = relation_step(ddp, detector, images, targets, cfg)
@@ -1156,41 +1292,47 @@ def train(cfg, out_dir, rank, world, device):
         acc["sup"] += terms["sup"].item()
         acc["align"] += terms.get("align", torch.zeros(())).item()
         acc["n"] += 1
-        done = step + 1
-        if done % cfg.log_every == 0 or done == iters:
-            rate = acc["n"] / (time.time() - t_last)
+        done = state["step"] = step + 1
+        if done % cfg.log_every == 0 or done == cfg.iters:
+            rate = acc["n"] / max(time.time() - t_last, 1e-9)
             m = {k: acc[k] / acc["n"] for k in ("loss", "sup", "align")}
-            log(f"it {done}/{iters} | loss {m['loss']:.3f} (sup {m['sup']:.3f}, align {m['align']:.3f}) | "
-                f"{rate:.1f} it/s | eta {fmt_time((iters - done) / rate)}")
+            log(f"it {done}/{cfg.iters} | loss {m['loss']:.3f} (sup {m['sup']:.3f}, align {m['align']:.3f}, "
+                f"λ {0 if cfg.no_align else cfg.align_weight:g}) | {rate:.1f} it/s | "
+                f"eta {fmt_time((cfg.iters - done) / rate)} | time so far {fmt_time(time.time() - t_stage[0])}")
             for k in ("loss", "sup", "align"):
                 history[k].append(m[k])
             history["step"].append(done)
-            t_last, acc = time.time(), {"loss": 0.0, "sup": 0.0, "align": 0.0, "n": 0}
-        if done % cfg.eval_every == 0 or done == iters:
+            t_last = time.time()
+            acc.update(loss=0.0, sup=0.0, align=0.0, n=0)
+        if done % cfg.eval_every == 0 or done == cfg.iters:
             mr50 = evaluate(model, detector, val, cfg, device, groups)["mR@50"]
             model.train()
             history["val_step"].append(done)
             history["val_mR@50"].append(mr50)
-            improved = mr50 > best
-            best = max(best, mr50)
-            log(f"val it {done} | mR@50 {mr50:.4f} | best {best:.4f}{' (saved)' if improved else ''}")
-            if rank == 0:
-                if improved:
-                    save_atomic(checkpoint(done), best_path)
-                save_atomic(checkpoint(done), last_path)
-            barrier()
+            improved = mr50 > state["best_val_mR@50"]
+            if improved:
+                state["best_val_mR@50"], state["best_step"] = mr50, done
+            log(f"val it {done} | mR@50 {mr50:.4f} | best {state['best_val_mR@50']:.4f}{' (saved)' if improved else ''}")
+            state["elapsed"] = time.time() - t_stage[0]
+            if improved:
+                save(best_path, with_detector=True)
             t_last = time.time()   # validation time is not counted in it/s
+        if done % cfg.ckpt_every == 0 or done % cfg.eval_every == 0 or done == cfg.iters:
+            state["elapsed"] = time.time() - t_stage[0]
+            save(last_path)
+    log(f"stage 2 done ({clock(t_stage)}{'; CPU time since the resume' if cfg.resume else ''})")
 
     # Test the checkpoint with the best validation mR@50 (the paper's model selection).
-    ck = torch.load(best_path, map_location=device, weights_only=True)
+    ck = load_checkpoint(best_path, device)
     model.load_state_dict(ck["model"])
-    log(f"time so far (with stage 2): {fmt_time(time.time() - t_run)}; testing the best checkpoint "
-        f"(iteration {ck['step']}, val mR@50 {ck['best_val_mR@50']:.4f})")
+    log(f"testing the best checkpoint (iteration {ck['step']}, val mR@50 {ck['state']['best_val_mR@50']:.4f})")
+    t_stage = (time.time(), time.process_time())
     test = first(ds["test"], cfg.max_eval_images)
     summary, examples = evaluate(model, detector, test, cfg, device, groups, keep_examples=4)
-    summary.update({"det_mAP@0.5": det_map, "best_step": ck["step"], "val_mR@50": ck["best_val_mR@50"]})
+    summary.update({"det_mAP@0.5": det_map, "best_step": ck["step"], "val_mR@50": ck["state"]["best_val_mR@50"]})
+    log(f"test done ({clock(t_stage)})")
     finish(cfg, out_dir, summary, history, ds, counts, groups, log, rank, examples)
-    log(f"total time {fmt_time(time.time() - t_run)}")
+    log(f"total time {clock(t_run)}")
     return summary
 
 
@@ -1204,10 +1346,10 @@ def finish(cfg, out_dir, summary, history, ds, counts, groups, log, rank, exampl
     with open(os.path.join(out_dir, "metrics.json"), "w") as f:
         json.dump(summary, f, indent=1)
     if history is not None:
-        plot_curves(history, os.path.join(out_dir, "curves.png"))
+        plot_curves(history, os.path.join(out_dir, "curves.png"), 0 if cfg.no_align else cfg.align_weight)
     plot_per_predicate(summary, counts, groups, ds["train"].idx_to_predicate, os.path.join(out_dir, "per_predicate.png"))
     if examples:
-        plot_examples(examples, ds["test"], os.path.join(out_dir, "examples.png"))
+        plot_examples(examples, ds["test"], cfg.mode, os.path.join(out_dir, "examples.png"))
     log(f"wrote {out_dir}/metrics.json and pictures")
 
 
@@ -1284,34 +1426,33 @@ def _plt():
 
 
 GROUP_COLOURS = {"head": "tab:blue", "body": "tab:orange", "tail": "tab:green"}
+BOX_COLOURS = ["tab:red", "tab:blue", "tab:green", "tab:orange", "tab:purple", "tab:cyan", "tab:pink", "tab:olive",
+               "tab:brown", "gold"]
 
 
-def plot_curves(history, path):
+def plot_curves(history, path, align_weight):
+    """The log's names: sup = L_original, align = L_align, loss = sup + λ·align (Eq. 3)."""
     plt = _plt()
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.5))
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    names = {"loss": f"loss = sup + λ·align (λ = {align_weight:g})", "sup": "sup (L_original)",
+             "align": "align (L_align)"}
     for k in ("loss", "sup", "align"):
         if any(history[k]):
-            a.plot(history["step"], history[k], label={"loss": "total", "sup": "L_original", "align": "L_align"}[k])
-    a.set_xlabel("iteration")
-    a.set_title("training losses")
+            a.plot(history["step"], history[k], label=names[k])
+    a.set(xlabel="iteration", ylabel="mean over the log interval", title="training losses (as in the log)")
     a.legend()
     b.plot(history["val_step"], [100 * v for v in history["val_mR@50"]], marker="o")
-    b.set_xlabel("iteration")
-    b.set_title("validation mR@50 (%)")
+    b.set(xlabel="iteration", ylabel="%", title="validation mR@50 (model selection)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
-
-
-def _frequency_order(counts):
-    return [int(i) for i in np.argsort(-np.asarray(counts)[1:], kind="stable") + 1]   # predicate ids
 
 
 def _bars(ax, values, order, groups, names):
     colour = {p: GROUP_COLOURS.get(g, "gray") for g, ids in groups.items() for p in ids}
     ax.bar(range(len(order)), values, color=[colour.get(p, "gray") for p in order])
     ax.set_xticks(range(len(order)))
-    ax.set_xticklabels([names[p] for p in order], rotation=90, fontsize=7)
+    ax.set_xticklabels([names[p] for p in order], rotation=90, fontsize=8)
     for g, c in GROUP_COLOURS.items():
         ax.bar([0], [0], color=c, label=g)
     ax.legend()
@@ -1319,46 +1460,83 @@ def _bars(ax, values, order, groups, names):
 
 def plot_per_predicate(summary, counts, groups, names, path):
     plt = _plt()
-    order = _frequency_order(counts)
+    order = data.frequency_order(counts)   # the order `python data.py` prints
     per = summary["per_predicate_R@100"]
-    fig, ax = plt.subplots(figsize=(max(8, 0.3 * len(order)), 4))
+    fig, ax = plt.subplots(figsize=(max(8, 0.3 * len(order)), 4.5))
     _bars(ax, [100 * np.nan_to_num(per[p - 1]) for p in order], order, groups, names)
     ax.set_ylabel("test R@100 (%)")
-    ax.set_title("per-predicate R@100, predicates in training-frequency order")
+    ax.set_title("per-predicate R@100; predicates by training frequency (data.predicate_counts), most frequent left")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
-def draw_scene(ax, image, boxes, labels, triplets, names, predicates, title):
-    """Boxes of the objects in the triplets, and the triplets as text under the image."""
+def draw_scene(ax, image, boxes, labels, shown, names):
+    """The image with the boxes `shown`, each in its own colour with an 'index:class' tag inside its top-left
+    corner; a tag that would cover an earlier one moves down (greedy), so tags never sit on each other."""
     ax.imshow(image.permute(1, 2, 0).clamp(0, 1).numpy())
-    used = sorted({i for s, o, _, _ in triplets for i in (s, o)}) or range(len(boxes))
-    for i in used:
-        x1, y1, x2, y2 = [float(v) for v in boxes[i]]
-        ax.add_patch(_plt().Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, color="yellow", lw=1.5))
-        ax.text(x1, y1, f"{i}:{names[int(labels[i])]}", color="black", fontsize=6,
-                bbox=dict(facecolor="yellow", alpha=0.7, pad=0.5, lw=0))
-    text = "\n".join(f"{s}:{names[int(labels[s])]} {predicates[p]} {o}:{names[int(labels[o])]}"
-                     + (f" ({sc:.2f})" if sc is not None else "") for s, o, p, sc in triplets)
-    ax.set_title(title, fontsize=8)
-    ax.set_xlabel(text, fontsize=7, loc="left")
     ax.set_xticks([])
     ax.set_yticks([])
+    H = image.shape[1]
+    tag_h = H / 14                         # about one line of 9-pt text on a 5-inch panel
+    placed = []
+    for i in shown:
+        x1, y1, x2, y2 = [float(v) for v in boxes[i]]
+        c = BOX_COLOURS[i % len(BOX_COLOURS)]
+        ax.add_patch(_plt().Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, color=c, lw=2))
+        y = max(y1, 0)
+        while any(abs(y - py) < tag_h and abs(x1 - px) < 4 * tag_h for px, py in placed) and y < H - tag_h:
+            y += tag_h
+        placed.append((x1, y))
+        ax.text(x1 + 1, y + 1, f"{i}:{names[int(labels[i])]}", color="white", fontsize=9, va="top",
+                bbox=dict(facecolor=c, alpha=0.8, pad=1, lw=0))
 
 
-def plot_examples(examples, test_ds, path, k=5):
-    """Like the paper's Figure 3: ground truth (left) and the top-k predicted triplets (right)."""
+def triplet_lines(triplets, labels, names, predicates):
+    """'3:man riding 1:horse  0.43' per triplet (score with two significant digits, or none for GT)."""
+    return [f"{s}:{names[int(labels[s])]}  {predicates[p]}  {o}:{names[int(labels[o])]}"
+            + (f"   {sc:.2g}" if sc is not None else "") for s, o, p, sc in triplets]
+
+
+def plot_examples(examples, test_ds, mode, path, k=5):
+    """Like the paper's Figure 3: ground truth (left) and the top-k predicted triplets (right). In PredCls
+    and SGCls both panels show the same (ground-truth) boxes with the same indices and colours."""
     plt = _plt()
-    fig, axes = plt.subplots(len(examples), 2, figsize=(8, 4.2 * len(examples)), squeeze=False)
+    fig, axes = plt.subplots(len(examples), 2, figsize=(10, 6.2 * len(examples)), squeeze=False)
     for row, (idx, pred) in enumerate(examples):
         image, gt = test_ds[idx]
         gt_trip = [(int(s), int(o), int(p), None) for s, o, p in gt["relations"][:k]]
-        draw_scene(axes[row, 0], image, gt["boxes"], gt["labels"], gt_trip, test_ds.idx_to_label,
-                   test_ds.idx_to_predicate, f"test image {gt['image_id']}: ground truth")
-        draw_scene(axes[row, 1], image, pred["boxes"], pred["labels"], top_triplets(pred, k),
-                   test_ds.idx_to_label, test_ds.idx_to_predicate, f"predicted top-{k}")
+        pred_trip = top_triplets(pred, k)
+        boxes_right = pred["boxes"] if mode == "sgdet" else gt["boxes"]
+        used_gt = sorted({i for s, o, _, _ in gt_trip for i in (s, o)})
+        used_pred = sorted({i for s, o, _, _ in pred_trip for i in (s, o)})
+        same = range(len(gt["boxes"])) if mode != "sgdet" else None
+        draw_scene(axes[row, 0], image, gt["boxes"], gt["labels"], same or used_gt, test_ds.idx_to_label)
+        draw_scene(axes[row, 1], image, boxes_right, pred["labels"], same or used_pred, test_ds.idx_to_label)
+        axes[row, 0].set_title(f"test image {gt['image_id']}: ground truth (first {k})", fontsize=11)
+        axes[row, 1].set_title(f"predicted top-{k} ({mode}; score = predicate x subject x object)", fontsize=11)
+        for ax, trip, labels in ((axes[row, 0], gt_trip, gt["labels"]), (axes[row, 1], pred_trip, pred["labels"])):
+            ax.set_xlabel("\n".join(triplet_lines(trip, labels, test_ds.idx_to_label, test_ds.idx_to_predicate)),
+                          fontsize=10, loc="left")
     fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_photo(image, pred, triplets, names, predicates, title, path):
+    """A user's photo at its own aspect ratio, filling the figure's width, with the triplets' boxes and the
+    triplets listed below it."""
+    plt = _plt()
+    H, W = image.shape[1:]
+    lines = triplet_lines(triplets, pred["labels"], names, predicates) or ["(no triplet)"]
+    width = 8.0
+    img_h, text_h = width * H / W, 0.3 + 0.22 * (len(lines) + 1)
+    fig = plt.figure(figsize=(width, img_h + text_h))
+    ax = fig.add_axes([0, text_h / (img_h + text_h), 1, img_h / (img_h + text_h)])
+    used = sorted({i for s, o, _, _ in triplets for i in (s, o)})
+    draw_scene(ax, image, pred["boxes"], pred["labels"], used, names)
+    fig.text(0.01, text_h / (img_h + text_h) - 0.01, "\n".join([title] + lines), fontsize=10, va="top",
+             family="monospace")
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
@@ -1372,11 +1550,17 @@ def strip_mirror(state_dict):
 
 
 def infer(cfg):
+    """Scene graphs of the user's images with a trained run's ckpt_best.pt; writes, per image,
+    <out>/<name>_sg.png and <out>/<name>_sg.json (out defaults to <checkpoint folder>/infer)."""
     from PIL import Image
-    if not cfg.ckpt:
-        raise SystemExit("--infer needs --ckpt PATH (a ckpt_best.pt written by a training run)")
-    ck = torch.load(cfg.ckpt, map_location="cpu", weights_only=True)
-    args = Config(**{**ck["args"], "no_align": True, "iters": 0})   # inference = the original model
+    ck = load_checkpoint(cfg.ckpt, "cpu")
+    if not {"args", "vocab", "detector", "model"} <= set(ck):
+        raise SystemExit(f"error: --ckpt {cfg.ckpt} is not a ckpt_best.pt of motifs_align.py (use the run's "
+                         f"ckpt_best.pt: ckpt_last.pt holds no detector)")
+    missing = [p for p in cfg.infer if not os.path.isfile(p)]
+    if missing:
+        raise SystemExit(f"error: --infer {missing[0]}: no such image file")
+    args = Config(**{**ck["args"], "no_align": True})   # inference = the original model, never the mirror
     names, predicates = ck["vocab"]["idx_to_label"], ck["vocab"]["idx_to_predicate"]
     C, P = len(names), len(predicates)
     device = torch.device("cuda" if cfg.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
@@ -1388,32 +1572,39 @@ def infer(cfg):
     given = {}
     if args.mode != "sgdet":
         if not cfg.boxes:
-            raise SystemExit(f"this checkpoint is {args.mode}: give the boxes with --boxes boxes.json")
-        with open(cfg.boxes) as f:
-            given = json.load(f)
-    out_dir = cfg.out or "runs/infer"
+            raise SystemExit(f"error: this checkpoint is {args.mode}: give the boxes with --boxes boxes.json")
+        try:
+            with open(cfg.boxes) as f:
+                given = json.load(f)
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"error: --boxes {cfg.boxes}: {str(e).splitlines()[0]}")
+    # Photos are resized so that their longest side is the training images' (the detector's anchors and the
+    # model were trained at that scale), or --max-size when given; boxes go back to the photo's pixels.
+    side = cfg.max_size or ck.get("image_side") or 0
+    out_dir = cfg.out or os.path.join(os.path.dirname(os.path.abspath(cfg.ckpt)), "infer")
     os.makedirs(out_dir, exist_ok=True)
     for path in cfg.infer:
-        img = Image.open(path).convert("RGB")
-        scale = 1.0
-        if args.max_size and max(img.size) != args.max_size:
-            scale = args.max_size / max(img.size)
-            img = img.resize((round(img.width * scale), round(img.height * scale)), Image.BILINEAR)
+        try:
+            photo = Image.open(path).convert("RGB")
+        except OSError as e:
+            raise SystemExit(f"error: --infer {path} is not an image file ({e})")
+        scale = side / max(photo.size) if side else 1.0
+        img = photo.resize((max(1, round(photo.width * scale)), max(1, round(photo.height * scale))), Image.BILINEAR)
         image = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255).permute(2, 0, 1)   # (3, H, W)
         size = tuple(image.shape[1:])
         gt_boxes = gt_labels = None
         if args.mode != "sgdet":
             entry = given.get(os.path.basename(path))
-            if entry is None:
-                raise SystemExit(f"--boxes {cfg.boxes} has no entry for {os.path.basename(path)}")
-            gt_boxes = [torch.tensor(entry["boxes"], dtype=torch.float32, device=device).view(-1, 4) * scale]
-            labs = entry.get("labels", [1] * len(entry["boxes"]))
+            if entry is None or "boxes" not in entry:
+                raise SystemExit(f"error: --boxes {cfg.boxes} has no 'boxes' for {os.path.basename(path)}")
             if args.mode == "predcls" and "labels" not in entry:
-                raise SystemExit(f"predcls needs 'labels' for {os.path.basename(path)} in {cfg.boxes}")
+                raise SystemExit(f"error: predcls needs 'labels' for {os.path.basename(path)} in {cfg.boxes}")
+            gt_boxes = [torch.tensor(entry["boxes"], dtype=torch.float32, device=device).view(-1, 4) * scale]
             try:
-                labs = [names.index(x) if isinstance(x, str) else int(x) for x in labs]
+                labs = [names.index(x) if isinstance(x, str) else int(x)
+                        for x in entry.get("labels", [1] * len(entry["boxes"]))]
             except ValueError as e:
-                raise SystemExit(f"unknown class name in {cfg.boxes}: {e}; known: {names[1:]}")
+                raise SystemExit(f"error: --boxes {cfg.boxes}: unknown class ({e}); known: {', '.join(names[1:])}")
             gt_labels = [torch.tensor(labs, dtype=torch.long, device=device)]
         with torch.no_grad():
             s1 = stage1_outputs(detector, image[None].to(device), [size], args.mode, gt_boxes, gt_labels)
@@ -1429,13 +1620,10 @@ def infer(cfg):
             json.dump([{"subject": names[int(pred["labels"][s])], "subject_box": pred["boxes"][s].tolist(),
                         "predicate": predicates[p], "object": names[int(pred["labels"][o])],
                         "object_box": pred["boxes"][o].tolist(), "score": sc} for s, o, p, sc in trip], f, indent=1)
-        plt = _plt()
-        fig, ax = plt.subplots(figsize=(6, 6))
-        shown = torch.from_numpy(np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255).permute(2, 0, 1)
-        draw_scene(ax, shown, pred["boxes"], pred["labels"], trip, names, predicates, f"{os.path.basename(path)}: top triplets")
-        fig.tight_layout()
-        fig.savefig(stem + "_sg.png", dpi=100)
-        plt.close(fig)
+        shown = torch.from_numpy(np.asarray(photo, dtype=np.float32) / 255).permute(2, 0, 1)
+        plot_photo(shown, pred, trip, names, predicates,
+                   f"{os.path.basename(path)}: top {len(trip)} triplets ({args.mode}; score = predicate x subject x "
+                   f"object)", stem + "_sg.png")
         print(f"{path}: {len(trip)} triplets -> {stem}_sg.png, {stem}_sg.json")
 
 
@@ -1459,18 +1647,31 @@ def mean_std(runs, key):
     return f"{v.mean():.1f} ± {v.std(ddof=1):.1f}" if len(v) > 1 else f"{v.mean():.1f}"
 
 
+def train_or_reuse(cfg, out_dir, rank, world, device):
+    """A finished run with the same settings is read back, never redone nor overwritten."""
+    found = existing_run(cfg, out_dir)
+    if found is not None and not found[0] and found[1] and not cfg.resume:
+        if rank == 0:
+            print(f"reusing the finished run {out_dir}")
+        with open(os.path.join(out_dir, "metrics.json")) as f:
+            return json.load(f)
+    return train(cfg, out_dir, rank, world, device)
+
+
 def run_seeds(cfg, seeds, base, rank, world, device, align):
     runs = []
     for s in seeds:
         c = dataclasses.replace(cfg, seed=s, no_align=not align, out="")
-        runs.append(train(c, os.path.join(base, f"{'align' if align else 'noalign'}-seed{s}"), rank, world, device))
+        out_dir = os.path.join(base, f"{'align' if align else 'noalign'}-seed{s}")
+        runs.append(train_or_reuse(c, out_dir, rank, world, device))
     return runs
 
 
 def compare(cfg, seeds, rank, world, device):
     base = cfg.out or f"runs/motifs_align-{cfg.mode}-compare"
     # The frequency prior alone (no training, no seed) is the floor a trained model must clear.
-    freq = train(dataclasses.replace(cfg, freq_baseline=True, out=""), os.path.join(base, "freq"), rank, world, device)
+    freq = train_or_reuse(dataclasses.replace(cfg, freq_baseline=True, out=""), os.path.join(base, "freq"), rank,
+                          world, device)
     results = {"Motifs (ours)": run_seeds(cfg, seeds, base, rank, world, device, align=False),
                "Align-Motifs (ours)": run_seeds(cfg, seeds, base, rank, world, device, align=True)}
     if rank != 0:
@@ -1490,11 +1691,11 @@ def compare(cfg, seeds, rank, world, device):
     # Figure 5 style: mean per-predicate R@100 difference, aligned - baseline, frequency order.
     root = data.ensure_synthetic() if cfg.data == "synthetic" else cfg.data
     train_ds = data.VGSGGDataset(root, "train", num_val_im=data.SYNTHETIC_NUM_VAL if cfg.data == "synthetic" else 5000)
-    _, counts = predicate_statistics(train_ds, train_ds.num_classes, train_ds.num_predicates)
+    counts = data.predicate_counts(train_ds)
     groups = metrics.default_predicate_groups(train_ds.idx_to_predicate, counts)
     per = {n: np.nanmean([r["per_predicate_R@100"] for r in runs], axis=0) for n, runs in results.items()}
     diff = per["Align-Motifs (ours)"] - per["Motifs (ours)"]
-    order = _frequency_order(counts)
+    order = data.frequency_order(counts)
     plt = _plt()
     fig, ax = plt.subplots(figsize=(max(8, 0.3 * len(order)), 4))
     _bars(ax, [100 * np.nan_to_num(diff[p - 1]) for p in order], order, groups, train_ds.idx_to_predicate)
@@ -1555,6 +1756,7 @@ def bench_step(cfg, device, n_batches=6, rounds=5, steps=6):
 
 def main(argv=None):
     cfg = parse_args(argv)
+    torch.set_num_threads(cfg.threads)
     if cfg.infer:
         infer(cfg)
         return
@@ -1579,6 +1781,9 @@ def main(argv=None):
     except FloatingPointError as e:
         print(f"stopping: {e}", file=sys.stderr)
         sys.exit(1)
+    except data.DataError as e:   # the user's data files: one line that names the file, no traceback
+        lines = str(e).strip().splitlines()   # from a DataLoader worker the message carries its traceback
+        sys.exit(f"error: {lines[-1].split('DataError: ', 1)[-1]}")
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

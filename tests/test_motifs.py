@@ -92,32 +92,37 @@ def test_detection_map_perfect_and_missing():
 # Smoke runs of the script (subprocesses with a tiny budget; the detector is trained once, for 3
 # iterations, and then found in the session's cache by every later run with the same settings)
 
-TINY = ["--iters", "3", "--max-eval-images", "6", "--eval-every", "2", "--log-every", "1",
+TINY = ["--iters", "3", "--det-iters", "3", "--max-eval-images", "6", "--eval-every", "2", "--log-every", "1",
         "--batch-size", "2", "--det-batch", "2", "--eval-batch", "3"]
 
 
-def script(*args, timeout=300, **kw):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+def script(*args, timeout=300, env=None, **kw):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run([sys.executable, os.path.join(ROOT, "motifs_align.py"), *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout, **kw)
 
 
-def check_run(out_dir, mode):
+def metrics_of(out_dir):
     with open(os.path.join(out_dir, "metrics.json")) as f:
-        m = json.load(f)
+        return json.load(f)
+
+
+def check_run(out_dir, mode, iters=3):
+    m = metrics_of(out_dir)
     for k in ("R@20", "R@50", "R@100", "mR@20", "mR@50", "mR@100", "head_mR@100", "tail_mR@100", "det_mAP@0.5"):
         assert k in m and 0.0 <= m[k] <= 1.0, k
     for name in ("args.json", "log.txt", "curves.png", "per_predicate.png", "examples.png"):
         assert os.path.getsize(os.path.join(out_dir, name)) > 0, name
     ck = torch.load(os.path.join(out_dir, "ckpt_last.pt"), weights_only=True)
-    assert ck["step"] == 3 and ck["args"]["mode"] == mode
-    assert {"model", "optimizer", "scheduler", "step", "args"} <= set(ck)
+    assert ck["step"] == iters and ck["args"]["mode"] == mode
+    assert {"model", "optimizer", "scheduler", "step", "args", "rng"} <= set(ck)
+    assert "detector" not in ck   # ckpt_last stays small: the detector lives in the cache and in ckpt_best
     return m
 
 
 @pytest.fixture(scope="session")
 def predcls_run(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("predcls"))
+    out = str(tmp_path_factory.mktemp("predcls") / "run")
     r = script("--predcls", *TINY, "--out", out)
     assert r.returncode == 0, r.stdout + r.stderr
     return out, r.stdout
@@ -126,81 +131,155 @@ def predcls_run(tmp_path_factory):
 def test_smoke_predcls(predcls_run):
     out, stdout = predcls_run
     check_run(out, "predcls")
-    assert "it 3/3 | loss" in stdout and "align" in stdout and "eta" in stdout
+    # the log's line names the terms that curves.png plots, and λ
+    lines = [l for l in stdout.splitlines() if l.startswith("it 3/3 | loss")]
+    assert len(lines) == 1 and "(sup " in lines[0] and ", align " in lines[0] and "λ 10" in lines[0], stdout
+    loss, sup, align = (float(lines[0].split(k)[1].split()[0].strip(",)")) for k in ("loss ", "sup ", "align "))
+    assert loss == pytest.approx(sup + 10 * align, abs=0.01)   # Eq. (3)'s total (the log rounds to 3 decimals)
 
 
 @pytest.mark.parametrize("mode", ["sgcls", "sgdet"])
 def test_smoke_sgcls_sgdet(mode, tmp_path, predcls_run):
-    r = script(f"--{mode}", *TINY, "--no-align", "--out", str(tmp_path))
+    r = script(f"--{mode}", *TINY, "--no-align", "--out", str(tmp_path / "run"))
     assert r.returncode == 0, r.stdout + r.stderr
     assert "detector loaded from" in r.stdout   # the predcls run's cached detector is reused
-    check_run(str(tmp_path), mode)
+    check_run(str(tmp_path / "run"), mode)
 
 
 def test_freq_baseline(tmp_path, predcls_run):
-    r = script("--predcls", "--freq-baseline", *TINY, "--out", str(tmp_path))
+    r = script("--predcls", "--freq-baseline", *TINY, "--out", str(tmp_path / "run"))
     assert r.returncode == 0, r.stdout + r.stderr
-    with open(tmp_path / "metrics.json") as f:
-        assert 0.0 < json.load(f)["R@50"] <= 1.0   # the prior alone finds some triplets
+    assert 0.0 < metrics_of(tmp_path / "run")["R@50"] <= 1.0   # the prior alone finds some triplets
 
 
-def test_resume_after_an_interrupted_run(tmp_path, predcls_run):
-    out = str(tmp_path)
-    common = ["--predcls", "--max-eval-images", "6", "--eval-every", "2", "--log-every", "1", "--batch-size", "2",
-              "--det-batch", "2", "--eval-batch", "3", "--det-iters", "3", "--out", out]
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "motifs_align.py"), *common, "--rel-iters", "100000"],
+def test_same_command_same_numbers_detector_included(tmp_path, predcls_run):
+    """The same command and seed, run again from an empty detector cache, gives identical numbers."""
+    out, _ = predcls_run
+    import data
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    src = data.ensure_synthetic()   # the session's data, shared through a link: the detector is trained anew
+    os.symlink(src, cache / os.path.basename(src))
+    r = script("--predcls", *TINY, "--out", str(tmp_path / "again"), env={"SGG_ALIGN_CACHE": str(cache)})
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "training the detector" in r.stdout
+    assert metrics_of(tmp_path / "again") == metrics_of(out)
+
+
+def test_resume_after_a_kill_ends_where_the_uninterrupted_run_ends(tmp_path, predcls_run):
+    common = ["--predcls", *TINY[2:], "--iters", "10", "--ckpt-every", "2", "--eval-every", "4"]
+    whole = script(*common, "--out", str(tmp_path / "whole"))
+    assert whole.returncode == 0, whole.stdout + whole.stderr
+    out = str(tmp_path / "killed")
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "motifs_align.py"), *common, "--out", out],
                             cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     last = os.path.join(out, "ckpt_last.pt")
     deadline = time.time() + 120
     while not os.path.exists(last) and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.2)
+        time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)   # killed mid-training, possibly while writing a checkpoint
     proc.wait()
-    assert os.path.exists(last), "the run never wrote ckpt_last.pt"
     step = torch.load(last, weights_only=True)["step"]
-    assert 2 <= step < 100000
-    r = script(*common, "--rel-iters", str(step + 2), "--resume")
+    assert 2 <= step < 10, f"the run was not killed mid-training (step {step})"
+    assert not os.path.exists(os.path.join(out, "metrics.json"))
+    again = script(*common, "--out", out)   # without --resume: refused, nothing touched
+    assert again.returncode != 0 and "add --resume" in again.stderr and len(again.stderr.strip().splitlines()) == 1
+    r = script(*common, "--out", out, "--resume")
     assert r.returncode == 0, r.stdout + r.stderr
     assert f"resumed from {last} at iteration {step}" in r.stdout
-    assert torch.load(last, weights_only=True)["step"] == step + 2
-    assert os.path.exists(os.path.join(out, "metrics.json"))
+    assert metrics_of(out) == metrics_of(tmp_path / "whole")
+    a, b = (torch.load(os.path.join(d, "ckpt_last.pt"), weights_only=True) for d in (out, str(tmp_path / "whole")))
+    assert a["state"]["history"] == b["state"]["history"]   # the curves too
+
+
+def one_line_error(r):
+    assert r.returncode != 0, r.stdout
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    return lines[0]
+
+
+def test_a_finished_run_is_never_overwritten(predcls_run):
+    out, _ = predcls_run
+    before = {f: os.path.getmtime(os.path.join(out, f)) for f in os.listdir(out)}
+    line = one_line_error(script("--predcls", *TINY, "--out", out))
+    assert out in line and "finished run with these settings" in line and "--out" in line
+    line = one_line_error(script("--predcls", *TINY, "--mask-p", "0.2", "--out", out))
+    assert "other settings (differs in: mask_p)" in line
+    line = one_line_error(script("--predcls", *TINY, "--mask-p", "0.2", "--out", out, "--resume"))
+    assert "differs in: mask_p" in line
+    assert {f: os.path.getmtime(os.path.join(out, f)) for f in os.listdir(out)} == before
+
+
+def test_user_mistakes_end_in_one_line_and_write_nothing(tmp_path):
+    out = tmp_path / "run"
+    line = one_line_error(script("--predcls", *TINY, "--data", str(tmp_path / "nowhere"), "--out", str(out)))
+    assert str(tmp_path / "nowhere") in line
+    vg = tmp_path / "vg"
+    vg.mkdir()
+    (vg / "VG-SGG-with-attri.h5").write_bytes(b"")   # an empty h5 beside a valid dicts json
+    (vg / "VG-SGG-dicts-with-attri.json").write_text(json.dumps(
+        {"label_to_idx": {"a": 1}, "idx_to_label": {"1": "a"}, "predicate_to_idx": {"on": 1},
+         "idx_to_predicate": {"1": "on"}}))
+    line = one_line_error(script("--predcls", *TINY, "--data", str(vg), "--out", str(out)))
+    assert "VG-SGG-with-attri.h5" in line
+    line = one_line_error(script("--predcls", *TINY, "--out", str(out), "--resume"))
+    assert "holds no run" in line
+    one_line_error(script("--predcls", "--detector-ckpt", str(tmp_path / "none.pt"), "--out", str(out)))
+    r = script("--predcls", "--iters", "0")
+    assert r.returncode == 2 and "--iters must be at least 1" in r.stderr
+    assert not out.exists()
 
 
 def test_torchrun_two_cpu_processes(tmp_path, predcls_run):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29731",
-           os.path.join(ROOT, "motifs_align.py"), "--predcls", *TINY, "--out", str(tmp_path)]
+           os.path.join(ROOT, "motifs_align.py"), "--predcls", *TINY, "--out", str(tmp_path / "run")]
     r = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "2 process(es)" in r.stdout
-    check_run(str(tmp_path), "predcls")
+    check_run(str(tmp_path / "run"), "predcls")
+    ck = torch.load(tmp_path / "run" / "ckpt_last.pt", weights_only=True)
+    assert len(ck["rng"]) == 2 and not torch.equal(ck["rng"][0]["torch"], ck["rng"][1]["torch"])  # own streams
 
 
 def test_infer_on_an_image_file(tmp_path, predcls_run):
     from PIL import Image
     out, _ = predcls_run
-    Image.new("RGB", (120, 100), (90, 140, 200)).save(tmp_path / "mine.png")
+    Image.new("RGB", (400, 300), (90, 140, 200)).save(tmp_path / "mine.png")
     import data
     names = data.VGSGGDataset(data.ensure_synthetic(), "test", num_val_im=data.SYNTHETIC_NUM_VAL).idx_to_label
-    boxes = {"mine.png": {"boxes": [[10, 10, 50, 60], [40, 30, 110, 90], [0, 0, 30, 20]],
+    boxes = {"mine.png": {"boxes": [[30, 30, 150, 180], [120, 90, 330, 270], [0, 0, 90, 60]],
                           "labels": [names[1], names[2], 3]}}
     (tmp_path / "boxes.json").write_text(json.dumps(boxes))
-    r = script("--infer", str(tmp_path / "mine.png"), "--ckpt", os.path.join(out, "ckpt_best.pt"),
-               "--boxes", str(tmp_path / "boxes.json"), "--out", str(tmp_path / "pred"))
-    assert r.returncode == 0, r.stdout + r.stderr
-    triplets = json.loads((tmp_path / "pred" / "mine_sg.json").read_text())
-    assert len(triplets) == 6 and {"subject", "predicate", "object", "score"} <= set(triplets[0])
-    assert os.path.getsize(tmp_path / "pred" / "mine_sg.png") > 0
+    for extra, folder in (([], os.path.join(out, "infer")), (["--max-size", "64"], None)):
+        folder = folder or str(tmp_path / "pred")
+        r = script("--infer", str(tmp_path / "mine.png"), "--ckpt", os.path.join(out, "ckpt_best.pt"),
+                   "--boxes", str(tmp_path / "boxes.json"), *extra, *(["--out", folder] if extra else []))
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert os.path.join(folder, "mine_sg.png") in r.stdout
+        triplets = json.loads(open(os.path.join(folder, "mine_sg.json")).read())
+        assert len(triplets) == 6 and {"subject", "predicate", "object", "score"} <= set(triplets[0])
+        assert min(abs(torch.tensor(triplets[0]["subject_box"]) - torch.tensor(b)).max() for b in
+                   boxes["mine.png"]["boxes"]) < 1e-3   # back in the photo's own pixels
+        with Image.open(os.path.join(folder, "mine_sg.png")) as im:   # the photo's width and aspect, text below
+            assert im.width == 800 and 800 * 300 / 400 < im.height < 800 * 300 / 400 + 300
+    line = one_line_error(script("--infer", str(tmp_path / "missing.jpg"), "--ckpt", os.path.join(out, "ckpt_best.pt")))
+    assert "missing.jpg" in line
 
 
 def test_compare_writes_the_table_and_the_difference_plot(tmp_path, predcls_run):
     r = script("--predcls", "--compare", "--seeds", "0", *TINY, "--out", str(tmp_path))
     assert r.returncode == 0, r.stdout + r.stderr
     table = (tmp_path / "compare.md").read_text()
-    for row in ("FREQ", "Motifs (ours)", "Align-Motifs (ours)", "Align-Motifs*, paper"):
-        assert row in table, row
-    assert "21.7 ± 0.5" in table                  # the paper's Align-Motifs* PredCls mR@50
     runs = json.loads((tmp_path / "compare.json").read_text())
     assert len(runs["Motifs (ours)"]) == len(runs["Align-Motifs (ours)"]) == 1
+    for name, folder in (("Motifs (ours)", "noalign-seed0"), ("Align-Motifs (ours)", "align-seed0")):
+        m = metrics_of(tmp_path / folder)
+        assert runs[name][0] == m
+        row = [l for l in table.splitlines() if l.startswith(f"| {name} |")][0]
+        assert row.split("|")[2].strip() == f"{100 * m['mR@20']:.1f}"   # the table shows the run's own numbers
     assert os.path.getsize(tmp_path / "compare_per_predicate.png") > 0
+    r = script("--predcls", "--compare", "--seeds", "0", *TINY, "--out", str(tmp_path))   # reused, not redone
+    assert r.returncode == 0 and r.stdout.count("reusing the finished run") == 3, r.stdout + r.stderr
