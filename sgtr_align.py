@@ -99,7 +99,8 @@ class Config:
     preset: str = ""
     """named overrides: 'vg' = SGTR's own settings for Visual Genome"""
     threads: int = 1
-    """torch CPU threads; 1 by default: on a shared 2-core machine extra threads spin against other jobs, and the numbers in the README are for 1 thread"""
+    """torch CPU threads; 1 by default: on a shared 2-core machine extra threads spin against other
+    jobs, and the numbers in the README are for 1 thread"""
     num_workers: int = 0
     """DataLoader workers (a resumed run repeats the uninterrupted one exactly only with 0)"""
     log_every: int = 50
@@ -1051,7 +1052,7 @@ def plot_scene_graph(image, pred, triplets, names, predicates, title, path):
     H, W = image.shape[1:]
     iw = 6.0 if W >= H else max(3.0, 6.0 * W / H)  # inches; the longest side 6 in
     ih = iw * H / W
-    th = (len(triplets) + 1.6) * 0.18
+    th = (len(triplets) + 1.8) * 0.15  # 9-pt lines are 0.15 in apart
     fig = plt.figure(figsize=(iw, ih + th))
     ax = fig.add_axes([0, th / (ih + th), 1, ih / (ih + th)])
     tag = {}  # entity -> tag, in order of first mention
@@ -1256,8 +1257,8 @@ def train(cfg: Config, device) -> dict:
         except (RuntimeError, ValueError, KeyError) as e:
             fail(f"{last_path} holds another model layout than these settings ({str(e).splitlines()[0]})")
         set_rng_states(ck["rng"][rank], model, device)  # this rank's own generators (masks, dropout)
-        step, history, sums, last_log, seconds = ck["step"], ck["history"], ck["loss_sums"], ck["last_log"], ck["train_seconds"]
-        best, best_step = ck["best_val_mR@50"], ck["best_step"]
+        step, history, sums, last_log = ck["step"], ck["history"], ck["loss_sums"], ck["last_log"]
+        best, best_step, seconds = ck["best_val_mR@50"], ck["best_step"], ck["train_seconds"]
     barrier()  # every rank has checked everything before rank 0 writes the first byte
 
     log_file = None
@@ -1278,8 +1279,9 @@ def train(cfg: Config, device) -> dict:
         f"C = {train_ds.num_classes - 1} classes, P = {train_ds.num_predicates - 1} predicates "
         f"({data_seconds:.0f}s)")
     lam = 0.0 if cfg.no_align else cfg.align_weight
-    log(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
-        f"{'aligned (p = %g, λ = %g, %s%s)' % (cfg.mask_p, lam, cfg.align_loss, ', tied head' if cfg.tied_head else '') if model.align else 'baseline (no alignment)'}, "
+    kind = (f"aligned (p = {cfg.mask_p:g}, λ = {lam:g}, {cfg.align_loss}{', tied head' if cfg.tied_head else ''})"
+            if model.align else "baseline (no alignment)")
+    log(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {kind}, "
         f"{cfg.iters} iterations x {cfg.batch_size} images x {world} process(es) on {device}, "
         f"{torch.get_num_threads()} thread(s)")
     if cfg.resume:
@@ -1421,10 +1423,16 @@ def infer(cfg: Config):
         stems.add(stem)
     side = cfg.max_size or ck["image_side"]
     out_dir = cfg.out or os.path.join(os.path.dirname(os.path.abspath(cfg.ckpt)), "infer")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        fail(f"--out {out_dir} is a file; expected a folder for the pictures")
     use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
     device = torch.device("cuda" if use_cuda else "cpu")
     model.to(device).eval()
     os.makedirs(out_dir, exist_ok=True)
+
+    def px(box):  # a box for the json: pixels to 0.1
+        return [round(v, 1) for v in box.tolist()]
+
     for path, img in images:
         W, H = img.size
         s = side / max(W, H)  # the longest side as in training, as the dataset resizes
@@ -1436,14 +1444,13 @@ def infer(cfg: Config):
                  **{k: out[k][0] for k in ("pred_logits", "sub_logits", "obj_logits", "sub_boxes", "obj_boxes")})
         pred = assemble_graph(o, (h, w), args.ent_topk)
         scale = torch.tensor([w / W, h / H, w / W, h / H])
-        pred["boxes"] = torch.minimum((pred["boxes"] / scale).clamp(min=0), torch.tensor([W, H, W, H]))  # (Qe, 4) original pixels
+        pred["boxes"] = torch.minimum((pred["boxes"] / scale).clamp(min=0), torch.tensor([W, H, W, H]))  # (Qe, 4)
         trip = top_triplets(pred, 10)
         stem = os.path.join(out_dir, os.path.splitext(os.path.basename(path))[0])
         with open(stem + "_sg.json", "w") as f:
-            json.dump([{"subject": names[int(pred["labels"][a])], "subject_box": [round(v, 1) for v in pred["boxes"][a].tolist()],
+            json.dump([{"subject": names[int(pred["labels"][a])], "subject_box": px(pred["boxes"][a]),
                         "predicate": predicates[p], "object": names[int(pred["labels"][b])],
-                        "object_box": [round(v, 1) for v in pred["boxes"][b].tolist()], "score": sc}
-                       for a, b, p, sc in trip], f, indent=1)
+                        "object_box": px(pred["boxes"][b]), "score": sc} for a, b, p, sc in trip], f, indent=1)
         shown = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255).permute(2, 0, 1)  # (3, H, W)
         plot_scene_graph(shown, pred, trip, names, predicates,
                          f"{os.path.basename(path)} ({W}x{H} px): top {len(trip)} triplets", stem + "_sg.png")
