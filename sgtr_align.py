@@ -1085,10 +1085,6 @@ def setup_distributed(cfg):
     return torch.device("cpu")
 
 
-def is_main():
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-
-
 def all_ranks(obj):
     """[obj of rank 0, obj of rank 1, ...] on every rank; [obj] without torch.distributed."""
     if not (dist.is_available() and dist.is_initialized()):
