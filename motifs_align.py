@@ -1465,7 +1465,7 @@ def plot_per_predicate(summary, counts, groups, names, path):
     fig, ax = plt.subplots(figsize=(max(8, 0.3 * len(order)), 4.5))
     _bars(ax, [100 * np.nan_to_num(per[p - 1]) for p in order], order, groups, names)
     ax.set_ylabel("test R@100 (%)")
-    ax.set_title("per-predicate R@100; predicates by training frequency (data.predicate_counts), most frequent left")
+    ax.set_title("test R@100 per predicate, most frequent in training first (data.frequency_order)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
