@@ -2,7 +2,9 @@
 
 This file implements section 3.3 of "Self-Supervised Relation Alignment for Scene Graph Generation"
 (arXiv 2302.01403, sections 3.1, 3.3 and 4.2): the two-stage Neural Motifs model (Zellers et al.,
-CVPR 2018) and, on top of it, the paper's alignment: a mirrored relation predictor that shares every
+CVPR 2018) as Scene-Graph-Benchmark.pytorch (Tang et al. 2020) builds it in its MotifPredictor, the codebase
+the paper's Motifs runs on (the head/tail projection post_emb, post_cat, the product with the union feature,
+rel_compress and the frequency bias are that layout), and, on top of it, the paper's alignment: a mirrored relation predictor that shares every
 weight of the original one except an untied head, sees randomly masked inputs (Eq. 1), and is trained
 to match the original predictor's relation distribution with a KL loss (Eqs. 2-3). The mirror only
 runs in training; at test time the model is plain Neural Motifs, with the same cost and output.
