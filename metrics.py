@@ -1,18 +1,20 @@
-"""Scene graph generation metrics: R@K, mR@K, ngR@K, ngmR@K and head/body/tail mR@K.
+"""Scene graph generation metrics: R@K, mR@K, F@K, zsR@K, ngR@K, ngmR@K, head/body/tail mR@K.
 
 This is the evaluation protocol behind every published Visual Genome (VG) scene-graph number, the
 one in neural-motifs (`lib/evaluation/sg_eval.py`, Zellers et al. 2018) and its extension in
 Scene-Graph-Benchmark.pytorch (`maskrcnn_benchmark/data/datasets/evaluation/vg/sgg_eval.py`,
-Tang et al. 2020: SGRecall, SGNoGraphConstraintRecall, SGMeanRecall), rewritten here to be read,
-vectorised over pairs and GT triplets, and lifted alone into another project (imports numpy and,
-only for tensors and DDP, torch; nothing from the rest of this repository).
+Tang et al. 2020: SGRecall, SGNoGraphConstraintRecall, SGMeanRecall, SGZeroShotRecall),
+rewritten here to be read, vectorised over pairs and GT triplets, and lifted alone into another
+project (imports numpy and, only for tensors and DDP, torch; nothing from the rest of this
+repository).
 
 The paper (Sec. 4, "Evaluation Metrics") selects and reports models by mean recall mR@K, plus R@K
 and mR@100 on the HEAD / BODY / TAIL predicate groups of [26] for SGTR.
 
 Usage
 -----
-    ev = SGEvaluator('predcls', num_predicates=P, predicate_groups=vg_predicate_groups(names))
+    ev = SGEvaluator('predcls', num_predicates=P, predicate_groups=vg_predicate_groups(names),
+                     zeroshot_triplets=training_triplets(train_labels, train_relations))
     for gt, pred in ...:          # one image at a time, numpy arrays or torch tensors
         ev.add(gt, pred)
     ev.gather()                   # under DDP: every rank ends up with all images (no-op otherwise)
@@ -47,6 +49,13 @@ The protocol, one image at a time
    evaluations of the same images.
 6. Group mR@K (HEAD/BODY/TAIL): the mean of the per-predicate recalls of the group's predicates,
    absent ones counting 0 as in 5 (BGNN / SGTR `longtail_part_eval`).
+7. F@K = 2 R@K mR@K / (R@K + mR@K), 0 when both are 0: the harmonic mean recent SGG papers
+   report, since R@K alone rewards predicting head predicates and mR@K alone rewards the opposite.
+8. zsR@K (only when the evaluator is given the training triplets): the GT triplets whose
+   (subject class, predicate, object class) never occurs in training are the image's zero-shot
+   triplets; image zsR = (zero-shot GT triplets hit in the top K, graph constraint, matching as
+   in 3) / (zero-shot GT triplets); zsR@K = mean over the images that have at least one
+   (SGZeroShotRecall). Duplicated zero-shot GT triplets each count, as in 4.
 
 Where the reference has a quirk, we keep it and say so:
 - Duplicated GT triplets (VG's test split keeps them: `filter_duplicate_rels` only applies to
@@ -61,6 +70,9 @@ Where the reference has a quirk, we keep it and say so:
   scores are all 1, softmaxes saturate, a frequency baseline gives one score per class pair).
 - ngR keeps the top 100 (pair, predicate) candidates in the reference; we keep the top max(ks),
   which is 100 for the default ks.
+- zsR: the reference loads a fixed file of the test set's zero-shot triplets, in (subject class,
+  object class, predicate) order; we derive them from the training triplets the caller passes,
+  in (subject class, predicate, object class) order, which gives the same set on VG.
 - IoU is pixel-inclusive: width = x2 - x1 + 1. VG boxes, the Fast R-CNN tooling and both
   reference evaluators treat coordinates as pixel indices, a box [0, 9] covering 10 pixels. The
   +1 moves IoU noticeably for small boxes ([0,0,9,9] vs [0,0,9,4] is 0.5 inclusive, 0.44 without),
@@ -197,6 +209,24 @@ def _rank(score, tie_keys):
 
 # ----------------------------------------------------------------------------------------------
 # The evaluator
+def training_triplets(labels_list, relations_list):
+    """{(subject class, predicate, object class)} of a split: what zeroshot_triplets expects.
+
+    labels_list: per image its object labels (G,); relations_list: per image its relations (R, 3)
+    as (subject index, object index, predicate). numpy arrays or torch tensors.
+    """
+    seen = set()
+    for i, (labels, rels) in enumerate(zip(labels_list, relations_list)):
+        labels = _to_numpy(labels, f'training_triplets: labels of image {i}').reshape(-1)
+        rels = _to_numpy(rels, f'training_triplets: relations of image {i}')
+        rels = _check_int(rels.reshape(0, 3) if rels.size == 0 else rels,
+                          f'training_triplets: relations of image {i}')  # (R, 3)
+        _check_shape(rels, f'training_triplets: relations of image {i}', (None, 3))
+        trip = np.stack([labels[rels[:, 0]], rels[:, 2], labels[rels[:, 1]]], 1)  # (R, 3)
+        seen.update(map(tuple, trip.astype(np.int64).tolist()))
+    return seen
+
+
 def _to_numpy(x, name):
     if x is None:
         return None
@@ -232,10 +262,13 @@ class SGEvaluator:
     1, ignoring any in pred), 'sgcls' (GT boxes given: uses the GT boxes with pred's labels and
     scores, N = G), 'sgdet' (everything predicted). num_predicates: P, without background.
     ks: the K of R@K. predicate_groups: {name: [predicate ids in 1..P]} for `{name}_mR@K`.
+    zeroshot_triplets: the (subject class, predicate, object class) triplets seen in training, an
+    iterable of 3-tuples or a (T, 3) array (see training_triplets()); zsR@K is reported only when
+    it is given.
     """
 
     def __init__(self, mode, num_predicates, ks=(20, 50, 100), iou_threshold=0.5,
-                 predicate_groups=None):
+                 predicate_groups=None, zeroshot_triplets=None):
         if mode not in MODES:
             raise ValueError(f"SGEvaluator: mode must be one of {MODES}, got {mode!r}")
         if int(num_predicates) < 1:
@@ -256,12 +289,28 @@ class SGEvaluator:
                 raise ValueError(f"SGEvaluator: predicate group {name!r} must list predicate ids "
                                  f"in 1..{self.num_predicates}; bad: {bad or 'empty group'}")
             self.predicate_groups[name] = ids
+        self.seen_triplets = None
+        if zeroshot_triplets is not None:
+            t = _to_numpy(zeroshot_triplets, 'zeroshot_triplets')
+            if t.dtype == object:  # a set or a list of tuples
+                t = np.array(list(zeroshot_triplets), dtype=np.int64)
+            t = _check_int(t if t.size else t.reshape(0, 3), 'zeroshot_triplets')  # (T, 3)
+            _check_shape(t, 'zeroshot_triplets', (None, 3))
+            self.seen_triplets = frozenset(map(tuple, t.tolist()))
         self.reset()
+
+    def _config(self):
+        # The training triplets enter as (count, hash): int tuples hash the same in every process,
+        # and all_gather_object then ships 2 ints per rank, not the ~30k VG training triplets.
+        zs = None if self.seen_triplets is None else (len(self.seen_triplets),
+                                                      hash(self.seen_triplets))
+        return (self.mode, self.num_predicates, self.ks, self.iou_threshold, zs)
 
     def reset(self):
         # One record per image WITH GT relations: (predicate ids (U,), GT count per predicate (U,),
-        # graph-constrained hits (nK, U), no-graph-constraint hits (nK, U)). Everything summary()
-        # needs, small enough to all_gather across ranks.
+        # graph-constrained hits (nK, U), no-graph-constraint hits (nK, U), zero-shot GT triplets
+        # (int, 0 without zeroshot_triplets), their graph-constrained hits (nK,)). Everything
+        # summary() needs, small enough to all_gather across ranks.
         self._records = []
         self._num_images = 0
         self._gathered = False
@@ -417,35 +466,46 @@ class SGEvaluator:
         onehot = np.zeros((R, uniq.shape[0]), np.int64)  # (R, U)
         onehot[np.arange(R), inv.reshape(-1)] = 1
         count = onehot.sum(0)  # (U,)
+        # Zero-shot GT triplets: their (subject class, predicate, object class) never seen in
+        # training. Labels are the GT's: whether a triplet is zero-shot is a fact of the data.
+        if self.seen_triplets is not None:
+            trip = zip(gt_labels[gs].tolist(), gp.tolist(), gt_labels[go].tolist())
+            zs = np.array([t not in self.seen_triplets for t in trip], dtype=bool)  # (R,)
+        else:
+            zs = np.zeros(R, dtype=bool)
         self._records.append((uniq.astype(np.int32), count.astype(np.int32),
                               (hit_gc.astype(np.int64) @ onehot).astype(np.int32),
-                              (hit_ng.astype(np.int64) @ onehot).astype(np.int32)))
+                              (hit_ng.astype(np.int64) @ onehot).astype(np.int32),
+                              int(zs.sum()), hit_gc[:, zs].sum(1).astype(np.int32)))
         out = {}
         for i, k in enumerate(self.ks):
             out[f'R@{k}'] = float(hit_gc[i].sum()) / R
             out[f'ngR@{k}'] = float(hit_ng[i].sum()) / R
+            if self.seen_triplets is not None and zs.any():
+                out[f'zsR@{k}'] = float(hit_gc[i, zs].sum()) / zs.sum()
         return out
 
     # ---- combining evaluators -------------------------------------------------------------
     def _check_compatible(self, other):
-        mine = (self.mode, self.num_predicates, self.ks, self.iou_threshold)
-        theirs = (other.mode, other.num_predicates, other.ks, other.iou_threshold)
-        if mine != theirs:
-            raise ValueError(f"merge: evaluators differ (mode, P, ks, iou): {mine} vs {theirs}")
+        mine, theirs = self._config(), other._config()
+        if mine != theirs or self.seen_triplets != other.seen_triplets:
+            raise ValueError(f"merge: evaluators differ (mode, P, ks, iou, (number, hash) of "
+                             f"training triplets): {mine} vs {theirs}")
 
     def merge(self, other):
-        """Append another evaluator's images (same mode, P, ks and IoU threshold) after ours."""
+        """Append another evaluator's images (same mode, P, ks, IoU threshold and training
+        triplets) after ours."""
         self._check_compatible(other)
         self._records.extend(other._records)
         self._num_images += other._num_images
         return self
 
     def state_dict(self):
-        return {'config': (self.mode, self.num_predicates, self.ks, self.iou_threshold),
+        return {'config': self._config(),
                 'records': list(self._records), 'num_images': self._num_images}
 
     def load_state_dict(self, state):
-        if tuple(state['config']) != (self.mode, self.num_predicates, self.ks, self.iou_threshold):
+        if tuple(state['config']) != self._config():
             raise ValueError(f"load_state_dict: config {state['config']} differs from this "
                              "evaluator's")
         self._records = list(state['records'])
@@ -470,6 +530,9 @@ class SGEvaluator:
                                "image world_size times)")
         states = [None] * dist.get_world_size()
         dist.all_gather_object(states, self.state_dict())
+        if any(tuple(s['config']) != self._config() for s in states):
+            raise ValueError("gather: the ranks' evaluators differ (mode, P, ks, iou or training "
+                             f"triplets): {[s['config'] for s in states]}")
         self._records, self._num_images = [], 0
         for s in states:
             self._records.extend(s['records'])
@@ -479,21 +542,25 @@ class SGEvaluator:
 
     # ---- the metrics ----------------------------------------------------------------------
     def summary(self):
-        """{'R@K', 'mR@K', 'ngR@K', 'ngmR@K', 'per_predicate_R@K', 'per_predicate_ngR@K',
-        '{group}_mR@K', 'per_predicate_num_gt', 'num_images', 'num_images_with_relations'}."""
+        """{'R@K', 'mR@K', 'F@K', 'ngR@K', 'ngmR@K', 'per_predicate_R@K', 'per_predicate_ngR@K',
+        '{group}_mR@K', 'per_predicate_num_gt', 'num_images', 'num_images_with_relations'}, and
+        with zeroshot_triplets 'zsR@K' and 'num_images_with_zeroshot'."""
         P, ks = self.num_predicates, self.ks
         out = {'num_images': self._num_images, 'num_images_with_relations': len(self._records)}
         if not self._records:
             warnings.warn("SGEvaluator.summary: no image with GT relations was added; every "
                           "recall is undefined (NaN)")
             for k in ks:
-                for key in ('R', 'mR', 'ngR', 'ngmR'):
+                for key in ('R', 'mR', 'F', 'ngR', 'ngmR') + \
+                        (('zsR',) if self.seen_triplets is not None else ()):
                     out[f'{key}@{k}'] = float('nan')
                 out[f'per_predicate_R@{k}'] = [float('nan')] * P
                 out[f'per_predicate_ngR@{k}'] = [float('nan')] * P
                 for g in self.predicate_groups:
                     out[f'{g}_mR@{k}'] = float('nan')
             out['per_predicate_num_gt'] = [0] * P
+            if self.seen_triplets is not None:
+                out['num_images_with_zeroshot'] = 0
             return out
         I = len(self._records)
         n_u = np.array([r[0].shape[0] for r in self._records])  # (I,)
@@ -522,19 +589,37 @@ class SGEvaluator:
                 if col == 2:
                     for g, ids in self.predicate_groups.items():
                         out[f'{g}_mR@{k}'] = float(per_pred[np.asarray(ids) - 1].mean())
+        for k in ks:
+            # F@K: harmonic mean of R@K and mR@K; 0/0 (nothing hit) is 0, not NaN.
+            r, mr = out[f'R@{k}'], out[f'mR@{k}']
+            out[f'F@{k}'] = 2 * r * mr / (r + mr) if r + mr > 0 else 0.0
+        if self.seen_triplets is not None:
+            # zsR@K: mean over the images WITH zero-shot GT triplets of their zero-shot recall
+            # (SGZeroShotRecall appends nothing for an image without any).
+            n_zs = np.array([r[4] for r in self._records])  # (I,)
+            zs_hits = np.stack([r[5] for r in self._records]).astype(np.float64)  # (I, nK)
+            keep = n_zs > 0
+            out['num_images_with_zeroshot'] = int(keep.sum())
+            for i, k in enumerate(ks):
+                out[f'zsR@{k}'] = float((zs_hits[keep, i] / n_zs[keep]).mean()) if keep.any() \
+                    else float('nan')
         return out
 
 
 def format_summary(s, ks=None):
     """One log line of a summary() in percent: 'R@20/50/100 51.2/60.1/63.3 | mR@20/50/100 ... |
-    ngR@... | ngmR@... | body_mR@... | head_mR@... | tail_mR@...'."""
+    F@... | zsR@... (with training triplets) | ngR@... | ngmR@... | body_mR@... | head_mR@... |
+    tail_mR@...'."""
     if ks is None:
         ks = sorted(int(key[2:]) for key in s if key.startswith('R@'))
     parts = []
-    names = ['R', 'mR', 'ngR', 'ngmR'] + sorted({key.split('_mR@')[0] for key in s
-                                                if '_mR@' in key and not key.startswith('per_')})
+    plain = ('R', 'mR', 'F', 'zsR', 'ngR', 'ngmR')
+    # F and zsR only when present: zsR needs the training triplets, and summaries saved before
+    # F@K existed still format.
+    names = [n for n in plain if f'{n}@{ks[0]}' in s] + sorted(
+        {key.split('_mR@')[0] for key in s if '_mR@' in key and not key.startswith('per_')})
     for name in names:
-        key = name if name in ('R', 'mR', 'ngR', 'ngmR') else f'{name}_mR'
+        key = name if name in plain else f'{name}_mR'
         vals = '/'.join(f"{100 * s[f'{key}@{k}']:.1f}" for k in ks)
         parts.append(f"{key}@{'/'.join(str(k) for k in ks)} {vals}")
     return ' | '.join(parts)

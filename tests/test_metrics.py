@@ -12,7 +12,7 @@ import torch
 
 import metrics
 from metrics import (SGEvaluator, box_iou_inclusive, default_predicate_groups, format_summary,
-                     frequency_predicate_groups, vg_predicate_groups)
+                     frequency_predicate_groups, training_triplets, vg_predicate_groups)
 
 
 def box(x1, y1, x2, y2):
@@ -171,6 +171,20 @@ def test_mean_recall_averages_per_predicate_and_absent_predicates_count_zero():
     assert s['mR@10'] == pytest.approx(1.75 / 4)  # divided by P = 4, not by the 2 present
 
 
+def test_f_at_k_is_the_harmonic_mean_of_recall_and_mean_recall():
+    s = two_image_evaluator().summary()
+    # R = 5/6, mR = 7/16: F = 2 * (35/96) / (61/48) = 35/61 (not the arithmetic mean 0.635)
+    assert s['R@10'] == pytest.approx(5 / 6) and s['mR@10'] == pytest.approx(7 / 16)
+    assert s['F@10'] == pytest.approx(35 / 61)
+    # nothing hit: R = mR = 0, and F is 0 rather than 0/0
+    P = 2
+    ev = SGEvaluator('predcls', P, ks=(1,))
+    ev.add({'boxes': GT_BOXES, 'labels': GT_LABELS, 'relations': np.array([[0, 1, 1]])},
+           predcls_pred([[0, 1]], [scores_row(P, {2: 0.9})]))
+    s = ev.summary()
+    assert s['R@1'] == 0.0 and s['mR@1'] == 0.0 and s['F@1'] == 0.0
+
+
 def test_group_mean_recall():
     s = two_image_evaluator({'common': [1, 2], 'rare': [3, 4], 'mixed': [2, 3]}).summary()
     assert s['common_mR@10'] == pytest.approx(0.875)
@@ -256,6 +270,76 @@ def test_sgdet_requires_boxes():
 
 
 # ----------------------------------------------------------------------------------------------
+# zsR@K: recall on the GT triplets never seen in training
+def zeroshot_image(first):
+    """GT (label 1, pred 1, label 2), seen in training, and (label 2, pred 2, label 3), zero-shot.
+    The model scores both right, `first` ('seen' or 'zeroshot') ranked above the other."""
+    P = 2
+    gt = {'boxes': GT_BOXES, 'labels': GT_LABELS, 'relations': np.array([[0, 1, 1], [1, 2, 2]])}
+    hi, lo = (0.9, 0.6) if first == 'seen' else (0.6, 0.9)
+    return gt, predcls_pred([[0, 1], [1, 2]], [scores_row(P, {1: hi}), scores_row(P, {2: lo})])
+
+
+SEEN = {(1, 1, 2), (3, 1, 1)}  # (subject class, predicate, object class) seen in training
+
+
+def test_zeroshot_recall_counts_only_the_unseen_triplets():
+    for first, want_zs1 in (('seen', 0.0), ('zeroshot', 1.0)):
+        ev = SGEvaluator('predcls', 2, ks=(1, 2), zeroshot_triplets=SEEN)
+        out = ev.add(*zeroshot_image(first))
+        # top 1 hits one of the two GT triplets either way; only the zero-shot one counts for zsR
+        assert out['R@1'] == 0.5 and out['zsR@1'] == want_zs1 and out['zsR@2'] == 1.0
+        s = ev.summary()
+        assert s['zsR@1'] == want_zs1 and s['zsR@2'] == 1.0 and s['R@1'] == 0.5
+        assert s['num_images_with_zeroshot'] == 1
+        assert 'zsR@1' in format_summary(s)
+    # without the training triplets there is no zsR, and the rest is unchanged
+    ev = SGEvaluator('predcls', 2, ks=(1, 2))
+    out = ev.add(*zeroshot_image('seen'))
+    assert out == {'R@1': 0.5, 'ngR@1': 0.5, 'R@2': 1.0, 'ngR@2': 1.0}
+    assert not any(key.startswith('zsR') for key in ev.summary())
+    assert 'zsR' not in format_summary(ev.summary())
+
+
+def test_zeroshot_recall_skips_images_without_zeroshot_triplets():
+    P = 2
+    ev = SGEvaluator('predcls', P, ks=(1,), zeroshot_triplets=np.array(sorted(SEEN)))
+    ev.add(*zeroshot_image('zeroshot'))  # zsR@1 = 1
+    # only seen triplets, nothing hit: R 0, but no zsR (0/0), so it must not pull zsR to 0.5
+    only_seen = {'boxes': GT_BOXES, 'labels': GT_LABELS, 'relations': np.array([[0, 1, 1]])}
+    assert 'zsR@1' not in ev.add(only_seen, predcls_pred([[0, 1]], [scores_row(P, {2: 0.9})]))
+    # the zero-shot (label 3, pred 2, label 1) annotated twice: both copies count, both missed
+    # (the pair predicts the seen predicate 1)
+    dup = {'boxes': GT_BOXES, 'labels': GT_LABELS,
+           'relations': np.array([[2, 0, 2], [2, 0, 2], [2, 0, 1]])}  # (3,1,1) is seen
+    assert ev.add(dup, predcls_pred([[2, 0]], [scores_row(P, {1: 0.9})]))['zsR@1'] == 0.0
+    s = ev.summary()
+    assert s['num_images_with_relations'] == 3 and s['num_images_with_zeroshot'] == 2
+    assert s['zsR@1'] == pytest.approx((1.0 + 0.0) / 2)
+    # an evaluator whose images have no zero-shot triplet at all: zsR undefined, NaN
+    ev = SGEvaluator('predcls', P, ks=(1,), zeroshot_triplets=SEEN)
+    ev.add(only_seen, predcls_pred([[0, 1]], [scores_row(P, {1: 0.9})]))
+    assert np.isnan(ev.summary()['zsR@1'])
+
+
+def test_training_triplets_reads_classes_through_the_object_indices():
+    labels = [np.array([1, 2, 3]), torch.tensor([3, 1])]
+    rels = [np.array([[0, 1, 1], [1, 2, 2], [0, 1, 1]]), torch.tensor([[0, 1, 1]])]
+    seen = training_triplets(labels + [np.array([5])], rels + [np.zeros((0, 3), np.int64)])
+    assert seen == {(1, 1, 2), (2, 2, 3), (3, 1, 1)}
+    assert all(type(v) is int for t in seen for v in t)
+    # a set, a list of tuples, a (T, 3) array and a tensor give the same evaluator
+    configs = {SGEvaluator('predcls', 2, zeroshot_triplets=z)._config()
+               for z in (seen, sorted(seen), np.array(sorted(seen)), torch.tensor(sorted(seen)),
+                         iter(seen))}
+    assert len(configs) == 1
+    with pytest.raises(ValueError, match=r'training_triplets: relations of image 0'):
+        training_triplets([np.array([1, 2])], [np.array([[0, 1, 1, 1]])])
+    with pytest.raises(ValueError, match='zeroshot_triplets'):
+        SGEvaluator('predcls', 2, zeroshot_triplets=np.zeros((2, 4), np.int64))
+
+
+# ----------------------------------------------------------------------------------------------
 # Parity with a slow, per-triplet implementation of the reference protocol
 def random_image(rng, mode, P, quantize):
     """A small random image where matches, near-misses and (with quantize) ties are common."""
@@ -295,9 +379,10 @@ def ref_iou(a, b):
                       - iw * ih)
 
 
-def ref_evaluate(images, mode, P, ks, groups):
+def ref_evaluate(images, mode, P, ks, groups, seen=None):
     """The reference protocol, one triplet at a time, with our documented tie rule."""
     per_img = {(g, k): [] for g in (True, False) for k in ks}
+    zs_img = {k: [] for k in ks}
     per_pred = {(g, k): [[] for _ in range(P + 1)] for g in (True, False) for k in ks}
     for gt, pred in images:
         rels = gt['relations']
@@ -327,6 +412,10 @@ def ref_evaluate(images, mode, P, ks, groups):
                                 and ref_iou(boxes[o], gt['boxes'][go]) >= 0.5):
                             hit.add(r)
                 per_img[graph, k].append(len(hit) / len(rels))
+                zs = [r for r, (gs, go, gp) in enumerate(rels)
+                      if (gt['labels'][gs], gp, gt['labels'][go]) not in (seen or ())]
+                if graph and seen is not None and zs:  # SGZeroShotRecall: graph constraint
+                    zs_img[k].append(sum(r in hit for r in zs) / len(zs))
                 for p in set(rels[:, 2].tolist()):
                     idx = [r for r in range(len(rels)) if rels[r, 2] == p]
                     per_pred[graph, k][p].append(sum(r in hit for r in idx) / len(idx))
@@ -340,6 +429,10 @@ def ref_evaluate(images, mode, P, ks, groups):
             if graph:
                 for g, ids in groups.items():
                     out[f'{g}_mR@{k}'] = float(np.mean([pp[i - 1] for i in ids]))
+        r, mr = out[f'R@{k}'], out[f'mR@{k}']
+        out[f'F@{k}'] = 2 * r * mr / (r + mr) if r + mr else 0.0
+        if seen is not None:
+            out[f'zsR@{k}'] = float(np.mean(zs_img[k]))
     return out
 
 
@@ -350,14 +443,19 @@ def test_parity_with_slow_reference(mode, quantize):
     P, ks = 4, (1, 3, 8)
     images = [random_image(rng, mode, P, quantize) for _ in range(200)]
     groups = {'a': [1, 2], 'b': [3, 4]}
-    ev = SGEvaluator(mode, P, ks=ks, predicate_groups=groups)
+    # about a third of the 3 x 4 x 3 possible triplets unseen in "training"
+    seen = {(s, p, o) for s in range(1, 4) for p in range(1, P + 1) for o in range(1, 4)
+            if (s + 2 * p + o) % 3}
+    ev = SGEvaluator(mode, P, ks=ks, predicate_groups=groups, zeroshot_triplets=seen)
     for gt, pred in images:
         ev.add(gt, pred)
-    got, want = ev.summary(), ref_evaluate(images, mode, P, ks, groups)
+    got, want = ev.summary(), ref_evaluate(images, mode, P, ks, groups, seen)
+    assert set(want) <= set(got)
     for key, value in want.items():
         assert np.allclose(got[key], value, rtol=0, atol=1e-12), key
     # the random images must exercise the metric: recall neither 0 nor 1 everywhere
     assert 0 < got['R@3'] < got['ngR@8'] < 1
+    assert 0 < got['zsR@8'] < 1 and 0 < got['num_images_with_zeroshot'] < len(images)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -365,15 +463,25 @@ def test_parity_with_slow_reference(mode, quantize):
 def test_merge_and_state_dict_equal_single_process():
     rng = np.random.default_rng(7)
     images = [random_image(rng, 'sgdet', 4, True) for _ in range(12)]
-    full, a, b = (SGEvaluator('sgdet', 4, ks=(2, 5)) for _ in range(3))
+    seen = training_triplets([gt['labels'] for gt, _ in images[:6]],
+                             [gt['relations'] for gt, _ in images[:6]])
+    full, a, b = (SGEvaluator('sgdet', 4, ks=(2, 5), zeroshot_triplets=seen) for _ in range(3))
     for i, (gt, pred) in enumerate(images):
         full.add(gt, pred)
         (a if i < 5 else b).add(gt, pred)
-    c = SGEvaluator('sgdet', 4, ks=(2, 5))
+    c = SGEvaluator('sgdet', 4, ks=(2, 5), zeroshot_triplets=seen)
     c.load_state_dict(b.state_dict())
-    assert a.merge(c).summary() == full.summary()
+    want = full.summary()
+    assert want['num_images_with_zeroshot'] > 0 and not np.isnan(want['zsR@5'])
+    assert a.merge(c).summary() == want
     with pytest.raises(ValueError, match='differ'):
-        a.merge(SGEvaluator('sgdet', 4, ks=(2, 6)))
+        a.merge(SGEvaluator('sgdet', 4, ks=(2, 6), zeroshot_triplets=seen))
+    for other in (None, set(seen) - {min(seen)}):  # different (or no) training triplets
+        with pytest.raises(ValueError, match='differ'):
+            a.merge(SGEvaluator('sgdet', 4, ks=(2, 5), zeroshot_triplets=other))
+        with pytest.raises(ValueError, match='differs'):
+            SGEvaluator('sgdet', 4, ks=(2, 5), zeroshot_triplets=other).load_state_dict(
+                b.state_dict())
 
 
 def test_gather_under_torch_distributed_equals_single_process(tmp_path):
@@ -384,17 +492,20 @@ def test_gather_under_torch_distributed_equals_single_process(tmp_path):
         sys.path.insert(0, {os.path.dirname(os.path.dirname(os.path.abspath(__file__)))!r})
         sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
         import numpy as np, torch.distributed as dist, torch.multiprocessing as mp
-        from metrics import SGEvaluator
+        from metrics import SGEvaluator, training_triplets
         from test_metrics import random_image
 
         def images():
             rng = np.random.default_rng(11)
             return [random_image(rng, 'sgdet', 4, True) for _ in range(10)]
 
+        SEEN = training_triplets([g['labels'] for g, _ in images()[:4]],
+                                 [g['relations'] for g, _ in images()[:4]])
+
         def worker(rank):
             dist.init_process_group('gloo', init_method='file://{tmp_path}/rdv', rank=rank,
                                     world_size=2)
-            ev = SGEvaluator('sgdet', 4, ks=(2, 5))
+            ev = SGEvaluator('sgdet', 4, ks=(2, 5), zeroshot_triplets=SEEN)
             for gt, pred in images()[rank * 5:(rank + 1) * 5]:
                 ev.add(gt, pred)
             s = ev.gather().summary()
@@ -406,7 +517,7 @@ def test_gather_under_torch_distributed_equals_single_process(tmp_path):
             # fork: no torch re-import in the children (fast); macOS/Windows need spawn
             mp.start_processes(worker, nprocs=2,
                                start_method='fork' if sys.platform == 'linux' else 'spawn')
-            ev = SGEvaluator('sgdet', 4, ks=(2, 5))
+            ev = SGEvaluator('sgdet', 4, ks=(2, 5), zeroshot_triplets=SEEN)
             for gt, pred in images():
                 ev.add(gt, pred)
             json.dump(ev.summary(), open('{tmp_path}/single.json', 'w'))
@@ -419,6 +530,7 @@ def test_gather_under_torch_distributed_equals_single_process(tmp_path):
     import json
     ddp, single = (json.load(open(tmp_path / f)) for f in ('ddp.json', 'single.json'))
     assert ddp == single and ddp['num_images'] == 10
+    assert ddp['num_images_with_zeroshot'] > 0 and 'F@5' in ddp
 
 
 # ----------------------------------------------------------------------------------------------
@@ -455,3 +567,4 @@ def test_frequency_groups_follow_training_counts():
 def test_format_summary_is_one_line_with_every_metric():
     line = format_summary(two_image_evaluator({'head': [1], 'tail': [4]}).summary())
     assert line.startswith('R@10 ') and 'mR@10 43.8' in line and 'tail_mR@10 0.0' in line
+    assert 'F@10 57.4' in line  # 35/61
