@@ -1012,11 +1012,6 @@ def set_rng_states(states, rank):
     random.setstate(s["python"])
 
 
-def typical_image_side(ds):
-    """Median longest image side of a split (pixels, after --max-size): --infer resizes photos to it."""
-    return int(np.median([max(ds.get_groundtruth(i)["size"]) for i in range(len(ds))]))
-
-
 def cosine_lambda(total, steps, warmup=0):
     """lr factor: linear warm-up, then cosine from 1 to 0 updated `steps` times (the paper: every 1K of
     100K iterations)."""
@@ -1252,6 +1247,9 @@ def train(cfg, out_dir, rank, world, device):
         state = ck["state"]
         log(f"resumed from {last_path} at iteration {state['step']}")
 
+    # --infer resizes the user's photos to the longest side the model was trained at (as sgtr_align.py)
+    image_side = cfg.max_size or max(max(im["width"], im["height"]) for im in ds["train"].img_info)
+
     def save(path, with_detector=False):
         """Rank 0 writes; every rank's random state goes in (gathered), so a resume is exact."""
         rng = gather_rng_states(world)
@@ -1260,7 +1258,7 @@ def train(cfg, out_dir, rank, world, device):
                   "step": state["step"], "args": dataclasses.asdict(cfg), "rng": rng, "state": state}
             if with_detector:   # ckpt_best.pt is self-contained for --infer
                 ck.update(detector=detector.state_dict(), vocab=vocab, freq_log_probs=log_probs,
-                          image_side=typical_image_side(ds["train"]))
+                          image_side=image_side)
             save_atomic(ck, path)
         barrier()   # nobody reads a checkpoint before rank 0 has written it
 
