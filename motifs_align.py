@@ -649,30 +649,63 @@ def random_mask(x, p):
     return x * (torch.rand_like(x) >= p).to(x.dtype)
 
 
-def alignment_loss(orig_logits, mirror_logits, kind, rel_labels=None):
-    """The alignment loss on R pairs: orig_logits, mirror_logits (R, P)."""
+def alignment_loss(target_logits, mirror_logits, kind, labels=None):
+    """The alignment loss on R pairs: target_logits = the original's, mirror_logits (R, P) each."""
     if kind == "supervised":
         # The paper's ablation (section 4.3): the mirror is trained on the ground truth instead.
-        return F.cross_entropy(mirror_logits, rel_labels)
+        return F.cross_entropy(mirror_logits, labels)
     # PAPER: Eq. (2): L_align = KL(P_original || P_masked). P_original is fixed as the target
     # (detached: no gradient flows into the original branch through the target).
-    target = F.log_softmax(orig_logits.detach(), dim=-1)                 # log P_original (R, P)
+    target = F.log_softmax(target_logits.detach(), dim=-1)               # log P_original (R, P)
     log_masked = F.log_softmax(mirror_logits, dim=-1)                    # log P_masked (R, P)
     return F.kl_div(log_masked, target, log_target=True, reduction="batchmean")
+
+
+class Mirror(nn.Module):
+    """The mirrored relation predictor (section 3.3). It owns only its untied head (none when tied);
+    everything else it runs is the original predictor's own modules, passed in as `model`."""
+
+    def __init__(self, cfg, pair_dim, union_dim, num_predicates):
+        super().__init__()
+        self.mask_p, self.tied = cfg.mask_p, cfg.tied_head
+        self.head = None
+        if not self.tied:
+            # PAPER: the mirror's untied head, a three-layer MLP with ReLU replacing post_cat and
+            # rel_compress. It reads the pair features concatenated with the masked union feature
+            # (the paper says both are fed to the MLP, not how; concatenation is our choice).
+            self.head = nn.Sequential(
+                nn.Linear(pair_dim + union_dim, cfg.mirror_dim), nn.ReLU(),
+                nn.Linear(cfg.mirror_dim, cfg.mirror_dim), nn.ReLU(),
+                nn.Linear(cfg.mirror_dim, num_predicates))
+
+    def forward(self, model, edge_in, union, pairs_g, counts, orders):
+        """model: the MotifsRelationModel; edge_in (N, E+2H+roi) the edge-context LSTM's input and
+        union (R, Du) the relation feature of the original's forward -> P_masked logits (R, P)."""
+        # PAPER: stop the alignment gradient at the mirror's input features (.detach()), so that
+        # L_align only trains the relation predictor's message passing and refinement.
+        # PAPER: Eq. (1) random masking on the input of the edge-context LSTM and on the relation feature.
+        edge_in_m = random_mask(edge_in.detach(), self.mask_p)          # (N, E+2H+roi)
+        union_m = random_mask(union.detach(), self.mask_p)              # (R, Du)
+        # PAPER: shared weights: the original's own edge-context LSTM and head/tail projection.
+        edge_ctx_m = bilstm(model.edge_ctx_rnn, edge_in_m, counts, orders)   # (N, 2H)
+        pair_m = model.pair_features(edge_ctx_m, pairs_g)               # (R, 4H)
+        if self.tied:  # the ablation: the original's last two layers, shared
+            return model.rel_compress(model.post_cat(pair_m) * union_m)
+        # PAPER: untied three-layer MLP head; the predicate prior (freq_bias) is not used in the mirror.
+        return self.head(torch.cat([pair_m, union_m], dim=1))
 
 
 class MotifsRelationModel(nn.Module):
     """Object context -> (label refinement) -> edge context -> pairwise relation classifier.
 
-    With alignment (training only), a mirrored predictor re-runs the edge context and the pair
-    features on masked, gradient-stopped inputs and classifies them with an untied MLP head.
+    With alignment, `self.mirror` is the mirrored predictor (Mirror); only train_step runs it, on the
+    edge_in, union and pairs that forward returns.
     """
 
     def __init__(self, cfg, num_classes, num_predicates, feat_channels, stride, freq_log_probs):
         super().__init__()
         C, P, E, H, Du = num_classes, num_predicates, cfg.embed_dim, cfg.hidden, cfg.union_dim
         self.mode, self.num_classes = cfg.mode, C
-        self.align, self.mask_p, self.tied_head = not cfg.no_align, cfg.mask_p, cfg.tied_head
         self.S, self.spatial_scale = 7, 1.0 / stride
         # Object context: biLSTM over [RoI feature, class embedding, box position embedding].
         self.obj_embed_ctx = nn.Embedding(C, E)
@@ -695,14 +728,8 @@ class MotifsRelationModel(nn.Module):
         self.freq_bias = nn.Embedding(C * C, P)
         with torch.no_grad():
             self.freq_bias.weight.copy_(freq_log_probs.reshape(C * C, P))
-        if self.align and not self.tied_head:
-            # PAPER: the mirror's untied head, a three-layer MLP with ReLU replacing post_cat and
-            # rel_compress. It reads the pair features concatenated with the masked union feature
-            # (the paper says both are fed to the MLP, not how; concatenation is our choice).
-            self.mirror_head = nn.Sequential(
-                nn.Linear(4 * H + Du, cfg.mirror_dim), nn.ReLU(),
-                nn.Linear(cfg.mirror_dim, cfg.mirror_dim), nn.ReLU(),
-                nn.Linear(cfg.mirror_dim, P))
+        # Created last, as the untied head always was: the same initial weights and parameter order.
+        self.mirror = None if cfg.no_align else Mirror(cfg, 4 * H, Du, P)
 
     # -- pieces shared by the original and the mirrored predictor
     def union_features(self, fmap, boxes, pairs):
@@ -729,7 +756,7 @@ class MotifsRelationModel(nn.Module):
         (one-hot GT labels in predcls, the detector's in sgcls/sgdet); pairs B x (R_b, 2) local
         indices; gt_labels (N,) object labels used in predcls.
         -> dict obj_logits (N, C) or None, obj_labels (N,), obj_scores (N,), rel_logits (R, P),
-           and mirror_logits (R, P) in training with alignment."""
+           rel_pairs (R, 2) global indices, and the mirror's inputs edge_in, union, counts, orders."""
         counts = [len(b) for b in boxes]
         # Motifs' 'leftright' order: objects sorted by box centre x, per image.
         orders = [((b[:, 0] + b[:, 2]) / 2).argsort() for b in boxes]
@@ -757,27 +784,10 @@ class MotifsRelationModel(nn.Module):
         pair = self.pair_features(edge_ctx, pairs_g)                     # (R, 4H)
         freq = self.freq_bias(obj_labels[pairs_g[:, 0]] * self.num_classes + obj_labels[pairs_g[:, 1]])
         rel_logits = self.rel_compress(self.post_cat(pair) * union) + freq   # (R, P)
-        out = {"obj_logits": obj_logits, "obj_labels": obj_labels, "obj_scores": obj_scores,
-               "rel_logits": rel_logits, "rel_pairs": pairs_g}
-        if self.training and self.align:
-            # PAPER: the mirror runs only in training; evaluation uses the original predictor alone.
-            out["mirror_logits"] = self.mirror(edge_in, union, pairs_g, counts, orders)
-        return out
-
-    def mirror(self, edge_in, union, pairs_g, counts, orders):
-        """The mirrored relation predictor (section 3.3) -> P_masked logits (R, P)."""
-        # PAPER: stop the alignment gradient at the mirror's input features (.detach()), so that
-        # L_align only trains the relation predictor's message passing and refinement.
-        # PAPER: Eq. (1) random masking on the input of the edge-context LSTM and on the relation feature.
-        edge_in_m = random_mask(edge_in.detach(), self.mask_p)          # (N, E+2H+roi)
-        union_m = random_mask(union.detach(), self.mask_p)              # (R, Du)
-        # PAPER: shared weights: the same edge-context LSTM and head/tail projection as the original.
-        edge_ctx_m = bilstm(self.edge_ctx_rnn, edge_in_m, counts, orders)   # (N, 2H)
-        pair_m = self.pair_features(edge_ctx_m, pairs_g)                # (R, 4H)
-        if self.tied_head:  # the ablation: the original's last two layers, shared
-            return self.rel_compress(self.post_cat(pair_m) * union_m)
-        # PAPER: untied three-layer MLP head; the predicate prior (freq_bias) is not used in the mirror.
-        return self.mirror_head(torch.cat([pair_m, union_m], dim=1))
+        return {"obj_logits": obj_logits, "obj_labels": obj_labels, "obj_scores": obj_scores,
+                "rel_logits": rel_logits, "rel_pairs": pairs_g,
+                # what the mirror reads (train_step runs it; evaluation and inference never do)
+                "edge_in": edge_in, "union": union, "counts": counts, "orders": orders}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -824,6 +834,22 @@ def sample_pairs(label, max_pairs, neg_per_pos):
     neg = neg[torch.randperm(len(neg), device=label.device)[:n_neg]]
     pairs = torch.cat([pos, neg])                                           # (R, 2)
     return pairs, label[pairs[:, 0], pairs[:, 1]]
+
+
+def training_targets(s1, targets, cfg):
+    """The pairs a training step sees and their targets: s1 = stage1_outputs(...), targets the batch's
+    ground truth -> pairs B x (R_b, 2) local indices, predicates (R,), object targets (N,)."""
+    pairs, rel_labels, obj_targets = [], [], []
+    for i, t in enumerate(targets):
+        if cfg.mode == "sgdet":
+            obj_t, label = sgdet_label_matrix(s1["boxes"][i], s1["det"][i]["labels"], t)
+        else:
+            obj_t, label = t["labels"], gt_label_matrix(len(t["boxes"]), t["relations"])
+        pr, lab = sample_pairs(label, cfg.max_pairs_per_image, cfg.neg_per_pos)   # (R_b, 2), (R_b,)
+        pairs.append(pr)
+        rel_labels.append(lab)
+        obj_targets.append(obj_t)
+    return pairs, torch.cat(rel_labels), torch.cat(obj_targets)
 
 
 def all_pairs(n, device):
@@ -1024,10 +1050,10 @@ def cosine_lambda(total, steps, warmup=0):
     return f
 
 
-def check_finite(step, terms):
-    for name, v in terms.items():
-        if not torch.isfinite(v):
-            raise FloatingPointError(f"non-finite loss at iteration {step}: {name} = {v.item()}")
+def check_finite(step, losses):
+    bad = [f"{name} = {v.item()}" for name, v in losses.items() if not torch.isfinite(v)]
+    if bad:
+        raise FloatingPointError(f"non-finite loss at iteration {step}: {', '.join(bad)}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1155,38 +1181,31 @@ def stage1_outputs(detector, images, sizes, mode, gt_boxes=None, gt_labels=None)
     return {"fmap": fmap, "boxes": boxes, "obj_feats": obj_feats, "obj_dists": obj_dists, "det": dets}
 
 
-def relation_step(model, detector, images, targets, cfg):
-    """The loss of one training batch -> (total loss, dict of the terms)."""
+def train_step(model, detector, images, targets, cfg):
+    """The losses of one training batch -> dict(total, sup, align); align is 0 for the baseline.
+    model: a MotifsRelationModel, or its DistributedDataParallel wrapper."""
+    net = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
     sizes = [t["size"] for t in targets]
     s1 = stage1_outputs(detector, images, sizes, cfg.mode, [t["boxes"] for t in targets],
                         [t["labels"] for t in targets])
-    pairs, rel_labels, obj_targets = [], [], []
-    for i, t in enumerate(targets):
-        if cfg.mode == "sgdet":
-            obj_t, label = sgdet_label_matrix(s1["boxes"][i], s1["det"][i]["labels"], t)
-        else:
-            obj_t, label = t["labels"], gt_label_matrix(len(t["boxes"]), t["relations"])
-        pr, lab = sample_pairs(label, cfg.max_pairs_per_image, cfg.neg_per_pos)   # (R_b, 2), (R_b,)
-        pairs.append(pr)
-        rel_labels.append(lab)
-        obj_targets.append(obj_t)
-    rel_labels, obj_targets = torch.cat(rel_labels), torch.cat(obj_targets)      # (R,), (N,)
+    pairs, rel_labels, obj_targets = training_targets(s1, targets, cfg)   # B x (R_b, 2), (R,), (N,)
     out = model(s1["fmap"], s1["boxes"], sizes, s1["obj_feats"], s1["obj_dists"], pairs,
                 gt_labels=torch.cat([t["labels"] for t in targets]))
+    mirror_logits = None
+    if net.mirror is not None:
+        # PAPER: the mirror runs only here, in training; evaluation and inference use the original alone.
+        mirror_logits = net.mirror(net, out["edge_in"], out["union"], out["rel_pairs"], out["counts"],
+                                   out["orders"])                       # (R, P)
     zero = out["rel_logits"].sum() * 0   # keeps the graph (and DDP) whole when a batch has no pairs
     rel_loss = F.cross_entropy(out["rel_logits"], rel_labels) if len(rel_labels) else zero
     obj_loss = F.cross_entropy(out["obj_logits"], obj_targets) if out["obj_logits"] is not None and len(obj_targets) else zero
     sup = rel_loss + obj_loss                                             # L_original
-    terms = {"sup": sup}
-    if "mirror_logits" in out:
-        align = alignment_loss(out["rel_logits"], out["mirror_logits"], cfg.align_loss, rel_labels) \
-            if len(rel_labels) else out["mirror_logits"].sum() * 0
-        terms["align"] = align
-        # PAPER: Eq. (3): L_final = L_original + lambda * L_align (the alignment only on relations).
-        loss = sup + cfg.align_weight * align
-    else:
-        loss = sup
-    return loss, terms
+    if mirror_logits is None:
+        return dict(total=sup, sup=sup, align=torch.zeros((), device=sup.device))
+    align = alignment_loss(out["rel_logits"], mirror_logits, cfg.align_loss, rel_labels) \
+        if len(rel_labels) else mirror_logits.sum() * 0
+    # PAPER: Eq. (3): L_final = L_original + lambda * L_align (the alignment only on relations).
+    return dict(total=sup + cfg.align_weight * align, sup=sup, align=align)
 
 
 def train(cfg, out_dir, rank, world, device):
@@ -1281,16 +1300,16 @@ def train(cfg, out_dir, rank, world, device):
     for step in range(state["step"], cfg.iters):
         images, targets = next(it)
         images, targets = images.to(device), to_device(targets, device)
-        loss, terms = relation_step(ddp, detector, images, targets, cfg)
-        check_finite(step + 1, {**terms, "total": loss})
+        losses = train_step(ddp, detector, images, targets, cfg)
+        check_finite(step + 1, losses)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        losses["total"].backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
         sched.step()
-        acc["loss"] += loss.item()
-        acc["sup"] += terms["sup"].item()
-        acc["align"] += terms.get("align", torch.zeros(())).item()
+        acc["loss"] += losses["total"].item()
+        acc["sup"] += losses["sup"].item()
+        acc["align"] += losses["align"].item()
         acc["n"] += 1
         done = state["step"] = step + 1
         if done % cfg.log_every == 0 or done == cfg.iters:
@@ -1546,7 +1565,7 @@ def plot_photo(image, pred, triplets, names, predicates, title, path):
 
 def strip_mirror(state_dict):
     """The mirror's head is only needed in training: drop it to get a plain Motifs state dict."""
-    return {k: v for k, v in state_dict.items() if not k.startswith("mirror_head.")}
+    return {k: v for k, v in state_dict.items() if k.split(".")[0] not in ("mirror", "mirror_head")}
 
 
 def infer(cfg):
@@ -1735,7 +1754,7 @@ def bench_step(cfg, device, n_batches=6, rounds=5, steps=6):
             t0, c0 = time.perf_counter(), time.process_time()
             for s in range(steps):
                 images, targets = batches[s % n_batches]
-                loss, _ = relation_step(m, detector, images.to(device), to_device(targets, device), c)
+                loss = train_step(m, detector, images.to(device), to_device(targets, device), c)["total"]
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

@@ -58,6 +58,15 @@ def run(model, inp):
                  inp["gt_labels"])
 
 
+def run_mirror(model, inp):
+    """forward, then the mirror on what forward returns, as train_step runs it -> forward's dict
+    with mirror_logits (R, P) added."""
+    out = run(model, inp)
+    out["mirror_logits"] = model.mirror(model, out["edge_in"], out["union"], out["rel_pairs"], out["counts"],
+                                        out["orders"])
+    return out
+
+
 def nonzero(g):
     return g is not None and g.abs().sum() > 0
 
@@ -100,7 +109,7 @@ def mirror_by_hand(model, edge_in_m, union_m, h, tied=False):
     pair_m = pair_features(model, M.bilstm(model.edge_ctx_rnn, edge_in_m, h["counts"], h["orders"]), h["pairs_g"])
     if tied:
         return model.rel_compress(model.post_cat(pair_m) * union_m)
-    l1, l2, l3 = model.mirror_head[0], model.mirror_head[2], model.mirror_head[4]
+    l1, l2, l3 = model.mirror.head[0], model.mirror.head[2], model.mirror.head[4]
     x = torch.cat([pair_m, union_m], dim=1)                                 # (R, 4H + Du)
     return l3(F.relu(l2(F.relu(l1(x)))))
 
@@ -160,7 +169,7 @@ def test_mirror_masks_both_inputs_and_runs_the_shared_predictor_on_them(monkeypa
     masks = KnownMasks(monkeypatch)
     model, inp = tiny(mode=mode, tied_head=tied), tiny_inputs()
     model.train()
-    out = run(model, inp)
+    out = run_mirror(model, inp)
     with torch.no_grad():
         h = by_hand(model, inp)
     assert len(masks.calls) == 2, f"random_mask called {len(masks.calls)} times, expected 2 (Eq. 1 on both inputs)"
@@ -184,14 +193,18 @@ def test_mirror_shares_every_weight_but_an_untied_three_layer_mlp_head():
     aligned = tiny()
     extra = set(dict(aligned.named_parameters())) - plain
     assert plain <= set(dict(aligned.named_parameters()))
-    assert extra and all(n.startswith("mirror_head.") for n in extra), extra   # no private copies
-    kinds = [type(m) for m in aligned.mirror_head]
+    assert extra and all(n.startswith("mirror.head.") for n in extra), extra   # no private copies
+    kinds = [type(m) for m in aligned.mirror.head]
     assert kinds == [torch.nn.Linear, torch.nn.ReLU, torch.nn.Linear, torch.nn.ReLU, torch.nn.Linear], kinds
-    l1, l2, l3 = aligned.mirror_head[0], aligned.mirror_head[2], aligned.mirror_head[4]
+    l1, l2, l3 = aligned.mirror.head[0], aligned.mirror.head[2], aligned.mirror.head[4]
     # it reads [pair features (4H), masked union feature (Du)] and predicts the P predicate logits
     assert (l1.in_features, l1.out_features, l2.out_features, l3.out_features) == (4 * H + DU, DM, DM, P)
     # the tied ablation adds no weight at all
     assert set(dict(tiny(tied_head=True).named_parameters())) == plain
+    # the untied head is created last, as before the Mirror module existed: parameter order (gradient
+    # clipping sums over it) and the initial weights of every other module do not depend on it
+    names = [n for n, _ in aligned.named_parameters()]
+    assert names[-len(extra):] == [f"mirror.head.{i}.{w}" for i in (0, 2, 4) for w in ("weight", "bias")]
 
 
 def test_mirror_at_p0_with_tied_heads_and_no_prior_reproduces_the_original_exactly():
@@ -199,7 +212,7 @@ def test_mirror_at_p0_with_tied_heads_and_no_prior_reproduces_the_original_exact
     model, inp = tiny(tied_head=True, mask_p=0.0, freq=torch.zeros(C, C, P)), tiny_inputs()
     model.train()
     with torch.no_grad():
-        out = run(model, inp)
+        out = run_mirror(model, inp)
     torch.testing.assert_close(out["mirror_logits"], out["rel_logits"], atol=0, rtol=0)
 
 
@@ -208,9 +221,9 @@ def test_no_frequency_prior_in_the_mirror(monkeypatch):
     model, inp = tiny(), tiny_inputs()
     model.train()
     with torch.no_grad():
-        before = run(model, inp)
+        before = run_mirror(model, inp)
         model.freq_bias.weight.normal_(0, 10)
-        after = run(model, inp)
+        after = run_mirror(model, inp)
     assert not torch.allclose(before["rel_logits"], after["rel_logits"])        # the original uses it
     torch.testing.assert_close(before["mirror_logits"], after["mirror_logits"])  # the mirror does not
 
@@ -221,7 +234,7 @@ def align_grads(mode="predcls", kind="kl", inputs_grad=False, **kw):
         inp["obj_feats"].requires_grad_(True)
         inp["fmap"].requires_grad_(True)
     model.train()
-    out = run(model, inp)
+    out = run_mirror(model, inp)
     labels = torch.randint(0, P, (R,), generator=torch.Generator().manual_seed(0))
     M.alignment_loss(out["rel_logits"], out["mirror_logits"], kind, labels).backward()
     return {n: p.grad for n, p in model.named_parameters()}, inp
@@ -239,7 +252,7 @@ def test_align_gradient_stops_at_the_mirror_inputs(mode, kind, tied):
     assert not leaked, f"L_align reached {leaked}, before the relation predictor"
     assert inp["obj_feats"].grad is None and inp["fmap"].grad is None
     # ...and it does train the relation predictor's message passing (shared) and the mirror's head
-    head = ("post_cat.weight", "rel_compress.weight") if tied else ("mirror_head.0.weight", "mirror_head.4.weight")
+    head = ("post_cat.weight", "rel_compress.weight") if tied else ("mirror.head.0.weight", "mirror.head.4.weight")
     for name in ("edge_ctx_rnn.weight_ih_l0", "edge_ctx_rnn.weight_hh_l0_reverse", "post_emb.weight") + head:
         assert nonzero(grads[name]), f"L_align did not reach {name}"
 
@@ -252,24 +265,32 @@ def test_align_loss_does_not_train_the_original_head(kind):
         assert not nonzero(grads[name]), f"L_align reached {name}"
 
 
-def test_eval_never_runs_the_mirror_and_equals_the_plain_model(monkeypatch):
+class MirrorCalls:
+    """Counts the runs of the mirror (Mirror.forward) and of the masking (random_mask)."""
+
+    def __init__(self, monkeypatch):
+        self.mirror, self.masks = [], []
+        mirror_forward, mask = M.Mirror.forward, M.random_mask
+        monkeypatch.setattr(M.Mirror, "forward", lambda *a: self.mirror.append(1) or mirror_forward(*a))
+        monkeypatch.setattr(M, "random_mask", lambda x, p: self.masks.append(1) or mask(x, p))
+
+
+def test_only_the_training_step_runs_the_mirror_and_eval_equals_the_plain_model(monkeypatch):
+    calls = MirrorCalls(monkeypatch)
     aligned, inp = tiny(mode="sgcls"), tiny_inputs()
-    masked = []
-    real = M.random_mask
-    monkeypatch.setattr(M, "random_mask", lambda x, p: masked.append(1) or real(x, p))
-    aligned.eval()
-    aligned.mirror = lambda *a, **k: (_ for _ in ()).throw(AssertionError("the mirror ran in eval mode"))
     plain = tiny(no_align=True, mode="sgcls", seed=123)
     plain.load_state_dict(M.strip_mirror(aligned.state_dict()))           # strict: the same layout
+    aligned.eval()
     plain.eval()
     with torch.no_grad():
         a, b = run(aligned, inp), run(plain, inp)
-    assert "mirror_logits" not in a and masked == []
     for k in ("rel_logits", "obj_logits", "obj_labels", "obj_scores"):
         assert torch.equal(a[k], b[k]), k
     aligned.train()
-    del aligned.mirror
-    assert "mirror_logits" in run(aligned, inp) and masked   # (in training it does run: the check can fail)
+    run(aligned, inp)                       # the model's forward never runs it, in either mode
+    assert calls.mirror == [] and calls.masks == []
+    step(monkeypatch, aligned, inp, tiny_cfg(mode="sgcls"))
+    assert calls.mirror == [1] and len(calls.masks) == 2   # train_step does (so the checks above can fail)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -314,22 +335,26 @@ TARGET_RELS = [torch.tensor([[0, 1, 2], [2, 3, 4]]), torch.tensor([[1, 0, 3]])] 
 
 
 def step(monkeypatch, model, inp, cfg):
-    """relation_step on the tiny inputs (the frozen detector's part replaced by them). Returns the
-    total, the terms, the model's outputs and the sampled predicate labels (R,)."""
+    """train_step on the tiny inputs (the frozen detector's part replaced by them). Returns its
+    losses dict, the model's outputs (mirror_logits added when the mirror ran) and the sampled
+    predicate labels (R,)."""
     monkeypatch.setattr(M, "stage1_outputs", lambda *a, **k: dict(
         fmap=inp["fmap"], boxes=inp["boxes"], obj_feats=inp["obj_feats"], obj_dists=inp["obj_dists"], det=None))
-    sampled, outs = [], []
+    sampled, outs, mirrors = [], [], []
     monkeypatch.setattr(M, "sample_pairs", lambda *a: sampled.append(SAMPLE_PAIRS(*a)) or sampled[-1])
     labels = inp["gt_labels"].split(COUNTS)
     targets = [dict(size=s, boxes=b, labels=l, relations=r)
                for s, b, l, r in zip(inp["sizes"], inp["boxes"], labels, TARGET_RELS)]
-
-    def call(*a, **k):
-        outs.append(model(*a, **k))
-        return outs[-1]
+    hooks = [model.register_forward_hook(lambda m, a, o: outs.append(o))]
+    if model.mirror is not None:
+        hooks.append(model.mirror.register_forward_hook(lambda m, a, o: mirrors.append(o)))
     torch.manual_seed(7)   # the same pairs and masks for every call
-    loss, terms = M.relation_step(call, None, None, targets, cfg)
-    return loss, terms, outs[0], torch.cat([lab for _, lab in sampled])
+    losses = M.train_step(model, None, None, targets, cfg)
+    for h in hooks:
+        h.remove()
+    assert len(outs) == 1 and len(mirrors) == (model.mirror is not None)
+    out = {**outs[0], **({"mirror_logits": mirrors[0]} if mirrors else {})}
+    return losses, out, torch.cat([lab for _, lab in sampled])
 
 
 def kl_by_hand(orig_logits, mirror_logits):
@@ -338,45 +363,48 @@ def kl_by_hand(orig_logits, mirror_logits):
 
 
 @pytest.mark.parametrize("kind", ["kl", "supervised"])
-def test_relation_step_total_is_sup_plus_lambda_align_on_all_sampled_pairs(monkeypatch, kind):
+def test_train_step_total_is_sup_plus_lambda_align_on_all_sampled_pairs(monkeypatch, kind):
     inp = tiny_inputs()
     results = {}
     for lam in (1.0, 7.0):
         cfg = tiny_cfg(align_weight=lam, align_loss=kind)
         model = tiny()
         model.train()
-        loss, terms, out, labels = step(monkeypatch, model, inp, cfg)
+        losses, out, labels = step(monkeypatch, model, inp, cfg)
         # the sampled pairs hold both related and unrelated pairs; L_align covers all of them
         assert (labels > 0).any() and (labels == 0).any() and len(labels) == len(out["mirror_logits"])
         rel, mir = out["rel_logits"].detach(), out["mirror_logits"].detach()
-        torch.testing.assert_close(terms["sup"], F.cross_entropy(rel, labels))          # L_original (predcls)
+        torch.testing.assert_close(losses["sup"], F.cross_entropy(rel, labels))         # L_original (predcls)
         if kind == "kl":
             expected_align = kl_by_hand(rel, mir)                                        # Eq. (2)
         else:
             expected_align = -mir.log_softmax(-1)[torch.arange(len(labels)), labels].mean()   # Table 3
-        torch.testing.assert_close(terms["align"], expected_align)
-        torch.testing.assert_close(loss, terms["sup"] + lam * expected_align)            # Eq. (3)
-        loss.backward()
+        torch.testing.assert_close(losses["align"], expected_align)
+        torch.testing.assert_close(losses["total"], losses["sup"] + lam * expected_align)   # Eq. (3)
+        losses["total"].backward()
         results[lam] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-        assert terms["align"] > 1e-3
+        assert losses["align"] > 1e-3
     # the gradient of lambda * L_align scales with lambda (the untied head gets nothing else)
-    for name in ("mirror_head.0.weight", "mirror_head.4.bias"):
+    for name in ("mirror.head.0.weight", "mirror.head.4.bias"):
         assert nonzero(results[1.0][name])
         torch.testing.assert_close(results[7.0][name], 7.0 * results[1.0][name])
     # and L_original alone trains the original head: its gradient there does not depend on lambda
     torch.testing.assert_close(results[7.0]["rel_compress.weight"], results[1.0]["rel_compress.weight"])
 
 
-def test_relation_step_without_alignment_has_no_mirror(monkeypatch):
+def test_train_step_without_alignment_has_no_mirror_and_a_zero_align(monkeypatch):
     model, inp = tiny(no_align=True), tiny_inputs()
     model.train()
-    loss, terms, out, labels = step(monkeypatch, model, inp, tiny_cfg(no_align=True))
-    assert "mirror_logits" not in out and "align" not in terms
-    torch.testing.assert_close(loss, F.cross_entropy(out["rel_logits"], labels))
+    losses, out, labels = step(monkeypatch, model, inp, tiny_cfg(no_align=True))
+    assert model.mirror is None and "mirror_logits" not in out
+    assert set(losses) == {"total", "sup", "align"} and losses["align"].item() == 0.0
+    torch.testing.assert_close(losses["total"], F.cross_entropy(out["rel_logits"], labels))
+    torch.testing.assert_close(losses["sup"], losses["total"])
 
 
 def test_command_line_reaches_the_ablations():
     cfg = M.parse_args(["--align-loss", "supervised", "--tied-head", "--mask-p", "0.2", "--align-weight", "3"])
     assert (cfg.align_loss, cfg.tied_head, cfg.mask_p, cfg.align_weight, cfg.no_align) == ("supervised", True, 0.2, 3.0, False)
     model = M.MotifsRelationModel(tiny_cfg(tied_head=True, mask_p=0.2), C, P, FC, 4, torch.zeros(C, C, P))
-    assert model.mask_p == 0.2 and model.tied_head and not hasattr(model, "mirror_head")
+    assert model.mirror.mask_p == 0.2 and model.mirror.tied and model.mirror.head is None
+    assert not list(model.mirror.parameters())
