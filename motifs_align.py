@@ -19,8 +19,6 @@ writes its folder runs/motifs_align-<mode>-<align|noalign>-seed<s>/ (or --out), 
     python motifs_align.py --predcls --no-align       # the Motifs baseline
     python motifs_align.py --sgcls    /  --sgdet      # the other two protocols
     python motifs_align.py --predcls --freq-baseline  # the frequency-prior-only predictor (FREQ)
-    python motifs_align.py --compare --seeds 0,1,2,3  # baseline vs aligned, Table-2 style, mean ± std
-    python motifs_align.py --bench-step               # step time with and without the alignment
     python motifs_align.py --predcls --resume         # continue a killed run where it stopped
     python motifs_align.py --infer a.jpg b.jpg --ckpt runs/<run>/ckpt_best.pt   # your own images
     torchrun --nproc_per_node=2 motifs_align.py --predcls                        # data parallel
@@ -84,10 +82,6 @@ class Config:
     """auto, cpu or cuda"""
     seed: int = 0
     """random seed of the relation model (the detector has its own fixed det_seed)"""
-    seeds: str = ""
-    """comma-separated seeds, e.g. 0,1,2,3: run each and report mean ± std"""
-    compare: bool = False
-    """train the baseline and the aligned model on the same seeds; Table-2-style comparison"""
     resume: bool = False
     """continue from <out>/ckpt_last.pt (the same command plus --resume ends where the uninterrupted run ends)"""
     threads: int = 1
@@ -172,8 +166,6 @@ class Config:
     # -- other entry points
     freq_baseline: bool = False
     """do not train: evaluate the frequency-prior-only predictor (FREQ of Neural Motifs)"""
-    bench_step: bool = False
-    """time training steps with and without the alignment in one process and print the ratio"""
     infer: List[str] = field(default_factory=list)
     """run a trained model (--ckpt) on these image files and draw their top triplets"""
     ckpt: str = ""
@@ -971,8 +963,9 @@ def load_checkpoint(path, device):
 
 
 # Settings that do not change a run's numbers; every other field must match for a folder to be resumed.
-NOT_RESULT_FIELDS = {"out", "resume", "log_every", "num_workers", "seeds", "compare", "bench_step",
-                     "infer", "ckpt", "boxes", "device"}
+# (seeds, compare, bench_step: flags of earlier versions, now study.py's, still in older args.json files)
+NOT_RESULT_FIELDS = {"out", "resume", "log_every", "num_workers", "infer", "ckpt", "boxes", "device",
+                     "seeds", "compare", "bench_step"}
 
 
 def existing_run(cfg, out_dir):
@@ -1579,7 +1572,8 @@ def infer(cfg):
     missing = [p for p in cfg.infer if not os.path.isfile(p)]
     if missing:
         raise SystemExit(f"error: --infer {missing[0]}: no such image file")
-    args = Config(**{**ck["args"], "no_align": True})   # inference = the original model, never the mirror
+    known = {f.name for f in dataclasses.fields(Config)}   # (older runs' args hold flags since moved to study.py)
+    args = Config(**{**{k: v for k, v in ck["args"].items() if k in known}, "no_align": True})   # never the mirror
     names, predicates = ck["vocab"]["idx_to_label"], ck["vocab"]["idx_to_predicate"]
     C, P = len(names), len(predicates)
     device = torch.device("cuda" if cfg.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
@@ -1647,130 +1641,6 @@ def infer(cfg):
 
 
 # ----------------------------------------------------------------------------------------------
-# Several seeds, the baseline-vs-aligned comparison, and the step-time benchmark
-
-# The paper's Table 2 (Visual Genome, VGG-16 Faster R-CNN), mR@20/50/100 as "mean ± std" over 4 runs.
-PAPER_TABLE2 = {
-    "predcls": {"Motifs*": ("15.0 ± 0.8", "19.8 ± 0.9", "21.9 ± 0.9"), "Align-Motifs*": ("16.5 ± 0.4", "21.7 ± 0.5", "24.2 ± 0.5")},
-    "sgcls": {"Motifs*": ("7.2 ± 0.3", "8.9 ± 0.4", "9.6 ± 0.4"), "Align-Motifs*": ("8.2 ± 0.2", "10.5 ± 0.2", "11.5 ± 0.3")},
-    "sgdet": {"Motifs*": ("4.2 ± 0.4", "5.9 ± 0.5", "7.2 ± 0.3"), "Align-Motifs*": ("4.4 ± 0.2", "6.4 ± 0.3", "7.8 ± 0.3")},
-}
-TABLE_KEYS = ["mR@20", "mR@50", "mR@100", "R@20", "R@50", "R@100", "head_mR@100", "body_mR@100", "tail_mR@100"]
-
-
-def mean_std(runs, key):
-    """'mean ± std' in percent over seeds (sample std, ddof=1; '±' omitted for one run)."""
-    v = 100 * np.array([r[key] for r in runs if key in r], dtype=float)
-    if len(v) == 0:
-        return "-"
-    return f"{v.mean():.1f} ± {v.std(ddof=1):.1f}" if len(v) > 1 else f"{v.mean():.1f}"
-
-
-def train_or_reuse(cfg, out_dir, rank, world, device):
-    """A finished run with the same settings is read back, never redone nor overwritten."""
-    found = existing_run(cfg, out_dir)
-    if found is not None and not found[0] and found[1] and not cfg.resume:
-        if rank == 0:
-            print(f"reusing the finished run {out_dir}")
-        with open(os.path.join(out_dir, "metrics.json")) as f:
-            return json.load(f)
-    return train(cfg, out_dir, rank, world, device)
-
-
-def run_seeds(cfg, seeds, base, rank, world, device, align):
-    runs = []
-    for s in seeds:
-        c = dataclasses.replace(cfg, seed=s, no_align=not align, out="")
-        out_dir = os.path.join(base, f"{'align' if align else 'noalign'}-seed{s}")
-        runs.append(train_or_reuse(c, out_dir, rank, world, device))
-    return runs
-
-
-def compare(cfg, seeds, rank, world, device):
-    base = cfg.out or f"runs/motifs_align-{cfg.mode}-compare"
-    # The frequency prior alone (no training, no seed) is the floor a trained model must clear.
-    freq = train_or_reuse(dataclasses.replace(cfg, freq_baseline=True, out=""), os.path.join(base, "freq"), rank,
-                          world, device)
-    results = {"Motifs (ours)": run_seeds(cfg, seeds, base, rank, world, device, align=False),
-               "Align-Motifs (ours)": run_seeds(cfg, seeds, base, rank, world, device, align=True)}
-    if rank != 0:
-        return
-    lines = [f"{cfg.mode} test results on `{cfg.data}` data, seeds {seeds}, mean ± std (%):", "",
-             "| method | " + " | ".join(TABLE_KEYS) + " |", "|---" * (len(TABLE_KEYS) + 1) + "|",
-             "| FREQ (frequency prior only, ours) | " + " | ".join(mean_std([freq], k) for k in TABLE_KEYS) + " |"]
-    for name, runs in results.items():
-        lines.append(f"| {name} | " + " | ".join(mean_std(runs, k) for k in TABLE_KEYS) + " |")
-    for name, vals in PAPER_TABLE2[cfg.mode].items():
-        lines.append(f"| {name}, paper (Visual Genome) | " + " | ".join(vals) + " | - " * 6 + "|")
-    with open(os.path.join(base, "compare.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    with open(os.path.join(base, "compare.json"), "w") as f:
-        json.dump({"seeds": seeds, "FREQ": freq, **results}, f, indent=1)
-    print("\n".join(lines))
-    # Figure 5 style: mean per-predicate R@100 difference, aligned - baseline, frequency order.
-    root = data.ensure_synthetic() if cfg.data == "synthetic" else cfg.data
-    train_ds = data.VGSGGDataset(root, "train", num_val_im=data.SYNTHETIC_NUM_VAL if cfg.data == "synthetic" else 5000)
-    counts = data.predicate_counts(train_ds)
-    groups = metrics.default_predicate_groups(train_ds.idx_to_predicate, counts)
-    per = {n: np.nanmean([r["per_predicate_R@100"] for r in runs], axis=0) for n, runs in results.items()}
-    diff = per["Align-Motifs (ours)"] - per["Motifs (ours)"]
-    order = data.frequency_order(counts)
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(max(8, 0.3 * len(order)), 4))
-    _bars(ax, [100 * np.nan_to_num(diff[p - 1]) for p in order], order, groups, train_ds.idx_to_predicate)
-    ax.axhline(0, color="black", lw=0.8)
-    ax.set_ylabel("R@100 difference (points)")
-    ax.set_title(f"aligned - baseline per-predicate test R@100, mean of {len(seeds)} seed(s)")
-    fig.tight_layout()
-    fig.savefig(os.path.join(base, "compare_per_predicate.png"), dpi=100)
-    plt.close(fig)
-    print(f"wrote {base}/compare.md, compare.json, compare_per_predicate.png")
-
-
-def bench_step(cfg, device, n_batches=6, rounds=5, steps=6):
-    """Time one training step with and without the alignment on the same batches in one process.
-    Rounds alternate which model goes first; we report the median of wall-clock and of process CPU
-    time per step (CPU time is the robust one on a shared machine; on a GPU, read the wall clock)."""
-    root, ds = load_datasets(cfg, 0)
-    C, P = ds["train"].num_classes, ds["train"].num_predicates
-    log_probs = torch.zeros(C, C, P)   # the frequency bias values do not change the cost
-    detector = Detector(cfg, C).to(device).eval()   # a random detector: in predcls/sgcls its weights
-    for p in detector.parameters():                 # do not change the cost of a relation step
-        p.requires_grad_(False)
-    loader = torch.utils.data.DataLoader(ds["train"], batch_size=cfg.batch_size, collate_fn=data.collate,
-                                         sampler=data.TrainingSampler(len(ds["train"]), seed=0))
-    it = iter(loader)
-    batches = [next(it) for _ in range(n_batches)]
-    models = {}
-    for align in (False, True):
-        c = dataclasses.replace(cfg, no_align=not align)
-        torch.manual_seed(0)
-        m = MotifsRelationModel(c, C, P, detector.backbone.out_channels, detector.stride, log_probs).to(device).train()
-        models[align] = (m, c, torch.optim.SGD(m.parameters(), lr=1e-4, momentum=0.9))
-    wall, cpu = {False: [], True: []}, {False: [], True: []}
-    for r in range(rounds + 1):        # round 0 warms up
-        for align in ((False, True) if r % 2 == 0 else (True, False)):
-            m, c, opt = models[align]
-            t0, c0 = time.perf_counter(), time.process_time()
-            for s in range(steps):
-                images, targets = batches[s % n_batches]
-                loss = train_step(m, detector, images.to(device), to_device(targets, device), c)["total"]
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            if r > 0:
-                wall[align].append((time.perf_counter() - t0) / steps)
-                cpu[align].append((time.process_time() - c0) / steps)
-    w0, w1, c0, c1 = (float(np.median(x[a])) for x in (wall, cpu) for a in (False, True))
-    print(f"bench-step ({cfg.mode}, batch {cfg.batch_size}, {device}, torch threads {torch.get_num_threads()}): "
-          f"without alignment {1000 * w0:.1f} ms/step wall, {1000 * c0:.1f} ms CPU | with alignment "
-          f"{1000 * w1:.1f} ms wall, {1000 * c1:.1f} ms CPU | ratio {w1 / w0:.2f} wall, {c1 / c0:.2f} CPU")
-    return w1 / w0, c1 / c0
-
-
-# ----------------------------------------------------------------------------------------------
 # main
 
 def main(argv=None):
@@ -1781,22 +1651,7 @@ def main(argv=None):
         return
     rank, world, device = setup_distributed(cfg)
     try:
-        if cfg.bench_step:
-            bench_step(cfg, device)
-            return
-        seeds = [int(s) for s in cfg.seeds.split(",")] if cfg.seeds else [cfg.seed]
-        if cfg.compare:
-            compare(cfg, seeds, rank, world, device)
-        elif len(seeds) > 1:
-            base = cfg.out or f"runs/motifs_align-{cfg.mode}-{'noalign' if cfg.no_align else 'align'}-seeds"
-            runs = run_seeds(cfg, seeds, base, rank, world, device, align=not cfg.no_align)
-            if rank == 0:
-                line = " | ".join(f"{k} {mean_std(runs, k)}" for k in TABLE_KEYS)
-                print(f"seeds {seeds}: {line}")
-                with open(os.path.join(base, "summary.md"), "w") as f:
-                    f.write(f"seeds {seeds}, mean ± std (%): {line}\n")
-        else:
-            train(cfg, cfg.out or run_name(cfg), rank, world, device)
+        train(cfg, cfg.out or run_name(cfg), rank, world, device)
     except FloatingPointError as e:
         print(f"stopping: {e}", file=sys.stderr)
         sys.exit(1)

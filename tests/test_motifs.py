@@ -267,19 +267,3 @@ def test_infer_on_an_image_file(tmp_path, predcls_run):
             assert im.width == 800 and 800 * 300 / 400 < im.height < 800 * 300 / 400 + 300
     line = one_line_error(script("--infer", str(tmp_path / "missing.jpg"), "--ckpt", os.path.join(out, "ckpt_best.pt")))
     assert "missing.jpg" in line
-
-
-def test_compare_writes_the_table_and_the_difference_plot(tmp_path, predcls_run):
-    r = script("--predcls", "--compare", "--seeds", "0", *TINY, "--out", str(tmp_path))
-    assert r.returncode == 0, r.stdout + r.stderr
-    table = (tmp_path / "compare.md").read_text()
-    runs = json.loads((tmp_path / "compare.json").read_text())
-    assert len(runs["Motifs (ours)"]) == len(runs["Align-Motifs (ours)"]) == 1
-    for name, folder in (("Motifs (ours)", "noalign-seed0"), ("Align-Motifs (ours)", "align-seed0")):
-        m = metrics_of(tmp_path / folder)
-        assert runs[name][0] == m
-        row = [l for l in table.splitlines() if l.startswith(f"| {name} |")][0]
-        assert row.split("|")[2].strip() == f"{100 * m['mR@20']:.1f}"   # the table shows the run's own numbers
-    assert os.path.getsize(tmp_path / "compare_per_predicate.png") > 0
-    r = script("--predcls", "--compare", "--seeds", "0", *TINY, "--out", str(tmp_path))   # reused, not redone
-    assert r.returncode == 0 and r.stdout.count("reusing the finished run") == 3, r.stdout + r.stderr
