@@ -45,10 +45,12 @@ Symbols used in shape comments:
 import argparse
 import dataclasses
 import hashlib
+import inspect
 import json
 import math
 import os
 import random
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -184,58 +186,61 @@ PRESETS = {
 }
 
 
-def parse_args(argv=None):
-    """Build argparse from the Config fields; `--preset` applies a dict of overrides first."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    docs = _field_docs()
+def fail(msg):
+    """A user's mistake ends here: one line `error: ...` on stderr, exit status 1, no traceback
+    (tracebacks are for bugs)."""
+    raise SystemExit("error: " + " ".join(str(msg).split()))  # always one line
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's own errors (unknown flag, bad int) in the same one line
+        fail(message)
+
+
+def parse_config(argv=None) -> Config:
+    """argparse generated from the dataclass: `--help` lists every field with its default and docstring.
+    `--preset NAME` applies a dict of overrides first; flags given on the command line win."""
+    docs = dict(re.findall(r'^    (\w+): .*\n    """(.*?)"""', inspect.getsource(Config), re.M))
+    parser = ArgumentParser(description=__doc__.split("\n")[0])
     for f in dataclasses.fields(Config):
         flag = "--" + f.name.replace("_", "-")
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         if f.type is bool or f.type == "bool":
-            parser.add_argument(flag, action="store_true", default=None, help=docs.get(f.name, ""))
+            parser.add_argument(flag, action="store_true", default=None, help=docs[f.name])
         elif f.name == "infer":
-            parser.add_argument(flag, nargs="+", default=None, metavar="IMAGE", help=docs[f.name])
+            parser.add_argument(flag, nargs="+", metavar="IMG", default=None, help=docs[f.name])
         else:
-            parser.add_argument(flag, type=type(default), default=None,
-                                help=f"{docs.get(f.name, '')} (default: {default!r})")
-    # The one shortcut outside the dataclass: --predcls / --sgcls / --sgdet set `mode`.
-    for m in ("predcls", "sgcls", "sgdet"):
-        parser.add_argument("--" + m, dest="mode", action="store_const", const=m, help=f"--mode {m}")
+            parser.add_argument(flag, type=type(f.default), default=None,
+                                help=f"{docs[f.name]} (default: {f.default!r})")
+    for mode in ("predcls", "sgcls", "sgdet"):   # the one shortcut outside the dataclass: they set `mode`
+        parser.add_argument("--" + mode, dest="mode", action="store_const", const=mode, help=f"--mode {mode}")
     given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
     preset = given.get("preset", "")
     if preset and preset not in PRESETS:
-        parser.error(f"unknown --preset {preset!r}; choose from {sorted(PRESETS)}")
+        fail(f"unknown --preset {preset!r}; choose from {sorted(PRESETS)}")
     cfg = Config(**{**PRESETS.get(preset, {}), **given})
-    if cfg.mode not in ("predcls", "sgcls", "sgdet"):
-        parser.error(f"--mode must be predcls, sgcls or sgdet, not {cfg.mode!r}")
-    if cfg.det_optimizer not in ("adamw", "sgd"):
-        parser.error(f"--det-optimizer must be adamw or sgd, not {cfg.det_optimizer!r}")
-    if cfg.align_loss not in ("kl", "supervised"):
-        parser.error(f"--align-loss must be kl or supervised, not {cfg.align_loss!r}")
-    if not 0.0 <= cfg.mask_p < 1.0:
-        parser.error(f"--mask-p must be in [0, 1), got {cfg.mask_p}")
-    for name in ("iters", "det_iters", "batch_size", "det_batch", "eval_batch", "threads", "log_every",
-                 "eval_every", "ckpt_every", "lr_steps", "max_pairs_per_image", "det_max_per_image"):
-        if getattr(cfg, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
-    for name in ("val_images", "max_eval_images", "max_size", "num_workers", "neg_per_pos"):
-        if getattr(cfg, name) < 0:
-            parser.error(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(cfg, name)}")
-    if cfg.infer and not cfg.ckpt:
-        parser.error("--infer needs --ckpt PATH (a ckpt_best.pt written by a training run)")
+    check_config(cfg)
     return cfg
 
 
-def _field_docs():
-    """The string under each Config field, read from this file's source (used as --help text)."""
-    import ast
-    import inspect
-    tree = ast.parse(inspect.getsource(Config))
-    body, docs = tree.body[0].body, {}
-    for a, b in zip(body, body[1:]):
-        if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant):
-            docs[a.target.id] = b.value.value
-    return docs
+def check_config(cfg: Config):
+    """Every flag's value, checked before anything runs (one error line for a bad one)."""
+    if cfg.mode not in ("predcls", "sgcls", "sgdet"):
+        fail(f"--mode must be predcls, sgcls or sgdet, not {cfg.mode!r}")
+    if cfg.det_optimizer not in ("adamw", "sgd"):
+        fail(f"--det-optimizer must be adamw or sgd, not {cfg.det_optimizer!r}")
+    if cfg.align_loss not in ("kl", "supervised"):
+        fail(f"--align-loss must be kl or supervised, not {cfg.align_loss!r}")
+    if not 0.0 <= cfg.mask_p < 1.0:
+        fail(f"--mask-p must be in [0, 1), got {cfg.mask_p}")
+    for name in ("iters", "det_iters", "batch_size", "det_batch", "eval_batch", "threads", "log_every",
+                 "eval_every", "ckpt_every", "lr_steps", "max_pairs_per_image", "det_max_per_image"):
+        if getattr(cfg, name) < 1:
+            fail(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
+    for name in ("val_images", "max_eval_images", "max_size", "num_workers", "neg_per_pos"):
+        if getattr(cfg, name) < 0:
+            fail(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(cfg, name)}")
+    if cfg.infer and not cfg.ckpt:
+        fail("--infer needs --ckpt PATH (a ckpt_best.pt written by a training run)")
 
 
 def run_name(cfg):
@@ -931,8 +936,8 @@ def load_datasets(cfg, rank):
     else:
         root, num_val = cfg.data, 5000   # the standard VG-SGG split: 5000 val images carved from train
         if not os.path.isdir(root):
-            raise SystemExit(f"error: --data {root}: no such folder (expected a folder with the VG-SGG files, "
-                             f"or --data synthetic)")
+            fail(f"--data {root}: no such folder (expected a folder with the VG-SGG files, "
+                 f"or --data synthetic)")
     kw = dict(num_val_im=num_val, max_size=cfg.max_size or None)
     return root, {s: data.VGSGGDataset(root, s, **kw) for s in ("train", "val", "test")}
 
@@ -955,11 +960,11 @@ def save_atomic(obj, path):
 def load_checkpoint(path, device):
     """A checkpoint written by this script, or one line that says what is wrong with the file."""
     if not os.path.isfile(path):
-        raise SystemExit(f"error: {path}: no such checkpoint file")
+        fail(f"{path}: no such checkpoint file")
     try:
         return torch.load(path, map_location=device, weights_only=True)
     except Exception as e:   # truncated, not a torch file, or not ours
-        raise SystemExit(f"error: {path} is not a checkpoint this script can read ({str(e).splitlines()[0]})")
+        fail(f"{path} is not a checkpoint this script can read ({str(e).splitlines()[0]})")
 
 
 # Settings that do not change a run's numbers; every other field must match for a folder to be resumed.
@@ -986,21 +991,21 @@ def claim_run_dir(cfg, out_dir):
     found = existing_run(cfg, out_dir)
     if found is None:
         if cfg.resume:
-            raise SystemExit(f"error: --resume: {out_dir} holds no run (no args.json); start it without --resume")
+            fail(f"--resume: {out_dir} holds no run (no args.json); start it without --resume")
         return
     differ, finished = found
     if differ:
-        raise SystemExit(f"error: {out_dir} holds a run with other settings (differs in: {', '.join(differ)}); "
-                         f"pass --out NEW_FOLDER")
+        fail(f"{out_dir} holds a run with other settings (differs in: {', '.join(differ)}); "
+             f"pass --out NEW_FOLDER")
     if cfg.resume:
         if not os.path.exists(os.path.join(out_dir, "ckpt_last.pt")):
-            raise SystemExit(f"error: --resume: {out_dir} has no ckpt_last.pt; start it again with --out NEW_FOLDER")
+            fail(f"--resume: {out_dir} has no ckpt_last.pt; start it again with --out NEW_FOLDER")
     elif finished:
-        raise SystemExit(f"error: {out_dir} already holds a finished run with these settings; "
-                         f"pass --out NEW_FOLDER to run again")
+        fail(f"{out_dir} already holds a finished run with these settings; "
+             f"pass --out NEW_FOLDER to run again")
     else:
-        raise SystemExit(f"error: {out_dir} holds an unfinished run with these settings; add --resume to "
-                         f"continue it, or pass --out NEW_FOLDER")
+        fail(f"{out_dir} holds an unfinished run with these settings; add --resume to "
+             f"continue it, or pass --out NEW_FOLDER")
 
 
 def rng_states():
@@ -1076,7 +1081,7 @@ def get_detector(cfg, ds, path, cached, device, rank, world, log):
         try:
             detector.load_state_dict(blob["detector"])
         except (KeyError, RuntimeError) as e:
-            raise SystemExit(f"error: {path} does not hold a detector with these settings ({str(e).splitlines()[0]})")
+            fail(f"{path} does not hold a detector with these settings ({str(e).splitlines()[0]})")
         log(f"stage 1: detector loaded from {path}")
     else:
         log(f"stage 1: training the detector ({cfg.det_iters} iterations), cached as {path}")
@@ -1207,7 +1212,7 @@ def train(cfg, out_dir, rank, world, device):
     # Every input is checked before anything is written: the data, the detector file, the run folder.
     root, ds = load_datasets(cfg, rank)
     if cfg.detector_ckpt and not os.path.isfile(cfg.detector_ckpt):
-        raise SystemExit(f"error: --detector-ckpt {cfg.detector_ckpt}: no such file")
+        fail(f"--detector-ckpt {cfg.detector_ckpt}: no such file")
     claim_run_dir(cfg, out_dir)
     barrier()   # every rank has looked at the folder before rank 0 writes into it
     log = Log(os.path.join(out_dir, "log.txt"), rank)
@@ -1253,7 +1258,7 @@ def train(cfg, out_dir, rank, world, device):
         try:
             model.load_state_dict(ck["model"])
         except RuntimeError as e:
-            raise SystemExit(f"error: --resume: {last_path} does not fit this model ({str(e).splitlines()[0]})")
+            fail(f"--resume: {last_path} does not fit this model ({str(e).splitlines()[0]})")
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
         state = ck["state"]
@@ -1567,11 +1572,11 @@ def infer(cfg):
     from PIL import Image
     ck = load_checkpoint(cfg.ckpt, "cpu")
     if not {"args", "vocab", "detector", "model"} <= set(ck):
-        raise SystemExit(f"error: --ckpt {cfg.ckpt} is not a ckpt_best.pt of motifs_align.py (use the run's "
-                         f"ckpt_best.pt: ckpt_last.pt holds no detector)")
+        fail(f"--ckpt {cfg.ckpt} is not a ckpt_best.pt of motifs_align.py (use the run's "
+             f"ckpt_best.pt: ckpt_last.pt holds no detector)")
     missing = [p for p in cfg.infer if not os.path.isfile(p)]
     if missing:
-        raise SystemExit(f"error: --infer {missing[0]}: no such image file")
+        fail(f"--infer {missing[0]}: no such image file")
     known = {f.name for f in dataclasses.fields(Config)}   # (older runs' args hold flags since moved to study.py)
     args = Config(**{**{k: v for k, v in ck["args"].items() if k in known}, "no_align": True})   # never the mirror
     names, predicates = ck["vocab"]["idx_to_label"], ck["vocab"]["idx_to_predicate"]
@@ -1585,12 +1590,12 @@ def infer(cfg):
     given = {}
     if args.mode != "sgdet":
         if not cfg.boxes:
-            raise SystemExit(f"error: this checkpoint is {args.mode}: give the boxes with --boxes boxes.json")
+            fail(f"this checkpoint is {args.mode}: give the boxes with --boxes boxes.json")
         try:
             with open(cfg.boxes) as f:
                 given = json.load(f)
         except (OSError, ValueError) as e:
-            raise SystemExit(f"error: --boxes {cfg.boxes}: {str(e).splitlines()[0]}")
+            fail(f"--boxes {cfg.boxes}: {str(e).splitlines()[0]}")
     # Photos are resized so that their longest side is the training images' (the detector's anchors and the
     # model were trained at that scale), or --max-size when given; boxes go back to the photo's pixels.
     side = cfg.max_size or ck.get("image_side") or 0
@@ -1600,7 +1605,7 @@ def infer(cfg):
         try:
             photo = Image.open(path).convert("RGB")
         except OSError as e:
-            raise SystemExit(f"error: --infer {path} is not an image file ({e})")
+            fail(f"--infer {path} is not an image file ({e})")
         scale = side / max(photo.size) if side else 1.0
         img = photo.resize((max(1, round(photo.width * scale)), max(1, round(photo.height * scale))), Image.BILINEAR)
         image = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255).permute(2, 0, 1)   # (3, H, W)
@@ -1609,15 +1614,15 @@ def infer(cfg):
         if args.mode != "sgdet":
             entry = given.get(os.path.basename(path))
             if entry is None or "boxes" not in entry:
-                raise SystemExit(f"error: --boxes {cfg.boxes} has no 'boxes' for {os.path.basename(path)}")
+                fail(f"--boxes {cfg.boxes} has no 'boxes' for {os.path.basename(path)}")
             if args.mode == "predcls" and "labels" not in entry:
-                raise SystemExit(f"error: predcls needs 'labels' for {os.path.basename(path)} in {cfg.boxes}")
+                fail(f"predcls needs 'labels' for {os.path.basename(path)} in {cfg.boxes}")
             gt_boxes = [torch.tensor(entry["boxes"], dtype=torch.float32, device=device).view(-1, 4) * scale]
             try:
                 labs = [names.index(x) if isinstance(x, str) else int(x)
                         for x in entry.get("labels", [1] * len(entry["boxes"]))]
             except ValueError as e:
-                raise SystemExit(f"error: --boxes {cfg.boxes}: unknown class ({e}); known: {', '.join(names[1:])}")
+                fail(f"--boxes {cfg.boxes}: unknown class ({e}); known: {', '.join(names[1:])}")
             gt_labels = [torch.tensor(labs, dtype=torch.long, device=device)]
         with torch.no_grad():
             s1 = stage1_outputs(detector, image[None].to(device), [size], args.mode, gt_boxes, gt_labels)
@@ -1644,7 +1649,7 @@ def infer(cfg):
 # main
 
 def main(argv=None):
-    cfg = parse_args(argv)
+    cfg = parse_config(argv)
     torch.set_num_threads(cfg.threads)
     if cfg.infer:
         infer(cfg)
@@ -1657,7 +1662,7 @@ def main(argv=None):
         sys.exit(1)
     except data.DataError as e:   # the user's data files: one line that names the file, no traceback
         lines = str(e).strip().splitlines()   # from a DataLoader worker the message carries its traceback
-        sys.exit(f"error: {lines[-1].split('DataError: ', 1)[-1]}")
+        fail(lines[-1].split('DataError: ', 1)[-1])
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

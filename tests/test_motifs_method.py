@@ -403,7 +403,7 @@ def test_train_step_without_alignment_has_no_mirror_and_a_zero_align(monkeypatch
 
 
 def test_command_line_reaches_the_ablations():
-    cfg = M.parse_args(["--align-loss", "supervised", "--tied-head", "--mask-p", "0.2", "--align-weight", "3"])
+    cfg = M.parse_config(["--align-loss", "supervised", "--tied-head", "--mask-p", "0.2", "--align-weight", "3"])
     assert (cfg.align_loss, cfg.tied_head, cfg.mask_p, cfg.align_weight, cfg.no_align) == ("supervised", True, 0.2, 3.0, False)
     model = M.MotifsRelationModel(tiny_cfg(tied_head=True, mask_p=0.2), C, P, FC, 4, torch.zeros(C, C, P))
     assert model.mirror.mask_p == 0.2 and model.mirror.tied and model.mirror.head is None

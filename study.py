@@ -1,0 +1,413 @@
+"""The reproduction study: every experiment of the paper's tables, run on the built-in data, one way.
+
+The two model files train one model each. This script is the experiment tooling around them: which runs
+make up the study (seeds, baseline vs aligned, ablations, the p and lambda sweeps), running them, and the
+tables and figures made from their results. Each run is one ordinary command of a model file; this script
+only launches it, keeps its results and writes down the command.
+
+    python study.py list [WHAT ...]        # the study's runs and which are done
+    python study.py run WHAT [WHAT ...]    # run those not done yet (--jobs 2: two at once, one core each)
+    python study.py report                 # results/README.md and the figures, from results/ alone
+    python study.py verify RUN             # rerun one finished run and check its metrics.json is identical
+    python study.py bench motifs|sgtr      # one training step with and without the alignment (time ratio)
+
+WHAT is a table (table1 ... table5), a run name, or a pattern over run names ('motifs-predcls-*').
+
+A run named N trains into runs/study/N/ (checkpoints live there, and a killed run resumes from there);
+when it ends, results/N/ receives its args.json, metrics.json, log.txt, run.json (which table and arm,
+seed, wall and CPU seconds) and command.txt (the one command that reproduces its metrics exactly on a
+machine like ours). results/ holds no checkpoints, and a run whose results/N/ exists is never redone.
+"""
+import argparse
+import fnmatch
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+SEEDS = (0, 1, 2, 3)
+
+# ----------------------------------------------------------------------------------------------
+# The paper's numbers (Visual Genome), for the tables' "paper" rows
+
+PAPER = {
+    # Table 1, SGDet, mean ± std over 4 runs.
+    "table1": {"SGTR*": {"mR@50": "12.0 ± 0.4", "mR@100": "16.0 ± 0.5", "R@50": "23.7 ± 0.4", "R@100": "26.9 ± 0.4",
+                         "head_mR@100": "26.4 ± 0.3", "body_mR@100": "20.0 ± 0.3", "tail_mR@100": "8.8 ± 0.8"},
+               "Align-SGTR*": {"mR@50": "12.7 ± 0.3", "mR@100": "16.8 ± 0.2", "R@50": "24.6 ± 0.2",
+                               "R@100": "27.8 ± 0.2", "head_mR@100": "27.3 ± 0.2", "body_mR@100": "20.8 ± 0.1",
+                               "tail_mR@100": "9.8 ± 0.5"}},
+    # Table 2, mR@20/50/100 per protocol, mean ± std over 4 runs (the paper gives no R@K there).
+    "table2": {mode: {"Motifs*": dict(zip(("mR@20", "mR@50", "mR@100"), base)),
+                      "Align-Motifs*": dict(zip(("mR@20", "mR@50", "mR@100"), align))}
+               for mode, base, align in (
+                   ("predcls", ("15.0 ± 0.8", "19.8 ± 0.9", "21.9 ± 0.9"), ("16.5 ± 0.4", "21.7 ± 0.5", "24.2 ± 0.5")),
+                   ("sgcls", ("7.2 ± 0.3", "8.9 ± 0.4", "9.6 ± 0.4"), ("8.2 ± 0.2", "10.5 ± 0.2", "11.5 ± 0.3")),
+                   ("sgdet", ("4.2 ± 0.4", "5.9 ± 0.5", "7.2 ± 0.3"), ("4.4 ± 0.2", "6.4 ± 0.3", "7.8 ± 0.3")))},
+    # Table 3 (SGTR, validation, one run): mR@50, mR@100, R@50, R@100.
+    "table3": {"SGTR": (14.9, 18.4, 24.0, 27.4), "SGTR + SA + UPH": (15.0, 18.6, 24.5, 27.8),
+               "SGTR + SSA + PH": (15.9, 19.2, 24.6, 27.9), "SGTR + SSA + UPH": (16.0, 20.5, 24.8, 27.9)},
+    # Tables 4 and 5 (Motifs PredCls, validation, one run): mR@50, mR@100.
+    "table4": {"Motifs": (22.1, 24.2), "p = 0.05": (23.7, 25.9), "p = 0.1": (23.9, 26.2), "p = 0.2": (23.5, 25.8),
+               "p = 0.4": (23.2, 25.4), "p = 0.6": (22.8, 24.8)},
+    "table5": {"Motifs": (22.1, 24.2), "λ = 0.1": (22.0, 23.5), "λ = 1": (23.8, 25.9), "λ = 10": (23.9, 26.2),
+               "λ = 50": (22.5, 24.2), "λ = 100": (21.7, 23.4)},
+}
+
+# ----------------------------------------------------------------------------------------------
+# The study: every run, named
+
+
+def study_runs(seeds=SEEDS):
+    """-> list of run dicts: name, script, args (the model file's flags), tables, arm, mode, seed."""
+    runs = []
+
+    def add(name, model, mode, arm, seed, args, tables):
+        script = "motifs_align.py" if model == "motifs" else "sgtr_align.py"
+        seed_args = [] if seed is None else ["--seed", str(seed)]
+        runs.append(dict(name=name, model=model, script=script, args=args + seed_args, tables=tables, arm=arm,
+                         mode=mode, seed=seed))
+
+    for mode in ("predcls", "sgcls", "sgdet"):   # Table 2, with the frequency prior alone as a floor
+        add(f"motifs-{mode}-freq", "motifs", mode, "FREQ", None, [f"--{mode}", "--freq-baseline"], ["table2"])
+    for s in seeds:
+        add(f"sgtr-sgdet-baseline-seed{s}", "sgtr", "sgdet", "baseline", s, ["--no-align"], ["table1", "table3"])
+        add(f"sgtr-sgdet-align-seed{s}", "sgtr", "sgdet", "align", s, [], ["table1", "table3"])
+        for mode in ("predcls", "sgcls", "sgdet"):
+            extra = ["table3", "table4", "table5"] if mode == "predcls" else []
+            add(f"motifs-{mode}-baseline-seed{s}", "motifs", mode, "baseline", s, [f"--{mode}", "--no-align"],
+                ["table2"] + extra)
+            add(f"motifs-{mode}-align-seed{s}", "motifs", mode, "align", s, [f"--{mode}"], ["table2"] + extra)
+        # Table 3: supervised alignment (SA) instead of KL, and the tied projection head (PH).
+        for model, mode, flag in (("motifs", "predcls", ["--predcls"]), ("sgtr", "sgdet", [])):
+            add(f"{model}-{mode}-sa-seed{s}", model, mode, "SA", s, flag + ["--align-loss", "supervised"], ["table3"])
+            add(f"{model}-{mode}-ph-seed{s}", model, mode, "PH", s, flag + ["--tied-head"], ["table3"])
+        # Tables 4 and 5 on Motifs PredCls (p = 0.1, lambda = 10 is the aligned run above).
+        for p in ("0.05", "0.2", "0.3"):
+            add(f"motifs-predcls-p{p}-seed{s}", "motifs", "predcls", f"p = {p}", s,
+                ["--predcls", "--mask-p", p], ["table4"])
+        for lam in ("1", "5", "20"):
+            add(f"motifs-predcls-lambda{lam}-seed{s}", "motifs", "predcls", f"λ = {lam}", s,
+                ["--predcls", "--align-weight", lam], ["table5"])
+    return runs
+
+
+def select(runs, what):
+    """Runs named by a table, a run name or a pattern, in the study's order."""
+    chosen = []
+    for r in runs:
+        if any(w in r["tables"] or fnmatch.fnmatch(r["name"], w) for w in what):
+            chosen.append(r)
+    unmatched = [w for w in what if not any(w in r["tables"] or fnmatch.fnmatch(r["name"], w) for r in runs)]
+    if unmatched:
+        raise SystemExit(f"error: {', '.join(unmatched)} names no run of the study (see `python study.py list`)")
+    return chosen
+
+
+# ----------------------------------------------------------------------------------------------
+# Running: one model-file command per run, results copied into results/<name>/
+
+
+def command(run, runs_dir, extra):
+    """The exact command of a run, as written to command.txt (one thread: the runs' timings and the
+    metrics are those of `--threads 1`, the scripts' default)."""
+    out = os.path.join(runs_dir, run["name"])
+    return ["python", run["script"], *run["args"], *extra, "--out", out]
+
+
+def run_one(run, results, runs_dir, extra, core=None):
+    """Start (or resume) one run; -> (Popen, folder, started) to wait on."""
+    out = os.path.join(runs_dir, run["name"])
+    cmd = command(run, runs_dir, extra)
+    argv = [sys.executable, *cmd[1:]]
+    if os.path.isfile(os.path.join(out, "ckpt_last.pt")) and not os.path.isfile(os.path.join(out, "metrics.json")):
+        argv.append("--resume")   # a run killed earlier continues where it stopped (and ends the same)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    os.makedirs(runs_dir, exist_ok=True)
+    pin = (lambda: os.sched_setaffinity(0, {core})) if core is not None and hasattr(os, "sched_setaffinity") else None
+    stdout = open(os.path.join(runs_dir, run["name"] + ".stdout"), "a")
+    proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=stdout, stderr=subprocess.STDOUT, preexec_fn=pin)
+    return proc, stdout, cmd
+
+
+def collect(run, results, runs_dir, cmd, wall, cpu):
+    """Copy a finished run's results into results/<name>/ (written under a temporary name, then renamed)."""
+    out, dest = os.path.join(runs_dir, run["name"]), os.path.join(results, run["name"])
+    tmp = dest + ".partial"
+    shutil.rmtree(tmp, ignore_errors=True)   # only ever our own unfinished copy
+    os.makedirs(tmp)
+    for f in ("args.json", "metrics.json", "log.txt"):
+        shutil.copy(os.path.join(out, f), tmp)
+    with open(os.path.join(tmp, "command.txt"), "w") as f:
+        f.write("OMP_NUM_THREADS=1 " + " ".join(shlex.quote(c) for c in cmd) + "\n")
+    with open(os.path.join(tmp, "run.json"), "w") as f:
+        json.dump({k: run[k] for k in ("model", "mode", "arm", "seed", "tables")} |
+                  {"wall_seconds": round(wall, 1), "cpu_seconds": round(cpu, 1)}, f, indent=1)
+    os.rename(tmp, dest)
+
+
+def run_study(todo, results, runs_dir, extra, jobs):
+    """Run `todo` with at most `jobs` at once, each pinned to its own core. The first run of each model
+    script runs alone: it trains the cached Faster R-CNN that the next ones reuse."""
+    started, waiting, t0 = {}, list(todo), time.time()
+    first_of = {r["script"] for r in todo}
+    done = 0
+    while waiting or started:
+        alone = any(r["script"] in first_of for r in started.values())
+        while waiting and len(started) < jobs and not alone:
+            r = waiting.pop(0)
+            core = ({0, 1} - {c for c, _ in started}).pop() if jobs > 1 else None
+            proc, log, cmd = run_one(r, results, runs_dir, extra, core)
+            started[(core, proc.pid)] = dict(r, proc=proc, log=log, cmd=cmd, t=time.time())
+            print(f"{r['name']}: started ({len(started)} running, {done} of {len(todo)} done)", flush=True)
+            alone = r["script"] in first_of
+        pid, status, usage = os.wait4(-1, 0)
+        key = next(k for k in started if k[1] == pid)
+        r = started.pop(key)
+        r["log"].close()
+        first_of.discard(r["script"])
+        done += 1
+        wall, cpu = time.time() - r["t"], usage.ru_utime + usage.ru_stime
+        if os.waitstatus_to_exitcode(status) != 0:
+            raise SystemExit(f"error: {r['name']} failed (exit {os.waitstatus_to_exitcode(status)}); its output "
+                             f"is in {os.path.join(runs_dir, r['name'] + '.stdout')}")
+        collect(r, results, runs_dir, r["cmd"], wall, cpu)
+        m = read_json(os.path.join(results, r["name"], "metrics.json"))
+        print(f"[{done}/{len(todo)}] {r['name']}: done in {wall / 60:.1f} min ({cpu / 60:.1f} CPU min) | "
+              f"R@50 {100 * m['R@50']:.2f} | mR@50 {100 * m['mR@50']:.2f} | "
+              f"study so far {(time.time() - t0) / 60:.0f} min", flush=True)
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+# ----------------------------------------------------------------------------------------------
+# The report: tables and figures from results/ alone
+
+def pct(values):
+    """'mean ± std' in percent (sample std, ddof = 1; no ± for one value)."""
+    v = 100 * np.asarray(values, dtype=float)
+    if len(v) == 0:
+        return "-"
+    return f"{v.mean():.2f} ± {v.std(ddof=1):.2f}" if len(v) > 1 else f"{v.mean():.2f}"
+
+
+def paired(base, arm, key):
+    """The per-seed difference arm - baseline on the seeds both have -> 'mean ± SE (n)' in points."""
+    seeds = sorted(set(base) & set(arm))
+    d = np.array([100 * (arm[s][key] - base[s][key]) for s in seeds if key in arm[s] and key in base[s]])
+    if len(d) < 2:
+        return "-" if len(d) == 0 else f"{d.mean():+.2f} (n = 1)"
+    return f"{d.mean():+.2f} ± {d.std(ddof=1) / np.sqrt(len(d)):.2f} (n = {len(d)})"
+
+
+def val_mr50(m):
+    return m.get("best_val_mR@50", m.get("val_mR@50"))
+
+
+def load_results(results):
+    """-> {(model, mode, arm): {seed: metrics}} and the list of run.json records."""
+    table, records = {}, []
+    for name in sorted(os.listdir(results)):
+        folder = os.path.join(results, name)
+        if not os.path.isfile(os.path.join(folder, "run.json")):
+            continue
+        info, m = read_json(os.path.join(folder, "run.json")), read_json(os.path.join(folder, "metrics.json"))
+        if val_mr50(m) is not None:
+            m["val_mR@50"] = val_mr50(m)
+        table.setdefault((info["model"], info["mode"], info["arm"]), {})[info["seed"]] = m
+        records.append(info)
+    return table, records
+
+
+def arm_table(lines, res, model, mode, arms, keys, paper=None):
+    """A markdown table: one row per arm (mean ± std), one per arm's paired difference to the baseline,
+    then the paper's rows."""
+    if not any(res.get((model, mode, arm)) for arm in arms):
+        lines += [f"(no {model} {mode} runs in this folder yet)", ""]
+    lines += ["| run | seeds | " + " | ".join(keys) + " |", "|---" * (len(keys) + 2) + "|"]
+    base = res.get((model, mode, "baseline"), {})
+    for arm in arms:
+        runs = res.get((model, mode, arm), {})
+        if runs:
+            lines.append(f"| {arm} (ours) | {len(runs)} | " + " | ".join(pct([m[k] for m in runs.values() if k in m])
+                                                                      for k in keys) + " |")
+    for arm in arms:
+        if arm not in ("baseline", "FREQ") and res.get((model, mode, arm)) and base:
+            lines.append(f"| {arm} − baseline, paired (points, ± SE) | | "
+                         + " | ".join(paired(base, res[(model, mode, arm)], k) for k in keys) + " |")
+    for name, vals in (paper or {}).items():
+        lines.append(f"| {name}, paper (Visual Genome) | 4 | " + " | ".join(vals.get(k, "-") for k in keys) + " |")
+    lines.append("")
+
+
+def report(results):
+    res, records = load_results(results)
+    if not records:
+        raise SystemExit(f"error: {results} holds no finished run; run some first (python study.py run table2)")
+    cpu = sum(r["cpu_seconds"] for r in records)
+    lines = ["# The reproduction study on the built-in synthetic data", "",
+             "Written by `python study.py report` from the run folders beside this file; each folder's",
+             "`command.txt` is the command that reproduces its `metrics.json` exactly. Mean ± sample std over",
+             "seeds; a paired difference is the mean over seeds of (arm − baseline) with its standard error.",
+             f"{len(records)} runs, {cpu / 3600:.1f} CPU hours in all.", ""]
+    t1 = ["R@50", "R@100", "mR@50", "mR@100", "head_mR@100", "body_mR@100", "tail_mR@100", "F@100",
+          "zsR@50", "zsR@100"]
+    lines += ["## Table 1: SGTR vs Align-SGTR, SGDet (test, %)", ""]
+    arm_table(lines, res, "sgtr", "sgdet", ["baseline", "align"], t1, PAPER["table1"])
+    t2 = ["mR@20", "mR@50", "mR@100", "R@20", "R@50", "R@100", "F@100", "zsR@50", "zsR@100"]
+    for mode in ("predcls", "sgcls", "sgdet"):
+        lines += [f"## Table 2: Motifs vs Align-Motifs, {mode} (test, %)", ""]
+        arm_table(lines, res, "motifs", mode, ["FREQ", "baseline", "align"], t2, PAPER["table2"][mode])
+    t3 = ["val_mR@50", "mR@50", "mR@100", "R@50", "R@100"]
+    lines += ["## Table 3: ablations (validation mR@50 of the selected checkpoint, then test, %)", "",
+              "SSA + UPH = the paper's alignment (`align`); SA = supervised alignment; PH = tied head.", ""]
+    for model, mode in (("motifs", "predcls"), ("sgtr", "sgdet")):
+        lines += [f"{model}, {mode}:", ""]
+        arm_table(lines, res, model, mode, ["baseline", "SA", "PH", "align"], t3)
+    lines += ["Paper (SGTR, validation, one run): " + "; ".join(
+        f"{k} {v[0]}/{v[1]} mR@50/100" for k, v in PAPER["table3"].items()), ""]
+    for tab, arms, what in (("table4", ["p = 0.05", "align", "p = 0.2", "p = 0.3"], "the masking ratio p"),
+                            ("table5", ["λ = 1", "λ = 5", "align", "λ = 20"], "the loss weight λ")):
+        lines += [f"## Table {tab[-1]}: {what}, Motifs PredCls (validation mR@50, then test, %)", "",
+                  "`align` is p = 0.1, λ = 10.", ""]
+        arm_table(lines, res, "motifs", "predcls", ["baseline"] + arms, t3)
+        lines += ["Paper (validation, one run, mR@50/100): " + "; ".join(
+            f"{k} {v[0]}/{v[1]}" for k, v in PAPER[tab].items()), ""]
+    figures = per_predicate_figures(res, results)
+    lines += ["## Figure 5: per-predicate test R@100, aligned − baseline, training-frequency order", ""]
+    lines += [f"![{f}]({f})" for f in figures] + [""]
+    with open(os.path.join(results, "README.md"), "w") as f:
+        f.write("\n".join(lines))
+    print("\n".join(lines))
+    print(f"wrote {os.path.join(results, 'README.md')}")
+
+
+def dataset_info(results):
+    """Predicate names and training counts of the built-in data (results/dataset.json, written once)."""
+    path = os.path.join(results, "dataset.json")
+    if not os.path.isfile(path):
+        sys.path.insert(0, ROOT)
+        import data
+        import metrics
+        root = data.ensure_synthetic()
+        ds = data.VGSGGDataset(root, "train", num_val_im=data.SYNTHETIC_NUM_VAL)
+        counts = data.predicate_counts(ds)
+        groups = metrics.default_predicate_groups(ds.idx_to_predicate, counts)
+        info = {"idx_to_predicate": list(ds.idx_to_predicate), "train_counts": counts.tolist(),
+                "order": data.frequency_order(counts), "groups": {g: sorted(map(int, v)) for g, v in groups.items()}}
+        os.makedirs(results, exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(info, f, indent=1)
+    return read_json(path)
+
+
+def per_predicate_figures(res, results):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    info, written = dataset_info(results), []
+    colours = {"head": "tab:blue", "body": "tab:orange", "tail": "tab:green"}
+    for model, mode, title in (("motifs", "predcls", "Align-Motifs − Motifs, PredCls"),
+                               ("sgtr", "sgdet", "Align-SGTR − SGTR, SGDet")):
+        base, arm = res.get((model, mode, "baseline"), {}), res.get((model, mode, "align"), {})
+        seeds = sorted(set(base) & set(arm))
+        if not seeds:
+            continue
+        diff = np.nanmean([np.array(arm[s]["per_predicate_R@100"], dtype=float)
+                           - np.array(base[s]["per_predicate_R@100"], dtype=float) for s in seeds], axis=0)  # (P,)
+        order = info["order"]
+        group_of = {p: g for g, ps in info["groups"].items() for p in ps}
+        fig, ax = plt.subplots(figsize=(max(8, 0.32 * len(order)), 4))
+        ax.bar(range(len(order)), [100 * np.nan_to_num(diff[p - 1]) for p in order],
+               color=[colours.get(group_of.get(p), "grey") for p in order])
+        ax.set_xticks(range(len(order)), [info["idx_to_predicate"][p] for p in order], rotation=90, fontsize=8)
+        ax.axhline(0, color="black", lw=0.8)
+        ax.set_ylabel("R@100 difference (points)")
+        better = int(np.sum(diff > 0))
+        ax.set_title(f"{title}: per-predicate test R@100, mean over {len(seeds)} paired seed(s); "
+                     f"better on {better} of {len(order)}")
+        for g, c in colours.items():
+            ax.bar([], [], color=c, label=g)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        name = f"figure5_{model}_{mode}.png"
+        fig.savefig(os.path.join(results, name), dpi=100)
+        plt.close(fig)
+        written.append(name)
+    return written
+
+
+# ----------------------------------------------------------------------------------------------
+# main
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("command", choices=["list", "run", "report", "verify", "bench"])
+    ap.add_argument("what", nargs="*", help="tables (table1..table5), run names or patterns; bench: motifs|sgtr")
+    ap.add_argument("--seeds", default=",".join(map(str, SEEDS)), help="comma-separated seeds (default 0,1,2,3)")
+    ap.add_argument("--jobs", type=int, default=1, choices=[1, 2], help="runs at once, each on its own core")
+    ap.add_argument("--results", default=os.path.join(ROOT, "results"), help="where finished runs are kept")
+    ap.add_argument("--runs-dir", default="runs/study", help="where runs train (checkpoints), relative to the repo")
+    ap.add_argument("--extra", default="", help="flags appended to every run's command (e.g. a smoke budget)")
+    a = ap.parse_args(argv)
+    try:
+        seeds = [int(s) for s in a.seeds.split(",")]
+    except ValueError:
+        raise SystemExit(f"error: --seeds must be comma-separated integers like 0,1,2, got {a.seeds!r}")
+    extra = shlex.split(a.extra)
+    runs = study_runs(seeds)
+    if a.command == "report":
+        return report(a.results)
+    if a.command == "bench":
+        return bench(a.what)
+    chosen = select(runs, a.what) if a.what else runs
+    done = {r["name"] for r in chosen if os.path.isfile(os.path.join(a.results, r["name"], "run.json"))}
+    if a.command == "list":
+        for r in chosen:
+            print(f"{'done ' if r['name'] in done else 'to do'}  {r['name']:34s}  "
+                  f"{' '.join(command(r, a.runs_dir, extra))}")
+        print(f"{len(done)} of {len(chosen)} done")
+    elif a.command == "run":
+        todo = [r for r in chosen if r["name"] not in done]
+        print(f"{len(chosen) - len(todo)} of {len(chosen)} already done; running {len(todo)} "
+              f"({a.jobs} at a time)", flush=True)
+        run_study(todo, a.results, a.runs_dir, extra, a.jobs)
+    elif a.command == "verify":
+        verify(chosen, a.results, extra)
+
+
+def verify(chosen, results, extra):
+    """Rerun finished runs from their command.txt into a fresh folder; their metrics.json must be identical."""
+    for r in chosen:
+        folder = os.path.join(results, r["name"])
+        if not os.path.isfile(os.path.join(folder, "command.txt")):
+            raise SystemExit(f"error: {r['name']} has not finished (no {folder}/command.txt)")
+        with open(os.path.join(folder, "command.txt")) as f:
+            cmd = shlex.split(f.read())
+        cmd = [c for c in cmd if not c.startswith("OMP_NUM_THREADS=")]
+        out = os.path.join("runs", "verify", f"{r['name']}-{time.strftime('%Y%m%d-%H%M%S')}")
+        cmd[cmd.index("--out") + 1] = out
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        subprocess.run([sys.executable, *cmd[1:]], cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL)
+        with open(os.path.join(ROOT, out, "metrics.json")) as a, open(os.path.join(folder, "metrics.json")) as b:
+            same = a.read() == b.read()   # as text: NaN (a predicate absent from the test split) != NaN
+        print(f"{r['name']}: metrics.json {'identical' if same else 'DIFFERENT'} ({out})")
+        if not same:
+            raise SystemExit(1)
+
+
+def bench(what):
+    raise SystemExit("error: bench is not written yet")
+
+
+if __name__ == "__main__":
+    main()

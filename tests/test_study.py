@@ -1,0 +1,106 @@
+"""study.py: the run list, running and collecting runs, exact reruns, and the report's arithmetic."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import study  # noqa: E402
+
+TINY = "--iters 3 --det-iters 3 --max-eval-images 6 --eval-every 2 --log-every 1 --batch-size 2 --det-batch 2 --eval-batch 3"
+
+
+def cli(*args, env=None):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "study.py"), *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=900, env={**os.environ, **(env or {})})
+
+
+def test_the_study_names_every_table_with_paired_arms():
+    runs = study.study_runs((0, 1))
+    names = [r["name"] for r in runs]
+    assert len(names) == len(set(names))
+    for table in ("table1", "table2", "table3", "table4", "table5"):
+        assert study.select(runs, [table])
+    # every compared arm has the baseline on the same seeds, with the same flags but the arm's own
+    for r in runs:
+        if r["arm"] not in ("baseline", "FREQ"):
+            base = next(b for b in runs if b["arm"] == "baseline" and b["model"] == r["model"]
+                        and b["mode"] == r["mode"] and b["seed"] == r["seed"])
+            assert "--no-align" in base["args"] and "--no-align" not in r["args"]
+    align = next(r for r in runs if r["name"] == "motifs-sgcls-align-seed1")
+    assert align["args"] == ["--sgcls", "--seed", "1"] and align["script"] == "motifs_align.py"
+    lam = next(r for r in runs if r["name"] == "motifs-predcls-lambda5-seed0")
+    assert lam["args"] == ["--predcls", "--align-weight", "5", "--seed", "0"] and lam["tables"] == ["table5"]
+    assert [r["name"] for r in study.select(runs, ["sgtr-sgdet-*-seed1"])] == [
+        "sgtr-sgdet-baseline-seed1", "sgtr-sgdet-align-seed1", "sgtr-sgdet-sa-seed1", "sgtr-sgdet-ph-seed1"]
+
+
+def test_a_name_that_matches_nothing_is_one_line_error():
+    r = cli("list", "motifs-predcls-nothing")
+    assert r.returncode != 0 and r.stderr.strip().count("\n") == 0
+    assert "motifs-predcls-nothing names no run" in r.stderr
+
+
+def fake(results, name, model, mode, arm, seed, values, per_predicate=None):
+    os.makedirs(os.path.join(results, name))
+    with open(os.path.join(results, name, "run.json"), "w") as f:
+        json.dump({"model": model, "mode": mode, "arm": arm, "seed": seed, "tables": ["table2"],
+                   "wall_seconds": 60.0, "cpu_seconds": 1800.0}, f)
+    with open(os.path.join(results, name, "metrics.json"), "w") as f:
+        json.dump({**values, "per_predicate_R@100": per_predicate or [0.0] * 25}, f)
+
+
+def test_report_means_stds_and_paired_differences_by_hand(tmp_path):
+    res = str(tmp_path)
+    base, align = [0.40, 0.44, 0.42], [0.43, 0.45, 0.47]
+    for s in range(3):
+        fake(res, f"b{s}", "motifs", "predcls", "baseline", s, {"mR@50": base[s], "R@50": 0.6})
+        fake(res, f"a{s}", "motifs", "predcls", "align", s, {"mR@50": align[s], "R@50": 0.6})
+    fake(res, "a9", "motifs", "predcls", "align", 9, {"mR@50": 0.9, "R@50": 0.6})   # unpaired: not in the diff
+    lines = []
+    table, _ = study.load_results(res)
+    study.arm_table(lines, table, "motifs", "predcls", ["baseline", "align"], ["mR@50"])
+    text = "\n".join(lines)
+    # baseline 42.00 ± 2.00 (sample std of 40, 44, 42); aligned 4 runs: 43, 45, 47, 90
+    assert "| baseline (ours) | 3 | 42.00 ± 2.00 |" in text
+    v = 100 * np.array(align + [0.9])
+    assert f"| align (ours) | 4 | {v.mean():.2f} ± {v.std(ddof=1):.2f} |" in text
+    # paired on seeds 0-2: differences 3, 1, 5 -> mean 3, SE = 2 / sqrt(3)
+    assert f"+3.00 ± {2 / np.sqrt(3):.2f} (n = 3)" in text
+
+
+def test_run_collect_skip_verify_and_report(tmp_path):
+    results, runs = str(tmp_path / "results"), str(tmp_path / "runs")
+    env = {"SGG_ALIGN_CACHE": str(tmp_path / "cache")}
+    args = ["--seeds", "0", "--results", results, "--runs-dir", runs, "--extra", TINY]
+    r = cli("run", "motifs-predcls-baseline-seed0", "motifs-predcls-align-seed0", "--jobs", "2", *args, env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    for name, flags in (("motifs-predcls-baseline-seed0", "--predcls --no-align --seed 0"),
+                        ("motifs-predcls-align-seed0", "--predcls --seed 0")):
+        folder = os.path.join(results, name)
+        assert sorted(os.listdir(folder)) == ["args.json", "command.txt", "log.txt", "metrics.json", "run.json"]
+        with open(os.path.join(folder, "command.txt")) as f:
+            assert f.read() == f"OMP_NUM_THREADS=1 python motifs_align.py {flags} {TINY} --out {runs}/{name}\n"
+        with open(os.path.join(folder, "args.json")) as f:
+            assert json.load(f)["no_align"] == ("no-align" in flags)
+        assert os.path.isfile(os.path.join(runs, name, "ckpt_best.pt"))   # checkpoints stay out of results/
+    before = os.path.getmtime(os.path.join(results, "motifs-predcls-align-seed0", "metrics.json"))
+    r = cli("list", "motifs-predcls-baseline-seed0", "motifs-predcls-align-seed0", *args)
+    assert r.stdout.splitlines()[-1] == "2 of 2 done"
+    r = cli("run", "motifs-predcls-baseline-seed0", "motifs-predcls-align-seed0", *args, env=env)
+    assert "2 of 2 already done; running 0" in r.stdout
+    assert os.path.getmtime(os.path.join(results, "motifs-predcls-align-seed0", "metrics.json")) == before
+    r = cli("verify", "motifs-predcls-align-seed0", *args, env=env)
+    assert r.returncode == 0 and "metrics.json identical" in r.stdout, r.stdout + r.stderr
+    r = cli("report", "--results", results)
+    assert r.returncode == 0, r.stderr
+    with open(os.path.join(results, "motifs-predcls-align-seed0", "metrics.json")) as f:
+        m = json.load(f)
+    with open(os.path.join(results, "README.md")) as f:
+        text = f.read()
+    assert f"| align (ours) | 1 | {100 * m['mR@20']:.2f} | {100 * m['mR@50']:.2f} |" in text
+    assert os.path.isfile(os.path.join(results, "figure5_motifs_predcls.png"))
