@@ -1,19 +1,31 @@
 """Neural Motifs with self-supervised relation alignment, PredCls / SGCls / SGDet, end to end.
 
-This file implements section 3.3 of "Self-Supervised Relation Alignment for Scene Graph Generation"
-(arXiv 2302.01403, sections 3.1, 3.3 and 4.2): the two-stage Neural Motifs model (Zellers et al.,
-CVPR 2018) as Scene-Graph-Benchmark.pytorch (Tang et al. 2020) builds it in its MotifPredictor, the codebase
-the paper's Motifs runs on (the head/tail projection post_emb, post_cat, the product with the union feature,
-rel_compress and the frequency bias are that layout), and, on top of it, the paper's alignment: a mirrored relation predictor that shares every
-weight of the original one except an untied head, sees randomly masked inputs (Eq. 1), and is trained
-to match the original predictor's relation distribution with a KL loss (Eqs. 2-3). The mirror only
-runs in training; at test time the model is plain Neural Motifs, with the same cost and output.
+What this is
+    A readable implementation of section 3.3 of "Self-Supervised Relation Alignment for Scene Graph
+    Generation" (arXiv 2302.01403, sections 3.1, 3.3 and 4.2): the two-stage Neural Motifs model (Zellers
+    et al., CVPR 2018) as Scene-Graph-Benchmark.pytorch (Tang et al. 2020) builds it in its MotifPredictor,
+    the codebase the paper's Motifs runs on (the head/tail projection post_emb, post_cat, the product with
+    the union feature, rel_compress and the frequency bias are that layout), and, on top of it, the paper's
+    alignment: a mirrored relation predictor that shares every weight of the original one except an untied
+    head, sees randomly masked inputs (Eq. 1), and is trained to match the original predictor's relation
+    distribution with a KL loss (Eqs. 2-3). The mirror only runs in training; at test time the model is
+    plain Neural Motifs, with the same cost and output. Lines that implement the paper's method are marked
+    `# PAPER:`, all in the first section.
 
-Read it top to bottom: config, box operations, stage 1 (a compact Faster R-CNN that is trained and
-then frozen), stage 2 (the Motifs relation model with the alignment, lines marked `# PAPER:`),
-training, evaluation, pictures, inference on your own images, main.
+    image -> stage 1, the frozen detector: feature map, boxes (GT, or detected in SGDet), RoI features,
+             class distributions
+          -> stage 2, Motifs: object context (biLSTM over the boxes, left to right) -> object labels
+             -> edge context (biLSTM over [label embedding, object context, RoI feature] = edge_in)
+             -> head/tail pair features x union-box feature `union` -> predicate logits + frequency prior
+          -> triplets (subject, predicate, object), scored predicate x subject x object
+    training only: the mirror re-runs the edge context and the pairing on masked, detached copies of
+    edge_in and union and classifies with an untied MLP head; L = L_sup + lambda KL(P_original || P_masked).
 
-Run (the built-in synthetic data is generated on first use; everything runs on a laptop CPU; each run
+Read it top to bottom: the paper's method (random_mask, Mirror, alignment_loss, train_step), the config,
+the model from its parts to the whole (boxes, stage 1: the detector, stage 2: the relation model), training
+targets, training, evaluation, pictures, inference on your own images, plumbing, main.
+
+How to run (the built-in synthetic data is generated on first use; everything runs on a laptop CPU; each run
 writes its folder runs/motifs_align-<mode>-<align|noalign>-seed<s>/ (or --out), never over another run):
     python motifs_align.py --predcls                  # aligned Motifs, PredCls (the default mode)
     python motifs_align.py --predcls --no-align       # the Motifs baseline
@@ -24,6 +36,7 @@ writes its folder runs/motifs_align-<mode>-<align|noalign>-seed<s>/ (or --out), 
     torchrun --nproc_per_node=2 motifs_align.py --predcls                        # data parallel
 Real Visual Genome (the standard VG-SGG.h5 files) on a GPU:
     python motifs_align.py --predcls --preset vg --data /path/to/vg [--vgg-weights vgg16.pth]
+Experiments (several seeds, baseline vs aligned, the step-time benchmark): see study.py.
 
 Where this differs from the paper and from Neural Motifs (each also noted where the code does it):
   - stage 1 is a compact VGG-style Faster R-CNN with BatchNorm trained from scratch with AdamW for 300
@@ -40,7 +53,7 @@ Symbols used in shape comments:
     B images in a batch, N objects (boxes) in a batch, R relation pairs in a batch,
     C object classes + 1 (background at 0), P predicates + 1 (no-relation at 0),
     A anchors, K RoIs, F backbone channels, S RoIAlign output side, D feature widths,
-    H LSTM hidden size per direction.
+    H LSTM hidden size per direction, E class embedding width.
 """
 import argparse
 import dataclasses
@@ -65,6 +78,95 @@ from torch.nn.utils.rnn import pack_sequence, pad_packed_sequence
 
 import data
 import metrics
+
+
+# ----------------------------------------------------------------------------------------------
+# The paper's method: the mirrored relation predictor and the alignment loss (paper sections 3.1 and 3.3, Eqs. 1-3)
+#
+# The original relation predictor (in MotifsRelationModel, below) reads per object edge_in = [label embedding,
+# object context, RoI feature] and per pair the union-box feature `union`; it runs the edge-context LSTM
+# (model.edge_ctx_rnn), pairs head and tail projections of its output (model.pair_features) and classifies
+# rel_compress(post_cat(pair) * union) + the frequency prior. The mirror is that predictor again, the same
+# modules, on masked and detached copies of edge_in and union, with an untied MLP head and no prior.
+
+def random_mask(x, p):
+    """Random masking of the mirror's inputs; x of any shape, same shape out."""
+    # PAPER: Eq. (1): each element is independently zeroed with probability p, kept otherwise.
+    # Unlike dropout there is no 1/(1-p) rescaling: Eq. (1) only zeroes.
+    return x * (torch.rand_like(x) >= p).to(x.dtype)
+
+
+class Mirror(nn.Module):
+    """The mirrored relation predictor (section 3.3). It owns only its untied head (none when tied);
+    everything else it runs is the original predictor's own modules, passed in as `model`."""
+
+    def __init__(self, cfg, pair_dim, union_dim, num_predicates):
+        super().__init__()
+        self.mask_p, self.tied = cfg.mask_p, cfg.tied_head
+        self.head = None
+        if not self.tied:
+            # PAPER: the mirror's untied head, a three-layer MLP with ReLU replacing post_cat and
+            # rel_compress. It reads the pair features concatenated with the masked union feature
+            # (the paper says both are fed to the MLP, not how; concatenation is our choice).
+            self.head = nn.Sequential(
+                nn.Linear(pair_dim + union_dim, cfg.mirror_dim), nn.ReLU(),
+                nn.Linear(cfg.mirror_dim, cfg.mirror_dim), nn.ReLU(),
+                nn.Linear(cfg.mirror_dim, num_predicates))
+
+    def forward(self, model, edge_in, union, pairs_g, counts, orders):
+        """model: the MotifsRelationModel; edge_in (N, E+2H+roi) the edge-context LSTM's input and
+        union (R, Du) the relation feature of the original's forward -> P_masked logits (R, P)."""
+        # PAPER: stop the alignment gradient at the mirror's input features (.detach()), so that
+        # L_align only trains the relation predictor's message passing and refinement.
+        # PAPER: Eq. (1) random masking on the input of the edge-context LSTM and on the relation feature.
+        edge_in_m = random_mask(edge_in.detach(), self.mask_p)          # (N, E+2H+roi)
+        union_m = random_mask(union.detach(), self.mask_p)              # (R, Du)
+        # PAPER: shared weights: the original's own edge-context LSTM and head/tail projection.
+        edge_ctx_m = bilstm(model.edge_ctx_rnn, edge_in_m, counts, orders)   # (N, 2H)
+        pair_m = model.pair_features(edge_ctx_m, pairs_g)               # (R, 4H)
+        if self.tied:  # the ablation: the original's last two layers, shared
+            return model.rel_compress(model.post_cat(pair_m) * union_m)
+        # PAPER: untied three-layer MLP head; the predicate prior (freq_bias) is not used in the mirror.
+        return self.head(torch.cat([pair_m, union_m], dim=1))
+
+
+def alignment_loss(target_logits, mirror_logits, kind, labels=None):
+    """The alignment loss on R pairs: target_logits = the original's, mirror_logits (R, P) each."""
+    if kind == "supervised":
+        # The paper's ablation (section 4.3): the mirror is trained on the ground truth instead.
+        return F.cross_entropy(mirror_logits, labels)
+    # PAPER: Eq. (2): L_align = KL(P_original || P_masked). P_original is fixed as the target
+    # (detached: no gradient flows into the original branch through the target).
+    target = F.log_softmax(target_logits.detach(), dim=-1)               # log P_original (R, P)
+    log_masked = F.log_softmax(mirror_logits, dim=-1)                    # log P_masked (R, P)
+    return F.kl_div(log_masked, target, log_target=True, reduction="batchmean")
+
+
+def train_step(model, detector, images, targets, cfg):
+    """The losses of one training batch -> dict(total, sup, align); align is 0 for the baseline.
+    model: a MotifsRelationModel, or its DistributedDataParallel wrapper."""
+    net = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    sizes = [t["size"] for t in targets]
+    s1 = stage1_outputs(detector, images, sizes, cfg.mode, [t["boxes"] for t in targets],
+                        [t["labels"] for t in targets])
+    pairs, rel_labels, obj_targets = training_targets(s1, targets, cfg)   # B x (R_b, 2), (R,), (N,)
+    out = model(s1["fmap"], s1["boxes"], sizes, s1["obj_feats"], s1["obj_dists"], pairs,
+                gt_labels=torch.cat([t["labels"] for t in targets]))
+    mirror_logits = None
+    if net.mirror is not None:
+        # PAPER: the mirror runs only here, in training; evaluation and inference use the original alone.
+        mirror_logits = net.mirror(net, out["edge_in"], out["union"], out["rel_pairs"], out["counts"],
+                                   out["orders"])                       # (R, P)
+    zero = out["rel_logits"].sum() * 0   # keeps the graph (and DDP) whole when a batch has no pairs
+    rel_loss = F.cross_entropy(out["rel_logits"], rel_labels) if len(rel_labels) else zero
+    obj_loss = F.cross_entropy(out["obj_logits"], obj_targets) if out["obj_logits"] is not None and len(obj_targets) else zero
+    sup = rel_loss + obj_loss                                             # L_original
+    if mirror_logits is None:
+        return dict(total=sup, sup=sup, align=torch.zeros((), device=sup.device))
+    align = alignment_loss(out["rel_logits"], mirror_logits, cfg.align_loss, rel_labels) \
+        if len(rel_labels) else mirror_logits.sum() * 0
+    # PAPER: Eq. (3): L_final = L_original + lambda * L_align (the alignment only on relations).
+    return dict(total=sup + cfg.align_weight * align, sup=sup, align=align)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -248,8 +350,8 @@ def run_name(cfg):
 
 
 # ----------------------------------------------------------------------------------------------
-# Box operations (xyxy pixel boxes; width = x2 - x1, the Detectron2/torchvision convention,
-# not the "+1" pixel-inclusive one of Detectron1 and the original Motifs code)
+# Boxes (xyxy pixel boxes; width = x2 - x1, the Detectron2/torchvision convention, not the "+1"
+# pixel-inclusive one of Detectron1 and the original Motifs code)
 
 def box_area(b):
     return (b[:, 2] - b[:, 0]).clamp(min=0) * (b[:, 3] - b[:, 1]).clamp(min=0)
@@ -357,7 +459,7 @@ def roi_align_batch(fmap, boxes_list, output_size, spatial_scale):
 
 
 # ----------------------------------------------------------------------------------------------
-# Stage 1: the detector, a compact Faster R-CNN (Ren et al. 2015) in plain torch
+# Stage 1: the detector, a compact Faster R-CNN (Ren et al. 2015) in plain torch, trained once and frozen
 
 # 'M' = 2x2 max-pool. 'vgg16' is VGG-16's conv1_1..conv5_3 (torchvision's `features` indices 0-29,
 # the last pool dropped: stride 16, as the Faster R-CNN VGG-16 detector that Motifs builds on).
@@ -551,42 +653,24 @@ def load_vgg16_weights(detector, path):
             layer.load_state_dict({"weight": sd[theirs + ".weight"], "bias": sd[theirs + ".bias"]})
 
 
-def detection_map(dets, gts, num_classes, iou_threshold=0.5):
-    """VOC-style mAP@0.5: per class, all-point interpolated AP over the ranked detections; mean over
-    classes that have test boxes. dets/gts: lists (one per image) of dicts of numpy arrays."""
-    aps = []
-    for c in range(1, num_classes):
-        n_gt = sum(int((g["labels"] == c).sum()) for g in gts)
-        if n_gt == 0:
-            continue
-        scored = []   # (score, image, box)
-        for i, d in enumerate(dets):
-            for b, s in zip(d["boxes"][d["labels"] == c], d["scores"][d["labels"] == c]):
-                scored.append((float(s), i, b))
-        scored.sort(key=lambda x: -x[0])
-        used = [np.zeros(int((g["labels"] == c).sum()), dtype=bool) for g in gts]
-        tp = np.zeros(len(scored))
-        for k, (_, i, b) in enumerate(scored):
-            g = gts[i]["boxes"][gts[i]["labels"] == c]
-            if len(g):
-                iou = box_iou(torch.as_tensor(b[None]), torch.as_tensor(g))[0].numpy()
-                j = int(iou.argmax())
-                if iou[j] >= iou_threshold and not used[i][j]:
-                    used[i][j], tp[k] = True, 1.0
-        tp_c = np.cumsum(tp)
-        recall = tp_c / n_gt
-        precision = tp_c / np.arange(1, len(tp) + 1)
-        # area under the monotone (right-to-left max) precision envelope
-        mrec = np.concatenate([[0.0], recall, [1.0]])
-        mpre = np.concatenate([[0.0], precision, [0.0]])
-        mpre = np.maximum.accumulate(mpre[::-1])[::-1]
-        steps = np.where(mrec[1:] != mrec[:-1])[0]
-        aps.append(float(((mrec[steps + 1] - mrec[steps]) * mpre[steps + 1]).sum()))
-    return float(np.mean(aps)) if aps else 0.0
+@torch.no_grad()
+def stage1_outputs(detector, images, sizes, mode, gt_boxes=None, gt_labels=None):
+    """The frozen detector's part: feature map, the boxes the relation model works on, their RoI
+    features and initial class distributions. -> dict fmap (B, F, h, w), boxes B x (N_b, 4),
+    obj_feats (N, roi_dim), obj_dists (N, C), det (B dicts, sgdet only)."""
+    fmap = detector.features(images, sizes)
+    dets = detector.detect(fmap, sizes) if mode == "sgdet" else None
+    boxes = [d["boxes"] for d in dets] if mode == "sgdet" else gt_boxes
+    obj_feats, cls_logits, _ = detector.box_head(fmap, boxes)
+    if mode == "predcls":
+        obj_dists = F.one_hot(torch.cat(gt_labels), detector.num_classes).float()
+    else:
+        obj_dists = cls_logits.softmax(-1)
+    return {"fmap": fmap, "boxes": boxes, "obj_feats": obj_feats, "obj_dists": obj_dists, "det": dets}
 
 
 # ----------------------------------------------------------------------------------------------
-# Stage 2: the Neural Motifs relation model (Zellers et al. 2018) and the paper's alignment (3.3)
+# Stage 2: the relation model, Neural Motifs (Zellers et al. 2018): the original relation predictor
 
 def box_info(boxes, size):
     """Motifs' box position features: (N, 4) boxes in an image of `size` -> (N, 9) in [0, 1]:
@@ -637,59 +721,6 @@ def bilstm(lstm, x, counts, orders):
             parts.append(y[k, :n][back])                                   # (N_b, 2H) in input order
             k += 1
     return torch.cat(parts)
-
-
-def random_mask(x, p):
-    """Random masking of the mirror's inputs; x of any shape, same shape out."""
-    # PAPER: Eq. (1): each element is independently zeroed with probability p, kept otherwise.
-    # Unlike dropout there is no 1/(1-p) rescaling: Eq. (1) only zeroes.
-    return x * (torch.rand_like(x) >= p).to(x.dtype)
-
-
-def alignment_loss(target_logits, mirror_logits, kind, labels=None):
-    """The alignment loss on R pairs: target_logits = the original's, mirror_logits (R, P) each."""
-    if kind == "supervised":
-        # The paper's ablation (section 4.3): the mirror is trained on the ground truth instead.
-        return F.cross_entropy(mirror_logits, labels)
-    # PAPER: Eq. (2): L_align = KL(P_original || P_masked). P_original is fixed as the target
-    # (detached: no gradient flows into the original branch through the target).
-    target = F.log_softmax(target_logits.detach(), dim=-1)               # log P_original (R, P)
-    log_masked = F.log_softmax(mirror_logits, dim=-1)                    # log P_masked (R, P)
-    return F.kl_div(log_masked, target, log_target=True, reduction="batchmean")
-
-
-class Mirror(nn.Module):
-    """The mirrored relation predictor (section 3.3). It owns only its untied head (none when tied);
-    everything else it runs is the original predictor's own modules, passed in as `model`."""
-
-    def __init__(self, cfg, pair_dim, union_dim, num_predicates):
-        super().__init__()
-        self.mask_p, self.tied = cfg.mask_p, cfg.tied_head
-        self.head = None
-        if not self.tied:
-            # PAPER: the mirror's untied head, a three-layer MLP with ReLU replacing post_cat and
-            # rel_compress. It reads the pair features concatenated with the masked union feature
-            # (the paper says both are fed to the MLP, not how; concatenation is our choice).
-            self.head = nn.Sequential(
-                nn.Linear(pair_dim + union_dim, cfg.mirror_dim), nn.ReLU(),
-                nn.Linear(cfg.mirror_dim, cfg.mirror_dim), nn.ReLU(),
-                nn.Linear(cfg.mirror_dim, num_predicates))
-
-    def forward(self, model, edge_in, union, pairs_g, counts, orders):
-        """model: the MotifsRelationModel; edge_in (N, E+2H+roi) the edge-context LSTM's input and
-        union (R, Du) the relation feature of the original's forward -> P_masked logits (R, P)."""
-        # PAPER: stop the alignment gradient at the mirror's input features (.detach()), so that
-        # L_align only trains the relation predictor's message passing and refinement.
-        # PAPER: Eq. (1) random masking on the input of the edge-context LSTM and on the relation feature.
-        edge_in_m = random_mask(edge_in.detach(), self.mask_p)          # (N, E+2H+roi)
-        union_m = random_mask(union.detach(), self.mask_p)              # (R, Du)
-        # PAPER: shared weights: the original's own edge-context LSTM and head/tail projection.
-        edge_ctx_m = bilstm(model.edge_ctx_rnn, edge_in_m, counts, orders)   # (N, 2H)
-        pair_m = model.pair_features(edge_ctx_m, pairs_g)               # (R, 4H)
-        if self.tied:  # the ablation: the original's last two layers, shared
-            return model.rel_compress(model.post_cat(pair_m) * union_m)
-        # PAPER: untied three-layer MLP head; the predicate prior (freq_bias) is not used in the mirror.
-        return self.head(torch.cat([pair_m, union_m], dim=1))
 
 
 class MotifsRelationModel(nn.Module):
@@ -788,7 +819,7 @@ class MotifsRelationModel(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-# Relation targets: which pairs a training step sees, and with which predicate
+# Training targets: which pairs a training step sees, and with which predicate
 
 def gt_label_matrix(n, rels):
     """(n, n) predicate of each ordered GT pair (0 = none); a pair with several predicates keeps a
@@ -849,13 +880,6 @@ def training_targets(s1, targets, cfg):
     return pairs, torch.cat(rel_labels), torch.cat(obj_targets)
 
 
-def all_pairs(n, device):
-    """Every ordered pair of distinct objects (n*(n-1), 2): the test-time candidates."""
-    i, j = torch.meshgrid(torch.arange(n, device=device), torch.arange(n, device=device), indexing="ij")
-    keep = i != j
-    return torch.stack([i[keep], j[keep]], dim=1)
-
-
 def predicate_statistics(train_ds, C, P):
     """Training statistics for the frequency bias (Motifs' get_counts): the predicate counts of each
     (subject class, object class) pair; the 'no relation' column counts overlapping GT pairs that are
@@ -878,7 +902,643 @@ def predicate_statistics(train_ds, C, P):
 
 
 # ----------------------------------------------------------------------------------------------
-# Plumbing: processes, logging, data, checkpoints
+# Training: train() (stage 1 once, cached; stage 2 the loop; model selection on validation mR@50)
+
+def train(cfg, out_dir, rank, world, device):
+    """Stage 1 + stage 2 + test of the best checkpoint. -> the test metrics dict."""
+    t_run = (time.time(), time.process_time())
+    root, ds, log = open_run(cfg, out_dir, rank)
+    C, P = ds["train"].num_classes, ds["train"].num_predicates
+    det_path, det_cached = detector_path(cfg, root, world, device)
+    log(f"run {out_dir} | {cfg.mode} | {describe(cfg)} | seed {cfg.seed} | detector: "
+        f"{'reused from ' + det_path if det_cached else f'trained for {cfg.det_iters} iterations, cached as {det_path}'} "
+        f"| {world} process(es) on {device}, {torch.get_num_threads()} thread(s)")
+    log(f"data {root}: {len(ds['train'])} train / {len(ds['val'])} val / {len(ds['test'])} test images, "
+        f"{C - 1} classes, {P - 1} predicates ({clock(t_run)})")
+    log_probs = predicate_statistics(ds["train"], C, P)
+    counts = data.predicate_counts(ds["train"])
+    groups = metrics.default_predicate_groups(ds["train"].idx_to_predicate, counts)
+    t_stage = (time.time(), time.process_time())
+    detector, det_map = get_detector(cfg, ds, det_path, det_cached, device, rank, world, log)
+    log(f"stage 1 done ({clock(t_stage)})")
+    if cfg.freq_baseline:
+        summary = evaluate(None, detector, first(ds["test"], cfg.max_eval_images), cfg, device, groups,
+                           freq_log_probs=log_probs.to(device))
+        summary["det_mAP@0.5"] = det_map
+        finish(cfg, out_dir, summary, None, ds, counts, groups, log, rank)
+        return summary
+
+    # Stage 2: the relation model on the frozen detector's outputs.
+    torch.manual_seed(cfg.seed)
+    model = MotifsRelationModel(cfg, C, P, detector.backbone.out_channels, detector.stride, log_probs).to(device)
+    ddp = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_lambda(cfg.iters, cfg.lr_steps))
+    last_path, best_path = os.path.join(out_dir, "ckpt_last.pt"), os.path.join(out_dir, "ckpt_best.pt")
+    ck = resume(cfg, last_path, model, opt, sched, device, log) if cfg.resume else None
+    state = ck["state"] if ck else new_train_state()
+    for_infer = what_infer_needs(cfg, detector, ds["train"], log_probs)   # goes into ckpt_best.pt
+    # The sampler continues where the interrupted run stopped: position step x batch of this rank's stream.
+    # The loader gets a generator of its own: its iterator draws a seed at creation, which must not come from
+    # the global stream that the masks and pair sampling use.
+    sampler = data.TrainingSampler(len(ds["train"]), seed=cfg.seed, start=state["step"] * cfg.batch_size)
+    loader = torch.utils.data.DataLoader(ds["train"], batch_size=cfg.batch_size, sampler=sampler,
+                                         collate_fn=data.collate, num_workers=cfg.num_workers,
+                                         generator=torch.Generator().manual_seed(cfg.seed))
+    val = first(ds["val"], min([n for n in (cfg.val_images, cfg.max_eval_images) if n] or [len(ds["val"])]))
+    log(f"stage 2: training the relation model for {cfg.iters} iterations (batch {cfg.batch_size} x {world}, "
+        f"validation mR@50 on {len(val)} images every {cfg.eval_every}, ckpt_last.pt every {cfg.ckpt_every})")
+    t_stage = (time.time() - state["elapsed"], time.process_time())
+    it, t_last, acc = iter(loader), time.time(), state["acc"]
+    if ck:   # this rank's own random streams, where the killed run left them
+        set_rng_states(ck["rng"], rank)
+    model.train()
+    for step in range(state["step"], cfg.iters):
+        images, targets = next(it)
+        losses = train_step(ddp, detector, images.to(device), to_device(targets, device), cfg)
+        check_finite(step + 1, losses)
+        opt.zero_grad(set_to_none=True)
+        losses["total"].backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        sched.step()
+        for k, term in (("loss", "total"), ("sup", "sup"), ("align", "align")):
+            acc[k] += losses[term].item()
+        acc["n"] += 1
+        done = state["step"] = step + 1
+        if done % cfg.log_every == 0 or done == cfg.iters:
+            log_interval(cfg, state, time.time() - t_last, time.time() - t_stage[0], log)
+            t_last = time.time()
+        if done % cfg.eval_every == 0 or done == cfg.iters:
+            improved = validate(model, detector, val, cfg, device, groups, state, log)
+            state["elapsed"] = time.time() - t_stage[0]
+            if improved:
+                save_checkpoint(best_path, cfg, model, opt, sched, state, rank, world, for_infer)
+            t_last = time.time()   # validation time is not counted in it/s
+        if done % cfg.ckpt_every == 0 or done % cfg.eval_every == 0 or done == cfg.iters:
+            state["elapsed"] = time.time() - t_stage[0]
+            save_checkpoint(last_path, cfg, model, opt, sched, state, rank, world)
+    log(f"stage 2 done ({clock(t_stage)}{'; CPU time since the resume' if cfg.resume else ''})")
+
+    # Test the checkpoint with the best validation mR@50 (the paper's model selection).
+    ck = load_checkpoint(best_path, device)
+    model.load_state_dict(ck["model"])
+    log(f"testing the best checkpoint (iteration {ck['step']}, val mR@50 {ck['state']['best_val_mR@50']:.4f})")
+    t_stage = (time.time(), time.process_time())
+    summary, examples = evaluate(model, detector, first(ds["test"], cfg.max_eval_images), cfg, device, groups,
+                                 keep_examples=4)
+    summary.update({"det_mAP@0.5": det_map, "best_step": ck["step"], "val_mR@50": ck["state"]["best_val_mR@50"]})
+    log(f"test done ({clock(t_stage)})")
+    finish(cfg, out_dir, summary, state["history"], ds, counts, groups, log, rank, examples)
+    log(f"total time {clock(t_run)}")
+    return summary
+
+
+def open_run(cfg, out_dir, rank):
+    """Check every input before anything is written (the data, the detector file, the run folder), then
+    start the run folder: args.json and log.txt. -> (data root, the three splits, log)."""
+    root, ds = load_datasets(cfg, rank)
+    if cfg.detector_ckpt and not os.path.isfile(cfg.detector_ckpt):
+        fail(f"--detector-ckpt {cfg.detector_ckpt}: no such file")
+    claim_run_dir(cfg, out_dir)
+    barrier()   # every rank has looked at the folder before rank 0 writes into it
+    if rank == 0 and not cfg.resume:
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, "args.json"), "w") as f:
+            json.dump(dataclasses.asdict(cfg), f, indent=1)
+    return root, ds, Log(os.path.join(out_dir, "log.txt"), rank)
+
+
+def describe(cfg):
+    """The run's method in words, for the log's first line."""
+    if cfg.freq_baseline:
+        return "FREQ (frequency prior only)"
+    if cfg.no_align:
+        return f"baseline (no alignment), {cfg.iters} iterations"
+    return (f"aligned (p {cfg.mask_p}, λ {cfg.align_weight:g}, {cfg.align_loss}"
+            f"{', tied head' if cfg.tied_head else ''}), {cfg.iters} iterations")
+
+
+def detector_path(cfg, root, world, device):
+    """Where the detector for these data and settings is cached -> (path, whether it exists). The key holds
+    everything that changes the trained weights, thread count included (float sums differ across it)."""
+    if cfg.detector_ckpt:
+        return cfg.detector_ckpt, True
+    settings = {k: getattr(cfg, k) for k in ("backbone", "vgg_weights", "det_iters", "det_batch", "det_optimizer",
+                                             "det_lr", "det_seed", "anchor_sizes", "roi_dim", "max_size",
+                                             "det_max_per_image")}
+    key_src = json.dumps({"root": os.path.abspath(root), "world": world, "threads": torch.get_num_threads(),
+                          "device": device.type, **settings}, sort_keys=True)
+    key = hashlib.sha1(key_src.encode()).hexdigest()[:12]
+    path = os.path.join(cache_dir(), "detectors", f"detector-{key}.pt")
+    return path, os.path.exists(path)
+
+
+def get_detector(cfg, ds, path, cached, device, rank, world, log):
+    """Load the cached detector for these data and settings, or train and cache it. -> (detector, test mAP)."""
+    torch.manual_seed(cfg.det_seed)   # the initial weights too: one detector per setting, as in the paper
+    detector = Detector(cfg, ds["train"].num_classes).to(device)
+    if cached:
+        blob = load_checkpoint(path, device)
+        try:
+            detector.load_state_dict(blob["detector"])
+        except (KeyError, RuntimeError) as e:
+            fail(f"{path} does not hold a detector with these settings ({str(e).splitlines()[0]})")
+        log(f"stage 1: detector loaded from {path}")
+    else:
+        log(f"stage 1: training the detector ({cfg.det_iters} iterations), cached as {path}")
+        train_detector(cfg, detector, ds["train"], cfg.det_iters, device, rank, world, log)
+        blob = {"detector": detector.state_dict()}
+        if rank == 0:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            save_atomic(blob, path)
+        barrier()
+    detector.eval()
+    for p in detector.parameters():
+        p.requires_grad_(False)   # frozen for stage 2, as in the two-stage protocol
+    # Detection mAP@0.5 on test, cached with the weights per number of evaluated images.
+    n_eval = min(cfg.max_eval_images or len(ds["test"]), len(ds["test"]))
+    cached_map = blob.get(f"map50_test{n_eval}")
+    if cached_map is None:
+        cached_map = evaluate_detector(detector, first(ds["test"], cfg.max_eval_images), cfg, device)
+        if rank == 0 and not cfg.detector_ckpt:
+            blob[f"map50_test{n_eval}"] = cached_map
+            save_atomic(blob, path)
+    log(f"stage 1: detector mAP@0.5 on {n_eval} test images = {cached_map:.4f}")
+    return detector, float(cached_map)
+
+
+def train_detector(cfg, detector, train_ds, iters, device, rank, world, log):
+    if cfg.vgg_weights:
+        load_vgg16_weights(detector, cfg.vgg_weights)
+    model = nn.parallel.DistributedDataParallel(detector) if world > 1 else detector
+    params = [p for p in detector.parameters() if p.requires_grad]
+    if cfg.det_optimizer == "sgd":
+        opt = torch.optim.SGD(params, lr=cfg.det_lr, momentum=0.9, weight_decay=1e-4)
+    else:  # from scratch in ~300 iterations AdamW reaches test mAP 0.60 where SGD reaches 0.27 (our runs)
+        opt = torch.optim.AdamW(params, lr=cfg.det_lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_lambda(iters, iters, warmup=min(100, iters // 5)))
+    loader = torch.utils.data.DataLoader(train_ds, batch_size=cfg.det_batch, collate_fn=data.collate,
+                                         sampler=data.TrainingSampler(len(train_ds), seed=cfg.det_seed),
+                                         num_workers=cfg.num_workers, generator=torch.Generator().manual_seed(cfg.det_seed))
+    detector.train()
+    it, t0 = iter(loader), time.time()
+    for step in range(iters):
+        images, targets = next(it)
+        images, targets = images.to(device), to_device(targets, device)
+        losses = model(images, [t["size"] for t in targets], targets)
+        check_finite(step + 1, losses)
+        loss = sum(losses.values())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 10.0)
+        opt.step()
+        sched.step()
+        if (step + 1) % cfg.log_every == 0 or step + 1 == iters:
+            rate = (step + 1) / (time.time() - t0)
+            log(f"det it {step + 1}/{iters} | loss {loss.item():.3f} (rpn {losses['rpn_cls'].item() + losses['rpn_box'].item():.3f}, "
+                f"head {losses['det_cls'].item() + losses['det_box'].item():.3f}) | {rate:.1f} it/s | "
+                f"eta {fmt_time((iters - step - 1) / rate)}")
+
+
+def resume(cfg, last_path, model, opt, sched, device, log):
+    """Load ckpt_last.pt into the model, optimizer and schedule -> the checkpoint (its training state, its
+    random states)."""
+    ck = load_checkpoint(last_path, device)
+    try:
+        model.load_state_dict(ck["model"])
+    except RuntimeError as e:
+        fail(f"--resume: {last_path} does not fit this model ({str(e).splitlines()[0]})")
+    opt.load_state_dict(ck["optimizer"])
+    sched.load_state_dict(ck["scheduler"])
+    log(f"resumed from {last_path} at iteration {ck['state']['step']}")
+    return ck
+
+
+def new_train_state():
+    """What a training run carries from step to step, and what ckpt_last.pt saves of it."""
+    return {"step": 0, "best_val_mR@50": -1.0, "best_step": 0, "elapsed": 0.0,
+            "history": {"step": [], "loss": [], "sup": [], "align": [], "val_step": [], "val_mR@50": []},
+            "acc": {"loss": 0.0, "sup": 0.0, "align": 0.0, "n": 0}}   # running sums of the current log interval
+
+
+def what_infer_needs(cfg, detector, train_ds, log_probs):
+    """What makes ckpt_best.pt self-contained for --infer: the detector, the vocabulary, the prior, and the
+    training images' longest side (--infer resizes the user's photos to it, as sgtr_align.py)."""
+    return {"detector": detector.state_dict(), "freq_log_probs": log_probs,
+            "vocab": {"idx_to_label": list(train_ds.idx_to_label), "idx_to_predicate": list(train_ds.idx_to_predicate)},
+            "image_side": cfg.max_size or max(max(im["width"], im["height"]) for im in train_ds.img_info)}
+
+
+def cosine_lambda(total, steps, warmup=0):
+    """lr factor: linear warm-up, then cosine from 1 to 0 updated `steps` times (the paper: every 1K of
+    100K iterations)."""
+    every = max(1, total // steps)
+
+    def f(it):
+        if it < warmup:
+            return 1 / 3 + (2 / 3) * it / warmup
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (it // every) * every / total)))
+    return f
+
+
+def check_finite(step, losses):
+    bad = [f"{name} = {v.item()}" for name, v in losses.items() if not torch.isfinite(v)]
+    if bad:
+        raise FloatingPointError(f"non-finite loss at iteration {step}: {', '.join(bad)}")
+
+
+def log_interval(cfg, state, seconds, seconds_so_far, log):
+    """The progress line: the losses' means over the interval (sup = L_original, align = L_align, loss =
+    their Eq. 3 total); they go into the history that curves.png plots, and the sums start again."""
+    acc, history, done = state["acc"], state["history"], state["step"]
+    rate = acc["n"] / max(seconds, 1e-9)
+    m = {k: acc[k] / acc["n"] for k in ("loss", "sup", "align")}
+    log(f"it {done}/{cfg.iters} | loss {m['loss']:.3f} (sup {m['sup']:.3f}, align {m['align']:.3f}, "
+        f"λ {0 if cfg.no_align else cfg.align_weight:g}) | {rate:.1f} it/s | "
+        f"eta {fmt_time((cfg.iters - done) / rate)} | time so far {fmt_time(seconds_so_far)}")
+    for k in ("loss", "sup", "align"):
+        history[k].append(m[k])
+    history["step"].append(done)
+    acc.update(loss=0.0, sup=0.0, align=0.0, n=0)
+
+
+def validate(model, detector, val, cfg, device, groups, state, log):
+    """Validation mR@50 (model selection) -> whether it is the best so far (then state holds it)."""
+    done = state["step"]
+    mr50 = evaluate(model, detector, val, cfg, device, groups)["mR@50"]
+    model.train()
+    state["history"]["val_step"].append(done)
+    state["history"]["val_mR@50"].append(mr50)
+    improved = mr50 > state["best_val_mR@50"]
+    if improved:
+        state["best_val_mR@50"], state["best_step"] = mr50, done
+    log(f"val it {done} | mR@50 {mr50:.4f} | best {state['best_val_mR@50']:.4f}{' (saved)' if improved else ''}")
+    return improved
+
+
+def save_checkpoint(path, cfg, model, opt, sched, state, rank, world, extra=None):
+    """Rank 0 writes {model, optimizer, scheduler, step, args, rng, state} (+ extra); every rank's random
+    state goes in (gathered, a collective: every rank calls this), so a resume is exact."""
+    rng = gather_rng_states(world)
+    if rank == 0:
+        save_atomic({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                     "step": state["step"], "args": dataclasses.asdict(cfg), "rng": rng, "state": state,
+                     **(extra or {})}, path)
+    barrier()   # nobody reads a checkpoint before rank 0 has written it
+
+
+def finish(cfg, out_dir, summary, history, ds, counts, groups, log, rank, examples=None):
+    keys = [f"{m}@{k}" for m in ("R", "mR") for k in (20, 50, 100)]
+    log("test | " + " | ".join(f"{k} {100 * summary[k]:.2f}" for k in keys if k in summary))
+    log("test | " + " | ".join(f"{g}_mR@100 {100 * summary[f'{g}_mR@100']:.2f}" for g in groups
+                               if f"{g}_mR@100" in summary))
+    if rank != 0:
+        return
+    with open(os.path.join(out_dir, "metrics.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    if history is not None:
+        plot_curves(history, os.path.join(out_dir, "curves.png"), 0 if cfg.no_align else cfg.align_weight)
+    plot_per_predicate(summary, counts, groups, ds["train"].idx_to_predicate, os.path.join(out_dir, "per_predicate.png"))
+    if examples:
+        plot_examples(examples, ds["test"], cfg.mode, os.path.join(out_dir, "examples.png"))
+    log(f"wrote {out_dir}/metrics.json and pictures")
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation: evaluate() (every ordered pair of the test boxes is a candidate; metrics.SGEvaluator ranks
+# them) and the detector's mAP
+
+def all_pairs(n, device):
+    """Every ordered pair of distinct objects (n*(n-1), 2): the test-time candidates."""
+    i, j = torch.meshgrid(torch.arange(n, device=device), torch.arange(n, device=device), indexing="ij")
+    keep = i != j
+    return torch.stack([i[keep], j[keep]], dim=1)
+
+
+@torch.no_grad()
+def evaluate(model, detector, ds, cfg, device, groups, freq_log_probs=None, keep_examples=0):
+    """-> metrics.SGEvaluator summary (and the first keep_examples predictions of rank 0).
+    With freq_log_probs instead of a model: the frequency-prior-only predictor (Motifs' FREQ)."""
+    base = ds.dataset if isinstance(ds, torch.utils.data.Subset) else ds
+    if model is not None:
+        model.eval()
+    ev = metrics.SGEvaluator(cfg.mode, base.num_predicates - 1, predicate_groups=groups)
+    examples, seen = [], 0
+    for images, targets in eval_loader(ds, cfg):
+        images, targets = images.to(device), to_device(targets, device)
+        sizes = [t["size"] for t in targets]
+        s1 = stage1_outputs(detector, images, sizes, cfg.mode, [t["boxes"] for t in targets],
+                            [t["labels"] for t in targets])
+        pairs = [all_pairs(len(b), device) for b in s1["boxes"]]         # B x (n_b*(n_b-1), 2)
+        gt_labels = torch.cat([t["labels"] for t in targets])
+        if model is None:   # FREQ: labels from GT (predcls) or the detector, predicates from the prior
+            if cfg.mode == "predcls":
+                labels, scores = gt_labels, torch.ones(len(gt_labels), device=device)
+            else:
+                scores, labels = s1["obj_dists"][:, 1:].max(1)
+                labels = labels + 1
+            offsets = np.cumsum([0] + [len(b) for b in s1["boxes"]][:-1])
+            pg = torch.cat([p + int(o) for p, o in zip(pairs, offsets)])  # (R, 2) global
+            rel_logits = freq_log_probs[labels[pg[:, 0]], labels[pg[:, 1]]]   # (R, P)
+        else:
+            out = model(s1["fmap"], s1["boxes"], sizes, s1["obj_feats"], s1["obj_dists"], pairs, gt_labels)
+            labels, scores, rel_logits = out["obj_labels"], out["obj_scores"], out["rel_logits"]
+        rel_probs = rel_logits.softmax(-1)                                # (R, P), column 0 = no relation
+        n_start, r_start = 0, 0
+        for i, t in enumerate(targets):
+            n, r = len(s1["boxes"][i]), len(pairs[i])
+            pred = {"boxes": s1["boxes"][i], "labels": labels[n_start:n_start + n],
+                    "scores": scores[n_start:n_start + n], "rel_pairs": pairs[i],
+                    "rel_scores": rel_probs[r_start:r_start + r]}
+            pred = {k: v.cpu() for k, v in pred.items()}
+            ev.add({k: t[k].cpu() for k in ("boxes", "labels", "relations")}, pred)
+            if len(examples) < keep_examples and (not dist.is_initialized() or dist.get_rank() == 0):
+                examples.append((seen, pred))   # rank 0's shard starts at image 0 (InferenceSampler)
+            n_start, r_start, seen = n_start + n, r_start + r, seen + 1
+    if dist.is_initialized():
+        ev.gather()
+    summary = ev.summary()
+    return (summary, examples) if keep_examples else summary
+
+
+def eval_loader(ds, cfg):
+    return torch.utils.data.DataLoader(ds, batch_size=cfg.eval_batch, collate_fn=data.collate,
+                                       sampler=data.InferenceSampler(len(ds)), num_workers=cfg.num_workers,
+                                       generator=torch.Generator())   # leaves the global random stream alone
+
+
+def top_triplets(pred, k):
+    """The k best (subject, object, predicate, score) of one image's prediction; triplet score =
+    predicate probability x subject score x object score (the usual SGG ranking)."""
+    if len(pred["rel_pairs"]) == 0:
+        return []
+    p, pidx = pred["rel_scores"][:, 1:].max(1)
+    s = p * pred["scores"][pred["rel_pairs"][:, 0]] * pred["scores"][pred["rel_pairs"][:, 1]]
+    order = s.argsort(descending=True)[:k]
+    return [(int(pred["rel_pairs"][j, 0]), int(pred["rel_pairs"][j, 1]), int(pidx[j]) + 1, float(s[j]))
+            for j in order]
+
+
+@torch.no_grad()
+def evaluate_detector(detector, ds, cfg, device):
+    dets, gts = [], []
+    for images, targets in eval_loader(ds, cfg):
+        sizes = [t["size"] for t in targets]
+        for d, t in zip(detector.detect(detector.features(images.to(device), sizes), sizes), targets):
+            dets.append({k: v.cpu().numpy() for k, v in d.items()})
+            gts.append({"boxes": t["boxes"].numpy(), "labels": t["labels"].numpy()})
+    if dist.is_initialized():   # each rank evaluated its shard; AP needs all images at once
+        parts = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, (dets, gts))
+        dets, gts = [d for p in parts for d in p[0]], [g for p in parts for g in p[1]]
+    return detection_map(dets, gts, detector.num_classes)
+
+
+def detection_map(dets, gts, num_classes, iou_threshold=0.5):
+    """VOC-style mAP@0.5: per class, all-point interpolated AP over the ranked detections; mean over
+    classes that have test boxes. dets/gts: lists (one per image) of dicts of numpy arrays."""
+    aps = []
+    for c in range(1, num_classes):
+        n_gt = sum(int((g["labels"] == c).sum()) for g in gts)
+        if n_gt == 0:
+            continue
+        scored = []   # (score, image, box)
+        for i, d in enumerate(dets):
+            for b, s in zip(d["boxes"][d["labels"] == c], d["scores"][d["labels"] == c]):
+                scored.append((float(s), i, b))
+        scored.sort(key=lambda x: -x[0])
+        used = [np.zeros(int((g["labels"] == c).sum()), dtype=bool) for g in gts]
+        tp = np.zeros(len(scored))
+        for k, (_, i, b) in enumerate(scored):
+            g = gts[i]["boxes"][gts[i]["labels"] == c]
+            if len(g):
+                iou = box_iou(torch.as_tensor(b[None]), torch.as_tensor(g))[0].numpy()
+                j = int(iou.argmax())
+                if iou[j] >= iou_threshold and not used[i][j]:
+                    used[i][j], tp[k] = True, 1.0
+        tp_c = np.cumsum(tp)
+        recall = tp_c / n_gt
+        precision = tp_c / np.arange(1, len(tp) + 1)
+        # area under the monotone (right-to-left max) precision envelope
+        mrec = np.concatenate([[0.0], recall, [1.0]])
+        mpre = np.concatenate([[0.0], precision, [0.0]])
+        mpre = np.maximum.accumulate(mpre[::-1])[::-1]
+        steps = np.where(mrec[1:] != mrec[:-1])[0]
+        aps.append(float(((mrec[steps + 1] - mrec[steps]) * mpre[steps + 1]).sum()))
+    return float(np.mean(aps)) if aps else 0.0
+
+
+# ----------------------------------------------------------------------------------------------
+# Pictures
+
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def save_figure(fig, path, tight=True):
+    if tight:
+        fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    _plt().close(fig)
+
+
+GROUP_COLOURS = {"head": "tab:blue", "body": "tab:orange", "tail": "tab:green"}
+BOX_COLOURS = ["tab:red", "tab:blue", "tab:green", "tab:orange", "tab:purple", "tab:cyan", "tab:pink", "tab:olive",
+               "tab:brown", "gold"]
+
+
+def plot_curves(history, path, align_weight):
+    """The log's names: sup = L_original, align = L_align, loss = sup + λ·align (Eq. 3)."""
+    plt = _plt()
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    names = {"loss": f"loss = sup + λ·align (λ = {align_weight:g})", "sup": "sup (L_original)",
+             "align": "align (L_align)"}
+    for k in ("loss", "sup", "align"):
+        if any(history[k]):
+            a.plot(history["step"], history[k], label=names[k])
+    a.set(xlabel="iteration", ylabel="mean over the log interval", title="training losses (as in the log)")
+    a.legend()
+    b.plot(history["val_step"], [100 * v for v in history["val_mR@50"]], marker="o")
+    b.set(xlabel="iteration", ylabel="%", title="validation mR@50 (model selection)")
+    save_figure(fig, path)
+
+
+def plot_per_predicate(summary, counts, groups, names, path):
+    """Test R@100 per predicate, coloured by the head / body / tail group."""
+    order = data.frequency_order(counts)   # the order `python data.py` prints
+    colour = {p: GROUP_COLOURS.get(g, "gray") for g, ids in groups.items() for p in ids}
+    fig, ax = _plt().subplots(figsize=(max(8, 0.3 * len(order)), 4.5))
+    ax.bar(range(len(order)), [100 * np.nan_to_num(summary["per_predicate_R@100"][p - 1]) for p in order],
+           color=[colour.get(p, "gray") for p in order])
+    ax.set_xticks(range(len(order)))
+    ax.set_xticklabels([names[p] for p in order], rotation=90, fontsize=8)
+    for g, c in GROUP_COLOURS.items():
+        ax.bar([0], [0], color=c, label=g)
+    ax.legend()
+    ax.set(ylabel="test R@100 (%)", title="test R@100 per predicate, most frequent in training first "
+                                          "(data.frequency_order)")
+    save_figure(fig, path)
+
+
+def draw_scene(ax, image, boxes, labels, shown, names):
+    """The image with the boxes `shown`, each in its own colour with an 'index:class' tag inside its top-left
+    corner; a tag that would cover an earlier one moves down (greedy), so tags never sit on each other."""
+    ax.imshow(image.permute(1, 2, 0).clamp(0, 1).numpy())
+    ax.set(xticks=[], yticks=[])
+    H = image.shape[1]
+    tag_h = H / 14                         # about one line of 9-pt text on a 5-inch panel
+    placed = []
+    for i in shown:
+        x1, y1, x2, y2 = [float(v) for v in boxes[i]]
+        c = BOX_COLOURS[i % len(BOX_COLOURS)]
+        ax.add_patch(_plt().Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, color=c, lw=2))
+        y = max(y1, 0)
+        while any(abs(y - py) < tag_h and abs(x1 - px) < 4 * tag_h for px, py in placed) and y < H - tag_h:
+            y += tag_h
+        placed.append((x1, y))
+        ax.text(x1 + 1, y + 1, f"{i}:{names[int(labels[i])]}", color="white", fontsize=9, va="top",
+                bbox=dict(facecolor=c, alpha=0.8, pad=1, lw=0))
+
+
+def triplet_lines(triplets, labels, names, predicates):
+    """'3:man riding 1:horse  0.43' per triplet (score with two significant digits, or none for GT)."""
+    return [f"{s}:{names[int(labels[s])]}  {predicates[p]}  {o}:{names[int(labels[o])]}"
+            + (f"   {sc:.2g}" if sc is not None else "") for s, o, p, sc in triplets]
+
+
+def plot_examples(examples, test_ds, mode, path, k=5):
+    """Like the paper's Figure 3: ground truth (left) and the top-k predicted triplets (right). In PredCls
+    and SGCls both panels show the same (ground-truth) boxes with the same indices and colours."""
+    plt = _plt()
+    fig, axes = plt.subplots(len(examples), 2, figsize=(10, 6.2 * len(examples)), squeeze=False)
+    for row, (idx, pred) in enumerate(examples):
+        image, gt = test_ds[idx]
+        gt_trip = [(int(s), int(o), int(p), None) for s, o, p in gt["relations"][:k]]
+        pred_trip = top_triplets(pred, k)
+        boxes_right = pred["boxes"] if mode == "sgdet" else gt["boxes"]
+        used_gt = sorted({i for s, o, _, _ in gt_trip for i in (s, o)})
+        used_pred = sorted({i for s, o, _, _ in pred_trip for i in (s, o)})
+        same = range(len(gt["boxes"])) if mode != "sgdet" else None
+        draw_scene(axes[row, 0], image, gt["boxes"], gt["labels"], same or used_gt, test_ds.idx_to_label)
+        draw_scene(axes[row, 1], image, boxes_right, pred["labels"], same or used_pred, test_ds.idx_to_label)
+        axes[row, 0].set_title(f"test image {gt['image_id']}: ground truth (first {k})", fontsize=11)
+        axes[row, 1].set_title(f"predicted top-{k} ({mode}; score = predicate x subject x object)", fontsize=11)
+        for ax, trip, labels in ((axes[row, 0], gt_trip, gt["labels"]), (axes[row, 1], pred_trip, pred["labels"])):
+            ax.set_xlabel("\n".join(triplet_lines(trip, labels, test_ds.idx_to_label, test_ds.idx_to_predicate)),
+                          fontsize=10, loc="left")
+    save_figure(fig, path)
+
+
+def plot_photo(image, pred, triplets, names, predicates, title, path):
+    """A user's photo at its own aspect ratio, filling the figure's width, with the triplets' boxes and the
+    triplets listed below it."""
+    plt = _plt()
+    H, W = image.shape[1:]
+    lines = triplet_lines(triplets, pred["labels"], names, predicates) or ["(no triplet)"]
+    width = 8.0
+    img_h, text_h = width * H / W, 0.3 + 0.22 * (len(lines) + 1)
+    fig = plt.figure(figsize=(width, img_h + text_h))
+    ax = fig.add_axes([0, text_h / (img_h + text_h), 1, img_h / (img_h + text_h)])
+    used = sorted({i for s, o, _, _ in triplets for i in (s, o)})
+    draw_scene(ax, image, pred["boxes"], pred["labels"], used, names)
+    fig.text(0.01, text_h / (img_h + text_h) - 0.01, "\n".join([title] + lines), fontsize=10, va="top",
+             family="monospace")
+    save_figure(fig, path, tight=False)   # the axes are placed by hand
+
+
+# ----------------------------------------------------------------------------------------------
+# Inference on your own images: infer()
+
+def strip_mirror(state_dict):
+    """The mirror's head is only needed in training: drop it to get a plain Motifs state dict."""
+    return {k: v for k, v in state_dict.items() if k.split(".")[0] not in ("mirror", "mirror_head")}
+
+
+def infer(cfg):
+    """Scene graphs of the user's images with a trained run's ckpt_best.pt; writes, per image,
+    <out>/<name>_sg.png and <out>/<name>_sg.json (out defaults to <checkpoint folder>/infer)."""
+    from PIL import Image
+    ck = load_checkpoint(cfg.ckpt, "cpu")
+    if not {"args", "vocab", "detector", "model"} <= set(ck):
+        fail(f"--ckpt {cfg.ckpt} is not a ckpt_best.pt of motifs_align.py (use the run's "
+             f"ckpt_best.pt: ckpt_last.pt holds no detector)")
+    missing = [p for p in cfg.infer if not os.path.isfile(p)]
+    if missing:
+        fail(f"--infer {missing[0]}: no such image file")
+    known = {f.name for f in dataclasses.fields(Config)}   # (older runs' args hold flags since moved to study.py)
+    args = Config(**{**{k: v for k, v in ck["args"].items() if k in known}, "no_align": True})   # never the mirror
+    names, predicates = ck["vocab"]["idx_to_label"], ck["vocab"]["idx_to_predicate"]
+    C, P = len(names), len(predicates)
+    device = torch.device("cuda" if cfg.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+    detector = Detector(args, C).to(device).eval()
+    detector.load_state_dict(ck["detector"])
+    model = MotifsRelationModel(args, C, P, detector.backbone.out_channels, detector.stride,
+                                torch.zeros(C, C, P)).to(device).eval()
+    model.load_state_dict(strip_mirror(ck["model"]))
+    given = {}
+    if args.mode != "sgdet":
+        if not cfg.boxes:
+            fail(f"this checkpoint is {args.mode}: give the boxes with --boxes boxes.json")
+        try:
+            with open(cfg.boxes) as f:
+                given = json.load(f)
+        except (OSError, ValueError) as e:
+            fail(f"--boxes {cfg.boxes}: {str(e).splitlines()[0]}")
+    # Photos are resized so that their longest side is the training images' (the detector's anchors and the
+    # model were trained at that scale), or --max-size when given; boxes go back to the photo's pixels.
+    side = cfg.max_size or ck.get("image_side") or 0
+    out_dir = cfg.out or os.path.join(os.path.dirname(os.path.abspath(cfg.ckpt)), "infer")
+    os.makedirs(out_dir, exist_ok=True)
+    for path in cfg.infer:
+        try:
+            photo = Image.open(path).convert("RGB")
+        except OSError as e:
+            fail(f"--infer {path} is not an image file ({e})")
+        scale = side / max(photo.size) if side else 1.0
+        img = photo.resize((max(1, round(photo.width * scale)), max(1, round(photo.height * scale))), Image.BILINEAR)
+        image = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255).permute(2, 0, 1)   # (3, H, W)
+        size = tuple(image.shape[1:])
+        gt_boxes = gt_labels = None
+        if args.mode != "sgdet":
+            entry = given.get(os.path.basename(path))
+            if entry is None or "boxes" not in entry:
+                fail(f"--boxes {cfg.boxes} has no 'boxes' for {os.path.basename(path)}")
+            if args.mode == "predcls" and "labels" not in entry:
+                fail(f"predcls needs 'labels' for {os.path.basename(path)} in {cfg.boxes}")
+            gt_boxes = [torch.tensor(entry["boxes"], dtype=torch.float32, device=device).view(-1, 4) * scale]
+            try:
+                labs = [names.index(x) if isinstance(x, str) else int(x)
+                        for x in entry.get("labels", [1] * len(entry["boxes"]))]
+            except ValueError as e:
+                fail(f"--boxes {cfg.boxes}: unknown class ({e}); known: {', '.join(names[1:])}")
+            gt_labels = [torch.tensor(labs, dtype=torch.long, device=device)]
+        with torch.no_grad():
+            s1 = stage1_outputs(detector, image[None].to(device), [size], args.mode, gt_boxes, gt_labels)
+            pairs = [all_pairs(len(s1["boxes"][0]), device)]
+            out = model(s1["fmap"], s1["boxes"], [size], s1["obj_feats"], s1["obj_dists"], pairs,
+                        gt_labels[0] if gt_labels else None)
+        pred = {"boxes": s1["boxes"][0].cpu() / scale, "labels": out["obj_labels"].cpu(),
+                "scores": out["obj_scores"].cpu(), "rel_pairs": pairs[0].cpu(),
+                "rel_scores": out["rel_logits"].softmax(-1).cpu()}
+        trip = top_triplets(pred, 10)
+        stem = os.path.join(out_dir, os.path.splitext(os.path.basename(path))[0])
+        with open(stem + "_sg.json", "w") as f:
+            json.dump([{"subject": names[int(pred["labels"][s])], "subject_box": pred["boxes"][s].tolist(),
+                        "predicate": predicates[p], "object": names[int(pred["labels"][o])],
+                        "object_box": pred["boxes"][o].tolist(), "score": sc} for s, o, p, sc in trip], f, indent=1)
+        shown = torch.from_numpy(np.asarray(photo, dtype=np.float32) / 255).permute(2, 0, 1)
+        plot_photo(shown, pred, trip, names, predicates,
+                   f"{os.path.basename(path)}: top {len(trip)} triplets ({args.mode}; score = predicate x subject x "
+                   f"object)", stem + "_sg.png")
+        print(f"{path}: {len(trip)} triplets -> {stem}_sg.png, {stem}_sg.json")
+
+
+# ----------------------------------------------------------------------------------------------
+# Plumbing: run folders, checkpoints, processes, logging
 
 def setup_distributed(cfg):
     """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; gloo on CPU, NCCL on GPU. -> (rank, world, device)."""
@@ -1034,615 +1694,6 @@ def set_rng_states(states, rank):
     n = s["numpy"]
     np.random.set_state((n[0], n[1].numpy().astype(np.uint32), *n[2:]))
     random.setstate(s["python"])
-
-
-def cosine_lambda(total, steps, warmup=0):
-    """lr factor: linear warm-up, then cosine from 1 to 0 updated `steps` times (the paper: every 1K of
-    100K iterations)."""
-    every = max(1, total // steps)
-
-    def f(it):
-        if it < warmup:
-            return 1 / 3 + (2 / 3) * it / warmup
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (it // every) * every / total)))
-    return f
-
-
-def check_finite(step, losses):
-    bad = [f"{name} = {v.item()}" for name, v in losses.items() if not torch.isfinite(v)]
-    if bad:
-        raise FloatingPointError(f"non-finite loss at iteration {step}: {', '.join(bad)}")
-
-
-# ----------------------------------------------------------------------------------------------
-# Stage 1 training: the detector, trained once on the train split, cached, then frozen
-
-def detector_path(cfg, root, world, device):
-    """Where the detector for these data and settings is cached -> (path, whether it exists). The key holds
-    everything that changes the trained weights, thread count included (float sums differ across it)."""
-    if cfg.detector_ckpt:
-        return cfg.detector_ckpt, True
-    settings = {k: getattr(cfg, k) for k in ("backbone", "vgg_weights", "det_iters", "det_batch", "det_optimizer",
-                                             "det_lr", "det_seed", "anchor_sizes", "roi_dim", "max_size",
-                                             "det_max_per_image")}
-    key_src = json.dumps({"root": os.path.abspath(root), "world": world, "threads": torch.get_num_threads(),
-                          "device": device.type, **settings}, sort_keys=True)
-    key = hashlib.sha1(key_src.encode()).hexdigest()[:12]
-    path = os.path.join(cache_dir(), "detectors", f"detector-{key}.pt")
-    return path, os.path.exists(path)
-
-
-def get_detector(cfg, ds, path, cached, device, rank, world, log):
-    """Load the cached detector for these data and settings, or train and cache it. -> (detector, test mAP)."""
-    torch.manual_seed(cfg.det_seed)   # the initial weights too: one detector per setting, as in the paper
-    detector = Detector(cfg, ds["train"].num_classes).to(device)
-    if cached:
-        blob = load_checkpoint(path, device)
-        try:
-            detector.load_state_dict(blob["detector"])
-        except (KeyError, RuntimeError) as e:
-            fail(f"{path} does not hold a detector with these settings ({str(e).splitlines()[0]})")
-        log(f"stage 1: detector loaded from {path}")
-    else:
-        log(f"stage 1: training the detector ({cfg.det_iters} iterations), cached as {path}")
-        train_detector(cfg, detector, ds["train"], cfg.det_iters, device, rank, world, log)
-        blob = {"detector": detector.state_dict()}
-        if rank == 0:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            save_atomic(blob, path)
-        barrier()
-    detector.eval()
-    for p in detector.parameters():
-        p.requires_grad_(False)   # frozen for stage 2, as in the two-stage protocol
-    # Detection mAP@0.5 on test, cached with the weights per number of evaluated images.
-    n_eval = min(cfg.max_eval_images or len(ds["test"]), len(ds["test"]))
-    cached_map = blob.get(f"map50_test{n_eval}")
-    if cached_map is None:
-        cached_map = evaluate_detector(detector, first(ds["test"], cfg.max_eval_images), cfg, device)
-        if rank == 0 and not cfg.detector_ckpt:
-            blob[f"map50_test{n_eval}"] = cached_map
-            save_atomic(blob, path)
-    log(f"stage 1: detector mAP@0.5 on {n_eval} test images = {cached_map:.4f}")
-    return detector, float(cached_map)
-
-
-def train_detector(cfg, detector, train_ds, iters, device, rank, world, log):
-    if cfg.vgg_weights:
-        load_vgg16_weights(detector, cfg.vgg_weights)
-    model = nn.parallel.DistributedDataParallel(detector) if world > 1 else detector
-    params = [p for p in detector.parameters() if p.requires_grad]
-    if cfg.det_optimizer == "sgd":
-        opt = torch.optim.SGD(params, lr=cfg.det_lr, momentum=0.9, weight_decay=1e-4)
-    else:  # from scratch in ~300 iterations AdamW reaches test mAP 0.60 where SGD reaches 0.27 (our runs)
-        opt = torch.optim.AdamW(params, lr=cfg.det_lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_lambda(iters, iters, warmup=min(100, iters // 5)))
-    loader = torch.utils.data.DataLoader(train_ds, batch_size=cfg.det_batch, collate_fn=data.collate,
-                                         sampler=data.TrainingSampler(len(train_ds), seed=cfg.det_seed),
-                                         num_workers=cfg.num_workers, generator=torch.Generator().manual_seed(cfg.det_seed))
-    detector.train()
-    it, t0 = iter(loader), time.time()
-    for step in range(iters):
-        images, targets = next(it)
-        images, targets = images.to(device), to_device(targets, device)
-        losses = model(images, [t["size"] for t in targets], targets)
-        check_finite(step + 1, losses)
-        loss = sum(losses.values())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 10.0)
-        opt.step()
-        sched.step()
-        if (step + 1) % cfg.log_every == 0 or step + 1 == iters:
-            rate = (step + 1) / (time.time() - t0)
-            log(f"det it {step + 1}/{iters} | loss {loss.item():.3f} (rpn {losses['rpn_cls'].item() + losses['rpn_box'].item():.3f}, "
-                f"head {losses['det_cls'].item() + losses['det_box'].item():.3f}) | {rate:.1f} it/s | "
-                f"eta {fmt_time((iters - step - 1) / rate)}")
-
-
-@torch.no_grad()
-def evaluate_detector(detector, ds, cfg, device):
-    dets, gts = [], []
-    for images, targets in eval_loader(ds, cfg):
-        sizes = [t["size"] for t in targets]
-        for d, t in zip(detector.detect(detector.features(images.to(device), sizes), sizes), targets):
-            dets.append({k: v.cpu().numpy() for k, v in d.items()})
-            gts.append({"boxes": t["boxes"].numpy(), "labels": t["labels"].numpy()})
-    if dist.is_initialized():   # each rank evaluated its shard; AP needs all images at once
-        parts = [None] * dist.get_world_size()
-        dist.all_gather_object(parts, (dets, gts))
-        dets, gts = [d for p in parts for d in p[0]], [g for p in parts for g in p[1]]
-    return detection_map(dets, gts, detector.num_classes)
-
-
-def eval_loader(ds, cfg):
-    return torch.utils.data.DataLoader(ds, batch_size=cfg.eval_batch, collate_fn=data.collate,
-                                       sampler=data.InferenceSampler(len(ds)), num_workers=cfg.num_workers,
-                                       generator=torch.Generator())   # leaves the global random stream alone
-
-
-# ----------------------------------------------------------------------------------------------
-# Stage 2 training: one step, the loop, model selection on validation mR@50
-
-@torch.no_grad()
-def stage1_outputs(detector, images, sizes, mode, gt_boxes=None, gt_labels=None):
-    """The frozen detector's part: feature map, the boxes the relation model works on, their RoI
-    features and initial class distributions. -> dict fmap (B, F, h, w), boxes B x (N_b, 4),
-    obj_feats (N, roi_dim), obj_dists (N, C), det (B dicts, sgdet only)."""
-    fmap = detector.features(images, sizes)
-    dets = detector.detect(fmap, sizes) if mode == "sgdet" else None
-    boxes = [d["boxes"] for d in dets] if mode == "sgdet" else gt_boxes
-    obj_feats, cls_logits, _ = detector.box_head(fmap, boxes)
-    if mode == "predcls":
-        obj_dists = F.one_hot(torch.cat(gt_labels), detector.num_classes).float()
-    else:
-        obj_dists = cls_logits.softmax(-1)
-    return {"fmap": fmap, "boxes": boxes, "obj_feats": obj_feats, "obj_dists": obj_dists, "det": dets}
-
-
-def train_step(model, detector, images, targets, cfg):
-    """The losses of one training batch -> dict(total, sup, align); align is 0 for the baseline.
-    model: a MotifsRelationModel, or its DistributedDataParallel wrapper."""
-    net = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-    sizes = [t["size"] for t in targets]
-    s1 = stage1_outputs(detector, images, sizes, cfg.mode, [t["boxes"] for t in targets],
-                        [t["labels"] for t in targets])
-    pairs, rel_labels, obj_targets = training_targets(s1, targets, cfg)   # B x (R_b, 2), (R,), (N,)
-    out = model(s1["fmap"], s1["boxes"], sizes, s1["obj_feats"], s1["obj_dists"], pairs,
-                gt_labels=torch.cat([t["labels"] for t in targets]))
-    mirror_logits = None
-    if net.mirror is not None:
-        # PAPER: the mirror runs only here, in training; evaluation and inference use the original alone.
-        mirror_logits = net.mirror(net, out["edge_in"], out["union"], out["rel_pairs"], out["counts"],
-                                   out["orders"])                       # (R, P)
-    zero = out["rel_logits"].sum() * 0   # keeps the graph (and DDP) whole when a batch has no pairs
-    rel_loss = F.cross_entropy(out["rel_logits"], rel_labels) if len(rel_labels) else zero
-    obj_loss = F.cross_entropy(out["obj_logits"], obj_targets) if out["obj_logits"] is not None and len(obj_targets) else zero
-    sup = rel_loss + obj_loss                                             # L_original
-    if mirror_logits is None:
-        return dict(total=sup, sup=sup, align=torch.zeros((), device=sup.device))
-    align = alignment_loss(out["rel_logits"], mirror_logits, cfg.align_loss, rel_labels) \
-        if len(rel_labels) else mirror_logits.sum() * 0
-    # PAPER: Eq. (3): L_final = L_original + lambda * L_align (the alignment only on relations).
-    return dict(total=sup + cfg.align_weight * align, sup=sup, align=align)
-
-
-def train(cfg, out_dir, rank, world, device):
-    """Stage 1 + stage 2 + test of the best checkpoint. -> the test metrics dict."""
-    t_run = (time.time(), time.process_time())
-    # Every input is checked before anything is written: the data, the detector file, the run folder.
-    root, ds = load_datasets(cfg, rank)
-    if cfg.detector_ckpt and not os.path.isfile(cfg.detector_ckpt):
-        fail(f"--detector-ckpt {cfg.detector_ckpt}: no such file")
-    claim_run_dir(cfg, out_dir)
-    barrier()   # every rank has looked at the folder before rank 0 writes into it
-    log = Log(os.path.join(out_dir, "log.txt"), rank)
-    if rank == 0 and not cfg.resume:
-        os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, "args.json"), "w") as f:
-            json.dump(dataclasses.asdict(cfg), f, indent=1)
-    C, P = ds["train"].num_classes, ds["train"].num_predicates
-    det_path, det_cached = detector_path(cfg, root, world, device)
-    what = "FREQ (frequency prior only)" if cfg.freq_baseline else \
-        f"baseline (no alignment), {cfg.iters} iterations" if cfg.no_align else \
-        f"aligned (p {cfg.mask_p}, λ {cfg.align_weight:g}, {cfg.align_loss}{', tied head' if cfg.tied_head else ''}), {cfg.iters} iterations"
-    log(f"run {out_dir} | {cfg.mode} | {what} | seed {cfg.seed} | detector: "
-        f"{'reused from ' + det_path if det_cached else f'trained for {cfg.det_iters} iterations, cached as {det_path}'} "
-        f"| {world} process(es) on {device}, {torch.get_num_threads()} thread(s)")
-    log(f"data {root}: {len(ds['train'])} train / {len(ds['val'])} val / {len(ds['test'])} test images, "
-        f"{C - 1} classes, {P - 1} predicates ({clock(t_run)})")
-    log_probs = predicate_statistics(ds["train"], C, P)
-    counts = data.predicate_counts(ds["train"])
-    groups = metrics.default_predicate_groups(ds["train"].idx_to_predicate, counts)
-    t_stage = (time.time(), time.process_time())
-    detector, det_map = get_detector(cfg, ds, det_path, det_cached, device, rank, world, log)
-    log(f"stage 1 done ({clock(t_stage)})")
-    vocab = {"idx_to_label": list(ds["train"].idx_to_label), "idx_to_predicate": list(ds["train"].idx_to_predicate)}
-    if cfg.freq_baseline:
-        summary = evaluate(None, detector, first(ds["test"], cfg.max_eval_images), cfg, device, groups,
-                           freq_log_probs=log_probs.to(device))
-        summary["det_mAP@0.5"] = det_map
-        finish(cfg, out_dir, summary, None, ds, counts, groups, log, rank)
-        return summary
-
-    torch.manual_seed(cfg.seed)
-    model = MotifsRelationModel(cfg, C, P, detector.backbone.out_channels, detector.stride, log_probs).to(device)
-    ddp = nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_lambda(cfg.iters, cfg.lr_steps))
-    state = {"step": 0, "best_val_mR@50": -1.0, "best_step": 0, "elapsed": 0.0,
-             "history": {"step": [], "loss": [], "sup": [], "align": [], "val_step": [], "val_mR@50": []},
-             "acc": {"loss": 0.0, "sup": 0.0, "align": 0.0, "n": 0}}   # running sums of the current log interval
-    last_path, best_path = os.path.join(out_dir, "ckpt_last.pt"), os.path.join(out_dir, "ckpt_best.pt")
-    if cfg.resume:
-        ck = load_checkpoint(last_path, device)
-        try:
-            model.load_state_dict(ck["model"])
-        except RuntimeError as e:
-            fail(f"--resume: {last_path} does not fit this model ({str(e).splitlines()[0]})")
-        opt.load_state_dict(ck["optimizer"])
-        sched.load_state_dict(ck["scheduler"])
-        state = ck["state"]
-        log(f"resumed from {last_path} at iteration {state['step']}")
-
-    # --infer resizes the user's photos to the longest side the model was trained at (as sgtr_align.py)
-    image_side = cfg.max_size or max(max(im["width"], im["height"]) for im in ds["train"].img_info)
-
-    def save(path, with_detector=False):
-        """Rank 0 writes; every rank's random state goes in (gathered), so a resume is exact."""
-        rng = gather_rng_states(world)
-        if rank == 0:
-            ck = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                  "step": state["step"], "args": dataclasses.asdict(cfg), "rng": rng, "state": state}
-            if with_detector:   # ckpt_best.pt is self-contained for --infer
-                ck.update(detector=detector.state_dict(), vocab=vocab, freq_log_probs=log_probs,
-                          image_side=image_side)
-            save_atomic(ck, path)
-        barrier()   # nobody reads a checkpoint before rank 0 has written it
-
-    # The sampler continues where the interrupted run stopped: position step x batch of this rank's stream.
-    # The loader gets a generator of its own: its iterator draws a seed at creation, which must not come from
-    # the global stream that the masks and pair sampling use.
-    sampler = data.TrainingSampler(len(ds["train"]), seed=cfg.seed, start=state["step"] * cfg.batch_size)
-    loader = torch.utils.data.DataLoader(ds["train"], batch_size=cfg.batch_size, sampler=sampler,
-                                         collate_fn=data.collate, num_workers=cfg.num_workers,
-                                         generator=torch.Generator().manual_seed(cfg.seed))
-    n_val = min([n for n in (cfg.val_images, cfg.max_eval_images) if n] or [len(ds["val"])])
-    val = first(ds["val"], n_val)
-    log(f"stage 2: training the relation model for {cfg.iters} iterations (batch {cfg.batch_size} x {world}, "
-        f"validation mR@50 on {len(val)} images every {cfg.eval_every}, ckpt_last.pt every {cfg.ckpt_every})")
-    t_stage = (time.time() - state["elapsed"], time.process_time())
-    it, t_last, acc, history = iter(loader), time.time(), state["acc"], state["history"]
-    if cfg.resume:
-        set_rng_states(ck["rng"], rank)   # this rank's own random streams, where the killed run left them
-    model.train()
-    for step in range(state["step"], cfg.iters):
-        images, targets = next(it)
-        images, targets = images.to(device), to_device(targets, device)
-        losses = train_step(ddp, detector, images, targets, cfg)
-        check_finite(step + 1, losses)
-        opt.zero_grad(set_to_none=True)
-        losses["total"].backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        sched.step()
-        acc["loss"] += losses["total"].item()
-        acc["sup"] += losses["sup"].item()
-        acc["align"] += losses["align"].item()
-        acc["n"] += 1
-        done = state["step"] = step + 1
-        if done % cfg.log_every == 0 or done == cfg.iters:
-            rate = acc["n"] / max(time.time() - t_last, 1e-9)
-            m = {k: acc[k] / acc["n"] for k in ("loss", "sup", "align")}
-            log(f"it {done}/{cfg.iters} | loss {m['loss']:.3f} (sup {m['sup']:.3f}, align {m['align']:.3f}, "
-                f"λ {0 if cfg.no_align else cfg.align_weight:g}) | {rate:.1f} it/s | "
-                f"eta {fmt_time((cfg.iters - done) / rate)} | time so far {fmt_time(time.time() - t_stage[0])}")
-            for k in ("loss", "sup", "align"):
-                history[k].append(m[k])
-            history["step"].append(done)
-            t_last = time.time()
-            acc.update(loss=0.0, sup=0.0, align=0.0, n=0)
-        if done % cfg.eval_every == 0 or done == cfg.iters:
-            mr50 = evaluate(model, detector, val, cfg, device, groups)["mR@50"]
-            model.train()
-            history["val_step"].append(done)
-            history["val_mR@50"].append(mr50)
-            improved = mr50 > state["best_val_mR@50"]
-            if improved:
-                state["best_val_mR@50"], state["best_step"] = mr50, done
-            log(f"val it {done} | mR@50 {mr50:.4f} | best {state['best_val_mR@50']:.4f}{' (saved)' if improved else ''}")
-            state["elapsed"] = time.time() - t_stage[0]
-            if improved:
-                save(best_path, with_detector=True)
-            t_last = time.time()   # validation time is not counted in it/s
-        if done % cfg.ckpt_every == 0 or done % cfg.eval_every == 0 or done == cfg.iters:
-            state["elapsed"] = time.time() - t_stage[0]
-            save(last_path)
-    log(f"stage 2 done ({clock(t_stage)}{'; CPU time since the resume' if cfg.resume else ''})")
-
-    # Test the checkpoint with the best validation mR@50 (the paper's model selection).
-    ck = load_checkpoint(best_path, device)
-    model.load_state_dict(ck["model"])
-    log(f"testing the best checkpoint (iteration {ck['step']}, val mR@50 {ck['state']['best_val_mR@50']:.4f})")
-    t_stage = (time.time(), time.process_time())
-    test = first(ds["test"], cfg.max_eval_images)
-    summary, examples = evaluate(model, detector, test, cfg, device, groups, keep_examples=4)
-    summary.update({"det_mAP@0.5": det_map, "best_step": ck["step"], "val_mR@50": ck["state"]["best_val_mR@50"]})
-    log(f"test done ({clock(t_stage)})")
-    finish(cfg, out_dir, summary, history, ds, counts, groups, log, rank, examples)
-    log(f"total time {clock(t_run)}")
-    return summary
-
-
-def finish(cfg, out_dir, summary, history, ds, counts, groups, log, rank, examples=None):
-    keys = [f"{m}@{k}" for m in ("R", "mR") for k in (20, 50, 100)]
-    log("test | " + " | ".join(f"{k} {100 * summary[k]:.2f}" for k in keys if k in summary))
-    log("test | " + " | ".join(f"{g}_mR@100 {100 * summary[f'{g}_mR@100']:.2f}" for g in groups
-                               if f"{g}_mR@100" in summary))
-    if rank != 0:
-        return
-    with open(os.path.join(out_dir, "metrics.json"), "w") as f:
-        json.dump(summary, f, indent=1)
-    if history is not None:
-        plot_curves(history, os.path.join(out_dir, "curves.png"), 0 if cfg.no_align else cfg.align_weight)
-    plot_per_predicate(summary, counts, groups, ds["train"].idx_to_predicate, os.path.join(out_dir, "per_predicate.png"))
-    if examples:
-        plot_examples(examples, ds["test"], cfg.mode, os.path.join(out_dir, "examples.png"))
-    log(f"wrote {out_dir}/metrics.json and pictures")
-
-
-# ----------------------------------------------------------------------------------------------
-# Evaluation: every ordered pair of the test boxes is a candidate; metrics.SGEvaluator ranks them
-
-@torch.no_grad()
-def evaluate(model, detector, ds, cfg, device, groups, freq_log_probs=None, keep_examples=0):
-    """-> metrics.SGEvaluator summary (and the first keep_examples predictions of rank 0).
-    With freq_log_probs instead of a model: the frequency-prior-only predictor (Motifs' FREQ)."""
-    base = ds.dataset if isinstance(ds, torch.utils.data.Subset) else ds
-    C = base.num_classes
-    if model is not None:
-        model.eval()
-    ev = metrics.SGEvaluator(cfg.mode, base.num_predicates - 1, predicate_groups=groups)
-    examples, seen = [], 0
-    for images, targets in eval_loader(ds, cfg):
-        images, targets = images.to(device), to_device(targets, device)
-        sizes = [t["size"] for t in targets]
-        s1 = stage1_outputs(detector, images, sizes, cfg.mode, [t["boxes"] for t in targets],
-                            [t["labels"] for t in targets])
-        pairs = [all_pairs(len(b), device) for b in s1["boxes"]]         # B x (n_b*(n_b-1), 2)
-        gt_labels = torch.cat([t["labels"] for t in targets])
-        if model is None:   # FREQ: labels from GT (predcls) or the detector, predicates from the prior
-            if cfg.mode == "predcls":
-                labels, scores = gt_labels, torch.ones(len(gt_labels), device=device)
-            else:
-                scores, labels = s1["obj_dists"][:, 1:].max(1)
-                labels = labels + 1
-            offsets = np.cumsum([0] + [len(b) for b in s1["boxes"]][:-1])
-            pg = torch.cat([p + int(o) for p, o in zip(pairs, offsets)])  # (R, 2) global
-            rel_logits = freq_log_probs[labels[pg[:, 0]], labels[pg[:, 1]]]   # (R, P)
-        else:
-            out = model(s1["fmap"], s1["boxes"], sizes, s1["obj_feats"], s1["obj_dists"], pairs, gt_labels)
-            labels, scores, rel_logits = out["obj_labels"], out["obj_scores"], out["rel_logits"]
-        rel_probs = rel_logits.softmax(-1)                                # (R, P), column 0 = no relation
-        n_start, r_start = 0, 0
-        for i, t in enumerate(targets):
-            n, r = len(s1["boxes"][i]), len(pairs[i])
-            pred = {"boxes": s1["boxes"][i], "labels": labels[n_start:n_start + n],
-                    "scores": scores[n_start:n_start + n], "rel_pairs": pairs[i],
-                    "rel_scores": rel_probs[r_start:r_start + r]}
-            pred = {k: v.cpu() for k, v in pred.items()}
-            ev.add({k: t[k].cpu() for k in ("boxes", "labels", "relations")}, pred)
-            if len(examples) < keep_examples and (not dist.is_initialized() or dist.get_rank() == 0):
-                examples.append((seen, pred))   # rank 0's shard starts at image 0 (InferenceSampler)
-            n_start, r_start, seen = n_start + n, r_start + r, seen + 1
-    if dist.is_initialized():
-        ev.gather()
-    summary = ev.summary()
-    return (summary, examples) if keep_examples else summary
-
-
-def top_triplets(pred, k):
-    """The k best (subject, object, predicate, score) of one image's prediction; triplet score =
-    predicate probability x subject score x object score (the usual SGG ranking)."""
-    if len(pred["rel_pairs"]) == 0:
-        return []
-    p, pidx = pred["rel_scores"][:, 1:].max(1)
-    s = p * pred["scores"][pred["rel_pairs"][:, 0]] * pred["scores"][pred["rel_pairs"][:, 1]]
-    order = s.argsort(descending=True)[:k]
-    return [(int(pred["rel_pairs"][j, 0]), int(pred["rel_pairs"][j, 1]), int(pidx[j]) + 1, float(s[j]))
-            for j in order]
-
-
-# ----------------------------------------------------------------------------------------------
-# Pictures
-
-def _plt():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
-GROUP_COLOURS = {"head": "tab:blue", "body": "tab:orange", "tail": "tab:green"}
-BOX_COLOURS = ["tab:red", "tab:blue", "tab:green", "tab:orange", "tab:purple", "tab:cyan", "tab:pink", "tab:olive",
-               "tab:brown", "gold"]
-
-
-def plot_curves(history, path, align_weight):
-    """The log's names: sup = L_original, align = L_align, loss = sup + λ·align (Eq. 3)."""
-    plt = _plt()
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-    names = {"loss": f"loss = sup + λ·align (λ = {align_weight:g})", "sup": "sup (L_original)",
-             "align": "align (L_align)"}
-    for k in ("loss", "sup", "align"):
-        if any(history[k]):
-            a.plot(history["step"], history[k], label=names[k])
-    a.set(xlabel="iteration", ylabel="mean over the log interval", title="training losses (as in the log)")
-    a.legend()
-    b.plot(history["val_step"], [100 * v for v in history["val_mR@50"]], marker="o")
-    b.set(xlabel="iteration", ylabel="%", title="validation mR@50 (model selection)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def _bars(ax, values, order, groups, names):
-    colour = {p: GROUP_COLOURS.get(g, "gray") for g, ids in groups.items() for p in ids}
-    ax.bar(range(len(order)), values, color=[colour.get(p, "gray") for p in order])
-    ax.set_xticks(range(len(order)))
-    ax.set_xticklabels([names[p] for p in order], rotation=90, fontsize=8)
-    for g, c in GROUP_COLOURS.items():
-        ax.bar([0], [0], color=c, label=g)
-    ax.legend()
-
-
-def plot_per_predicate(summary, counts, groups, names, path):
-    plt = _plt()
-    order = data.frequency_order(counts)   # the order `python data.py` prints
-    per = summary["per_predicate_R@100"]
-    fig, ax = plt.subplots(figsize=(max(8, 0.3 * len(order)), 4.5))
-    _bars(ax, [100 * np.nan_to_num(per[p - 1]) for p in order], order, groups, names)
-    ax.set_ylabel("test R@100 (%)")
-    ax.set_title("test R@100 per predicate, most frequent in training first (data.frequency_order)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def draw_scene(ax, image, boxes, labels, shown, names):
-    """The image with the boxes `shown`, each in its own colour with an 'index:class' tag inside its top-left
-    corner; a tag that would cover an earlier one moves down (greedy), so tags never sit on each other."""
-    ax.imshow(image.permute(1, 2, 0).clamp(0, 1).numpy())
-    ax.set_xticks([])
-    ax.set_yticks([])
-    H = image.shape[1]
-    tag_h = H / 14                         # about one line of 9-pt text on a 5-inch panel
-    placed = []
-    for i in shown:
-        x1, y1, x2, y2 = [float(v) for v in boxes[i]]
-        c = BOX_COLOURS[i % len(BOX_COLOURS)]
-        ax.add_patch(_plt().Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, color=c, lw=2))
-        y = max(y1, 0)
-        while any(abs(y - py) < tag_h and abs(x1 - px) < 4 * tag_h for px, py in placed) and y < H - tag_h:
-            y += tag_h
-        placed.append((x1, y))
-        ax.text(x1 + 1, y + 1, f"{i}:{names[int(labels[i])]}", color="white", fontsize=9, va="top",
-                bbox=dict(facecolor=c, alpha=0.8, pad=1, lw=0))
-
-
-def triplet_lines(triplets, labels, names, predicates):
-    """'3:man riding 1:horse  0.43' per triplet (score with two significant digits, or none for GT)."""
-    return [f"{s}:{names[int(labels[s])]}  {predicates[p]}  {o}:{names[int(labels[o])]}"
-            + (f"   {sc:.2g}" if sc is not None else "") for s, o, p, sc in triplets]
-
-
-def plot_examples(examples, test_ds, mode, path, k=5):
-    """Like the paper's Figure 3: ground truth (left) and the top-k predicted triplets (right). In PredCls
-    and SGCls both panels show the same (ground-truth) boxes with the same indices and colours."""
-    plt = _plt()
-    fig, axes = plt.subplots(len(examples), 2, figsize=(10, 6.2 * len(examples)), squeeze=False)
-    for row, (idx, pred) in enumerate(examples):
-        image, gt = test_ds[idx]
-        gt_trip = [(int(s), int(o), int(p), None) for s, o, p in gt["relations"][:k]]
-        pred_trip = top_triplets(pred, k)
-        boxes_right = pred["boxes"] if mode == "sgdet" else gt["boxes"]
-        used_gt = sorted({i for s, o, _, _ in gt_trip for i in (s, o)})
-        used_pred = sorted({i for s, o, _, _ in pred_trip for i in (s, o)})
-        same = range(len(gt["boxes"])) if mode != "sgdet" else None
-        draw_scene(axes[row, 0], image, gt["boxes"], gt["labels"], same or used_gt, test_ds.idx_to_label)
-        draw_scene(axes[row, 1], image, boxes_right, pred["labels"], same or used_pred, test_ds.idx_to_label)
-        axes[row, 0].set_title(f"test image {gt['image_id']}: ground truth (first {k})", fontsize=11)
-        axes[row, 1].set_title(f"predicted top-{k} ({mode}; score = predicate x subject x object)", fontsize=11)
-        for ax, trip, labels in ((axes[row, 0], gt_trip, gt["labels"]), (axes[row, 1], pred_trip, pred["labels"])):
-            ax.set_xlabel("\n".join(triplet_lines(trip, labels, test_ds.idx_to_label, test_ds.idx_to_predicate)),
-                          fontsize=10, loc="left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def plot_photo(image, pred, triplets, names, predicates, title, path):
-    """A user's photo at its own aspect ratio, filling the figure's width, with the triplets' boxes and the
-    triplets listed below it."""
-    plt = _plt()
-    H, W = image.shape[1:]
-    lines = triplet_lines(triplets, pred["labels"], names, predicates) or ["(no triplet)"]
-    width = 8.0
-    img_h, text_h = width * H / W, 0.3 + 0.22 * (len(lines) + 1)
-    fig = plt.figure(figsize=(width, img_h + text_h))
-    ax = fig.add_axes([0, text_h / (img_h + text_h), 1, img_h / (img_h + text_h)])
-    used = sorted({i for s, o, _, _ in triplets for i in (s, o)})
-    draw_scene(ax, image, pred["boxes"], pred["labels"], used, names)
-    fig.text(0.01, text_h / (img_h + text_h) - 0.01, "\n".join([title] + lines), fontsize=10, va="top",
-             family="monospace")
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-# ----------------------------------------------------------------------------------------------
-# Inference on your own images
-
-def strip_mirror(state_dict):
-    """The mirror's head is only needed in training: drop it to get a plain Motifs state dict."""
-    return {k: v for k, v in state_dict.items() if k.split(".")[0] not in ("mirror", "mirror_head")}
-
-
-def infer(cfg):
-    """Scene graphs of the user's images with a trained run's ckpt_best.pt; writes, per image,
-    <out>/<name>_sg.png and <out>/<name>_sg.json (out defaults to <checkpoint folder>/infer)."""
-    from PIL import Image
-    ck = load_checkpoint(cfg.ckpt, "cpu")
-    if not {"args", "vocab", "detector", "model"} <= set(ck):
-        fail(f"--ckpt {cfg.ckpt} is not a ckpt_best.pt of motifs_align.py (use the run's "
-             f"ckpt_best.pt: ckpt_last.pt holds no detector)")
-    missing = [p for p in cfg.infer if not os.path.isfile(p)]
-    if missing:
-        fail(f"--infer {missing[0]}: no such image file")
-    known = {f.name for f in dataclasses.fields(Config)}   # (older runs' args hold flags since moved to study.py)
-    args = Config(**{**{k: v for k, v in ck["args"].items() if k in known}, "no_align": True})   # never the mirror
-    names, predicates = ck["vocab"]["idx_to_label"], ck["vocab"]["idx_to_predicate"]
-    C, P = len(names), len(predicates)
-    device = torch.device("cuda" if cfg.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
-    detector = Detector(args, C).to(device).eval()
-    detector.load_state_dict(ck["detector"])
-    model = MotifsRelationModel(args, C, P, detector.backbone.out_channels, detector.stride,
-                                torch.zeros(C, C, P)).to(device).eval()
-    model.load_state_dict(strip_mirror(ck["model"]))
-    given = {}
-    if args.mode != "sgdet":
-        if not cfg.boxes:
-            fail(f"this checkpoint is {args.mode}: give the boxes with --boxes boxes.json")
-        try:
-            with open(cfg.boxes) as f:
-                given = json.load(f)
-        except (OSError, ValueError) as e:
-            fail(f"--boxes {cfg.boxes}: {str(e).splitlines()[0]}")
-    # Photos are resized so that their longest side is the training images' (the detector's anchors and the
-    # model were trained at that scale), or --max-size when given; boxes go back to the photo's pixels.
-    side = cfg.max_size or ck.get("image_side") or 0
-    out_dir = cfg.out or os.path.join(os.path.dirname(os.path.abspath(cfg.ckpt)), "infer")
-    os.makedirs(out_dir, exist_ok=True)
-    for path in cfg.infer:
-        try:
-            photo = Image.open(path).convert("RGB")
-        except OSError as e:
-            fail(f"--infer {path} is not an image file ({e})")
-        scale = side / max(photo.size) if side else 1.0
-        img = photo.resize((max(1, round(photo.width * scale)), max(1, round(photo.height * scale))), Image.BILINEAR)
-        image = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255).permute(2, 0, 1)   # (3, H, W)
-        size = tuple(image.shape[1:])
-        gt_boxes = gt_labels = None
-        if args.mode != "sgdet":
-            entry = given.get(os.path.basename(path))
-            if entry is None or "boxes" not in entry:
-                fail(f"--boxes {cfg.boxes} has no 'boxes' for {os.path.basename(path)}")
-            if args.mode == "predcls" and "labels" not in entry:
-                fail(f"predcls needs 'labels' for {os.path.basename(path)} in {cfg.boxes}")
-            gt_boxes = [torch.tensor(entry["boxes"], dtype=torch.float32, device=device).view(-1, 4) * scale]
-            try:
-                labs = [names.index(x) if isinstance(x, str) else int(x)
-                        for x in entry.get("labels", [1] * len(entry["boxes"]))]
-            except ValueError as e:
-                fail(f"--boxes {cfg.boxes}: unknown class ({e}); known: {', '.join(names[1:])}")
-            gt_labels = [torch.tensor(labs, dtype=torch.long, device=device)]
-        with torch.no_grad():
-            s1 = stage1_outputs(detector, image[None].to(device), [size], args.mode, gt_boxes, gt_labels)
-            pairs = [all_pairs(len(s1["boxes"][0]), device)]
-            out = model(s1["fmap"], s1["boxes"], [size], s1["obj_feats"], s1["obj_dists"], pairs,
-                        gt_labels[0] if gt_labels else None)
-        pred = {"boxes": s1["boxes"][0].cpu() / scale, "labels": out["obj_labels"].cpu(),
-                "scores": out["obj_scores"].cpu(), "rel_pairs": pairs[0].cpu(),
-                "rel_scores": out["rel_logits"].softmax(-1).cpu()}
-        trip = top_triplets(pred, 10)
-        stem = os.path.join(out_dir, os.path.splitext(os.path.basename(path))[0])
-        with open(stem + "_sg.json", "w") as f:
-            json.dump([{"subject": names[int(pred["labels"][s])], "subject_box": pred["boxes"][s].tolist(),
-                        "predicate": predicates[p], "object": names[int(pred["labels"][o])],
-                        "object_box": pred["boxes"][o].tolist(), "score": sc} for s, o, p, sc in trip], f, indent=1)
-        shown = torch.from_numpy(np.asarray(photo, dtype=np.float32) / 255).permute(2, 0, 1)
-        plot_photo(shown, pred, trip, names, predicates,
-                   f"{os.path.basename(path)}: top {len(trip)} triplets ({args.mode}; score = predicate x subject x "
-                   f"object)", stem + "_sg.png")
-        print(f"{path}: {len(trip)} triplets -> {stem}_sg.png, {stem}_sg.json")
 
 
 # ----------------------------------------------------------------------------------------------
