@@ -288,6 +288,104 @@ def check_config(cfg: Config):
 
 
 # ----------------------------------------------------------------------------------------------
+# The paper's method: the mirrored relation predictor and the alignment loss (paper sections 3.1,
+# 3.2, 4.1, 4.3 and supplementary 7, Eqs. 1-3)
+
+def masked_cross_attention(q, k, v, key_padding_mask, mask_p, seed):
+    """The mirror's cross-attention: q (B, Hd, Lq, Dh), k / v (B, Hd, Lk, Dh), key_padding_mask (B, Lk)
+    -> (B, Hd, Lq, Dh). MultiheadAttention.forward calls it when given a seed: only the mirror does."""
+    # PAPER: Eq. (1) as section 3.2 instantiates it for SGTR: not the decoder's inputs but each
+    # element of the cross-attention matrix is set to -inf with probability p before the softmax.
+    # The mask is a pure function of `seed` (kernels/masked_attention.py: a fused Triton kernel on
+    # GPU, the same math in PyTorch on CPU).
+    return masked_attention(q.contiguous(), k.contiguous(), v.contiguous(), mask_p, seed, key_padding_mask)
+
+
+class Mirror(nn.Module):
+    """The mirrored structural predicate decoder (sections 3.1, 3.2; supplementary Fig. 4).
+
+    It owns only the untied class heads (none when tied) and the generator of its masks; the decoder
+    it runs is the original's own (model.pred_decoder, pred_norms, sub_box, obj_box), called by
+    reference, so every other weight is shared, not copied."""
+
+    def __init__(self, cfg, num_classes, num_predicates):
+        super().__init__()
+        self.tied, self.mask_p, self.num_layers = cfg.tied_head, cfg.mask_p, cfg.pred_dec_layers
+        if not self.tied:
+            # PAPER: (sections 3.1.2, 3.2): untied projection heads for the mirror's relation, subject
+            # and object distributions; --tied-head uses the original's (Table 3 "PH").
+            self.pred_class = nn.Linear(cfg.d_model, num_predicates)  # (.., P + 1)
+            self.sub_class = nn.Linear(cfg.d_model, num_classes)  # (.., C + 1)
+            self.obj_class = nn.Linear(cfg.d_model, num_classes)  # (.., C + 1)
+        # PAPER: (section 7): a fresh mask per cross-attention block, per layer and per step. The seeds
+        # come from this generator (its state is saved in checkpoints), so that runs repeat.
+        self.mask_rng = torch.Generator().manual_seed(cfg.seed)
+
+    def draw_seeds(self):
+        """One int seed per cross-attention block per layer: num_layers triples (relation, subject, object)."""
+        n = self.num_layers * StructuralDecoderLayer.CROSS_BLOCKS
+        s = torch.randint(0, 2 ** 31 - 1, (n,), generator=self.mask_rng).tolist()
+        return [tuple(s[i:i + 3]) for i in range(0, n, 3)]
+
+    def forward(self, model, inputs):
+        """model: the SGTR whose decoder is mirrored; inputs: its decoder inputs (SGTR.forward) ->
+        the mirror's predictions, one dict per layer (as SGTR.forward_decoder)."""
+        # PAPER: (section 3.1): the decoder's inputs (relation/image features, entity features, the
+        # entity-conditioned queries) enter the mirror with their gradient stopped, so that L_align
+        # trains only the structural predicate decoder (and the untied heads).
+        frozen = {k: v.detach() for k, v in inputs.items()}
+        # PAPER: (section 7): masks drawn independently per cross-attention block, layer and step.
+        seeds = self.draw_seeds()
+        heads = (model.pred_class, model.sub_class, model.obj_class) if self.tied else \
+            (self.pred_class, self.sub_class, self.obj_class)
+        # PAPER: (section 4.1): no dropout at all in the mirror; masked cross-attention (Eq. 1).
+        return model.forward_decoder(frozen, use_dropout=False, heads=heads, mask_p=self.mask_p, seeds=seeds)
+
+
+def alignment_loss(target, mirror, kind, tg=None, cfg=None):
+    """L_align from one decoder layer's predictions: `target` the original's, `mirror` the mirror's,
+    each with pred_logits (B, Qp, P+1) and sub_logits / obj_logits (B, Qp, C+1). kind: 'kl' (the
+    paper) or 'supervised' (the ablation; it needs the targets tg and cfg's loss weights)."""
+    if kind == "supervised":
+        # PAPER: (section 4.3, Table 3 "SA"): the same supervised SGTR loss on the mirror instead of KL.
+        return predicate_loss(mirror, tg, cfg)
+    # PAPER: Eq. (2): KL(P_original || P_masked) for the predicate, subject and object distributions,
+    # averaged over all predicate queries (no labels needed). P_original is the fixed target
+    # (section 3.1.2), hence the detach.
+    loss = 0.0
+    for key in ("pred_logits", "sub_logits", "obj_logits"):
+        log_q = F.log_softmax(mirror[key], -1)  # (B, Qp, P+1 or C+1)
+        p = F.softmax(target[key].detach(), -1)
+        loss = loss + F.kl_div(log_q, p, reduction="none").sum(-1).mean()
+    return loss
+
+
+def train_step(model, images, targets, cfg):
+    """The losses of one training batch -> dict(total, sup, align) of scalars; align is 0 for the
+    baseline. model: an SGTR, or its DistributedDataParallel wrapper (called as such, so that DDP
+    synchronises the gradients). images (B, 3, H, W) and targets as data.collate gives them."""
+    net = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    ent_out, pred_out, inputs = model(images, pad_mask_for(images, targets))  # the original, dropout on
+    tg = normalised_targets(targets, images.device)
+    sup = supervised_loss(ent_out, pred_out, tg, cfg)  # L_original
+    align = torch.zeros((), device=images.device)
+    if net.mirror is not None:
+        # PAPER: (section 3.1): the mirror runs only here, in training; evaluation and inference run
+        # the original SGTR alone, so SGTR and Align-SGTR cost the same at test time.
+        mirror = net.mirror(net, inputs)
+        target = None
+        if cfg.align_loss == "kl":
+            # PAPER: (section 4.1): an extra pass of the original decoder WITHOUT dropout gives the
+            # target distributions; no_grad: the target is fixed (section 3.1.2).
+            with torch.no_grad():
+                target = net.forward_decoder(inputs, use_dropout=False)[-1]
+        # PAPER: (section 3.2): the alignment at the last decoder layer only.
+        align = alignment_loss(target, mirror[-1], cfg.align_loss, tg, cfg)
+    # PAPER: Eq. (3): L_final = L_original + lambda * L_align
+    return dict(total=sup + cfg.align_weight * align, sup=sup, align=align)
+
+
+# ----------------------------------------------------------------------------------------------
 # Boxes (normalised cxcywh inside the model, as DETR; pixel xyxy at the evaluator)
 
 def box_cxcywh_to_xyxy(b):
@@ -356,12 +454,9 @@ class MultiheadAttention(nn.Module):
         k = self.k_proj(k).view(B, Lk, Hd, D // Hd).transpose(1, 2)  # (B, Hd, Lk, Dh)
         v = self.v_proj(v).view(B, Lk, Hd, D // Hd).transpose(1, 2)  # (B, Hd, Lk, Dh)
         if seed is None:
-            out = attention(q, k, v, key_padding_mask)
-        else:
-            # PAPER: (section 3.2): each attention-matrix element is set to -inf with probability p
-            # before the softmax; the mask is a pure function of `seed` (fused Triton kernel on GPU).
-            out = masked_attention(q.contiguous(), k.contiguous(), v.contiguous(), mask_p, seed,
-                                   key_padding_mask)
+            out = attention(q, k, v, key_padding_mask)  # (B, Hd, Lq, Dh)
+        else:  # only the mirror passes a seed
+            out = masked_cross_attention(q, k, v, key_padding_mask, mask_p, seed)  # (B, Hd, Lq, Dh)
         return self.o_proj(out.transpose(1, 2).reshape(B, Lq, D))
 
 
@@ -502,32 +597,42 @@ class StructuralDecoderLayer(nn.Module):
         self.sub_cross, self.obj_cross = MultiheadAttention(d, nheads), MultiheadAttention(d, nheads)
         self.fuse = nn.Linear(2 * d, d)
         self.ffn_p, self.ffn_s, self.ffn_o = FFN(d, ffn, dropout), FFN(d, ffn, dropout), FFN(d, ffn, dropout)
-        self.norms = nn.ModuleList(nn.LayerNorm(d) for _ in range(8))
-        self.p = dropout
+        # one post-norm per residual below, created in this order (it fixes the parameter order)
+        self.norm_self, self.norm_rel = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.norm_sub, self.norm_obj, self.norm_fuse = nn.LayerNorm(d), nn.LayerNorm(d), nn.LayerNorm(d)
+        self.norm_ffn_p, self.norm_ffn_s, self.norm_ffn_o = nn.LayerNorm(d), nn.LayerNorm(d), nn.LayerNorm(d)
+        self.dropout_p = dropout
+
+    def residual(self, norm, x, update, use_dropout):
+        """Post-norm residual: norm(x + dropout(update))."""
+        return norm(x + F.dropout(update, self.dropout_p, use_dropout))
 
     def forward(self, qp, qs, qo, inputs, use_dropout, mask_p=0.0, seeds=(None, None, None)):
-        """qp, qs, qo (B, Qp, D) -> same. `inputs` holds the decoder's inputs (see forward_decoder).
-
-        use_dropout False and `seeds` given = the mirror's call: no dropout, masked cross-attention.
-        """
-        n, p, d = self.norms, self.p, use_dropout
-        rel, rel_pos, rel_kpm = inputs["rel_mem"], inputs["rel_pos"], inputs["rel_kpm"]
-        ent, ent_pos = inputs["ent_mem"], inputs["ent_pos"]
-        # (a) predicate sub-decoder
-        qp = n[0](qp + F.dropout(self.self_attn(qp, qp, qp), p, d))
-        qp = n[1](qp + F.dropout(self.rel_cross(qp, rel + rel_pos, rel, rel_kpm, mask_p, seeds[0]), p, d))
-        # (b) entity indicators: cross-attention to the entity decoder's outputs
-        qs = n[2](qs + F.dropout(self.sub_cross(qs + qp, ent + ent_pos, ent, None, mask_p, seeds[1]), p, d))
-        qo = n[3](qo + F.dropout(self.obj_cross(qo + qp, ent + ent_pos, ent, None, mask_p, seeds[2]), p, d))
-        qp = n[4](qp + F.dropout(self.fuse(torch.cat([qs, qo], -1)), p, d))  # (B, Qp, D) fused
-        qp = n[5](qp + F.dropout(self.ffn_p(qp, d), p, d))
-        qs = n[6](qs + F.dropout(self.ffn_s(qs, d), p, d))
-        qo = n[7](qo + F.dropout(self.ffn_o(qo, d), p, d))
+        """qp, qs, qo (B, Qp, D) predicate / subject / object queries -> same; `inputs`: the decoder's
+        inputs (SGTR.forward_decoder). The original: use_dropout = training, no seeds. The mirror:
+        use_dropout False and one seed per cross-attention block (relation memory, subject, object)."""
+        rel, rel_pos, rel_kpm = inputs["rel_mem"], inputs["rel_pos"], inputs["rel_kpm"]  # (B, S, D), (B, S)
+        ent, ent_pos = inputs["ent_mem"], inputs["ent_pos"]  # (B, Qe, D)
+        seed_rel, seed_sub, seed_obj = seeds
+        # (a) predicate sub-decoder: self-attention, then cross-attention to the relation memory
+        qp = self.residual(self.norm_self, qp, self.self_attn(qp, qp, qp), use_dropout)
+        attended = self.rel_cross(qp, rel + rel_pos, rel, rel_kpm, mask_p, seed_rel)  # (B, Qp, D)
+        qp = self.residual(self.norm_rel, qp, attended, use_dropout)
+        # (b) entity indicators: cross-attention to the entity decoder's outputs, then fused into qp
+        attended = self.sub_cross(qs + qp, ent + ent_pos, ent, None, mask_p, seed_sub)  # (B, Qp, D)
+        qs = self.residual(self.norm_sub, qs, attended, use_dropout)
+        attended = self.obj_cross(qo + qp, ent + ent_pos, ent, None, mask_p, seed_obj)  # (B, Qp, D)
+        qo = self.residual(self.norm_obj, qo, attended, use_dropout)
+        qp = self.residual(self.norm_fuse, qp, self.fuse(torch.cat([qs, qo], -1)), use_dropout)  # (B, Qp, D)
+        qp = self.residual(self.norm_ffn_p, qp, self.ffn_p(qp, use_dropout), use_dropout)
+        qs = self.residual(self.norm_ffn_s, qs, self.ffn_s(qs, use_dropout), use_dropout)
+        qo = self.residual(self.norm_ffn_o, qo, self.ffn_o(qo, use_dropout), use_dropout)
         return qp, qs, qo
 
 
 class SGTR(nn.Module):
-    """SGTR for SGDet; `align=True` adds the paper's untied heads for the mirrored decoder."""
+    """SGTR for SGDet. With alignment, `self.mirror` is the mirrored structural predicate decoder
+    (Mirror); only train_step runs it, on the decoder inputs that forward returns."""
 
     def __init__(self, cfg: Config, num_classes: int, num_predicates: int):
         super().__init__()
@@ -567,16 +672,8 @@ class SGTR(nn.Module):
         self.pred_class = nn.Linear(d, num_predicates)  # (.., P + 1)
         self.sub_class, self.obj_class = nn.Linear(d, num_classes), nn.Linear(d, num_classes)
         self.sub_box, self.obj_box = MLP(d, d, 4, 3), MLP(d, d, 4, 3)
-        self.align = not cfg.no_align
-        if self.align and not cfg.tied_head:
-            # PAPER: (sections 3.1.2, 3.2, Fig. 4): untied projection heads for the relation, subject
-            # and object distributions of the mirror; every other weight is shared.
-            self.mirror_pred_class = nn.Linear(d, num_predicates)
-            self.mirror_sub_class = nn.Linear(d, num_classes)
-            self.mirror_obj_class = nn.Linear(d, num_classes)
-        # PAPER: (section 7): a fresh mask per cross-attention block, per layer and per step. Seeds come
-        # from this generator (state saved in checkpoints) so that runs are reproducible.
-        self.mask_rng = torch.Generator().manual_seed(cfg.seed)
+        # Created last, where the untied heads always were: the same initial weights, parameter order.
+        self.mirror = None if cfg.no_align else Mirror(cfg, num_classes, num_predicates)
 
     # -- the image and entity part -------------------------------------------------------------
     def encode_and_detect(self, images, pad_mask):
@@ -610,77 +707,32 @@ class SGTR(nn.Module):
                       qp=q0[0], qs=q0[1], qo=q0[2])
         return ent_out, inputs
 
-    # -- the structural predicate decoder, run as the original or as the mirror -------------------
-    def forward_decoder(self, inputs, use_dropout, mask_p=0.0, seeds=None, mirror_heads=False):
+    # -- the structural predicate decoder, run by the original and by the mirror ---------------------
+    def forward_decoder(self, inputs, use_dropout, heads=None, mask_p=0.0, seeds=None):
         """Run the structural predicate decoder; returns one dict of predictions per layer.
 
         inputs: rel_mem (B, S, D), rel_pos (B, S, D), rel_kpm (B, S), ent_mem / ent_pos (B, Qe, D),
-        qp / qs / qo (B, Qp, D). seeds: None (original) or one triple of ints per layer (mirror).
+        qp / qs / qo (B, Qp, D). heads: the (predicate, subject, object) class heads, the original's if
+        None. seeds: None (the original) or one triple of ints per layer (the mirror).
         """
         qp, qs, qo = inputs["qp"], inputs["qs"], inputs["qo"]
-        tied = not hasattr(self, "mirror_pred_class")
-        pc, sc, oc = ((self.mirror_pred_class, self.mirror_sub_class, self.mirror_obj_class)
-                      if mirror_heads and not tied else (self.pred_class, self.sub_class, self.obj_class))
+        pred_class, sub_class, obj_class = heads or (self.pred_class, self.sub_class, self.obj_class)
         outs = []
         for i, layer in enumerate(self.pred_decoder):
-            s = seeds[i] if seeds is not None else (None, None, None)
-            qp, qs, qo = layer(qp, qs, qo, inputs, use_dropout, mask_p, s)
+            layer_seeds = seeds[i] if seeds is not None else (None, None, None)
+            qp, qs, qo = layer(qp, qs, qo, inputs, use_dropout, mask_p, layer_seeds)
             hp, hs, ho = (norm(x) for norm, x in zip(self.pred_norms, (qp, qs, qo)))  # (B, Qp, D)
-            outs.append(dict(pred_logits=pc(hp), sub_logits=sc(hs), obj_logits=oc(ho),
+            outs.append(dict(pred_logits=pred_class(hp), sub_logits=sub_class(hs), obj_logits=obj_class(ho),
                              sub_boxes=self.sub_box(hs).sigmoid(), obj_boxes=self.obj_box(ho).sigmoid()))
         return outs
 
-    def draw_seeds(self):
-        """One int seed per cross-attention block per layer: (pred_dec_layers, 3)."""
-        n = len(self.pred_decoder) * StructuralDecoderLayer.CROSS_BLOCKS
-        s = torch.randint(0, 2 ** 31 - 1, (n,), generator=self.mask_rng).tolist()
-        return [tuple(s[i:i + 3]) for i in range(0, n, 3)]
-
-    def forward(self, images, pad_mask, targets=None):
-        """Inference (targets None): last-layer predictions. Training: dict of scalar losses."""
+    def forward(self, images, pad_mask):
+        """images (B, 3, H, W) in [0, 1], pad_mask (B, H, W) -> (ent_out, pred_out, inputs): the entity
+        and the predicate predictions, one dict per decoder layer (the last one is the output, the
+        others feed the auxiliary losses), and the predicate decoder's inputs (for the mirror)."""
         ent_out, inputs = self.encode_and_detect(images, pad_mask)
         pred_out = self.forward_decoder(inputs, use_dropout=self.training)
-        if targets is None:
-            return {**ent_out[-1], **pred_out[-1]}  # PAPER: (section 3.1): inference never runs the mirror
-        tg = normalised_targets(targets, images.device)
-        losses = sgtr_losses(ent_out, pred_out, tg, self.cfg)
-        losses["align"] = torch.zeros((), device=images.device)
-        if self.align:
-            losses["align"] = self.alignment_loss(inputs, tg)
-        # PAPER: Eq. (3): L_final = L_original + lambda * L_align
-        losses["total"] = losses["sup"] + self.cfg.align_weight * losses["align"]
-        return losses
-
-    def alignment_loss(self, inputs, tg):
-        """PAPER: (sections 3.2, 4.1, 7): the self-supervised relation alignment on the SGTR decoder.
-
-        inputs: the decoder's inputs from encode_and_detect; tg: normalised_targets() (used only by
-        the supervised ablation). Returns the scalar L_align."""
-        cfg = self.cfg
-        # PAPER: (section 3.1): the decoder's inputs (relation/image features, entity features, the
-        # entity-conditioned queries) enter the mirror with their gradient stopped, so L_align only
-        # trains the structural predicate decoder (and the untied heads).
-        frozen = {k: v.detach() for k, v in inputs.items()}
-        # PAPER: (section 7): a mask drawn independently per cross-attention block, layer and step.
-        seeds = self.draw_seeds()
-        # PAPER: (section 4.1): the mirror has no dropout at all; masked cross-attention with prob. p.
-        mirror = self.forward_decoder(frozen, use_dropout=False, mask_p=cfg.mask_p, seeds=seeds,
-                                      mirror_heads=True)
-        if cfg.align_loss == "supervised":
-            # PAPER: (section 4.3, Table 3 "SA"): the same supervised loss on the mirror instead of KL.
-            return predicate_loss(mirror[-1], tg, cfg)
-        # PAPER: (section 4.1): an extra forward pass of the original decoder WITHOUT dropout gives the
-        # target distributions; no_grad = the target is fixed (section 3.1.2: "we fix P_original").
-        with torch.no_grad():
-            target = self.forward_decoder(frozen, use_dropout=False)[-1]
-        # PAPER: Eq. (2), last layer only (section 3.2): KL(P_original || P_masked) for the predicate,
-        # subject and object distributions, averaged over all predicate queries (no labels needed).
-        loss = 0.0
-        for key in ("pred_logits", "sub_logits", "obj_logits"):
-            log_q = F.log_softmax(mirror[-1][key], -1)  # (B, Qp, P+1 or C+1)
-            p = F.softmax(target[key], -1)
-            loss = loss + F.kl_div(log_q, p, reduction="none").sum(-1).mean()
-        return loss
+        return ent_out, pred_out, inputs
 
 
 # ----------------------------------------------------------------------------------------------
@@ -790,15 +842,21 @@ def predicate_loss(out, tg, cfg):
     return loss
 
 
-def sgtr_losses(ent_out, pred_out, tg, cfg):
-    """The supervised SGTR loss: both decoders, with auxiliary losses on every layer."""
+def supervised_loss(ent_out, pred_out, tg, cfg):
+    """The supervised SGTR loss (the paper's L_original): both decoders, auxiliary losses on every layer."""
     ent = sum(entity_loss(o, tg, cfg) for o in ent_out)
     pred = sum(predicate_loss(o, tg, cfg) for o in pred_out)
-    return dict(entity=ent, predicate=pred, sup=ent + pred)
+    return ent + pred
 
 
 # ----------------------------------------------------------------------------------------------
 # Graph assembling: predicates + entities -> scored triplets (SGDet output)
+
+def image_outputs(ent_out, pred_out, b):
+    """The last decoder layers' predictions for image b of the batch, as assemble_graph reads them."""
+    return dict(ent_logits=ent_out[-1]["logits"][b], ent_boxes=ent_out[-1]["boxes"][b],
+                **{k: v[b] for k, v in pred_out[-1].items()})
+
 
 @torch.no_grad()
 def assemble_graph(out, size, topk=3, max_pairs=100):
@@ -889,11 +947,9 @@ def evaluate(model, ds, cfg, device, groups, max_images=0, keep_examples=0):
     examples = []
     for images, targets in loader:
         images = images.to(device)
-        out = model(images, pad_mask_for(images, targets))
+        ent_out, pred_out, _ = model(images, pad_mask_for(images, targets))
         for b, t in enumerate(targets):
-            o = dict(ent_logits=out["logits"][b], ent_boxes=out["boxes"][b],
-                     **{k: out[k][b] for k in ("pred_logits", "sub_logits", "obj_logits", "sub_boxes", "obj_boxes")})
-            pred = assemble_graph(o, t["size"], cfg.ent_topk, max_pairs=100)
+            pred = assemble_graph(image_outputs(ent_out, pred_out, b), t["size"], cfg.ent_topk, max_pairs=100)
             ev.add(dict(boxes=t["boxes"], labels=t["labels"], relations=t["relations"]), pred)
             if len(examples) < keep_examples:
                 h, w = t["size"]
@@ -1190,9 +1246,10 @@ def rng_states(model, device):
     """This process's generators, as tensors and lists (so torch.load(weights_only=True) reads them)."""
     name, keys, pos, has_gauss, gauss = np.random.get_state()
     version, state, gauss_next = random.getstate()
-    s = dict(torch=torch.get_rng_state(), mask=model.mask_rng.get_state(),
-             numpy=[name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+    s = dict(torch=torch.get_rng_state(), numpy=[name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
              python=[version, list(state), gauss_next])
+    if model.mirror is not None:
+        s["mask"] = model.mirror.mask_rng.get_state()
     if device.type == "cuda":
         s["cuda"] = torch.cuda.get_rng_state(device)
     return s
@@ -1200,7 +1257,8 @@ def rng_states(model, device):
 
 def set_rng_states(s, model, device):
     torch.set_rng_state(s["torch"])
-    model.mask_rng.set_state(s["mask"])
+    if model.mirror is not None:
+        model.mirror.mask_rng.set_state(s["mask"])
     name, keys, pos, has_gauss, gauss = s["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     version, state, gauss_next = s["python"]
@@ -1237,7 +1295,8 @@ def train(cfg: Config, device) -> dict:
     # --infer resizes the user's images to the longest side the model was trained at
     image_side = cfg.max_size or max(max(im["width"], im["height"]) for im in train_ds.img_info)
     model = SGTR(cfg, train_ds.num_classes, train_ds.num_predicates).to(device)
-    model.mask_rng.manual_seed(cfg.seed * 1000 + rank)  # each rank its own masks
+    if model.mirror is not None:
+        model.mirror.mask_rng.manual_seed(cfg.seed * 1000 + rank)  # each rank its own masks
     opt, sched = build_optimizer(model, cfg)
     step, best, best_step, history, sums, last_log, seconds = 0, -1.0, 0, [], {}, 0, 0.0
     if cfg.resume:
@@ -1276,7 +1335,7 @@ def train(cfg: Config, device) -> dict:
         f"({data_seconds:.0f}s)")
     lam = 0.0 if cfg.no_align else cfg.align_weight
     kind = (f"aligned (p = {cfg.mask_p:g}, λ = {lam:g}, {cfg.align_loss}{', tied head' if cfg.tied_head else ''})"
-            if model.align else "baseline (no alignment)")
+            if model.mirror is not None else "baseline (no alignment)")
     log(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {kind}, "
         f"{cfg.iters} iterations x {cfg.batch_size} images x {world} process(es) on {device}, "
         f"{torch.get_num_threads()} thread(s)")
@@ -1325,7 +1384,7 @@ def train(cfg: Config, device) -> dict:
     while step < cfg.iters:
         images, targets = next(batches)
         images = images.to(device)
-        losses = ddp(images, pad_mask_for(images, targets), targets)
+        losses = train_step(ddp, images, targets, cfg)
         for k, v in losses.items():
             if not torch.isfinite(v):
                 raise SystemExit(f"non-finite loss at iteration {step + 1}: {k} = {v.item()} "
@@ -1401,7 +1460,7 @@ def infer(cfg: Config):
     names, predicates = ck["vocab"]["idx_to_label"], ck["vocab"]["idx_to_predicate"]
     model = SGTR(args, len(names), len(predicates))
     # Inference runs the original model only (paper section 3.1): the mirror's untied heads are dropped.
-    state = {k: v for k, v in ck["model"].items() if not k.startswith("mirror_")}
+    state = {k: v for k, v in ck["model"].items() if not k.startswith("mirror.")}
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
@@ -1435,10 +1494,8 @@ def infer(cfg: Config):
         w, h = max(1, round(W * s)), max(1, round(H * s))
         x = torch.from_numpy(np.asarray(img.resize((w, h), Image.BILINEAR), dtype=np.float32) / 255)
         x = x.permute(2, 0, 1)[None].to(device)  # (1, 3, h, w)
-        out = model(x, torch.zeros(1, h, w, dtype=torch.bool, device=device))
-        o = dict(ent_logits=out["logits"][0], ent_boxes=out["boxes"][0],
-                 **{k: out[k][0] for k in ("pred_logits", "sub_logits", "obj_logits", "sub_boxes", "obj_boxes")})
-        pred = assemble_graph(o, (h, w), args.ent_topk)
+        ent_out, pred_out, _ = model(x, torch.zeros(1, h, w, dtype=torch.bool, device=device))
+        pred = assemble_graph(image_outputs(ent_out, pred_out, 0), (h, w), args.ent_topk)
         scale = torch.tensor([w / W, h / H, w / W, h / H])
         pred["boxes"] = torch.minimum((pred["boxes"] / scale).clamp(min=0), torch.tensor([W, H, W, H]))  # (Qe, 4)
         trip = top_triplets(pred, 10)
@@ -1546,7 +1603,7 @@ def bench_step(cfg: Config, device, steps=20):
             if device.type == "cuda":
                 torch.cuda.synchronize()
             t, c = time.perf_counter(), time.process_time()
-            losses = model(images, pad_mask_for(images, targets), targets)
+            losses = train_step(model, images, targets, cfg)
             opt.zero_grad(set_to_none=True)
             losses["total"].backward()
             opt.step()

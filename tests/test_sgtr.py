@@ -254,7 +254,7 @@ def test_rng_states_survive_a_checkpoint(tmp_path):
 
     def draw():
         return (torch.rand(3).tolist(), np.random.rand(3).tolist(), [random.random() for _ in range(3)],
-                model.draw_seeds())
+                model.mirror.draw_seeds())
 
     torch.save({"rng": [S.rng_states(model, torch.device("cpu"))]}, tmp_path / "ck.pt")
     first = draw()

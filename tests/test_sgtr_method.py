@@ -5,7 +5,7 @@ the same modules as the model, its own attention with the mirror's mask taken fr
 kernels.masked_attention.bernoulli_mask(seed) (the mask is a pure function of the seed). From it the
 tests recompute L_align (KL(P_original || P_masked) on the predicate, subject and object
 distributions of the last layer), the supervised ablation, the tied-head ablation and Eq. (3), and
-compare with the model, so that a one-line change to the method makes some test fail: a mask in a
+compare with what S.train_step returns, so that a one-line change to the method makes some test fail: a mask in a
 self-attention or in the original, a reused seed, dropout in the mirror or in the target pass, the
 mirror's heads used for the target, alignment on another layer, swapped KL arguments, a missing
 .detach() or lambda, ... A tiny SGTR on random images: the whole file takes seconds on one CPU thread.
@@ -59,18 +59,28 @@ def batch(B=2, seed=0):
 
 
 def setup(**kw):
+    """A tiny model whose encode_and_detect is computed once, on batch(), and then always returns the
+    same outputs: S.train_step's decoder passes (original, mirror, target) then see the very inputs
+    that the by-hand decoder gets, whatever dropout the step draws elsewhere.
+    -> model, the decoder inputs, (images, targets) for train_step, the normalised targets."""
     model = tiny(**kw)
     images, mask, targets = batch()
-    _, inputs = model.encode_and_detect(images, mask)
-    return model, inputs, S.normalised_targets(targets, "cpu")
+    encoded = model.encode_and_detect(images, mask)
+    model.encode_and_detect = lambda *a: encoded
+    return model, encoded[1], (images, targets), S.normalised_targets(targets, "cpu")
 
 
 def heads(model, mirror):
     """The (predicate, subject, object) class heads of the original, or of the mirror: untied ones,
     the original's in the tied-head ablation (decided by the config, not by what the model built)."""
     if mirror and not model.cfg.tied_head:
-        return model.mirror_pred_class, model.mirror_sub_class, model.mirror_obj_class
+        return model.mirror.pred_class, model.mirror.sub_class, model.mirror.obj_class
     return model.pred_class, model.sub_class, model.obj_class
+
+
+def align_of(model, step_batch):
+    """L_align of S.train_step on step_batch = (images, targets)."""
+    return S.train_step(model, *step_batch, model.cfg)["align"]
 
 
 def has_grad(g):
@@ -106,14 +116,15 @@ def decoder_by_hand(model, inputs, class_heads, p=0.0, seeds=None):
     ent, ent_pos = inputs["ent_mem"], inputs["ent_pos"]
     ffn = lambda f, x: f.fc2(F.relu(f.fc1(x)))
     outs = []
-    for i, layer in enumerate(model.pred_decoder):
-        s, n = seeds[i] if seeds is not None else (None, None, None), layer.norms
-        qp = n[0](qp + attention_by_hand(layer.self_attn, qp, qp, qp))
-        qp = n[1](qp + attention_by_hand(layer.rel_cross, qp, rel + rel_pos, rel, kpm, p, s[0]))
-        qs = n[2](qs + attention_by_hand(layer.sub_cross, qs + qp, ent + ent_pos, ent, None, p, s[1]))
-        qo = n[3](qo + attention_by_hand(layer.obj_cross, qo + qp, ent + ent_pos, ent, None, p, s[2]))
-        qp = n[4](qp + layer.fuse(torch.cat([qs, qo], -1)))
-        qp, qs, qo = n[5](qp + ffn(layer.ffn_p, qp)), n[6](qs + ffn(layer.ffn_s, qs)), n[7](qo + ffn(layer.ffn_o, qo))
+    for i, L in enumerate(model.pred_decoder):
+        s = seeds[i] if seeds is not None else (None, None, None)
+        qp = L.norm_self(qp + attention_by_hand(L.self_attn, qp, qp, qp))
+        qp = L.norm_rel(qp + attention_by_hand(L.rel_cross, qp, rel + rel_pos, rel, kpm, p, s[0]))
+        qs = L.norm_sub(qs + attention_by_hand(L.sub_cross, qs + qp, ent + ent_pos, ent, None, p, s[1]))
+        qo = L.norm_obj(qo + attention_by_hand(L.obj_cross, qo + qp, ent + ent_pos, ent, None, p, s[2]))
+        qp = L.norm_fuse(qp + L.fuse(torch.cat([qs, qo], -1)))
+        qp, qs, qo = (L.norm_ffn_p(qp + ffn(L.ffn_p, qp)), L.norm_ffn_s(qs + ffn(L.ffn_s, qs)),
+                      L.norm_ffn_o(qo + ffn(L.ffn_o, qo)))
         hp, hs, ho = (norm(x) for norm, x in zip(model.pred_norms, (qp, qs, qo)))
         outs.append(dict(pred_logits=class_heads[0](hp), sub_logits=class_heads[1](hs), obj_logits=class_heads[2](ho),
                          sub_boxes=model.sub_box(hs).sigmoid(), obj_boxes=model.obj_box(ho).sigmoid()))
@@ -129,14 +140,15 @@ def kl_by_hand(target, mirror):
     return total
 
 
-def align_with_seeds(model, inputs, tg):
-    """model.alignment_loss, and the seeds it drew (the mask generator is rewound and drawn again)."""
-    state = model.mask_rng.get_state()
-    loss = model.alignment_loss(inputs, tg)
-    after = model.mask_rng.get_state()
-    model.mask_rng.set_state(state)
-    seeds = model.draw_seeds()
-    assert torch.equal(model.mask_rng.get_state(), after), "alignment_loss must draw one set of seeds"
+def align_with_seeds(model, step_batch):
+    """L_align of S.train_step, and the seeds it drew (the mask generator is rewound and drawn again)."""
+    rng = model.mirror.mask_rng
+    state = rng.get_state()
+    loss = align_of(model, step_batch)
+    after = rng.get_state()
+    rng.set_state(state)
+    seeds = model.mirror.draw_seeds()
+    assert torch.equal(rng.get_state(), after), "a training step must draw one set of seeds"
     return loss, seeds
 
 
@@ -145,8 +157,8 @@ def align_with_seeds(model, inputs, tg):
 
 @pytest.mark.parametrize("tied", [False, True])
 def test_alignment_loss_equals_kl_of_the_original_to_the_masked_mirror_by_hand(tied):
-    model, inputs, tg = setup(tied_head=tied)
-    loss, seeds = align_with_seeds(model, inputs, tg)
+    model, inputs, step_batch, tg = setup(tied_head=tied)
+    loss, seeds = align_with_seeds(model, step_batch)
     with torch.no_grad():
         # target: the original decoder, ORIGINAL heads, no dropout, no mask; mirror: masked, no dropout,
         # untied heads (the original ones in the tied ablation)
@@ -169,53 +181,54 @@ def test_masks_only_in_the_mirrors_cross_attention_with_fresh_seeds(monkeypatch)
     monkeypatch.setattr(S, "masked_attention", lambda q, k, v, p, seed, kpm=None: calls.append(
         dict(seed=seed, p=p, Lq=q.shape[2], Lk=k.shape[2])) or real(q, k, v, p, seed, kpm))
     model = tiny()
-    cfg, L = model.cfg, model.cfg.pred_dec_layers
+    cfg, L, rng = model.cfg, model.cfg.pred_dec_layers, model.mirror.mask_rng
     images, mask, targets = batch()
     tokens, Qe = (48 // cfg.backbone_stride) ** 2, cfg.num_ent_queries
     drawn = []
     for _ in range(2):   # two training steps
-        state = model.mask_rng.get_state()
-        model(images, mask, targets)
-        after = model.mask_rng.get_state()
-        model.mask_rng.set_state(state)
-        drawn += [s for triple in model.draw_seeds() for s in triple]
-        model.mask_rng.set_state(after)
+        state = rng.get_state()
+        S.train_step(model, images, targets, cfg)
+        after = rng.get_state()
+        rng.set_state(state)
+        drawn += [s for triple in model.mirror.draw_seeds() for s in triple]
+        rng.set_state(after)
     assert len(calls) == 2 * 3 * L, f"{len(calls)} masked attention calls, expected 3 per layer per step"
     assert [c["Lk"] for c in calls] == [tokens, Qe, Qe] * (2 * L)   # relation memory, subject, object
     assert all(c["Lq"] == cfg.num_pred_queries and c["p"] == cfg.mask_p for c in calls)
     assert [c["seed"] for c in calls] == drawn                       # in order: layer by layer, block by block
     assert len(set(drawn)) == len(drawn), "a mask seed was reused across blocks, layers or steps"
     calls.clear()
-    S.SGTR(tiny_cfg(no_align=True), C1, P1).train()(images, mask, targets)
+    S.train_step(S.SGTR(tiny_cfg(no_align=True), C1, P1).train(), images, targets, cfg)
     assert calls == []                                               # the baseline never masks
 
 
 def test_draw_seeds_fresh_per_block_layer_and_step_and_reproducible():
-    a, b = tiny(seed=3), tiny(seed=3)
+    a, b = tiny(seed=3).mirror, tiny(seed=3).mirror
     s1, s2 = a.draw_seeds(), a.draw_seeds()
     assert len(s1) == 3 and all(len(t) == 3 for t in s1)
     flat = [x for t in s1 + s2 for x in t]
     assert len(set(flat)) == len(flat)
     assert b.draw_seeds() == s1 and b.draw_seeds() == s2                       # one seed fixes the masks
-    assert tiny(seed=4).draw_seeds() != s1
+    assert tiny(seed=4).mirror.draw_seeds() != s1
 
 
 def test_no_dropout_in_the_mirror_nor_in_the_target_pass():
-    model, inputs, tg = setup(dropout=0.5)
+    model, inputs, step_batch, tg = setup(dropout=0.5)
     # the training pass of the original does use dropout (so the checks below could fail)
     a = model.forward_decoder(inputs, use_dropout=True)[-1]["pred_logits"]
     b = model.forward_decoder(inputs, use_dropout=True)[-1]["pred_logits"]
     assert not torch.allclose(a, b)
-    state = model.mask_rng.get_state()
-    l1 = model.alignment_loss(inputs, tg)
-    model.mask_rng.set_state(state)
+    state = model.mirror.mask_rng.get_state()
+    step1 = S.train_step(model, *step_batch, model.cfg)
+    model.mirror.mask_rng.set_state(state)
     torch.manual_seed(123)   # another dropout draw: no effect when nothing uses dropout
-    l2 = model.alignment_loss(inputs, tg)
-    assert l1.item() == l2.item() and l1.item() > 0
+    step2 = S.train_step(model, *step_batch, model.cfg)
+    assert step1["sup"].item() != step2["sup"].item()   # (the draw did change the original's pass)
+    assert step1["align"].item() == step2["align"].item() and step1["align"].item() > 0
 
 
 def test_target_is_the_dropout_free_original_with_the_original_heads():
-    model, inputs, tg = setup()
+    model, inputs, step_batch, tg = setup()
     captured = []
     real = model.forward_decoder
 
@@ -227,7 +240,7 @@ def test_target_is_the_dropout_free_original_with_the_original_heads():
 
     def target():
         captured.clear()
-        model.alignment_loss(inputs, tg)
+        align_of(model, step_batch)
         fixed = [o for o in captured if not o["pred_logits"].requires_grad]
         assert len(fixed) == 1, "expected one gradient-free target pass"
         return fixed[0]
@@ -237,8 +250,8 @@ def test_target_is_the_dropout_free_original_with_the_original_heads():
     for key in KEYS:
         torch.testing.assert_close(t[key], reference[key])
     with torch.no_grad():
-        for name in ("mirror_pred_class", "mirror_sub_class", "mirror_obj_class"):
-            getattr(model, name).weight.normal_()
+        for name in ("pred_class", "sub_class", "obj_class"):
+            getattr(model.mirror, name).weight.normal_()
     t2 = target()
     for key in KEYS:   # changing the mirror's heads does not change the target ...
         torch.testing.assert_close(t2[key], t[key])
@@ -248,11 +261,11 @@ def test_target_is_the_dropout_free_original_with_the_original_heads():
 
 
 def test_only_the_last_layer_is_aligned():
-    model, inputs, tg = setup()
+    model, inputs, step_batch, tg = setup()
     real = model.forward_decoder
     torch.manual_seed(0)
-    state = model.mask_rng.get_state()
-    clean = model.alignment_loss(inputs, tg)
+    state = model.mirror.mask_rng.get_state()
+    clean = align_of(model, step_batch)
 
     def noisy(layers):
         def f(*a, **k):
@@ -262,21 +275,20 @@ def test_only_the_last_layer_is_aligned():
             return outs
         return f
     model.forward_decoder = noisy([0, 1])   # every layer's predictions but the last one's
-    model.mask_rng.set_state(state)
-    torch.testing.assert_close(model.alignment_loss(inputs, tg), clean)
+    model.mirror.mask_rng.set_state(state)
+    torch.testing.assert_close(align_of(model, step_batch), clean)
     model.forward_decoder = noisy([2])      # (the last layer's do count)
-    model.mask_rng.set_state(state)
-    assert abs(model.alignment_loss(inputs, tg) - clean) > 1e-3
+    model.mirror.mask_rng.set_state(state)
+    assert abs(align_of(model, step_batch) - clean) > 1e-3
 
 
 def test_mirror_at_p0_with_tied_heads_is_the_dropout_free_original():
     """The anchor: nothing masked and the same heads -> the mirror IS the original without dropout
     (weights shared, not copied: tiny() moved every weight after construction)."""
-    model, inputs, _ = setup(tied_head=True, mask_p=0.0)
+    model, inputs, _, _ = setup(tied_head=True, mask_p=0.0)
     with torch.no_grad():
         orig = model.forward_decoder(inputs, use_dropout=False)
-        mirror = model.forward_decoder(inputs, use_dropout=False, mask_p=0.0, seeds=model.draw_seeds(),
-                                       mirror_heads=True)
+        mirror = model.mirror(model, inputs)
         ref = decoder_by_hand(model, inputs, heads(model, mirror=False))
     for layer in range(3):
         for key in orig[layer]:
@@ -288,7 +300,7 @@ def test_mirror_shares_every_weight_except_three_untied_class_heads():
     plain = set(dict(S.SGTR(tiny_cfg(no_align=True), C1, P1).named_parameters()))
     untied = set(dict(S.SGTR(tiny_cfg(), C1, P1).named_parameters()))
     tied = set(dict(S.SGTR(tiny_cfg(tied_head=True), C1, P1).named_parameters()))
-    assert untied - plain == {f"mirror_{h}_class.{w}" for h in ("pred", "sub", "obj") for w in ("weight", "bias")}
+    assert untied - plain == {f"mirror.{h}_class.{w}" for h in ("pred", "sub", "obj") for w in ("weight", "bias")}
     assert plain <= untied and tied == plain
 
 
@@ -309,8 +321,8 @@ def test_plain_attention_is_masked_attention_at_p0():
 # Gradients: a fixed target, the stop-gradient at the decoder's inputs
 
 def align_grads(**kw):
-    model, inputs, tg = setup(**kw)
-    model.alignment_loss(inputs, tg).backward()
+    model, _, step_batch, _ = setup(**kw)
+    align_of(model, step_batch).backward()
     return {n: p.grad for n, p in model.named_parameters()}
 
 
@@ -320,7 +332,7 @@ def test_target_distributions_are_fixed():
     for name in ("pred_class", "sub_class", "obj_class"):
         assert not has_grad(grads[name + ".weight"]), f"L_align reached the original {name} head"
     # ... while the mirror's untied heads do
-    for name in ("mirror_pred_class", "mirror_sub_class", "mirror_obj_class"):
+    for name in ("mirror.pred_class", "mirror.sub_class", "mirror.obj_class"):
         assert has_grad(grads[name + ".weight"])
 
 
@@ -343,8 +355,8 @@ def test_stop_gradient_at_the_mirrors_inputs(kw):
 # The ablations (section 4.3, Table 3) and Eq. (3)
 
 def test_supervised_ablation_is_the_predicate_loss_of_the_mirrors_last_layer():
-    model, inputs, tg = setup(align_loss="supervised")
-    loss, seeds = align_with_seeds(model, inputs, tg)
+    model, inputs, step_batch, tg = setup(align_loss="supervised")
+    loss, seeds = align_with_seeds(model, step_batch)
     with torch.no_grad():
         mirror = decoder_by_hand(model, inputs, heads(model, mirror=True), 0.3, seeds)
         target = decoder_by_hand(model, inputs, heads(model, mirror=False))
@@ -362,16 +374,16 @@ def test_total_is_sup_plus_lambda_align_and_its_gradient_scales():
                       relations=torch.zeros(0, 3, dtype=torch.long), size=targets[1]["size"])  # no relations
     with torch.no_grad():
         _, inputs = model.encode_and_detect(images, mask)
-        model.mask_rng.manual_seed(5)
-        seeds = model.draw_seeds()
+        model.mirror.mask_rng.manual_seed(5)
+        seeds = model.mirror.draw_seeds()
         expected = kl_by_hand(decoder_by_hand(model, inputs, heads(model, mirror=False))[-1],
                               decoder_by_hand(model, inputs, heads(model, mirror=True), 0.3, seeds)[-1])
     grads, sups = {}, []
     for lam in (1.0, 4.0):
-        model.cfg = dataclasses.replace(model.cfg, align_weight=lam)
-        model.mask_rng.manual_seed(5)
+        cfg = dataclasses.replace(model.cfg, align_weight=lam)
+        model.mirror.mask_rng.manual_seed(5)
         model.zero_grad()
-        losses = model(images, mask, targets)
+        losses = S.train_step(model, images, targets, cfg)
         assert all(torch.isfinite(v) for v in losses.values())
         torch.testing.assert_close(losses["align"], expected)
         torch.testing.assert_close(losses["total"], losses["sup"] + lam * expected)   # Eq. (3)
@@ -379,11 +391,16 @@ def test_total_is_sup_plus_lambda_align_and_its_gradient_scales():
         losses["total"].backward()
         grads[lam] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     assert sups[0] == pytest.approx(sups[1])
-    for name in ("mirror_pred_class.weight", "mirror_obj_class.bias"):   # reached by L_align only
+    for name in ("mirror.pred_class.weight", "mirror.obj_class.bias"):   # reached by L_align only
         assert has_grad(grads[1.0][name])
         torch.testing.assert_close(grads[4.0][name], 4.0 * grads[1.0][name])
     base = S.SGTR(tiny_cfg(no_align=True), C1, P1).train()
-    assert base(images, mask, targets)["align"] == 0
+    assert base.mirror is None and S.train_step(base, images, targets, base.cfg)["align"] == 0
+
+
+class Images(list):
+    """A list of (image, target) pairs that evaluate() reads as a dataset."""
+    num_predicates = P1
 
 
 def test_inference_never_runs_the_mirror(monkeypatch):
@@ -394,16 +411,23 @@ def test_inference_never_runs_the_mirror(monkeypatch):
     base = S.SGTR(tiny_cfg(no_align=True), C1, P1)
     base.load_state_dict(aligned.state_dict(), strict=False)
     called = []
-    for name in ("mirror_pred_class", "mirror_sub_class", "mirror_obj_class"):
-        getattr(aligned, name).register_forward_hook(lambda *a: called.append(1))
+    aligned.mirror.register_forward_hook(lambda *a: called.append("mirror"))
+    for name in ("pred_class", "sub_class", "obj_class"):
+        getattr(aligned.mirror, name).register_forward_hook(lambda *a: called.append(1))
     images, mask, targets = batch()
     aligned.eval(), base.eval()
-    state = aligned.mask_rng.get_state()
+    state = aligned.mirror.mask_rng.get_state()
     with torch.no_grad():
         a, b = aligned(images, mask), base(images, mask)
-    assert calls == [] and called == [] and torch.equal(aligned.mask_rng.get_state(), state)
-    for key in a:  # the aligned model at inference is exactly SGTR with the same weights
-        torch.testing.assert_close(a[key], b[key], atol=0, rtol=0)
+    # and evaluate() (which switches the model to eval itself)
+    test_set = Images((images[i, :, :h, :w], t) for i, t in enumerate(targets) for h, w in [t["size"]])
+    S.evaluate(aligned, test_set, aligned.cfg, torch.device("cpu"), None)
+    assert calls == [] and called == [] and torch.equal(aligned.mirror.mask_rng.get_state(), state)
+    # the aligned model at inference is exactly SGTR with the same weights, every layer and output
+    for ours, plain in zip(a[:2], b[:2]):
+        for layer_a, layer_b in zip(ours, plain, strict=True):
+            for key in layer_a:
+                torch.testing.assert_close(layer_a[key], layer_b[key], atol=0, rtol=0)
     aligned.train()
-    aligned(images, mask, targets)
-    assert calls and called  # (the hooks do fire in training, so the check above can fail)
+    S.train_step(aligned, images, targets, aligned.cfg)
+    assert calls and "mirror" in called and 1 in called  # (the hooks do fire in training: the check above can fail)
