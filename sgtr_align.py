@@ -29,10 +29,8 @@ How to run
                                               # plus --resume; it ends exactly where it would have)
     python sgtr_align.py --no-align           # the SGTR baseline
     python sgtr_align.py --iters 50 --val-images 50 --out runs/quick   # a shorter run
-    python sgtr_align.py --compare --seeds 0,1,2,3   # both, 4 seeds: compare.md (Table-1 style)
     python sgtr_align.py --infer a.jpg b.png --ckpt runs/sgtr_align-sgdet-align-seed0/ckpt_best.pt
                                               # scene graphs of your own images: <ckpt folder>/infer/
-    python sgtr_align.py --bench-step         # time one training step with and without alignment
     python sgtr_align.py --preset vg --data /path/to/vg   # SGTR's own sizes on Visual Genome (GPU)
     torchrun --nproc_per_node 2 sgtr_align.py # data parallel (gloo on CPU, nccl on GPU)
     A run writes into its folder: args.json, log.txt, ckpt_last.pt (every --ckpt-every iterations),
@@ -57,9 +55,11 @@ Symbols used in the shape comments
 import argparse
 import dataclasses
 import json
+import inspect
 import math
 import os
 import random
+import re
 import time
 from dataclasses import dataclass
 from typing import List
@@ -90,17 +90,12 @@ class Config:
     """'auto' (cuda if available), 'cpu' or 'cuda'"""
     seed: int = 0
     """random seed of this run: fixes the data order, the initial weights, dropout and the masks"""
-    seeds: str = ""
-    """comma-separated seeds, e.g. 0,1,2,3: one run per seed"""
-    compare: bool = False
-    """run baseline and aligned for every seed, write compare.md"""
     resume: bool = False
     """continue the run in --out from its ckpt_last.pt (same command plus --resume)"""
     preset: str = ""
     """named overrides: 'vg' = SGTR's own settings for Visual Genome"""
     threads: int = 1
-    """torch CPU threads; 1 by default: on a shared 2-core machine extra threads spin against other
-    jobs, and the numbers in the README are for 1 thread"""
+    """torch CPU threads; 1 by default: extra threads spin against other jobs (the README's numbers are for 1)"""
     num_workers: int = 0
     """DataLoader workers (a resumed run repeats the uninterrupted one exactly only with 0)"""
     log_every: int = 50
@@ -111,9 +106,7 @@ class Config:
     """iterations between writes of ckpt_last.pt (also written at each validation)"""
     max_eval_images: int = 0
     """cap on the val and test images, for smoke runs (0 = all)"""
-    # other entry points
-    bench_step: bool = False
-    """time a training step with and without alignment, then exit"""
+    # the other entry point
     infer: List[str] = dataclasses.field(default_factory=list)
     """image files: draw the scene graph that the model in --ckpt finds in each, then exit"""
     ckpt: str = ""
@@ -215,30 +208,21 @@ class ArgumentParser(argparse.ArgumentParser):
         fail(message)
 
 
-def field_docs():
-    """The docstring under each Config field, read from this file's source (the --help text)."""
-    import ast
-    import inspect
-    body, docs = ast.parse(inspect.getsource(Config)).body[0].body, {}
-    for a, b in zip(body, body[1:]):
-        if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant):
-            docs[a.target.id] = b.value.value
-    return docs
-
-
 def parse_config(argv=None) -> Config:
-    """argparse generated from the dataclass: `--help` lists every field with its default."""
-    p = ArgumentParser(description=__doc__.split("\n")[0])
-    docs = field_docs()
+    """argparse generated from the dataclass: `--help` lists every field with its default and docstring.
+    `--preset NAME` applies a dict of overrides first; flags given on the command line win."""
+    docs = dict(re.findall(r'^    (\w+): .*\n    """(.*?)"""', inspect.getsource(Config), re.M))
+    parser = ArgumentParser(description=__doc__.split("\n")[0])
     for f in dataclasses.fields(Config):
         flag = "--" + f.name.replace("_", "-")
         if f.type is bool or f.type == "bool":
-            p.add_argument(flag, action="store_true", default=None, help=docs[f.name])
+            parser.add_argument(flag, action="store_true", default=None, help=docs[f.name])
         elif f.name == "infer":
-            p.add_argument(flag, nargs="+", metavar="IMG", default=None, help=docs[f.name])
+            parser.add_argument(flag, nargs="+", metavar="IMG", default=None, help=docs[f.name])
         else:
-            p.add_argument(flag, type=type(f.default), default=None, help=f"{docs[f.name]} (default: {f.default!r})")
-    given = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
+            parser.add_argument(flag, type=type(f.default), default=None,
+                                help=f"{docs[f.name]} (default: {f.default!r})")
+    given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
     preset = given.get("preset", "")
     if preset and preset not in PRESETS:
         fail(f"unknown --preset {preset!r}; choose from {sorted(PRESETS)}")
@@ -263,8 +247,6 @@ def check_config(cfg: Config):
         fail(f"--device must be 'auto', 'cpu' or 'cuda', got {cfg.device!r}")
     if cfg.device == "cuda" and not torch.cuda.is_available():
         fail("--device cuda: this machine has no CUDA device (use --device cpu)")
-    if cfg.seeds and not all(s.strip().lstrip("-").isdigit() for s in cfg.seeds.split(",")):
-        fail(f"--seeds must be comma-separated integers like 0,1,2, got {cfg.seeds!r}")
     if cfg.align_loss not in ("kl", "supervised"):
         fail(f"--align-loss must be 'kl' or 'supervised', got {cfg.align_loss!r}")
     if not 0.0 <= cfg.mask_p < 1.0:
@@ -992,17 +974,17 @@ def plot_curves(history, lam, path):
     plt.close(fig)
 
 
-def plot_per_predicate(values, names, counts, path, title, ylabel="R@100 (%)", diff=False):
+def plot_per_predicate(values, names, counts, path, title):
     """One bar per predicate, in data.frequency_order(counts): most frequent in training first, as the
     paper's Fig. 5 (and as `python data.py` prints them). values (P,), counts (P+1,)."""
     plt = pyplot()
     order = [int(i) for i in data.frequency_order(counts)]
     fig, ax = plt.subplots(figsize=(max(8, 0.34 * len(order)), 4.5))
     v = [100 * values[i - 1] for i in order]
-    ax.bar(range(len(order)), v, color=["tab:green" if x >= 0 else "tab:red" for x in v] if diff else "tab:blue")
+    ax.bar(range(len(order)), v, color="tab:blue")
     ax.set_xticks(range(len(order)))
     ax.set_xticklabels([f"{names[i]} ({counts[i]})" for i in order], rotation=90, fontsize=9)
-    ax.set(ylabel=ylabel, title=title, xlabel="predicate (training count), by training frequency")
+    ax.set(ylabel="R@100 (%)", title=title, xlabel="predicate (training count), by training frequency")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -1171,8 +1153,9 @@ def load_datasets(cfg):
         fail(e)
 
 
-# The settings that do not change a run's numbers: a run may be continued with other values of them.
-NOT_SETTINGS = ("resume", "out", "log_every", "num_workers", "infer", "ckpt")
+# Settings that do not change a run's numbers; every other field must match for a folder to be resumed.
+# (seeds, compare, bench_step: flags of earlier versions, now study.py's, still in older args.json files)
+NOT_RESULT_FIELDS = {"out", "resume", "log_every", "num_workers", "infer", "ckpt", "seeds", "compare", "bench_step"}
 
 
 def run_folder_state(cfg):
@@ -1190,7 +1173,7 @@ def run_folder_state(cfg):
     except (OSError, ValueError, AssertionError):
         fail(f"{args_file} is not the JSON settings of a run; pass --out NEW_FOLDER")
     new = json.loads(json.dumps(dataclasses.asdict(cfg)))  # as args.json would hold them
-    differ = sorted(k for k in set(old) | set(new) if k not in NOT_SETTINGS and old.get(k, "?") != new.get(k, "?"))
+    differ = sorted(k for k in set(old) | set(new) if k not in NOT_RESULT_FIELDS and old.get(k, "?") != new.get(k, "?"))
     if differ:
         fail(f"{out} holds a run with other settings (differs in: {', '.join(differ)}); pass --out NEW_FOLDER")
     return "finished" if os.path.exists(os.path.join(out, "metrics.json")) else "unfinished"
@@ -1511,115 +1494,6 @@ def infer(cfg: Config):
 
 
 # ----------------------------------------------------------------------------------------------
-# Several seeds, baseline vs aligned (Table 1 / Figure 5 style)
-
-TABLE1 = {  # paper Table 1, SGDet on VG test, mean +- std over 4 runs (percent)
-    "SGTR*": dict(zip(["mR@50", "mR@100", "R@50", "R@100", "head_mR@100", "body_mR@100", "tail_mR@100"],
-                      ["12.0 ± 0.4", "16.0 ± 0.5", "23.7 ± 0.4", "26.9 ± 0.4", "26.4 ± 0.3", "20.0 ± 0.3", "8.8 ± 0.8"])),
-    "Align-SGTR*": dict(zip(["mR@50", "mR@100", "R@50", "R@100", "head_mR@100", "body_mR@100", "tail_mR@100"],
-                            ["12.7 ± 0.3", "16.8 ± 0.2", "24.6 ± 0.2", "27.8 ± 0.2", "27.3 ± 0.2", "20.8 ± 0.1", "9.8 ± 0.5"])),
-}
-
-
-def train_or_reuse(runs, device):
-    """Several runs (--seeds, --compare): a finished one with the same settings is reused, never
-    overwritten, an unfinished one continued with --resume; every folder is checked first."""
-    states = [run_folder_state(r) for r in runs]
-    for r, s in zip(runs, states):
-        if s == "unfinished" and not r.resume:
-            fail(f"{r.out} holds an unfinished run with these settings; add --resume to continue it, "
-                 f"or pass --out NEW_FOLDER")
-    results = []
-    for r, s in zip(runs, states):
-        if s == "finished":
-            if is_main():
-                print(f"reusing {r.out}/metrics.json")
-            with open(os.path.join(r.out, "metrics.json")) as f:
-                results.append(json.load(f))
-        else:
-            results.append(train(dataclasses.replace(r, resume=s == "unfinished"), device))
-    return results
-
-
-def compare(cfg: Config, seeds, device):
-    """Train (or reuse finished) baseline and aligned runs for every seed; write compare.md + plot."""
-    runs = {name: [dataclasses.replace(cfg, seed=s, no_align=no_align, compare=False, seeds="", out="")
-                   for s in seeds] for name, no_align in (("SGTR", True), ("Align-SGTR", False))}
-    for r in runs["SGTR"] + runs["Align-SGTR"]:
-        r.out = default_out(r)
-    flat = train_or_reuse(runs["SGTR"] + runs["Align-SGTR"], device)
-    results = {"SGTR": flat[:len(seeds)], "Align-SGTR": flat[len(seeds):]}
-    if not is_main():
-        return
-    out = cfg.out or os.path.join("runs", "sgtr_align-compare")
-    os.makedirs(out, exist_ok=True)
-    keys = list(TABLE1["SGTR*"])
-    lines = [f"SGDet test results, mean ± std over seeds {','.join(map(str, seeds))} (percent); "
-             f"data: {cfg.data}. Paper rows: Table 1 (Visual Genome, 4 runs).", "",
-             "| method | " + " | ".join(keys) + " |", "|" + "---|" * (len(keys) + 1)]
-    for name, res in results.items():
-        cells = []
-        for k in keys:
-            v = 100 * np.array([r.get(k, float("nan")) for r in res])
-            cells.append(f"{v.mean():.1f} ± {v.std(ddof=1):.1f}" if len(v) > 1 else f"{v[0]:.1f}")  # no ± for 1 seed
-        lines.append(f"| {name} (ours) | " + " | ".join(cells) + " |")
-    for name, row in TABLE1.items():
-        lines.append(f"| {name} (paper, VG) | " + " | ".join(row[k] for k in keys) + " |")
-    with open(os.path.join(out, "compare.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    # Figure 5: per-predicate R@100 difference, aligned - baseline, averaged over seeds
-    train_ds = load_datasets(cfg)[0]
-    mean = {n: np.mean([r["per_predicate_R@100"] for r in res], 0) for n, res in results.items()}
-    plot_per_predicate(mean["Align-SGTR"] - mean["SGTR"], train_ds.idx_to_predicate, data.predicate_counts(train_ds),
-                       os.path.join(out, "compare_per_predicate.png"),
-                       "Per-predicate R@100, Align-SGTR - SGTR (mean over seeds)", "difference (points)", diff=True)
-    print(f"wrote {out}/compare.md and compare_per_predicate.png")
-
-
-# ----------------------------------------------------------------------------------------------
-# Step-time benchmark: one training step with and without the alignment, in one process
-
-def bench_step(cfg: Config, device, steps=20):
-    """Median time of a full training step (forward, backward, AdamW) of SGTR with and without the
-    alignment, same weights and batches, interleaved (order alternating) so machine load hits both
-    alike. On a CPU the process CPU time is printed too: unlike wall time it does not grow when other
-    programs share the cores."""
-    train_ds, _, _ = load_datasets(cfg)
-    loader = iter(torch.utils.data.DataLoader(train_ds, batch_size=cfg.batch_size, collate_fn=data.collate,
-                                              sampler=data.TrainingSampler(len(train_ds), seed=0)))
-    batches = [next(loader) for _ in range(4)]
-    torch.manual_seed(0)
-    aligned = SGTR(dataclasses.replace(cfg, no_align=False), train_ds.num_classes, train_ds.num_predicates).to(device)
-    base = SGTR(dataclasses.replace(cfg, no_align=True), train_ds.num_classes, train_ds.num_predicates).to(device)
-    base.load_state_dict(aligned.state_dict(), strict=False)  # same weights; base lacks the untied heads
-    models = [("baseline", base, build_optimizer(base, cfg)[0]),
-              ("aligned", aligned, build_optimizer(aligned, cfg)[0])]
-    wall, cpu = {"baseline": [], "aligned": []}, {"baseline": [], "aligned": []}
-    for i in range(steps + 3):  # 3 warm-up steps
-        images, targets = batches[i % len(batches)]
-        images = images.to(device)
-        for name, model, opt in (models if i % 2 == 0 else models[::-1]):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t, c = time.perf_counter(), time.process_time()
-            losses = train_step(model, images, targets, cfg)
-            opt.zero_grad(set_to_none=True)
-            losses["total"].backward()
-            opt.step()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            if i >= 3:
-                wall[name].append(time.perf_counter() - t)
-                cpu[name].append(time.process_time() - c)
-    for label, ts in (("wall", wall), ("cpu", cpu)) if device.type == "cpu" else (("wall", wall),):
-        b, a = np.median(ts["baseline"]), np.median(ts["aligned"])
-        print(f"step {label} time ({device}, {torch.get_num_threads()} threads, batch {cfg.batch_size}, "
-              f"median of {steps}): baseline {1000 * b:.0f} ms, aligned {1000 * a:.0f} ms, ratio {a / b:.2f}x")
-    return np.median(wall["aligned"]) / np.median(wall["baseline"])
-
-
-# ----------------------------------------------------------------------------------------------
 # main
 
 def main(argv=None):
@@ -1630,23 +1504,7 @@ def main(argv=None):
         return
     device = setup_distributed(cfg)
     try:
-        if cfg.bench_step:
-            bench_step(cfg, device)
-            return
-        seeds = [int(s) for s in cfg.seeds.split(",")] if cfg.seeds else [cfg.seed]
-        if cfg.compare:
-            compare(cfg, seeds, device)
-        elif len(seeds) == 1:
-            train(dataclasses.replace(cfg, seed=seeds[0], seeds=""), device)
-        else:
-            runs = [dataclasses.replace(cfg, seed=s, seeds="", out="") for s in seeds]
-            for r in runs:
-                r.out = default_out(r)
-            res = train_or_reuse(runs, device)
-            if is_main():
-                print(f"seeds {cfg.seeds}, mean ± std: " + " | ".join(
-                    f"{k} {100 * np.mean([r[k] for r in res]):.1f} ± {100 * np.std([r[k] for r in res], ddof=1):.1f}"
-                    for k in ("R@50", "R@100", "mR@50", "mR@100")))
+        train(cfg, device)
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
