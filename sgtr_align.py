@@ -1179,7 +1179,44 @@ def run_folder_state(cfg):
     return "finished" if os.path.exists(os.path.join(out, "metrics.json")) else "unfinished"
 
 
-def read_checkpoint(path, keys):
+def claim_run_dir(cfg, last_path):
+    """Refuse, in one line, to write into a folder that holds another run, or a finished one (without
+    --resume), or to resume a run that has no ckpt_last.pt. Reads, never writes."""
+    state = run_folder_state(cfg)
+    if state == "finished" and not cfg.resume:
+        fail(f"{cfg.out} already holds a finished run with these settings; pass --out NEW_FOLDER to run again")
+    if state == "unfinished" and not cfg.resume:
+        fail(f"{cfg.out} holds an unfinished run with these settings; add --resume to continue it, "
+             f"or pass --out NEW_FOLDER")
+    if cfg.resume and not os.path.isfile(last_path):
+        fail(f"--resume: {last_path} does not exist (the run stopped before its first checkpoint, or "
+             f"--out is not a run folder); pass --out NEW_FOLDER to start again")
+
+
+def open_run(cfg, out_dir):
+    """Start writing the run folder (main process): args.json for a new run -> the run's Log."""
+    if is_main():
+        os.makedirs(out_dir, exist_ok=True)
+        if not cfg.resume:
+            with open(os.path.join(out_dir, "args.json"), "w") as f:
+                json.dump(dataclasses.asdict(cfg), f, indent=2)
+    return Log(os.path.join(out_dir, "log.txt"))
+
+
+class Log:
+    """print + append to <out>/log.txt, on the main process only."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __call__(self, msg):
+        if is_main():
+            print(msg, flush=True)
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(msg + "\n")
+
+
+def load_checkpoint(path, keys):
     """torch.load, with one error line for a missing, unreadable or foreign file."""
     if not os.path.isfile(path):
         fail(f"{path}: no such checkpoint file")
@@ -1202,20 +1239,6 @@ def save_atomic(obj, path):
 def fmt_time(s):
     s = int(s)
     return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
-
-
-def build_optimizer(model, cfg):
-    """AdamW, a lower lr for the backbone (DETR/SGTR), linear warm-up then x0.1 at lr_drop."""
-    bb = [p for n, p in model.named_parameters() if n.startswith("backbone.")]
-    rest = [p for n, p in model.named_parameters() if not n.startswith("backbone.")]
-    opt = torch.optim.AdamW([dict(params=rest, lr=cfg.lr), dict(params=bb, lr=cfg.lr_backbone)],
-                            weight_decay=cfg.weight_decay)
-    drop_at = int(cfg.lr_drop * cfg.iters)
-
-    def factor(it):
-        return min(1.0, (it + 1) / max(1, cfg.warmup_iters)) * (0.1 if it >= drop_at else 1.0)
-
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
 def seed_everything(seed):
@@ -1263,144 +1286,71 @@ def train(cfg: Config, device) -> dict:
     data_seconds = time.time() - t_data
     out_dir = cfg.out = default_out(cfg)
     last_path, best_path = os.path.join(out_dir, "ckpt_last.pt"), os.path.join(out_dir, "ckpt_best.pt")
-    state = run_folder_state(cfg)
-    if state == "finished" and not cfg.resume:
-        fail(f"{out_dir} already holds a finished run with these settings; pass --out NEW_FOLDER to run again")
-    if state == "unfinished" and not cfg.resume:
-        fail(f"{out_dir} holds an unfinished run with these settings; add --resume to continue it, "
-             f"or pass --out NEW_FOLDER")
-    if cfg.resume and not os.path.isfile(last_path):
-        fail(f"--resume: {last_path} does not exist (the run stopped before its first checkpoint, or "
-             f"--out is not a run folder); pass --out NEW_FOLDER to start again")
+    claim_run_dir(cfg, last_path)
     counts = data.predicate_counts(train_ds)  # (P+1,) training frequency: predicate groups, plot order
     groups = metrics.default_predicate_groups(train_ds.idx_to_predicate, counts)
-    vocab = dict(idx_to_label=list(train_ds.idx_to_label), idx_to_predicate=list(train_ds.idx_to_predicate))
-    # --infer resizes the user's images to the longest side the model was trained at
-    image_side = cfg.max_size or max(max(im["width"], im["height"]) for im in train_ds.img_info)
+    for_infer = what_infer_needs(cfg, train_ds)
     model = SGTR(cfg, train_ds.num_classes, train_ds.num_predicates).to(device)
     if model.mirror is not None:
         model.mirror.mask_rng.manual_seed(cfg.seed * 1000 + rank)  # each rank its own masks
     opt, sched = build_optimizer(model, cfg)
-    step, best, best_step, history, sums, last_log, seconds = 0, -1.0, 0, [], {}, 0, 0.0
-    if cfg.resume:
-        ck = read_checkpoint(last_path, ("model", "optimizer", "scheduler", "step", "rng", "vocab", "history"))
-        if ck["vocab"] != vocab:
-            fail(f"{last_path} was trained on other classes or predicates than those of --data {cfg.data}")
-        if len(ck["rng"]) != world:
-            fail(f"{last_path} was written by {len(ck['rng'])} process(es); resume it with as many, not {world}")
-        try:
-            model.load_state_dict(ck["model"])
-            opt.load_state_dict(ck["optimizer"])
-            sched.load_state_dict(ck["scheduler"])
-        except (RuntimeError, ValueError, KeyError) as e:
-            fail(f"{last_path} holds another model layout than these settings ({str(e).splitlines()[0]})")
-        set_rng_states(ck["rng"][rank], model, device)  # this rank's own generators (masks, dropout)
-        step, history, sums, last_log = ck["step"], ck["history"], ck["loss_sums"], ck["last_log"]
-        best, best_step, seconds = ck["best_val_mR@50"], ck["best_step"], ck["train_seconds"]
+    state = resume(last_path, model, opt, sched, for_infer["vocab"], cfg, rank, world, device) if cfg.resume \
+        else new_train_state()
     barrier()  # every rank has checked everything before rank 0 writes the first byte
-
-    log_file = None
-    if is_main():
-        os.makedirs(out_dir, exist_ok=True)
-        if not cfg.resume:
-            with open(os.path.join(out_dir, "args.json"), "w") as f:
-                json.dump(dataclasses.asdict(cfg), f, indent=2)
-        log_file = open(os.path.join(out_dir, "log.txt"), "a", encoding="utf-8")
-
-    def log(msg):
-        if is_main():
-            print(msg, flush=True)
-            log_file.write(msg + "\n")
-            log_file.flush()
-
+    log = open_run(cfg, out_dir)
     log(f"data: {len(train_ds)} train / {len(val_ds)} val / {len(test_ds)} test images, "
         f"C = {train_ds.num_classes - 1} classes, P = {train_ds.num_predicates - 1} predicates "
         f"({data_seconds:.0f}s)")
-    lam = 0.0 if cfg.no_align else cfg.align_weight
-    kind = (f"aligned (p = {cfg.mask_p:g}, λ = {lam:g}, {cfg.align_loss}{', tied head' if cfg.tied_head else ''})"
-            if model.mirror is not None else "baseline (no alignment)")
-    log(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {kind}, "
+    log(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {describe(cfg)}, "
         f"{cfg.iters} iterations x {cfg.batch_size} images x {world} process(es) on {device}, "
         f"{torch.get_num_threads()} thread(s)")
     if cfg.resume:
-        log(f"resumed from {last_path} at iteration {step} ({fmt_time(seconds)} of training so far)")
+        log(f"resumed from {last_path} at iteration {state['step']} ({fmt_time(state['train_seconds'])} "
+            f"of training so far)")
     ddp = model if world == 1 else nn.parallel.DistributedDataParallel(model)
     n_val = cfg.val_images or len(val_ds)
     n_val = min(n_val, cfg.max_eval_images) if cfg.max_eval_images else n_val
-    t_session = time.time()
-
-    def elapsed():  # training seconds of this run, earlier sessions included (validation too)
-        return seconds + time.time() - t_session
-
-    def save_last():  # a collective: every rank sends its generators to rank 0
-        rngs = all_ranks(rng_states(model, device))
-        if is_main():
-            save_atomic({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                         "step": step, "args": dataclasses.asdict(cfg), "vocab": vocab, "image_side": image_side,
-                         "rng": rngs, "best_val_mR@50": best, "best_step": best_step, "history": history,
-                         "loss_sums": sums, "last_log": last_log, "train_seconds": elapsed()}, last_path)
-
-    def validate():
-        nonlocal best, best_step
-        s, _ = evaluate(model, val_ds, cfg, device, groups, n_val)
-        history.append({"it": step, "val_mR@50": s["mR@50"], "val_R@50": s["R@50"]})
-        log(f"val it {step} | mR@50 {100 * s['mR@50']:.2f} | R@50 {100 * s['R@50']:.2f} | "
-            f"mR@100 {100 * s['mR@100']:.2f} | R@100 {100 * s['R@100']:.2f}")
-        # Model selection by validation mR@50 (paper section 4.1). A tie goes to the later checkpoint,
-        # the more trained one (and a tiny test run, whose recalls are all 0, still exercises a last
-        # validation that replaces ckpt_best.pt).
-        if s["mR@50"] >= best:
-            best, best_step = s["mR@50"], step
-            if is_main():
-                save_atomic({"model": model.state_dict(), "step": step, "args": dataclasses.asdict(cfg),
-                             "vocab": vocab, "image_side": image_side, "val_mR@50": best}, best_path)
-
     # The sampler continues where the interrupted run was: the same batches, none replayed.
-    sampler = data.TrainingSampler(len(train_ds), seed=cfg.seed, start=step * cfg.batch_size)
+    sampler = data.TrainingSampler(len(train_ds), seed=cfg.seed, start=state["step"] * cfg.batch_size)
     # Its own generator: otherwise each new DataLoader iterator draws from the global torch RNG.
     loader = torch.utils.data.DataLoader(train_ds, batch_size=cfg.batch_size, collate_fn=data.collate,
                                          sampler=sampler, num_workers=cfg.num_workers,
                                          generator=torch.Generator().manual_seed(cfg.seed * 1000 + rank))
     batches = iter(loader)
     model.train()
-    t_last, timed_from = time.time(), step  # it/s counts training only, this session only
-    while step < cfg.iters:
+    t_start = time.time() - state["train_seconds"]  # training time of this run, earlier sessions included
+    t_last, timed_from = time.time(), state["step"]  # it/s counts training only, this session only
+    while state["step"] < cfg.iters:
         images, targets = next(batches)
-        images = images.to(device)
-        losses = train_step(ddp, images, targets, cfg)
-        for k, v in losses.items():
-            if not torch.isfinite(v):
-                raise SystemExit(f"non-finite loss at iteration {step + 1}: {k} = {v.item()} "
-                                 f"(all terms: { {n: round(x.item(), 4) for n, x in losses.items()} })")
+        losses = train_step(ddp, images.to(device), targets, cfg)
+        check_finite(state["step"] + 1, losses)
         opt.zero_grad(set_to_none=True)
         losses["total"].backward()
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
         sched.step()
-        step += 1
+        state["step"] = step = state["step"] + 1
         for k in ("total", "sup", "align"):
-            sums[k] = sums.get(k, 0.0) + losses[k].item()
+            state["loss_sums"][k] = state["loss_sums"].get(k, 0.0) + losses[k].item()
         if step % cfg.log_every == 0 or step == cfg.iters:
-            avg = {k: v / (step - last_log) for k, v in sums.items()}
             speed = (step - timed_from) / max(time.time() - t_last, 1e-9)
-            history.append({"it": step, **avg})
-            log(f"it {step}/{cfg.iters} | loss {avg['total']:.3f} (sup {avg['sup']:.3f}, align {avg['align']:.3f}, "
-                f"λ {lam:g}) | {speed:.1f} it/s | eta {fmt_time((cfg.iters - step) * elapsed() / step)}")
-            sums, last_log, t_last, timed_from = {}, step, time.time(), step
+            log_interval(cfg, state, speed, time.time() - t_start, log)
+            t_last, timed_from = time.time(), step
         validated = step % cfg.eval_every == 0 or step == cfg.iters
         if validated:
-            validate()
+            validate(model, val_ds, n_val, cfg, device, groups, state, best_path, for_infer, log)
             t_last, timed_from = time.time(), step
         if validated or step % cfg.ckpt_every == 0:
-            save_last()
-    train_seconds = elapsed()
+            state["train_seconds"] = time.time() - t_start
+            save_checkpoint(last_path, cfg, model, opt, sched, state, device, for_infer)
+    train_seconds = time.time() - t_start
     log(f"training done in {fmt_time(train_seconds)} (validation included)")
 
     # Test with the best validation checkpoint. Rank 0 may have written it at the last validation:
     # every rank waits for that write, then loads it, and says which one it tests.
     barrier()
-    ck = read_checkpoint(best_path, ("model", "step"))
+    ck = load_checkpoint(best_path, ("model", "step"))
     model.load_state_dict(ck["model"])
     tested = all_ranks(ck["step"])
     log("test: ckpt_best.pt of iteration " + ", ".join(f"{s} on rank {r}" for r, s in enumerate(tested)))
@@ -1408,23 +1358,127 @@ def train(cfg: Config, device) -> dict:
         raise RuntimeError(f"ranks tested different checkpoints: {tested}")
     t_test = time.time()
     summary, examples = evaluate(model, test_ds, cfg, device, groups, cfg.max_eval_images, keep_examples=4)
-    summary.update({"best_step": ck["step"], "best_val_mR@50": ck["val_mR@50"], "history": history})
-    if is_main():
-        # metrics.json holds only what the seed and settings determine (a rerun gives the same file);
-        # wall-clock times go to timing.json.
-        with open(os.path.join(out_dir, "metrics.json"), "w") as f:
-            json.dump(summary, f, indent=2)
-        with open(os.path.join(out_dir, "timing.json"), "w") as f:
-            json.dump({"train_seconds": train_seconds, "test_seconds": time.time() - t_test}, f, indent=2)
-        log("test SGDet | " + " | ".join(f"{k} {100 * summary[k]:.2f}" for k in
-                                         ("R@20", "R@50", "R@100", "mR@20", "mR@50", "mR@100") if k in summary)
-            + " | " + " | ".join(f"{g} mR@100 {100 * summary[f'{g}_mR@100']:.2f}" for g in groups))
-        plot_curves(history, lam, os.path.join(out_dir, "curves.png"))
-        plot_per_predicate(summary["per_predicate_R@100"], train_ds.idx_to_predicate, counts,
-                           os.path.join(out_dir, "per_predicate.png"), f"SGDet per-predicate R@100 ({out_dir})")
-        plot_examples(examples, test_ds, os.path.join(out_dir, "examples.png"))
-        log_file.close()
+    summary.update({"best_step": ck["step"], "best_val_mR@50": ck["val_mR@50"], "history": state["history"]})
+    timing = {"train_seconds": train_seconds, "test_seconds": time.time() - t_test}
+    finish(cfg, out_dir, summary, timing, examples, train_ds, test_ds, counts, groups, log)
     return summary
+
+
+def build_optimizer(model, cfg):
+    """AdamW, a lower lr for the backbone (DETR/SGTR), linear warm-up then x0.1 at lr_drop."""
+    bb = [p for n, p in model.named_parameters() if n.startswith("backbone.")]
+    rest = [p for n, p in model.named_parameters() if not n.startswith("backbone.")]
+    opt = torch.optim.AdamW([dict(params=rest, lr=cfg.lr), dict(params=bb, lr=cfg.lr_backbone)],
+                            weight_decay=cfg.weight_decay)
+    drop_at = int(cfg.lr_drop * cfg.iters)
+
+    def factor(it):
+        return min(1.0, (it + 1) / max(1, cfg.warmup_iters)) * (0.1 if it >= drop_at else 1.0)
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def what_infer_needs(cfg, train_ds):
+    """What makes ckpt_best.pt self-contained for --infer: the vocabulary, and the training images'
+    longest side (--infer resizes the user's images to it)."""
+    return {"vocab": dict(idx_to_label=list(train_ds.idx_to_label), idx_to_predicate=list(train_ds.idx_to_predicate)),
+            "image_side": cfg.max_size or max(max(im["width"], im["height"]) for im in train_ds.img_info)}
+
+
+def new_train_state():
+    """What a training run carries from step to step; ckpt_last.pt saves it (under these keys)."""
+    return {"step": 0, "best_val_mR@50": -1.0, "best_step": 0, "history": [], "train_seconds": 0.0,
+            "loss_sums": {}, "last_log": 0}  # running sums of the losses since the last progress line
+
+
+def resume(last_path, model, opt, sched, vocab, cfg, rank, world, device):
+    """Load ckpt_last.pt into the model, optimizer, schedule and this rank's generators -> the training
+    state it holds. A checkpoint of other data, process count or layout ends in one error line."""
+    ck = load_checkpoint(last_path, ("model", "optimizer", "scheduler", "rng", "vocab", *new_train_state()))
+    if ck["vocab"] != vocab:
+        fail(f"{last_path} was trained on other classes or predicates than those of --data {cfg.data}")
+    if len(ck["rng"]) != world:
+        fail(f"{last_path} was written by {len(ck['rng'])} process(es); resume it with as many, not {world}")
+    try:
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        sched.load_state_dict(ck["scheduler"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        fail(f"{last_path} holds another model layout than these settings ({str(e).splitlines()[0]})")
+    set_rng_states(ck["rng"][rank], model, device)  # this rank's own generators (masks, dropout)
+    return {k: ck[k] for k in new_train_state()}
+
+
+def describe(cfg):
+    """The run's method in words, for the log's model line."""
+    if cfg.no_align:
+        return "baseline (no alignment)"
+    return f"aligned (p = {cfg.mask_p:g}, λ = {cfg.align_weight:g}, {cfg.align_loss}{', tied head' if cfg.tied_head else ''})"
+
+
+def check_finite(step, losses):
+    """Stop on a non-finite loss, with a message that names the iteration and every term."""
+    for k, v in losses.items():
+        if not torch.isfinite(v):
+            raise SystemExit(f"non-finite loss at iteration {step}: {k} = {v.item()} "
+                             f"(all terms: { {n: round(x.item(), 4) for n, x in losses.items()} })")
+
+
+def log_interval(cfg, state, speed, seconds_so_far, log):
+    """The progress line: the losses' means since the last one (sup = L_original, align = L_align, loss =
+    their Eq. 3 total); they go into the history that curves.png plots, and the sums start again."""
+    step = state["step"]
+    avg = {k: v / (step - state["last_log"]) for k, v in state["loss_sums"].items()}
+    state["history"].append({"it": step, **avg})
+    lam = 0.0 if cfg.no_align else cfg.align_weight
+    log(f"it {step}/{cfg.iters} | loss {avg['total']:.3f} (sup {avg['sup']:.3f}, align {avg['align']:.3f}, "
+        f"λ {lam:g}) | {speed:.1f} it/s | eta {fmt_time((cfg.iters - step) * seconds_so_far / step)}")
+    state["loss_sums"], state["last_log"] = {}, step
+
+
+def validate(model, val_ds, n_val, cfg, device, groups, state, best_path, for_infer, log):
+    """Validation SGDet on the first n_val images; a new best mR@50 is written to ckpt_best.pt."""
+    step = state["step"]
+    s, _ = evaluate(model, val_ds, cfg, device, groups, n_val)
+    state["history"].append({"it": step, "val_mR@50": s["mR@50"], "val_R@50": s["R@50"]})
+    log(f"val it {step} | mR@50 {100 * s['mR@50']:.2f} | R@50 {100 * s['R@50']:.2f} | "
+        f"mR@100 {100 * s['mR@100']:.2f} | R@100 {100 * s['R@100']:.2f}")
+    # Model selection by validation mR@50 (paper section 4.1). A tie goes to the later checkpoint, the
+    # more trained one (and a tiny test run, whose recalls are all 0, still exercises a last validation
+    # that replaces ckpt_best.pt).
+    if s["mR@50"] >= state["best_val_mR@50"]:
+        state["best_val_mR@50"], state["best_step"] = s["mR@50"], step
+        if is_main():
+            save_atomic({"model": model.state_dict(), "step": step, "args": dataclasses.asdict(cfg),
+                         "val_mR@50": s["mR@50"], **for_infer}, best_path)
+
+
+def save_checkpoint(path, cfg, model, opt, sched, state, device, for_infer):
+    """ckpt_last.pt: {model, optimizer, scheduler, args, rng, the training state, what --infer needs}.
+    A collective: every rank sends its generators to rank 0, which writes the file."""
+    rngs = all_ranks(rng_states(model, device))
+    if is_main():
+        save_atomic({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                     "args": dataclasses.asdict(cfg), "rng": rngs, **state, **for_infer}, path)
+
+
+def finish(cfg, out_dir, summary, timing, examples, train_ds, test_ds, counts, groups, log):
+    """The test line, then (main process) metrics.json, timing.json and the pictures."""
+    log("test SGDet | " + " | ".join(f"{k} {100 * summary[k]:.2f}" for k in
+                                     ("R@20", "R@50", "R@100", "mR@20", "mR@50", "mR@100") if k in summary)
+        + " | " + " | ".join(f"{g} mR@100 {100 * summary[f'{g}_mR@100']:.2f}" for g in groups))
+    if not is_main():
+        return
+    # metrics.json holds only what the seed and settings determine (a rerun gives the same file);
+    # wall-clock times go to timing.json.
+    with open(os.path.join(out_dir, "metrics.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    with open(os.path.join(out_dir, "timing.json"), "w") as f:
+        json.dump(timing, f, indent=2)
+    plot_curves(summary["history"], 0.0 if cfg.no_align else cfg.align_weight, os.path.join(out_dir, "curves.png"))
+    plot_per_predicate(summary["per_predicate_R@100"], train_ds.idx_to_predicate, counts,
+                       os.path.join(out_dir, "per_predicate.png"), f"SGDet per-predicate R@100 ({out_dir})")
+    plot_examples(examples, test_ds, os.path.join(out_dir, "examples.png"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1435,7 +1489,7 @@ def infer(cfg: Config):
     """For each image file: <out>/<stem>_sg.png (the picture) and <out>/<stem>_sg.json (the top
     triplets, boxes in the image's own pixels). Default out: <folder of the checkpoint>/infer."""
     from PIL import Image
-    ck = read_checkpoint(cfg.ckpt, ("model", "args", "vocab", "image_side"))
+    ck = load_checkpoint(cfg.ckpt, ("model", "args", "vocab", "image_side"))
     try:
         args = Config(**{**ck["args"], "no_align": True})
     except TypeError as e:
