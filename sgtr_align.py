@@ -5,7 +5,8 @@ What this is
     Transformer", CVPR 2022) and of the paper's self-supervised relation alignment on top of it
     ("Self-Supervised Relation Alignment for Scene Graph Generation", arXiv 2302.01403, sections
     3.1, 3.2, 4.1, 4.3 and supplementary section 7). Lines that implement the paper's method are
-    marked `# PAPER:`; everything else is the SGTR model and the usual training plumbing.
+    marked `# PAPER:`, all in the first section; everything else is the SGTR model and the usual
+    training plumbing.
 
     image -> CNN backbone -> transformer encoder ------------------> entity decoder -> entities
                                      |                                      | (features, boxes)
@@ -22,6 +23,11 @@ What this is
     extra dropout-free, gradient-free pass of the original decoder (Eq. 2); L = L_sup + lambda L_align
     (Eq. 3). At inference only the original model runs, so SGTR and Align-SGTR cost the same.
 
+Read it top to bottom: the paper's method (masked_cross_attention, Mirror, alignment_loss,
+train_step), the config, the model from its parts to the whole (boxes, attention blocks, the entity
+detector, the structural predicate decoder, SGTR), matching and losses, graph assembling, training,
+evaluation, pictures, inference on your own images, plumbing, main.
+
 How to run
     python sgtr_align.py                      # aligned SGTR on the built-in synthetic data (CPU):
                                               # 1200 iterations into runs/sgtr_align-sgdet-align-seed0
@@ -33,6 +39,7 @@ How to run
                                               # scene graphs of your own images: <ckpt folder>/infer/
     python sgtr_align.py --preset vg --data /path/to/vg   # SGTR's own sizes on Visual Genome (GPU)
     torchrun --nproc_per_node 2 sgtr_align.py # data parallel (gloo on CPU, nccl on GPU)
+    Experiments (several seeds, baseline vs aligned, the step-time benchmark): see study.py.
     A run writes into its folder: args.json, log.txt, ckpt_last.pt (every --ckpt-every iterations),
     ckpt_best.pt (best validation mR@50), metrics.json (test metrics, best iteration, loss and
     validation history: the same command and seed repeat it exactly), timing.json, curves.png,
@@ -54,8 +61,8 @@ Symbols used in the shape comments
 """
 import argparse
 import dataclasses
-import json
 import inspect
+import json
 import math
 import os
 import random
@@ -77,7 +84,111 @@ from kernels import masked_attention
 
 
 # ----------------------------------------------------------------------------------------------
-# Config (this dataclass is also the command line: every field is a --flag)
+# The paper's method: the mirrored relation predictor and the alignment loss (paper sections 3.1, 3.2, 4.1, 4.3, 7, Eqs. 1-3)
+#
+# The original relation predictor is SGTR's structural predicate decoder (SGTR.forward_decoder, below):
+# predicate, subject and object queries (B, Qp, D) attend to each other, cross-attend to the relation
+# memory (image tokens) and to the entity decoder's outputs, layer by layer, and class heads read out the
+# predicate distribution and the subject / object class distributions. The mirror is that decoder again,
+# the same modules, on detached inputs, with randomly masked cross-attention, no dropout and untied class
+# heads. Only train_step runs it.
+
+def masked_cross_attention(q, k, v, key_padding_mask, mask_p, seed):
+    """The mirror's cross-attention: q (B, Hd, Lq, Dh), k / v (B, Hd, Lk, Dh), key_padding_mask (B, Lk)
+    -> (B, Hd, Lq, Dh). MultiheadAttention.forward calls it when given a seed: only the mirror does."""
+    # PAPER: Eq. (1) as section 3.2 instantiates it for SGTR: not the decoder's inputs but each
+    # element of the cross-attention matrix is set to -inf with probability p before the softmax.
+    # The mask is a pure function of `seed` (kernels/masked_attention.py: a fused Triton kernel on
+    # GPU, the same math in PyTorch on CPU).
+    return masked_attention(q.contiguous(), k.contiguous(), v.contiguous(), mask_p, seed, key_padding_mask)
+
+
+class Mirror(nn.Module):
+    """The mirrored structural predicate decoder (sections 3.1, 3.2; supplementary Fig. 4).
+
+    It owns only the untied class heads (none when tied) and the generator of its masks; the decoder
+    it runs is the original's own (model.pred_decoder, pred_norms, sub_box, obj_box), called by
+    reference, so every other weight is shared, not copied."""
+
+    def __init__(self, cfg, num_classes, num_predicates):
+        super().__init__()
+        self.tied, self.mask_p, self.num_layers = cfg.tied_head, cfg.mask_p, cfg.pred_dec_layers
+        if not self.tied:
+            # PAPER: (sections 3.1.2, 3.2): untied projection heads for the mirror's relation, subject
+            # and object distributions; --tied-head uses the original's (Table 3 "PH").
+            self.pred_class = nn.Linear(cfg.d_model, num_predicates)  # (.., P + 1)
+            self.sub_class = nn.Linear(cfg.d_model, num_classes)  # (.., C + 1)
+            self.obj_class = nn.Linear(cfg.d_model, num_classes)  # (.., C + 1)
+        # PAPER: (section 7): a fresh mask per cross-attention block, per layer and per step. The seeds
+        # come from this generator (its state is saved in checkpoints), so that runs repeat.
+        self.mask_rng = torch.Generator().manual_seed(cfg.seed)
+
+    def draw_seeds(self):
+        """One int seed per cross-attention block per layer: num_layers triples (relation, subject, object)."""
+        n = self.num_layers * StructuralDecoderLayer.CROSS_BLOCKS
+        s = torch.randint(0, 2 ** 31 - 1, (n,), generator=self.mask_rng).tolist()
+        return [tuple(s[i:i + 3]) for i in range(0, n, 3)]
+
+    def forward(self, model, inputs):
+        """model: the SGTR whose decoder is mirrored; inputs: its decoder inputs (SGTR.forward) ->
+        the mirror's predictions, one dict per layer (as SGTR.forward_decoder)."""
+        # PAPER: (section 3.1): the decoder's inputs (relation/image features, entity features, the
+        # entity-conditioned queries) enter the mirror with their gradient stopped, so that L_align
+        # trains only the structural predicate decoder (and the untied heads).
+        frozen = {k: v.detach() for k, v in inputs.items()}
+        # PAPER: (section 7): masks drawn independently per cross-attention block, layer and step.
+        seeds = self.draw_seeds()
+        heads = (model.pred_class, model.sub_class, model.obj_class) if self.tied else \
+            (self.pred_class, self.sub_class, self.obj_class)
+        # PAPER: (section 4.1): no dropout at all in the mirror; masked cross-attention (Eq. 1).
+        return model.forward_decoder(frozen, use_dropout=False, heads=heads, mask_p=self.mask_p, seeds=seeds)
+
+
+def alignment_loss(target, mirror, kind, tg=None, cfg=None):
+    """L_align from one decoder layer's predictions: `target` the original's, `mirror` the mirror's,
+    each with pred_logits (B, Qp, P+1) and sub_logits / obj_logits (B, Qp, C+1). kind: 'kl' (the
+    paper) or 'supervised' (the ablation; it needs the targets tg and cfg's loss weights)."""
+    if kind == "supervised":
+        # PAPER: (section 4.3, Table 3 "SA"): the same supervised SGTR loss on the mirror instead of KL.
+        return predicate_loss(mirror, tg, cfg)
+    # PAPER: Eq. (2): KL(P_original || P_masked) for the predicate, subject and object distributions,
+    # averaged over all predicate queries (no labels needed). P_original is the fixed target
+    # (section 3.1.2), hence the detach.
+    loss = 0.0
+    for key in ("pred_logits", "sub_logits", "obj_logits"):
+        log_q = F.log_softmax(mirror[key], -1)  # (B, Qp, P+1 or C+1)
+        p = F.softmax(target[key].detach(), -1)
+        loss = loss + F.kl_div(log_q, p, reduction="none").sum(-1).mean()
+    return loss
+
+
+def train_step(model, images, targets, cfg):
+    """The losses of one training batch -> dict(total, sup, align) of scalars; align is 0 for the
+    baseline. model: an SGTR, or its DistributedDataParallel wrapper (called as such, so that DDP
+    synchronises the gradients). images (B, 3, H, W) and targets as data.collate gives them."""
+    net = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    ent_out, pred_out, inputs = model(images, pad_mask_for(images, targets))  # the original, dropout on
+    tg = normalised_targets(targets, images.device)
+    sup = supervised_loss(ent_out, pred_out, tg, cfg)  # L_original
+    align = torch.zeros((), device=images.device)
+    if net.mirror is not None:
+        # PAPER: (section 3.1): the mirror runs only here, in training; evaluation and inference run
+        # the original SGTR alone, so SGTR and Align-SGTR cost the same at test time.
+        mirror = net.mirror(net, inputs)
+        target = None
+        if cfg.align_loss == "kl":
+            # PAPER: (section 4.1): an extra pass of the original decoder WITHOUT dropout gives the
+            # target distributions; no_grad: the target is fixed (section 3.1.2).
+            with torch.no_grad():
+                target = net.forward_decoder(inputs, use_dropout=False)[-1]
+        # PAPER: (section 3.2): the alignment at the last decoder layer only.
+        align = alignment_loss(target, mirror[-1], cfg.align_loss, tg, cfg)
+    # PAPER: Eq. (3): L_final = L_original + lambda * L_align
+    return dict(total=sup + cfg.align_weight * align, sup=sup, align=align)
+
+
+# ----------------------------------------------------------------------------------------------
+# Config: one dataclass that is also the command line (`--help` lists every field and default)
 
 @dataclass
 class Config:
@@ -270,104 +381,6 @@ def check_config(cfg: Config):
 
 
 # ----------------------------------------------------------------------------------------------
-# The paper's method: the mirrored relation predictor and the alignment loss (paper sections 3.1,
-# 3.2, 4.1, 4.3 and supplementary 7, Eqs. 1-3)
-
-def masked_cross_attention(q, k, v, key_padding_mask, mask_p, seed):
-    """The mirror's cross-attention: q (B, Hd, Lq, Dh), k / v (B, Hd, Lk, Dh), key_padding_mask (B, Lk)
-    -> (B, Hd, Lq, Dh). MultiheadAttention.forward calls it when given a seed: only the mirror does."""
-    # PAPER: Eq. (1) as section 3.2 instantiates it for SGTR: not the decoder's inputs but each
-    # element of the cross-attention matrix is set to -inf with probability p before the softmax.
-    # The mask is a pure function of `seed` (kernels/masked_attention.py: a fused Triton kernel on
-    # GPU, the same math in PyTorch on CPU).
-    return masked_attention(q.contiguous(), k.contiguous(), v.contiguous(), mask_p, seed, key_padding_mask)
-
-
-class Mirror(nn.Module):
-    """The mirrored structural predicate decoder (sections 3.1, 3.2; supplementary Fig. 4).
-
-    It owns only the untied class heads (none when tied) and the generator of its masks; the decoder
-    it runs is the original's own (model.pred_decoder, pred_norms, sub_box, obj_box), called by
-    reference, so every other weight is shared, not copied."""
-
-    def __init__(self, cfg, num_classes, num_predicates):
-        super().__init__()
-        self.tied, self.mask_p, self.num_layers = cfg.tied_head, cfg.mask_p, cfg.pred_dec_layers
-        if not self.tied:
-            # PAPER: (sections 3.1.2, 3.2): untied projection heads for the mirror's relation, subject
-            # and object distributions; --tied-head uses the original's (Table 3 "PH").
-            self.pred_class = nn.Linear(cfg.d_model, num_predicates)  # (.., P + 1)
-            self.sub_class = nn.Linear(cfg.d_model, num_classes)  # (.., C + 1)
-            self.obj_class = nn.Linear(cfg.d_model, num_classes)  # (.., C + 1)
-        # PAPER: (section 7): a fresh mask per cross-attention block, per layer and per step. The seeds
-        # come from this generator (its state is saved in checkpoints), so that runs repeat.
-        self.mask_rng = torch.Generator().manual_seed(cfg.seed)
-
-    def draw_seeds(self):
-        """One int seed per cross-attention block per layer: num_layers triples (relation, subject, object)."""
-        n = self.num_layers * StructuralDecoderLayer.CROSS_BLOCKS
-        s = torch.randint(0, 2 ** 31 - 1, (n,), generator=self.mask_rng).tolist()
-        return [tuple(s[i:i + 3]) for i in range(0, n, 3)]
-
-    def forward(self, model, inputs):
-        """model: the SGTR whose decoder is mirrored; inputs: its decoder inputs (SGTR.forward) ->
-        the mirror's predictions, one dict per layer (as SGTR.forward_decoder)."""
-        # PAPER: (section 3.1): the decoder's inputs (relation/image features, entity features, the
-        # entity-conditioned queries) enter the mirror with their gradient stopped, so that L_align
-        # trains only the structural predicate decoder (and the untied heads).
-        frozen = {k: v.detach() for k, v in inputs.items()}
-        # PAPER: (section 7): masks drawn independently per cross-attention block, layer and step.
-        seeds = self.draw_seeds()
-        heads = (model.pred_class, model.sub_class, model.obj_class) if self.tied else \
-            (self.pred_class, self.sub_class, self.obj_class)
-        # PAPER: (section 4.1): no dropout at all in the mirror; masked cross-attention (Eq. 1).
-        return model.forward_decoder(frozen, use_dropout=False, heads=heads, mask_p=self.mask_p, seeds=seeds)
-
-
-def alignment_loss(target, mirror, kind, tg=None, cfg=None):
-    """L_align from one decoder layer's predictions: `target` the original's, `mirror` the mirror's,
-    each with pred_logits (B, Qp, P+1) and sub_logits / obj_logits (B, Qp, C+1). kind: 'kl' (the
-    paper) or 'supervised' (the ablation; it needs the targets tg and cfg's loss weights)."""
-    if kind == "supervised":
-        # PAPER: (section 4.3, Table 3 "SA"): the same supervised SGTR loss on the mirror instead of KL.
-        return predicate_loss(mirror, tg, cfg)
-    # PAPER: Eq. (2): KL(P_original || P_masked) for the predicate, subject and object distributions,
-    # averaged over all predicate queries (no labels needed). P_original is the fixed target
-    # (section 3.1.2), hence the detach.
-    loss = 0.0
-    for key in ("pred_logits", "sub_logits", "obj_logits"):
-        log_q = F.log_softmax(mirror[key], -1)  # (B, Qp, P+1 or C+1)
-        p = F.softmax(target[key].detach(), -1)
-        loss = loss + F.kl_div(log_q, p, reduction="none").sum(-1).mean()
-    return loss
-
-
-def train_step(model, images, targets, cfg):
-    """The losses of one training batch -> dict(total, sup, align) of scalars; align is 0 for the
-    baseline. model: an SGTR, or its DistributedDataParallel wrapper (called as such, so that DDP
-    synchronises the gradients). images (B, 3, H, W) and targets as data.collate gives them."""
-    net = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-    ent_out, pred_out, inputs = model(images, pad_mask_for(images, targets))  # the original, dropout on
-    tg = normalised_targets(targets, images.device)
-    sup = supervised_loss(ent_out, pred_out, tg, cfg)  # L_original
-    align = torch.zeros((), device=images.device)
-    if net.mirror is not None:
-        # PAPER: (section 3.1): the mirror runs only here, in training; evaluation and inference run
-        # the original SGTR alone, so SGTR and Align-SGTR cost the same at test time.
-        mirror = net.mirror(net, inputs)
-        target = None
-        if cfg.align_loss == "kl":
-            # PAPER: (section 4.1): an extra pass of the original decoder WITHOUT dropout gives the
-            # target distributions; no_grad: the target is fixed (section 3.1.2).
-            with torch.no_grad():
-                target = net.forward_decoder(inputs, use_dropout=False)[-1]
-        # PAPER: (section 3.2): the alignment at the last decoder layer only.
-        align = alignment_loss(target, mirror[-1], cfg.align_loss, tg, cfg)
-    # PAPER: Eq. (3): L_final = L_original + lambda * L_align
-    return dict(total=sup + cfg.align_weight * align, sup=sup, align=align)
-
-
-# ----------------------------------------------------------------------------------------------
 # Boxes (normalised cxcywh inside the model, as DETR; pixel xyxy at the evaluator)
 
 def box_cxcywh_to_xyxy(b):
@@ -401,7 +414,7 @@ def generalized_box_iou(a, b):
 
 
 # ----------------------------------------------------------------------------------------------
-# Attention: one function for the original model, the masked kernel for the mirror
+# Attention blocks: one attention function for the original model, the masked kernel for the mirror
 
 def attention(q, k, v, key_padding_mask=None):
     """Plain scaled dot-product attention with exactly kernels.masked_attention's math at p = 0.
@@ -557,7 +570,7 @@ class EntityDecoderLayer(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-# Predicate node generator: structural predicate decoder (the part the paper mirrors)
+# Predicate node generator: the structural predicate decoder (the part the paper mirrors)
 
 class StructuralDecoderLayer(nn.Module):
     """One layer of SGTR's structural predicate decoder.
@@ -610,6 +623,19 @@ class StructuralDecoderLayer(nn.Module):
         qs = self.residual(self.norm_ffn_s, qs, self.ffn_s(qs, use_dropout), use_dropout)
         qo = self.residual(self.norm_ffn_o, qo, self.ffn_o(qo, use_dropout), use_dropout)
         return qp, qs, qo
+
+
+# ----------------------------------------------------------------------------------------------
+# SGTR: the whole model, image -> entities and predicates, one set per decoder layer
+
+def pad_mask_for(images, targets):
+    """(B, H, W) True where collate() zero-padded the image (bottom / right)."""
+    B, _, H, W = images.shape
+    mask = torch.ones(B, H, W, dtype=torch.bool, device=images.device)
+    for b, t in enumerate(targets):
+        h, w = t["size"]
+        mask[b, :h, :w] = False
+    return mask
 
 
 class SGTR(nn.Module):
@@ -718,7 +744,7 @@ class SGTR(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-# Hungarian matching and losses (DETR's set prediction loss, SGTR's predicate version)
+# Matching and losses (DETR's set prediction loss, SGTR's predicate version)
 
 @torch.no_grad()
 def hungarian_match(cost):
@@ -900,378 +926,7 @@ def top_triplets(pred, k):
 
 
 # ----------------------------------------------------------------------------------------------
-# Evaluation (SGDet with metrics.SGEvaluator)
-
-def pad_mask_for(images, targets):
-    """(B, H, W) True where collate() zero-padded the image (bottom / right)."""
-    B, _, H, W = images.shape
-    mask = torch.ones(B, H, W, dtype=torch.bool, device=images.device)
-    for b, t in enumerate(targets):
-        h, w = t["size"]
-        mask[b, :h, :w] = False
-    return mask
-
-
-def is_main():
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-
-
-@torch.no_grad()
-def evaluate(model, ds, cfg, device, groups, max_images=0, keep_examples=0):
-    """SGDet evaluation on the first `max_images` images of `ds` (all if 0). Returns (summary, examples)."""
-    model.eval()
-    n = len(ds) if max_images <= 0 else min(len(ds), max_images)
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, range(n)), batch_size=cfg.eval_batch,
-                                         sampler=data.InferenceSampler(n), collate_fn=data.collate,
-                                         num_workers=cfg.num_workers, generator=torch.Generator())
-    ev = metrics.SGEvaluator("sgdet", num_predicates=ds.num_predicates - 1, ks=(20, 50, 100),
-                             predicate_groups=groups)
-    examples = []
-    for images, targets in loader:
-        images = images.to(device)
-        ent_out, pred_out, _ = model(images, pad_mask_for(images, targets))
-        for b, t in enumerate(targets):
-            pred = assemble_graph(image_outputs(ent_out, pred_out, b), t["size"], cfg.ent_topk, max_pairs=100)
-            ev.add(dict(boxes=t["boxes"], labels=t["labels"], relations=t["relations"]), pred)
-            if len(examples) < keep_examples:
-                h, w = t["size"]
-                examples.append((images[b, :, :h, :w].cpu(), t, pred))
-    if dist.is_available() and dist.is_initialized():
-        ev.gather()
-    model.train()
-    return ev.summary(), examples
-
-
-# ----------------------------------------------------------------------------------------------
-# Pictures: training curves, per-predicate recall, scene graphs (examples.png and --infer)
-
-def pyplot():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
-def plot_curves(history, lam, path):
-    """Left: the loss terms of the progress lines, under the same names; right: validation recall."""
-    plt = pyplot()
-    fig, ax = plt.subplots(1, 2, figsize=(11, 4))
-    tr = [h for h in history if "total" in h]
-    curves = [("total", f"total = sup + λ·align, λ = {lam:g}" if lam else "total = sup (baseline, no alignment)"),
-              ("sup", "sup (L_original)")] + ([("align", "align (L_align)")] if lam else [])
-    for key, label in curves:
-        ax[0].plot([h["it"] for h in tr], [h[key] for h in tr], label=label)
-    ax[0].set(xlabel="iteration", ylabel="loss (mean over the progress-line interval)", yscale="log",
-              title="training loss")
-    ax[0].legend()
-    va = [h for h in history if "val_mR@50" in h]
-    for key in ("val_mR@50", "val_R@50"):
-        ax[1].plot([h["it"] for h in va], [100 * h[key] for h in va], "o-", label=key)
-    ax[1].set(xlabel="iteration", ylabel="%", title="validation SGDet (model selection: mR@50)")
-    ax[1].legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def plot_per_predicate(values, names, counts, path, title):
-    """One bar per predicate, in data.frequency_order(counts): most frequent in training first, as the
-    paper's Fig. 5 (and as `python data.py` prints them). values (P,), counts (P+1,)."""
-    plt = pyplot()
-    order = [int(i) for i in data.frequency_order(counts)]
-    fig, ax = plt.subplots(figsize=(max(8, 0.34 * len(order)), 4.5))
-    v = [100 * values[i - 1] for i in order]
-    ax.bar(range(len(order)), v, color="tab:blue")
-    ax.set_xticks(range(len(order)))
-    ax.set_xticklabels([f"{names[i]} ({counts[i]})" for i in order], rotation=90, fontsize=9)
-    ax.set(ylabel="R@100 (%)", title=title, xlabel="predicate (training count), by training frequency")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def draw_boxes(ax, image, tagged, pt_per_px):
-    """image (3, H, W) in [0, 1]; tagged: [(tag, xyxy box in pixels, colour)]. Each box is drawn in
-    its colour with its tag inside its top-left corner; a tag that would cover one already placed
-    moves right (then down), so tags never hide each other. pt_per_px: the drawing's scale."""
-    plt = pyplot()
-    H, W = image.shape[1:]
-    ax.imshow(image.permute(1, 2, 0).clamp(0, 1).numpy())
-    ax.set_axis_off()
-    placed = []  # (x, y, w, h) of the tags, in pixels
-    for tag, box, colour in tagged:
-        x0, y0, x1, y1 = [float(v) for v in box]
-        ax.add_patch(plt.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, color=colour, lw=1.5))
-        w, h = (5.5 * len(str(tag)) + 3) / pt_per_px, 12 / pt_per_px  # a 9-pt tag, in pixels
-        x, y = max(0.0, x0) + 1, max(0.0, y0) + 1
-        for _ in range(30):
-            if not any(x < a + c and a < x + w and y < b + d and b < y + h for a, b, c, d in placed):
-                break
-            x += w
-            if x + w > min(W, max(x1, x0 + 2 * w)):
-                x, y = max(0.0, x0) + 1, y + h
-        placed.append((x, y, w, h))
-        ax.text(x, y, str(tag), color="white", fontsize=9, fontweight="bold", ha="left", va="top",
-                bbox=dict(facecolor=colour, edgecolor="none", pad=1.0, alpha=0.85))
-    ax.set_xlim(-0.5, W - 0.5)
-    ax.set_ylim(H - 0.5, -0.5)
-
-
-def fmt_triplet(ta, sub, pred, tb, obj, score=None):
-    """'3:man riding 5:horse 0.41' (tags as on the picture; two significant digits, never 0.00)."""
-    return f"{ta}:{sub} {pred} {tb}:{obj}" + ("" if score is None else f"  {score:.2g}")
-
-
-def plot_examples(examples, ds, path, top=5):
-    """Test images, each as two panels: its annotation (GT) and the model's top-`top` triplets.
-
-    Boxes carry numbered tags in the colours of the lists below them. A predicted entity that matches
-    an annotated box (same class, IoU >= 0.5 as the evaluator counts) takes that box's number and
-    colour, so the panels of one image read side by side; '+' marks a triplet the evaluator counts as
-    found (a GT relation with that predicate between two matching boxes), '-' one it does not."""
-    if not examples:
-        return
-    plt = pyplot()
-    pw, th, tt, gap = 3.0, (top + 0.6) * 0.18, 0.3, 0.12  # inches: image box, list, title, gaps
-    per_row = 2  # examples per row, each GT | predicted
-    rows = (len(examples) + per_row - 1) // per_row
-    W, H = 2 * per_row * (pw + gap) + gap, rows * (tt + pw + th + gap)
-    fig = plt.figure(figsize=(W, H))
-    labels, preds = ds.idx_to_label, ds.idx_to_predicate
-    for n, (img, t, pred) in enumerate(examples):
-        r, c = divmod(n, per_row)
-        top_y = H - r * (tt + pw + th + gap) - tt  # inches from the bottom to the top of the images
-        h_img, w_img = img.shape[1:]
-        pt_per_px = 72 * pw / max(h_img, w_img)
-        gt_boxes, gt_labels = t["boxes"], t["labels"].tolist()
-        # GT panel: the first `top` annotated relations and the boxes they name, tagged by GT index
-        rels = t["relations"].tolist()[:top]
-        gt_lines = [fmt_triplet(s, labels[gt_labels[s]], preds[p], o, labels[gt_labels[o]]) for s, o, p in rels]
-        gt_tags = sorted({i for s, o, _ in rels for i in (s, o)})
-        gt_tagged = [(g, gt_boxes[g], f"C{g % 10}") for g in gt_tags]
-        # predicted panel: the top triplets; entities matched to GT boxes by class and IoU >= 0.5
-        trip = top_triplets(pred, top)
-        iou = metrics.box_iou_inclusive(pred["boxes"].numpy(), gt_boxes.numpy())  # (Qe, G)
-        same = pred["labels"].numpy()[:, None] == np.array(gt_labels)[None, :]  # (Qe, G)
-        hit = (iou >= 0.5) & same
-        tag, next_tag = {}, len(gt_labels)  # entity -> tag; unmatched ones numbered after the GT boxes
-        for s, o, _, _ in trip:
-            for e in (s, o):
-                if e not in tag:
-                    if hit[e].any():
-                        tag[e] = int(np.where(hit[e], iou[e], -1).argmax())
-                    else:
-                        tag[e], next_tag = next_tag, next_tag + 1
-        pred_lines = []
-        for s, o, p, score in trip:
-            ok = any(p == gp and hit[s, gs] and hit[o, go] for gs, go, gp in t["relations"].tolist())
-            pred_lines.append(("+ " if ok else "- ") + fmt_triplet(tag[s], labels[int(pred["labels"][s])], preds[p],
-                                                               tag[o], labels[int(pred["labels"][o])], score))
-        pred_tagged = [(tag[e], pred["boxes"][e], f"C{tag[e] % 10}") for e in tag]
-        panels = ((f"image {t['image_id']}: annotated", gt_tagged, gt_lines),
-                  (f"predicted, top {top} ('+' = found)", pred_tagged, pred_lines))
-        for k, (title, tagged, lines) in enumerate(panels):
-            x = gap + (2 * c + k) * (pw + gap)
-            ax = fig.add_axes([x / W, (top_y - pw) / H, pw / W, pw / H])
-            draw_boxes(ax, img, tagged, pt_per_px)
-            ax.set_title(title, fontsize=10, loc="left")
-            tx = fig.add_axes([x / W, (top_y - pw - th) / H, pw / W, th / H])
-            tx.axis("off")
-            tx.text(0, 1, "\n".join(lines) or "(none)", fontsize=9, family="monospace", va="top",
-                    transform=tx.transAxes)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def plot_scene_graph(image, pred, triplets, names, predicates, title, path):
-    """--infer's picture: the image filling the figure at its own aspect ratio, the boxes of the top
-    triplets tagged by number, the triplets listed below. image (3, H, W); pred boxes in its pixels."""
-    plt = pyplot()
-    H, W = image.shape[1:]
-    iw = 6.0 if W >= H else max(3.0, 6.0 * W / H)  # inches; the longest side 6 in
-    ih = iw * H / W
-    th = (len(triplets) + 1.8) * 0.15  # 9-pt lines are 0.15 in apart
-    fig = plt.figure(figsize=(iw, ih + th))
-    ax = fig.add_axes([0, th / (ih + th), 1, ih / (ih + th)])
-    tag = {}  # entity -> tag, in order of first mention
-    for s, o, _, _ in triplets:
-        for e in (s, o):
-            tag.setdefault(e, len(tag))
-    draw_boxes(ax, image, [(tag[e], pred["boxes"][e], f"C{tag[e] % 10}") for e in tag], 72 * iw / W)
-    lines = [fmt_triplet(tag[s], names[int(pred["labels"][s])], predicates[p], tag[o],
-                         names[int(pred["labels"][o])], score) for s, o, p, score in triplets]
-    tx = fig.add_axes([0, 0, 1, th / (ih + th)])
-    tx.axis("off")
-    tx.text(0.01, 0.97, "\n".join([title] + (lines or ["(no triplets)"])), fontsize=9, family="monospace",
-            va="top", transform=tx.transAxes)
-    fig.savefig(path, dpi=110, bbox_inches="tight", pad_inches=0.03)  # "tight" keeps a long line whole
-    plt.close(fig)
-
-
-# ----------------------------------------------------------------------------------------------
-# Training
-
-def setup_distributed(cfg):
-    """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; gloo on CPU, nccl on GPU. Returns the device."""
-    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
-    if "RANK" in os.environ and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-    if use_cuda:
-        local = int(os.environ.get("LOCAL_RANK", 0))
-        torch.cuda.set_device(local)
-        return torch.device("cuda", local)
-    return torch.device("cpu")
-
-
-def all_ranks(obj):
-    """[obj of rank 0, obj of rank 1, ...] on every rank; [obj] without torch.distributed."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return [obj]
-    objs = [None] * dist.get_world_size()
-    dist.all_gather_object(objs, obj)
-    return objs
-
-
-def barrier():
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
-def default_out(cfg):
-    return cfg.out or os.path.join("runs", f"sgtr_align-sgdet-{'noalign' if cfg.no_align else 'align'}-seed{cfg.seed}")
-
-
-def load_datasets(cfg):
-    """train / val / test; a problem in the data folder ends in one error line naming the file."""
-    try:
-        root = data.ensure_synthetic() if cfg.data == "synthetic" else cfg.data
-        num_val = data.SYNTHETIC_NUM_VAL if cfg.data == "synthetic" else 5000  # val is carved from train
-        kw = dict(num_val_im=num_val, max_size=cfg.max_size or None)
-        return (data.VGSGGDataset(root, "train", **kw), data.VGSGGDataset(root, "val", **kw),
-                data.VGSGGDataset(root, "test", **kw))
-    except data.DataError as e:
-        fail(e)
-
-
-# Settings that do not change a run's numbers; every other field must match for a folder to be resumed.
-# (seeds, compare, bench_step: flags of earlier versions, now study.py's, still in older args.json files)
-NOT_RESULT_FIELDS = {"out", "resume", "log_every", "num_workers", "infer", "ckpt", "seeds", "compare", "bench_step"}
-
-
-def run_folder_state(cfg):
-    """'new', 'finished' or 'unfinished' for the run folder cfg.out. Reads, never writes: a folder
-    that holds anything but a run with these very settings ends in one error line."""
-    out, args_file = cfg.out, os.path.join(cfg.out, "args.json")
-    if not os.path.exists(args_file):
-        if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
-            fail(f"{out} exists and is not a run folder (no args.json); pass --out NEW_FOLDER")
-        return "new"
-    try:
-        with open(args_file) as f:
-            old = json.load(f)
-        assert isinstance(old, dict)
-    except (OSError, ValueError, AssertionError):
-        fail(f"{args_file} is not the JSON settings of a run; pass --out NEW_FOLDER")
-    new = json.loads(json.dumps(dataclasses.asdict(cfg)))  # as args.json would hold them
-    differ = sorted(k for k in set(old) | set(new) if k not in NOT_RESULT_FIELDS and old.get(k, "?") != new.get(k, "?"))
-    if differ:
-        fail(f"{out} holds a run with other settings (differs in: {', '.join(differ)}); pass --out NEW_FOLDER")
-    return "finished" if os.path.exists(os.path.join(out, "metrics.json")) else "unfinished"
-
-
-def claim_run_dir(cfg, last_path):
-    """Refuse, in one line, to write into a folder that holds another run, or a finished one (without
-    --resume), or to resume a run that has no ckpt_last.pt. Reads, never writes."""
-    state = run_folder_state(cfg)
-    if state == "finished" and not cfg.resume:
-        fail(f"{cfg.out} already holds a finished run with these settings; pass --out NEW_FOLDER to run again")
-    if state == "unfinished" and not cfg.resume:
-        fail(f"{cfg.out} holds an unfinished run with these settings; add --resume to continue it, "
-             f"or pass --out NEW_FOLDER")
-    if cfg.resume and not os.path.isfile(last_path):
-        fail(f"--resume: {last_path} does not exist (the run stopped before its first checkpoint, or "
-             f"--out is not a run folder); pass --out NEW_FOLDER to start again")
-
-
-def open_run(cfg, out_dir):
-    """Start writing the run folder (main process): args.json for a new run -> the run's Log."""
-    if is_main():
-        os.makedirs(out_dir, exist_ok=True)
-        if not cfg.resume:
-            with open(os.path.join(out_dir, "args.json"), "w") as f:
-                json.dump(dataclasses.asdict(cfg), f, indent=2)
-    return Log(os.path.join(out_dir, "log.txt"))
-
-
-class Log:
-    """print + append to <out>/log.txt, on the main process only."""
-
-    def __init__(self, path):
-        self.path = path
-
-    def __call__(self, msg):
-        if is_main():
-            print(msg, flush=True)
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(msg + "\n")
-
-
-def load_checkpoint(path, keys):
-    """torch.load, with one error line for a missing, unreadable or foreign file."""
-    if not os.path.isfile(path):
-        fail(f"{path}: no such checkpoint file")
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated, not a torch file, ...: any failure here is the file's
-        fail(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
-    missing = [k for k in keys if not (isinstance(ck, dict) and k in ck)]
-    if missing:
-        fail(f"{path}: not a checkpoint of sgtr_align.py (no {', '.join(missing)})")
-    return ck
-
-
-def save_atomic(obj, path):
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)  # a crash mid-write never leaves a truncated checkpoint
-
-
-def fmt_time(s):
-    s = int(s)
-    return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
-
-
-def seed_everything(seed):
-    """Every global generator this process uses: python, numpy, torch (CPU and CUDA)."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def rng_states(model, device):
-    """This process's generators, as tensors and lists (so torch.load(weights_only=True) reads them)."""
-    name, keys, pos, has_gauss, gauss = np.random.get_state()
-    version, state, gauss_next = random.getstate()
-    s = dict(torch=torch.get_rng_state(), numpy=[name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
-             python=[version, list(state), gauss_next])
-    if model.mirror is not None:
-        s["mask"] = model.mirror.mask_rng.get_state()
-    if device.type == "cuda":
-        s["cuda"] = torch.cuda.get_rng_state(device)
-    return s
-
-
-def set_rng_states(s, model, device):
-    torch.set_rng_state(s["torch"])
-    if model.mirror is not None:
-        model.mirror.mask_rng.set_state(s["mask"])
-    name, keys, pos, has_gauss, gauss = s["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-    version, state, gauss_next = s["python"]
-    random.setstate((version, tuple(state), gauss_next))
-    if "cuda" in s:
-        torch.cuda.set_rng_state(s["cuda"], device)
-
+# Training: train() (the loop; model selection on validation mR@50)
 
 def train(cfg: Config, device) -> dict:
     """Train one run into cfg.out; returns the test metrics of the best (val mR@50) checkpoint.
@@ -1482,7 +1137,200 @@ def finish(cfg, out_dir, summary, timing, examples, train_ds, test_ds, counts, g
 
 
 # ----------------------------------------------------------------------------------------------
-# Inference on your own images: the original model only (the mirror exists only in training)
+# Evaluation: evaluate() (SGDet with metrics.SGEvaluator)
+
+@torch.no_grad()
+def evaluate(model, ds, cfg, device, groups, max_images=0, keep_examples=0):
+    """SGDet evaluation on the first `max_images` images of `ds` (all if 0). Returns (summary, examples)."""
+    model.eval()
+    n = len(ds) if max_images <= 0 else min(len(ds), max_images)
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, range(n)), batch_size=cfg.eval_batch,
+                                         sampler=data.InferenceSampler(n), collate_fn=data.collate,
+                                         num_workers=cfg.num_workers, generator=torch.Generator())
+    ev = metrics.SGEvaluator("sgdet", num_predicates=ds.num_predicates - 1, ks=(20, 50, 100),
+                             predicate_groups=groups)
+    examples = []
+    for images, targets in loader:
+        images = images.to(device)
+        ent_out, pred_out, _ = model(images, pad_mask_for(images, targets))
+        for b, t in enumerate(targets):
+            pred = assemble_graph(image_outputs(ent_out, pred_out, b), t["size"], cfg.ent_topk, max_pairs=100)
+            ev.add(dict(boxes=t["boxes"], labels=t["labels"], relations=t["relations"]), pred)
+            if len(examples) < keep_examples:
+                h, w = t["size"]
+                examples.append((images[b, :, :h, :w].cpu(), t, pred))
+    if dist.is_available() and dist.is_initialized():
+        ev.gather()
+    model.train()
+    return ev.summary(), examples
+
+
+# ----------------------------------------------------------------------------------------------
+# Pictures
+
+def pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def save_figure(fig, path, tight=True, **savefig_kw):
+    if tight:
+        fig.tight_layout()
+    fig.savefig(path, dpi=110, **savefig_kw)
+    pyplot().close(fig)
+
+
+def plot_curves(history, lam, path):
+    """Left: the loss terms of the progress lines, under the same names; right: validation recall."""
+    fig, ax = pyplot().subplots(1, 2, figsize=(11, 4))
+    tr = [h for h in history if "total" in h]
+    curves = [("total", f"total = sup + λ·align, λ = {lam:g}" if lam else "total = sup (baseline, no alignment)"),
+              ("sup", "sup (L_original)")] + ([("align", "align (L_align)")] if lam else [])
+    for key, label in curves:
+        ax[0].plot([h["it"] for h in tr], [h[key] for h in tr], label=label)
+    ax[0].set(xlabel="iteration", ylabel="loss (mean over the progress-line interval)", yscale="log",
+              title="training loss")
+    ax[0].legend()
+    va = [h for h in history if "val_mR@50" in h]
+    for key in ("val_mR@50", "val_R@50"):
+        ax[1].plot([h["it"] for h in va], [100 * h[key] for h in va], "o-", label=key)
+    ax[1].set(xlabel="iteration", ylabel="%", title="validation SGDet (model selection: mR@50)")
+    ax[1].legend()
+    save_figure(fig, path)
+
+
+def plot_per_predicate(values, names, counts, path, title):
+    """One bar per predicate, in data.frequency_order(counts): most frequent in training first, as the
+    paper's Fig. 5 (and as `python data.py` prints them). values (P,), counts (P+1,)."""
+    order = [int(i) for i in data.frequency_order(counts)]
+    fig, ax = pyplot().subplots(figsize=(max(8, 0.34 * len(order)), 4.5))
+    ax.bar(range(len(order)), [100 * values[i - 1] for i in order], color="tab:blue")
+    ax.set_xticks(range(len(order)))
+    ax.set_xticklabels([f"{names[i]} ({counts[i]})" for i in order], rotation=90, fontsize=9)
+    ax.set(ylabel="R@100 (%)", title=title, xlabel="predicate (training count), by training frequency")
+    save_figure(fig, path)
+
+
+def draw_boxes(ax, image, tagged, pt_per_px):
+    """image (3, H, W) in [0, 1]; tagged: [(tag, xyxy box in pixels, colour)]. Each box is drawn in
+    its colour with its tag inside its top-left corner; a tag that would cover one already placed
+    moves right (then down), so tags never hide each other. pt_per_px: the drawing's scale."""
+    plt = pyplot()
+    H, W = image.shape[1:]
+    ax.imshow(image.permute(1, 2, 0).clamp(0, 1).numpy())
+    ax.set_axis_off()
+    placed = []  # (x, y, w, h) of the tags, in pixels
+    for tag, box, colour in tagged:
+        x0, y0, x1, y1 = [float(v) for v in box]
+        ax.add_patch(plt.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, color=colour, lw=1.5))
+        w, h = (5.5 * len(str(tag)) + 3) / pt_per_px, 12 / pt_per_px  # a 9-pt tag, in pixels
+        x, y = max(0.0, x0) + 1, max(0.0, y0) + 1
+        for _ in range(30):
+            if not any(x < a + c and a < x + w and y < b + d and b < y + h for a, b, c, d in placed):
+                break
+            x += w
+            if x + w > min(W, max(x1, x0 + 2 * w)):
+                x, y = max(0.0, x0) + 1, y + h
+        placed.append((x, y, w, h))
+        ax.text(x, y, str(tag), color="white", fontsize=9, fontweight="bold", ha="left", va="top",
+                bbox=dict(facecolor=colour, edgecolor="none", pad=1.0, alpha=0.85))
+    ax.set_xlim(-0.5, W - 0.5)
+    ax.set_ylim(H - 0.5, -0.5)
+
+
+def fmt_triplet(ta, sub, pred, tb, obj, score=None):
+    """'3:man riding 5:horse 0.41' (tags as on the picture; two significant digits, never 0.00)."""
+    return f"{ta}:{sub} {pred} {tb}:{obj}" + ("" if score is None else f"  {score:.2g}")
+
+
+def plot_examples(examples, ds, path, top=5):
+    """Test images, each as two panels: its annotation (GT) and the model's top-`top` triplets.
+
+    Boxes carry numbered tags in the colours of the lists below them. A predicted entity that matches
+    an annotated box (same class, IoU >= 0.5 as the evaluator counts) takes that box's number and
+    colour, so the panels of one image read side by side; '+' marks a triplet the evaluator counts as
+    found (a GT relation with that predicate between two matching boxes), '-' one it does not."""
+    if not examples:
+        return
+    plt = pyplot()
+    pw, th, tt, gap = 3.0, (top + 0.6) * 0.18, 0.3, 0.12  # inches: image box, list, title, gaps
+    per_row = 2  # examples per row, each GT | predicted
+    rows = (len(examples) + per_row - 1) // per_row
+    W, H = 2 * per_row * (pw + gap) + gap, rows * (tt + pw + th + gap)
+    fig = plt.figure(figsize=(W, H))
+    labels, preds = ds.idx_to_label, ds.idx_to_predicate
+    for n, (img, t, pred) in enumerate(examples):
+        r, c = divmod(n, per_row)
+        top_y = H - r * (tt + pw + th + gap) - tt  # inches from the bottom to the top of the images
+        h_img, w_img = img.shape[1:]
+        pt_per_px = 72 * pw / max(h_img, w_img)
+        gt_boxes, gt_labels = t["boxes"], t["labels"].tolist()
+        # GT panel: the first `top` annotated relations and the boxes they name, tagged by GT index
+        rels = t["relations"].tolist()[:top]
+        gt_lines = [fmt_triplet(s, labels[gt_labels[s]], preds[p], o, labels[gt_labels[o]]) for s, o, p in rels]
+        gt_tags = sorted({i for s, o, _ in rels for i in (s, o)})
+        gt_tagged = [(g, gt_boxes[g], f"C{g % 10}") for g in gt_tags]
+        # predicted panel: the top triplets; entities matched to GT boxes by class and IoU >= 0.5
+        trip = top_triplets(pred, top)
+        iou = metrics.box_iou_inclusive(pred["boxes"].numpy(), gt_boxes.numpy())  # (Qe, G)
+        same = pred["labels"].numpy()[:, None] == np.array(gt_labels)[None, :]  # (Qe, G)
+        hit = (iou >= 0.5) & same
+        tag, next_tag = {}, len(gt_labels)  # entity -> tag; unmatched ones numbered after the GT boxes
+        for s, o, _, _ in trip:
+            for e in (s, o):
+                if e not in tag:
+                    if hit[e].any():
+                        tag[e] = int(np.where(hit[e], iou[e], -1).argmax())
+                    else:
+                        tag[e], next_tag = next_tag, next_tag + 1
+        pred_lines = []
+        for s, o, p, score in trip:
+            ok = any(p == gp and hit[s, gs] and hit[o, go] for gs, go, gp in t["relations"].tolist())
+            pred_lines.append(("+ " if ok else "- ") + fmt_triplet(tag[s], labels[int(pred["labels"][s])], preds[p],
+                                                               tag[o], labels[int(pred["labels"][o])], score))
+        pred_tagged = [(tag[e], pred["boxes"][e], f"C{tag[e] % 10}") for e in tag]
+        panels = ((f"image {t['image_id']}: annotated", gt_tagged, gt_lines),
+                  (f"predicted, top {top} ('+' = found)", pred_tagged, pred_lines))
+        for k, (title, tagged, lines) in enumerate(panels):
+            x = gap + (2 * c + k) * (pw + gap)
+            ax = fig.add_axes([x / W, (top_y - pw) / H, pw / W, pw / H])
+            draw_boxes(ax, img, tagged, pt_per_px)
+            ax.set_title(title, fontsize=10, loc="left")
+            tx = fig.add_axes([x / W, (top_y - pw - th) / H, pw / W, th / H])
+            tx.axis("off")
+            tx.text(0, 1, "\n".join(lines) or "(none)", fontsize=9, family="monospace", va="top",
+                    transform=tx.transAxes)
+    save_figure(fig, path, tight=False)
+
+
+def plot_scene_graph(image, pred, triplets, names, predicates, title, path):
+    """--infer's picture: the image filling the figure at its own aspect ratio, the boxes of the top
+    triplets tagged by number, the triplets listed below. image (3, H, W); pred boxes in its pixels."""
+    plt = pyplot()
+    H, W = image.shape[1:]
+    iw = 6.0 if W >= H else max(3.0, 6.0 * W / H)  # inches; the longest side 6 in
+    ih = iw * H / W
+    th = (len(triplets) + 1.8) * 0.15  # 9-pt lines are 0.15 in apart
+    fig = plt.figure(figsize=(iw, ih + th))
+    ax = fig.add_axes([0, th / (ih + th), 1, ih / (ih + th)])
+    tag = {}  # entity -> tag, in order of first mention
+    for s, o, _, _ in triplets:
+        for e in (s, o):
+            tag.setdefault(e, len(tag))
+    draw_boxes(ax, image, [(tag[e], pred["boxes"][e], f"C{tag[e] % 10}") for e in tag], 72 * iw / W)
+    lines = [fmt_triplet(tag[s], names[int(pred["labels"][s])], predicates[p], tag[o],
+                         names[int(pred["labels"][o])], score) for s, o, p, score in triplets]
+    tx = fig.add_axes([0, 0, 1, th / (ih + th)])
+    tx.axis("off")
+    tx.text(0.01, 0.97, "\n".join([title] + (lines or ["(no triplets)"])), fontsize=9, family="monospace",
+            va="top", transform=tx.transAxes)
+    save_figure(fig, path, tight=False, bbox_inches="tight", pad_inches=0.03)  # "tight": a long line stays whole
+
+
+# ----------------------------------------------------------------------------------------------
+# Inference on your own images: infer()
 
 @torch.no_grad()
 def infer(cfg: Config):
@@ -1545,6 +1393,175 @@ def infer(cfg: Config):
         plot_scene_graph(shown, pred, trip, names, predicates,
                          f"{os.path.basename(path)} ({W}x{H} px): top {len(trip)} triplets", stem + "_sg.png")
         print(f"{path}: {len(trip)} triplets -> {stem}_sg.png, {stem}_sg.json")
+
+
+# ----------------------------------------------------------------------------------------------
+# Plumbing: run folders, checkpoints, processes, logging
+
+def setup_distributed(cfg):
+    """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; gloo on CPU, nccl on GPU. Returns the device."""
+    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    if "RANK" in os.environ and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    if use_cuda:
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local)
+        return torch.device("cuda", local)
+    return torch.device("cpu")
+
+
+def is_main():
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def all_ranks(obj):
+    """[obj of rank 0, obj of rank 1, ...] on every rank; [obj] without torch.distributed."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    objs = [None] * dist.get_world_size()
+    dist.all_gather_object(objs, obj)
+    return objs
+
+
+def barrier():
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+class Log:
+    """print + append to <out>/log.txt, on the main process only."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __call__(self, msg):
+        if is_main():
+            print(msg, flush=True)
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(msg + "\n")
+
+
+def fmt_time(s):
+    s = int(s)
+    return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def default_out(cfg):
+    return cfg.out or os.path.join("runs", f"sgtr_align-sgdet-{'noalign' if cfg.no_align else 'align'}-seed{cfg.seed}")
+
+
+def load_datasets(cfg):
+    """train / val / test; a problem in the data folder ends in one error line naming the file."""
+    try:
+        root = data.ensure_synthetic() if cfg.data == "synthetic" else cfg.data
+        num_val = data.SYNTHETIC_NUM_VAL if cfg.data == "synthetic" else 5000  # val is carved from train
+        kw = dict(num_val_im=num_val, max_size=cfg.max_size or None)
+        return (data.VGSGGDataset(root, "train", **kw), data.VGSGGDataset(root, "val", **kw),
+                data.VGSGGDataset(root, "test", **kw))
+    except data.DataError as e:
+        fail(e)
+
+
+# Settings that do not change a run's numbers; every other field must match for a folder to be resumed.
+# (seeds, compare, bench_step: flags of earlier versions, now study.py's, still in older args.json files)
+NOT_RESULT_FIELDS = {"out", "resume", "log_every", "num_workers", "infer", "ckpt", "seeds", "compare", "bench_step"}
+
+
+def run_folder_state(cfg):
+    """'new', 'finished' or 'unfinished' for the run folder cfg.out. Reads, never writes: a folder
+    that holds anything but a run with these very settings ends in one error line."""
+    out, args_file = cfg.out, os.path.join(cfg.out, "args.json")
+    if not os.path.exists(args_file):
+        if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+            fail(f"{out} exists and is not a run folder (no args.json); pass --out NEW_FOLDER")
+        return "new"
+    try:
+        with open(args_file) as f:
+            old = json.load(f)
+        assert isinstance(old, dict)
+    except (OSError, ValueError, AssertionError):
+        fail(f"{args_file} is not the JSON settings of a run; pass --out NEW_FOLDER")
+    new = json.loads(json.dumps(dataclasses.asdict(cfg)))  # as args.json would hold them
+    differ = sorted(k for k in set(old) | set(new) if k not in NOT_RESULT_FIELDS and old.get(k, "?") != new.get(k, "?"))
+    if differ:
+        fail(f"{out} holds a run with other settings (differs in: {', '.join(differ)}); pass --out NEW_FOLDER")
+    return "finished" if os.path.exists(os.path.join(out, "metrics.json")) else "unfinished"
+
+
+def claim_run_dir(cfg, last_path):
+    """Refuse, in one line, to write into a folder that holds another run, or a finished one (without
+    --resume), or to resume a run that has no ckpt_last.pt. Reads, never writes."""
+    state = run_folder_state(cfg)
+    if state == "finished" and not cfg.resume:
+        fail(f"{cfg.out} already holds a finished run with these settings; pass --out NEW_FOLDER to run again")
+    if state == "unfinished" and not cfg.resume:
+        fail(f"{cfg.out} holds an unfinished run with these settings; add --resume to continue it, "
+             f"or pass --out NEW_FOLDER")
+    if cfg.resume and not os.path.isfile(last_path):
+        fail(f"--resume: {last_path} does not exist (the run stopped before its first checkpoint, or "
+             f"--out is not a run folder); pass --out NEW_FOLDER to start again")
+
+
+def open_run(cfg, out_dir):
+    """Start writing the run folder (main process): args.json for a new run -> the run's Log."""
+    if is_main():
+        os.makedirs(out_dir, exist_ok=True)
+        if not cfg.resume:
+            with open(os.path.join(out_dir, "args.json"), "w") as f:
+                json.dump(dataclasses.asdict(cfg), f, indent=2)
+    return Log(os.path.join(out_dir, "log.txt"))
+
+
+def load_checkpoint(path, keys):
+    """torch.load, with one error line for a missing, unreadable or foreign file."""
+    if not os.path.isfile(path):
+        fail(f"{path}: no such checkpoint file")
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, not a torch file, ...: any failure here is the file's
+        fail(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+    missing = [k for k in keys if not (isinstance(ck, dict) and k in ck)]
+    if missing:
+        fail(f"{path}: not a checkpoint of sgtr_align.py (no {', '.join(missing)})")
+    return ck
+
+
+def save_atomic(obj, path):
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)  # a crash mid-write never leaves a truncated checkpoint
+
+
+def seed_everything(seed):
+    """Every global generator this process uses: python, numpy, torch (CPU and CUDA)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_states(model, device):
+    """This process's generators, as tensors and lists (so torch.load(weights_only=True) reads them)."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, state, gauss_next = random.getstate()
+    s = dict(torch=torch.get_rng_state(), numpy=[name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+             python=[version, list(state), gauss_next])
+    if model.mirror is not None:
+        s["mask"] = model.mirror.mask_rng.get_state()
+    if device.type == "cuda":
+        s["cuda"] = torch.cuda.get_rng_state(device)
+    return s
+
+
+def set_rng_states(s, model, device):
+    torch.set_rng_state(s["torch"])
+    if model.mirror is not None:
+        model.mirror.mask_rng.set_state(s["mask"])
+    name, keys, pos, has_gauss, gauss = s["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, state, gauss_next = s["python"]
+    random.setstate((version, tuple(state), gauss_next))
+    if "cuda" in s:
+        torch.cuda.set_rng_state(s["cuda"], device)
 
 
 # ----------------------------------------------------------------------------------------------
