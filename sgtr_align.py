@@ -421,7 +421,7 @@ def attention(q, k, v, key_padding_mask=None):
 
     q (B, Hd, Lq, Dh), k / v (B, Hd, Lk, Dh), key_padding_mask (B, Lk) True = padded. A row whose
     keys are all padded gives zeros (not NaN), as masked_attention does, so that the mirror at p = 0
-    is the very same function as the original (tests/test_sgtr.py checks this).
+    is the very same function as the original (tests/test_sgtr_method.py checks this).
     """
     logits = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])  # (B, Hd, Lq, Lk)
     if key_padding_mask is None:
@@ -680,7 +680,8 @@ class SGTR(nn.Module):
         self.pred_class = nn.Linear(d, num_predicates)  # (.., P + 1)
         self.sub_class, self.obj_class = nn.Linear(d, num_classes), nn.Linear(d, num_classes)
         self.sub_box, self.obj_box = MLP(d, d, 4, 3), MLP(d, d, 4, 3)
-        # Created last, where the untied heads always were: the same initial weights, parameter order.
+        # Created last, after every module of the original (the untied heads were always created here):
+        # the original's initial weights do not depend on --no-align, and the parameter order is fixed.
         self.mirror = None if cfg.no_align else Mirror(cfg, num_classes, num_predicates)
 
     # -- the image and entity part -------------------------------------------------------------
@@ -1332,6 +1333,11 @@ def plot_scene_graph(image, pred, triplets, names, predicates, title, path):
 # ----------------------------------------------------------------------------------------------
 # Inference on your own images: infer()
 
+def box_json(box):
+    """A box for the json file: pixels to 0.1."""
+    return [round(v, 1) for v in box.tolist()]
+
+
 @torch.no_grad()
 def infer(cfg: Config):
     """For each image file: <out>/<stem>_sg.png (the picture) and <out>/<stem>_sg.json (the top
@@ -1369,10 +1375,6 @@ def infer(cfg: Config):
     device = torch.device("cuda" if use_cuda else "cpu")
     model.to(device).eval()
     os.makedirs(out_dir, exist_ok=True)
-
-    def px(box):  # a box for the json: pixels to 0.1
-        return [round(v, 1) for v in box.tolist()]
-
     for path, img in images:
         W, H = img.size
         s = side / max(W, H)  # the longest side as in training, as the dataset resizes
@@ -1386,9 +1388,9 @@ def infer(cfg: Config):
         trip = top_triplets(pred, 10)
         stem = os.path.join(out_dir, os.path.splitext(os.path.basename(path))[0])
         with open(stem + "_sg.json", "w") as f:
-            json.dump([{"subject": names[int(pred["labels"][a])], "subject_box": px(pred["boxes"][a]),
+            json.dump([{"subject": names[int(pred["labels"][a])], "subject_box": box_json(pred["boxes"][a]),
                         "predicate": predicates[p], "object": names[int(pred["labels"][b])],
-                        "object_box": px(pred["boxes"][b]), "score": sc} for a, b, p, sc in trip], f, indent=1)
+                        "object_box": box_json(pred["boxes"][b]), "score": sc} for a, b, p, sc in trip], f, indent=1)
         shown = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255).permute(2, 0, 1)  # (3, H, W)
         plot_scene_graph(shown, pred, trip, names, predicates,
                          f"{os.path.basename(path)} ({W}x{H} px): top {len(trip)} triplets", stem + "_sg.png")
