@@ -358,6 +358,7 @@ def main(argv=None):
     ap.add_argument("--results", default=os.path.join(ROOT, "results"), help="where finished runs are kept")
     ap.add_argument("--runs-dir", default="runs/study", help="where runs train (checkpoints), relative to the repo")
     ap.add_argument("--extra", default="", help="flags appended to every run's command (e.g. a smoke budget)")
+    ap.add_argument("--threads", type=int, default=1, help="bench: torch CPU threads")
     a = ap.parse_args(argv)
     try:
         seeds = [int(s) for s in a.seeds.split(",")]
@@ -368,6 +369,8 @@ def main(argv=None):
     if a.command == "report":
         return report(a.results)
     if a.command == "bench":
+        import torch
+        torch.set_num_threads(a.threads)
         return bench(a.what)
     chosen = select(runs, a.what) if a.what else runs
     done = {r["name"] for r in chosen if os.path.isfile(os.path.join(a.results, r["name"], "run.json"))}
@@ -405,8 +408,67 @@ def verify(chosen, results, extra):
             raise SystemExit(1)
 
 
-def bench(what):
-    raise SystemExit("error: bench is not written yet")
+# ----------------------------------------------------------------------------------------------
+# The step-time benchmark: what the alignment costs in training (inference is unchanged by design)
+
+def bench(what, rounds=5, steps=6, n_batches=6):
+    """Time training steps with and without the alignment on the same batches, in one process, rounds
+    alternating which goes first; the median of wall-clock and of process CPU time per step. CPU time is
+    the robust one on a shared machine; on a GPU read the wall clock."""
+    if len(what) != 1 or what[0] not in ("motifs", "sgtr"):
+        raise SystemExit("error: bench takes one model: python study.py bench motifs|sgtr")
+    import dataclasses
+    import torch
+    sys.path.insert(0, ROOT)
+    import data
+    torch.manual_seed(0)
+    if what[0] == "motifs":
+        import motifs_align as m
+        cfg = m.parse_config(["--predcls"])
+        _, ds = m.load_datasets(cfg, 0)
+        train, C, P = ds["train"], ds["train"].num_classes, ds["train"].num_predicates
+        # A random detector and a flat prior: in PredCls the relation step costs the same with any weights.
+        detector = m.Detector(cfg, C).eval().requires_grad_(False)
+        models = {a: m.MotifsRelationModel(dataclasses.replace(cfg, no_align=not a), C, P, detector.backbone.out_channels,
+                                           detector.stride, torch.zeros(C, C, P)) for a in (False, True)}
+        step = {a: (lambda images, targets, a=a: m.train_step(models[a], detector, images, targets,
+                                                               dataclasses.replace(cfg, no_align=not a)))
+                for a in (False, True)}
+        what_ = f"Motifs PredCls, batch {cfg.batch_size}"
+    else:
+        import sgtr_align as m
+        cfg = m.parse_config([])
+        train = m.load_datasets(cfg)[0]
+        C, P = train.num_classes, train.num_predicates
+        models = {a: m.SGTR(dataclasses.replace(cfg, no_align=not a), C, P) for a in (False, True)}
+        step = {a: (lambda images, targets, a=a: m.train_step(models[a], images, targets,
+                                                               dataclasses.replace(cfg, no_align=not a)))
+                for a in (False, True)}
+        what_ = f"SGTR SGDet, batch {cfg.batch_size}"
+    loader = torch.utils.data.DataLoader(train, batch_size=cfg.batch_size, collate_fn=data.collate,
+                                         sampler=data.TrainingSampler(len(train), seed=0))
+    it = iter(loader)
+    batches = [next(it) for _ in range(n_batches)]
+    opts = {a: torch.optim.SGD(models[a].parameters(), lr=1e-5) for a in (False, True)}
+    wall, cpu = {False: [], True: []}, {False: [], True: []}
+    for r in range(rounds + 1):   # round 0 warms up
+        for a in ((False, True) if r % 2 == 0 else (True, False)):
+            models[a].train()
+            t0, c0 = time.perf_counter(), time.process_time()
+            for s in range(steps):
+                images, targets = batches[s % n_batches]
+                loss = step[a](images, targets)["total"]
+                opts[a].zero_grad(set_to_none=True)
+                loss.backward()
+                opts[a].step()
+            if r > 0:
+                wall[a].append((time.perf_counter() - t0) / steps)
+                cpu[a].append((time.process_time() - c0) / steps)
+    w0, w1, c0, c1 = (float(np.median(x[a])) for x in (wall, cpu) for a in (False, True))
+    print(f"bench ({what_}, torch threads {torch.get_num_threads()}): without alignment {1000 * w0:.1f} ms/step "
+          f"wall, {1000 * c0:.1f} ms CPU | with alignment {1000 * w1:.1f} ms wall, {1000 * c1:.1f} ms CPU | "
+          f"ratio {w1 / w0:.2f} wall, {c1 / c0:.2f} CPU")
+    return w1 / w0, c1 / c0
 
 
 if __name__ == "__main__":
