@@ -150,8 +150,9 @@ def train_step(model, detector, images, targets, cfg):
     s1 = stage1_outputs(detector, images, sizes, cfg.mode, [t["boxes"] for t in targets],
                         [t["labels"] for t in targets])
     pairs, rel_labels, obj_targets = training_targets(s1, targets, cfg)   # B x (R_b, 2), (R,), (N,)
-    out = model(s1["fmap"], s1["boxes"], sizes, s1["obj_feats"], s1["obj_dists"], pairs,
-                gt_labels=torch.cat([t["labels"] for t in targets]))
+    # Teacher forcing (SGB): the object targets (GT labels; in sgdet the matched GT box's class) are
+    # the labels the label decoder feeds back and commits, for the edge context and the frequency bias.
+    out = model(s1["fmap"], s1["boxes"], sizes, s1["obj_feats"], s1["obj_dists"], pairs, labels=obj_targets)
     mirror_logits = None
     if net.mirror is not None:
         # PAPER: the mirror runs only here, in training; evaluation and inference use the original alone.
@@ -237,6 +238,10 @@ class Config:
     """union-box (relation) feature width (Motifs: 4096)"""
     mirror_dim: int = 256
     """hidden width of the mirror's untied three-layer MLP head"""
+    context_dropout: float = 0.2
+    """recurrent dropout of the label decoder LSTM in training (SGB's CONTEXT_DROPOUT_RATE)"""
+    later_nms: float = 0.5
+    """SGDet test: IoU of the label decoder's per-class NMS (SGB's Motifs config, LATER_NMS_PREDICTION_THRES)"""
     iters: int = 1000
     """relation model training iterations (paper: 100K)"""
     batch_size: int = 8
@@ -338,6 +343,8 @@ def check_config(cfg: Config):
                  "eval_every", "ckpt_every", "lr_steps", "max_pairs_per_image", "det_max_per_image"):
         if getattr(cfg, name) < 1:
             fail(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
+    if not 0.0 <= cfg.context_dropout < 1.0:
+        fail(f"--context-dropout must be in [0, 1), got {cfg.context_dropout}")
     for name in ("val_images", "max_eval_images", "max_size", "num_workers", "neg_per_pos"):
         if getattr(cfg, name) < 0:
             fail(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(cfg, name)}")
@@ -611,22 +618,27 @@ class Detector(nn.Module):
 
     @torch.no_grad()
     def detect(self, fmap, sizes):
-        """-> per image dict boxes (K, 4), labels (K,), scores (K,): class-wise NMS at 0.5, score > 0.05."""
+        """-> per image dict boxes (K, 4), labels (K,), scores (K,): class-wise NMS at 0.5, score > 0.05;
+        and boxes_per_cls (K, C, 4): each detection's proposal regressed for every class (SGB's box head
+        keeps this field in relation mode; the label decoder's NMS at SGDet test time reads it)."""
         _, _, _, proposals = self.rpn(fmap, sizes)
         _, cls_logits, box_deltas = self.box_head(fmap, proposals)
         probs = cls_logits.softmax(-1)
         out, start = [], 0
         for i, props in enumerate(proposals):
             K, C = len(props), self.num_classes
-            p, d = probs[start:start + K, 1:], box_deltas[start:start + K, 1:]   # (K, C-1), (K, C-1, 4)
+            p, d = probs[start:start + K, 1:], box_deltas[start:start + K]       # (K, C-1), (K, C, 4)
             start += K
-            boxes = decode_boxes(props[:, None].expand(K, C - 1, 4).reshape(-1, 4), d.reshape(-1, 4), (10, 10, 5, 5))
-            boxes = clip_boxes(boxes, sizes[i])                                      # (K*(C-1), 4)
+            per_cls = decode_boxes(props[:, None].expand(K, C, 4).reshape(-1, 4), d.reshape(-1, 4), (10, 10, 5, 5))
+            per_cls = clip_boxes(per_cls, sizes[i]).view(K, C, 4)                    # (K, C, 4)
+            boxes = per_cls[:, 1:].reshape(-1, 4)                                    # (K*(C-1), 4)
             scores, labels = p.reshape(-1), torch.arange(1, C, device=p.device).repeat(K)
+            source = torch.arange(K, device=p.device).repeat_interleave(C - 1)       # (K*(C-1),) proposal
             ok = scores > 0.05
-            boxes, scores, labels = boxes[ok], scores[ok], labels[ok]
+            boxes, scores, labels, source = boxes[ok], scores[ok], labels[ok], source[ok]
             keep = batched_nms(boxes, scores, labels, 0.5)[: self.max_det]
-            out.append({"boxes": boxes[keep], "labels": labels[keep], "scores": scores[keep]})
+            out.append({"boxes": boxes[keep], "labels": labels[keep], "scores": scores[keep],
+                        "boxes_per_cls": per_cls[source[keep]]})
         return out
 
 
@@ -723,6 +735,109 @@ def bilstm(lstm, x, counts, orders):
     return torch.cat(parts)
 
 
+def class_overlaps(boxes_per_cls):
+    """boxes_per_cls (N, C, 4) -> IoU (N, N, C) of the class-c boxes of every two objects."""
+    b = boxes_per_cls.transpose(0, 1)                                   # (C, N, 4)
+    lt = torch.max(b[:, :, None, :2], b[:, None, :, :2])                # (C, N, N, 2)
+    rb = torch.min(b[:, :, None, 2:], b[:, None, :, 2:])
+    inter = (rb - lt).clamp(min=0).prod(-1)                             # (C, N, N)
+    area = (b[..., 2] - b[..., 0]).clamp(min=0) * (b[..., 3] - b[..., 1]).clamp(min=0)   # (C, N)
+    iou = inter / (area[:, :, None] + area[:, None, :] - inter).clamp(min=1e-6)
+    return iou.permute(1, 2, 0)                                         # (N, N, C)
+
+
+def label_nms(probs, boxes_per_cls, thresh):
+    """The label decoder's NMS at SGDet test time, as SGB's DecoderRNN (and neural-motifs') post-processing:
+    repeatedly take the most probable (object, class) left, commit that class to the object, zero the class
+    for the objects whose class box overlaps it by IoU >= thresh, and retire the object.
+    probs (N, C) one image's decoder distributions, boxes_per_cls (N, C, 4) -> labels (N,).
+    As in the reference, an object whose every class was zeroed gets the first zero left, the background
+    column of the first such object (score 0): it then ranks last."""
+    N, C = probs.shape
+    overlap = class_overlaps(boxes_per_cls) >= thresh                     # (N, N, C)
+    p = probs.clone()
+    p[:, 0] = 0                                                          # never commit background by choice
+    labels = torch.zeros(N, dtype=torch.long, device=probs.device)
+    for _ in range(N):
+        flat = int(p.argmax())                                           # the first maximum, as np.argmax
+        box, cls = flat // C, flat % C
+        labels[box] = cls
+        p[overlap[box, :, cls], cls] = 0.0
+        p[box] = -1.0                                                    # retired: never taken again
+    return labels
+
+
+class DecoderRNN(nn.Module):
+    """Motifs' label refinement: an LSTM that reads the objects in the 'leftright' order and, at each step,
+    classifies the object from [its decoder input, the embedding of the previous object's label].
+    SGB's DecoderRNN (model_motifs.py), whose cell is neural-motifs' highway LSTM: one input projection
+    (6H: input, forget, memory, output and highway gates and the highway input) and one state projection
+    (5H); a recurrent dropout mask drawn once per sequence, applied to the output in training.
+    Training: teacher forcing, the previous GT label is fed back (where the label is background, an
+    unmatched SGDet box, the decoder's own best non-background class instead); those labels are also the
+    commitments. Test: the decoder's own best non-background class is fed back and committed."""
+
+    def __init__(self, in_dim, num_classes, embed_dim, hidden, dropout):
+        super().__init__()
+        self.hidden, self.dropout = hidden, dropout
+        self.obj_embed = nn.Embedding(num_classes + 1, embed_dim)   # row 0 = 'start', row c + 1 = class c (SGB)
+        self.input_linearity = nn.Linear(in_dim + embed_dim, 6 * hidden)
+        self.state_linearity = nn.Linear(hidden, 5 * hidden)
+        self.out_obj = nn.Linear(hidden, num_classes)
+        nn.init.zeros_(self.input_linearity.bias)                  # SGB's init_parameters
+        nn.init.zeros_(self.state_linearity.bias)
+
+    def cell(self, x, h, c, mask):
+        """One step of the highway LSTM: x (B', in+E), h, c (B', H) -> new h, c."""
+        H = self.hidden
+        xi, hs = self.input_linearity(x), self.state_linearity(h)          # (B', 6H), (B', 5H)
+        i = torch.sigmoid(xi[:, :H] + hs[:, :H])
+        f = torch.sigmoid(xi[:, H:2 * H] + hs[:, H:2 * H])
+        g = torch.tanh(xi[:, 2 * H:3 * H] + hs[:, 2 * H:3 * H])
+        o = torch.sigmoid(xi[:, 3 * H:4 * H] + hs[:, 3 * H:4 * H])
+        c = i * g + f * c
+        h = o * torch.tanh(c)
+        highway = torch.sigmoid(xi[:, 4 * H:5 * H] + hs[:, 4 * H:5 * H])
+        h = highway * h + (1 - highway) * xi[:, 5 * H:]
+        return (h * mask if mask is not None else h), c
+
+    def forward(self, x, counts, orders, labels=None):
+        """x (N, D) decoder inputs in input order; counts, orders as bilstm; labels (N,) the teacher-forced
+        labels in training (0 = background). -> logits (N, C), commitments (N,), both in input order."""
+        seqs = [xi[o] for xi, o in zip(x.split(counts), orders) if len(o)]   # B' x (N_b, D), left to right
+        N = x.shape[0]
+        logits_out = x.new_zeros(N, self.out_obj.out_features)
+        commit_out = torch.zeros(N, dtype=torch.long, device=x.device)
+        if not seqs:
+            return logits_out, commit_out
+        X = nn.utils.rnn.pad_sequence(seqs, batch_first=True)            # (B', T, D)
+        starts = np.cumsum([0] + list(counts[:-1]))
+        idx = nn.utils.rnn.pad_sequence([o + int(s) for o, s in zip(orders, starts) if len(o)],
+                                        batch_first=True, padding_value=-1)   # (B', T) input row, -1 = pad
+        Bp, T = idx.shape
+        h = c = x.new_zeros(Bp, self.hidden)
+        mask = None
+        if self.training and self.dropout > 0:   # SGB's get_dropout_mask: fixed over the steps, scaled
+            mask = (torch.rand(Bp, self.hidden, device=x.device) > self.dropout).to(x.dtype) / (1 - self.dropout)
+        prev = self.obj_embed.weight[0].expand(Bp, -1)                    # (B', E): the 'start' embedding
+        for t in range(T):
+            # Padded steps of shorter images run too; their outputs are dropped and never feed a real step.
+            h, c = self.cell(torch.cat([X[:, t], prev], 1), h, c, mask)
+            logits = self.out_obj(h)                                     # (B', C)
+            best = logits[:, 1:].argmax(1) + 1                          # best non-background class
+            rows = idx[:, t].clamp(min=0)
+            if self.training:
+                committed = labels[rows]
+                committed = torch.where(committed > 0, committed, best)  # background -> own prediction
+            else:
+                committed = best
+            real = idx[:, t] >= 0
+            logits_out[idx[real, t]] = logits[real]
+            commit_out[idx[real, t]] = committed[real]
+            prev = self.obj_embed(committed + 1)                         # (B', E) fed back at t + 1
+        return logits_out, commit_out
+
+
 class MotifsRelationModel(nn.Module):
     """Object context -> (label refinement) -> edge context -> pairwise relation classifier.
 
@@ -739,10 +854,11 @@ class MotifsRelationModel(nn.Module):
         self.obj_embed_ctx = nn.Embedding(C, E)
         self.pos_embed = nn.Sequential(nn.Linear(9, 32), nn.ReLU(), nn.Linear(32, 64), nn.ReLU())
         self.obj_ctx_rnn = nn.LSTM(cfg.roi_dim + E + 64, H, batch_first=True, bidirectional=True)
+        self.later_nms = cfg.later_nms
         if cfg.mode != "predcls":
-            # Label refinement from the context. Motifs decodes labels with a further LSTM that
-            # feeds back the previous label; a linear classifier on the context is our simplification.
-            self.obj_classifier = nn.Linear(2 * H, C)
+            # Label refinement: the decoder LSTM reads [object context input, object context] (SGB:
+            # [obj_pre_rep, lin_obj_h(obj_ctx)]; we keep the 2H-wide context, there is no lin_obj_h).
+            self.decoder_rnn = DecoderRNN(cfg.roi_dim + E + 64 + 2 * H, C, E, H, cfg.context_dropout)
         # Edge context: biLSTM over [label embedding, object context, RoI feature].
         self.obj_embed_edge = nn.Embedding(C, E)
         self.edge_ctx_rnn = nn.LSTM(E + 2 * H + cfg.roi_dim, H, batch_first=True, bidirectional=True)
@@ -778,11 +894,13 @@ class MotifsRelationModel(nn.Module):
         head, tail = self.post_emb(edge_ctx).chunk(2, dim=1)             # (N, 2H) each
         return torch.cat([head[pairs_g[:, 0]], tail[pairs_g[:, 1]]], dim=1)
 
-    def forward(self, fmap, boxes, sizes, obj_feats, obj_dists, pairs, gt_labels=None):
+    def forward(self, fmap, boxes, sizes, obj_feats, obj_dists, pairs, labels=None, boxes_per_cls=None):
         """fmap (B, F, h, w) frozen features; boxes B x (N_b, 4); sizes B x (H, W);
         obj_feats (N, roi_dim) frozen RoI features; obj_dists (N, C) initial class distribution
         (one-hot GT labels in predcls, the detector's in sgcls/sgdet); pairs B x (R_b, 2) local
-        indices; gt_labels (N,) object labels used in predcls.
+        indices; labels (N,): the GT labels in predcls, and in training the teacher-forced labels of
+        sgcls (GT) and sgdet (the matched GT box's class, 0 = unmatched); boxes_per_cls (N, C, 4): sgdet
+        at test time, the detections' class boxes for the decoder's NMS.
         -> dict obj_logits (N, C) or None, obj_labels (N,), obj_scores (N,), rel_logits (R, P),
            rel_pairs (R, 2) global indices, and the mirror's inputs edge_in, union, counts, orders."""
         counts = [len(b) for b in boxes]
@@ -793,17 +911,23 @@ class MotifsRelationModel(nn.Module):
             torch.zeros(0, 2, dtype=torch.long, device=fmap.device)      # (R, 2) global indices
         pos = torch.cat([box_info(b, s) for b, s in zip(boxes, sizes)])  # (N, 9)
 
-        # Object context and label refinement.
+        # Object context and label refinement (SGB's LSTMContext.obj_ctx).
         ctx_in = torch.cat([obj_feats, obj_dists @ self.obj_embed_ctx.weight, self.pos_embed(pos)], 1)
         obj_ctx = bilstm(self.obj_ctx_rnn, ctx_in, counts, orders)       # (N, 2H)
         if self.mode == "predcls":
-            obj_logits, obj_labels = None, gt_labels
-            obj_scores = torch.ones_like(gt_labels, dtype=obj_feats.dtype)
+            obj_logits, obj_labels = None, labels
+            obj_scores = torch.ones_like(labels, dtype=obj_feats.dtype)
         else:
-            obj_logits = self.obj_classifier(obj_ctx)                    # (N, C)
+            # Training: the committed labels are the teacher-forced ones (GT; an unmatched sgdet box its
+            # own prediction), so the edge context and the frequency bias below see GT labels, as in SGB.
+            obj_logits, obj_labels = self.decoder_rnn(torch.cat([ctx_in, obj_ctx], 1), counts, orders,
+                                                      labels if self.training else None)   # (N, C), (N,)
             probs = obj_logits.softmax(-1)
-            obj_scores, obj_labels = probs[:, 1:].max(1)                 # best non-background class
-            obj_labels = obj_labels + 1
+            if boxes_per_cls is not None and not self.training:   # sgdet test: per-class NMS (SGB)
+                obj_labels = torch.cat([label_nms(p, b, self.later_nms) for p, b in
+                                        zip(probs.split(counts), boxes_per_cls.split(counts))])
+            # SGB's post-processor: the score is the committed class's probability, background zeroed.
+            obj_scores = probs.gather(1, obj_labels[:, None]).squeeze(1) * (obj_labels > 0)
 
         # The relation predictor: edge context -> pair features x union feature -> classifier.
         edge_in = torch.cat([self.obj_embed_edge(obj_labels), obj_ctx, obj_feats], dim=1)  # (N, E+2H+roi)
@@ -831,28 +955,57 @@ def gt_label_matrix(n, rels):
     return label
 
 
-def sgdet_label_matrix(det_boxes, det_labels, gt):
-    """SGDet targets. A detection matches the GT box it overlaps most if IoU >= 0.5; its object
-    target is that box's class (else background). A pair of detections is related with predicate p
-    if both match with the right class and their GT boxes are related by p.
-    -> object targets (n,), predicate matrix (n, n)."""
-    n = len(det_boxes)
-    label = torch.zeros(n, n, dtype=torch.long, device=det_boxes.device)
+def sgdet_pairs(det_boxes, gt, max_pairs, neg_per_pos, per_gt_rel=4):
+    """SGDet training targets, as SGB's RelationSampling.detect_relsample / motif_rel_fg_bg_sampling (itself
+    neural-motifs' rel_assignments). det_boxes (n, 4) the detections; gt the image's target.
+    A detection's object target is the class of the GT box it overlaps most when that IoU >= 0.5, else
+    background (SGB's assign_label_to_proposals). It matches GT box g when IoU > 0.5 and its object target is
+    g's class (`is_match`). Each GT relation (g, h, p) gives the pairs of distinct detections matching g and h,
+    at most per_gt_rel of them (drawn with probability proportional to IoU(g) x IoU(h), SGB's
+    NUM_SAMPLE_PER_GT_REL = 4); the candidates for 'no relation' are the other ordered pairs of distinct
+    foreground detections (SGB's Motifs config: REQUIRE_BOX_OVERLAP False). The counts are ours, the same as
+    sample_pairs' in predcls/sgcls: at most max_pairs related pairs, then at most neg_per_pos unrelated ones
+    per related one within max_pairs (SGB: up to 1024 pairs an image, at most a quarter related). A pair
+    that two GT relations reach is kept once per relation, as in SGB.
+    -> object targets (n,), pairs (R, 2), predicates (R,)."""
+    n, dev = len(det_boxes), det_boxes.device
+    empty = torch.zeros(0, 2, dtype=torch.long, device=dev), torch.zeros(0, dtype=torch.long, device=dev)
     if n == 0 or len(gt["boxes"]) == 0:
-        return torch.zeros(n, dtype=torch.long, device=det_boxes.device), label
-    best, match = box_iou(det_boxes, gt["boxes"]).max(1)                  # (n,)
+        return torch.zeros(n, dtype=torch.long, device=dev), *empty
+    iou = box_iou(gt["boxes"], det_boxes)                                 # (G, n)
+    best, match = iou.max(0)                                              # (n,)
     obj_target = torch.where(best >= 0.5, gt["labels"][match], torch.zeros_like(match))
-    ok = (best >= 0.5) & (det_labels == gt["labels"][match])              # matched by IoU and label
-    for s, o, p in gt["relations"][torch.randperm(len(gt["relations"]))].tolist():
-        subj, obj = ok & (match == s), ok & (match == o)                  # (n,) each
-        label[subj[:, None] & obj[None, :]] = p
-    label.fill_diagonal_(0)
-    return obj_target, label
+    is_match = (gt["labels"][:, None] == obj_target[None]) & (iou > 0.5)  # (G, n)
+    fg_det = obj_target > 0
+    candidate = fg_det[:, None] & fg_det[None, :] & ~torch.eye(n, dtype=torch.bool, device=dev)   # (n, n)
+    fg = []
+    for g, h, p in gt["relations"].tolist():
+        heads, tails = is_match[g].nonzero().squeeze(1), is_match[h].nonzero().squeeze(1)
+        hh, tt = heads.repeat_interleave(len(tails)), tails.repeat(len(heads))   # every combination
+        ok = hh != tt
+        hh, tt = hh[ok], tt[ok]
+        if len(hh) == 0:
+            continue
+        candidate[hh, tt] = False
+        if len(hh) > per_gt_rel:
+            weight = iou[g, hh] * iou[h, tt]
+            pick = torch.multinomial(weight / weight.sum(), per_gt_rel, replacement=False)
+            hh, tt = hh[pick], tt[pick]
+        fg.append(torch.stack([hh, tt, torch.full_like(hh, p)], 1))      # (<= per_gt_rel, 3)
+    fg = torch.cat(fg) if fg else torch.zeros(0, 3, dtype=torch.long, device=dev)
+    fg = fg[torch.randperm(len(fg), device=dev)[:max_pairs]]
+    neg = candidate.nonzero()                                              # (bg candidates, 2)
+    n_neg = min(neg_per_pos * max(1, len(fg)), max_pairs - len(fg))
+    neg = neg[torch.randperm(len(neg), device=dev)[:n_neg]]
+    # (SGB adds a placeholder pair (0, 0) when an image has neither; we train on no pair there.)
+    pairs = torch.cat([fg[:, :2], neg])                                    # (R, 2)
+    return obj_target, pairs, torch.cat([fg[:, 2], torch.zeros(len(neg), dtype=torch.long, device=dev)])
 
 
 def sample_pairs(label, max_pairs, neg_per_pos):
     """label (n, n) -> training pairs (R, 2) and their predicates (R,): the related pairs (at most
-    max_pairs) then at most neg_per_pos unrelated pairs per related one, within max_pairs."""
+    max_pairs) then at most neg_per_pos unrelated pairs per related one, within max_pairs. (SGB's
+    gtbox_relsample: the same split into related and unrelated pairs, other counts, see the docstring.)"""
     n = label.shape[0]
     off_diag = ~torch.eye(n, dtype=torch.bool, device=label.device)
     pos = (label > 0).nonzero()
@@ -870,10 +1023,10 @@ def training_targets(s1, targets, cfg):
     pairs, rel_labels, obj_targets = [], [], []
     for i, t in enumerate(targets):
         if cfg.mode == "sgdet":
-            obj_t, label = sgdet_label_matrix(s1["boxes"][i], s1["det"][i]["labels"], t)
+            obj_t, pr, lab = sgdet_pairs(s1["boxes"][i], t, cfg.max_pairs_per_image, cfg.neg_per_pos)
         else:
             obj_t, label = t["labels"], gt_label_matrix(len(t["boxes"]), t["relations"])
-        pr, lab = sample_pairs(label, cfg.max_pairs_per_image, cfg.neg_per_pos)   # (R_b, 2), (R_b,)
+            pr, lab = sample_pairs(label, cfg.max_pairs_per_image, cfg.neg_per_pos)   # (R_b, 2), (R_b,)
         pairs.append(pr)
         rel_labels.append(lab)
         obj_targets.append(obj_t)
@@ -1210,7 +1363,8 @@ def finish(cfg, out_dir, summary, history, ds, counts, groups, log, rank, exampl
 # them) and the detector's mAP
 
 def all_pairs(n, device):
-    """Every ordered pair of distinct objects (n*(n-1), 2): the test-time candidates."""
+    """Every ordered pair of distinct objects (n*(n-1), 2): the test-time candidates in every mode, as SGB's
+    RelationSampling.prepare_test_pairs with its Motifs config (TEST.RELATION.REQUIRE_OVERLAP False)."""
     i, j = torch.meshgrid(torch.arange(n, device=device), torch.arange(n, device=device), indexing="ij")
     keep = i != j
     return torch.stack([i[keep], j[keep]], dim=1)
@@ -1242,7 +1396,8 @@ def evaluate(model, detector, ds, cfg, device, groups, freq_log_probs=None, keep
             pg = torch.cat([p + int(o) for p, o in zip(pairs, offsets)])  # (R, 2) global
             rel_logits = freq_log_probs[labels[pg[:, 0]], labels[pg[:, 1]]]   # (R, P)
         else:
-            out = model(s1["fmap"], s1["boxes"], sizes, s1["obj_feats"], s1["obj_dists"], pairs, gt_labels)
+            per_cls = torch.cat([d["boxes_per_cls"] for d in s1["det"]]) if cfg.mode == "sgdet" else None
+            out = model(s1["fmap"], s1["boxes"], sizes, s1["obj_feats"], s1["obj_dists"], pairs, gt_labels, per_cls)
             labels, scores, rel_logits = out["obj_labels"], out["obj_scores"], out["rel_logits"]
         rel_probs = rel_logits.softmax(-1)                                # (R, P), column 0 = no relation
         n_start, r_start = 0, 0
@@ -1520,7 +1675,8 @@ def infer(cfg):
             s1 = stage1_outputs(detector, image[None].to(device), [size], args.mode, gt_boxes, gt_labels)
             pairs = [all_pairs(len(s1["boxes"][0]), device)]
             out = model(s1["fmap"], s1["boxes"], [size], s1["obj_feats"], s1["obj_dists"], pairs,
-                        gt_labels[0] if gt_labels else None)
+                        gt_labels[0] if gt_labels else None,
+                        s1["det"][0]["boxes_per_cls"] if args.mode == "sgdet" else None)
         pred = {"boxes": s1["boxes"][0].cpu() / scale, "labels": out["obj_labels"].cpu(),
                 "scores": out["obj_scores"].cpu(), "rel_pairs": pairs[0].cpu(),
                 "rel_scores": out["rel_logits"].softmax(-1).cpu()}

@@ -90,6 +90,227 @@ def test_detection_map_perfect_and_missing():
 
 
 # ----------------------------------------------------------------------------------------------
+# Neural Motifs as SGB builds it: the label decoder, teacher forcing, SGDet pairs, the frequency bias
+
+def highway_lstm_step(dec, x, h, c):
+    """neural-motifs' / SGB's highway LSTM equations, written out for one object (x (D,), h, c (H,))."""
+    Hd = dec.hidden
+    pi, ps = dec.input_linearity(x), dec.state_linearity(h)
+    gate = [pi[k * Hd:(k + 1) * Hd] + (ps[k * Hd:(k + 1) * Hd] if k < 5 else 0) for k in range(6)]
+    c = torch.sigmoid(gate[0]) * torch.tanh(gate[2]) + torch.sigmoid(gate[1]) * c
+    out = torch.sigmoid(gate[3]) * torch.tanh(c)
+    hw = torch.sigmoid(gate[4])
+    return hw * out + (1 - hw) * gate[5], c
+
+
+def decoder_by_hand(dec, x, order, labels=None):
+    """One image: visit the objects in `order`, feed back the previous label's embedding ('start' first):
+    the teacher-forced label in training (own best class where it is 0), the own best class at test."""
+    h = c = torch.zeros(dec.hidden)
+    prev = dec.obj_embed.weight[0]
+    logits, commits = {}, {}
+    for i in order.tolist():
+        h, c = highway_lstm_step(dec, torch.cat([x[i], prev]), h, c)
+        logits[i] = dec.out_obj(h)
+        best = int(logits[i][1:].argmax()) + 1
+        commits[i] = int(labels[i]) if labels is not None and labels[i] > 0 else best
+        prev = dec.obj_embed.weight[commits[i] + 1]
+    return torch.stack([logits[i] for i in range(len(x))]), [commits[i] for i in range(len(x))]
+
+
+def tiny_decoder(seed=0):
+    torch.manual_seed(seed)
+    dec = M.DecoderRNN(in_dim=5, num_classes=4, embed_dim=3, hidden=6, dropout=0.2)
+    with torch.no_grad():   # large weights: the fed-back label visibly changes the next step
+        for prm in dec.parameters():
+            prm.normal_(0, 1.0)
+    return dec
+
+
+def test_label_decoder_feeds_back_the_previous_label_by_hand():
+    dec = tiny_decoder()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(7, 5, generator=g)                 # two images, 4 and 3 objects
+    counts, orders = [4, 3], [torch.tensor([2, 0, 3, 1]), torch.tensor([1, 2, 0])]
+    labels = torch.tensor([3, 1, 2, 0, 1, 3, 2])       # object 3 is an unmatched (background) box
+    dec.eval()
+    logits, commits = dec(x, counts, orders)
+    for b, (lo, n) in enumerate(((0, 4), (4, 3))):
+        ref_logits, ref_commits = decoder_by_hand(dec, x[lo:lo + n], orders[b])
+        torch.testing.assert_close(logits[lo:lo + n], ref_logits)
+        assert commits[lo:lo + n].tolist() == ref_commits
+    dec.train()
+    dec.dropout = 0.0   # (the mask is checked below)
+    logits_tf, commits_tf = dec(x, counts, orders, labels)
+    for b, (lo, n) in enumerate(((0, 4), (4, 3))):
+        ref_logits, ref_commits = decoder_by_hand(dec, x[lo:lo + n], orders[b], labels[lo:lo + n])
+        torch.testing.assert_close(logits_tf[lo:lo + n], ref_logits)
+        assert commits_tf[lo:lo + n].tolist() == ref_commits
+    # teacher forcing commits the GT labels, and the unmatched box its own best class
+    assert commits_tf[[0, 1, 2, 4, 5, 6]].tolist() == [3, 1, 2, 1, 3, 2]
+    assert commits_tf[3] == logits_tf[3, 1:].argmax() + 1
+    # the previous label matters: changing the label of the first object (2, left-most) changes the
+    # next one's logits (0), and never an earlier object's or another image's
+    other = labels.clone()
+    other[2] = 1
+    changed = (dec(x, counts, orders, other)[0] - logits_tf).abs().sum(1) > 1e-6
+    assert changed[0] and not changed[2] and not changed[4:].any()
+    # recurrent dropout: one mask per sequence in training, none at test
+    dec.dropout = 0.5
+    torch.manual_seed(0)
+    a = dec(x, counts, orders, labels)[0]
+    assert not torch.allclose(a, logits_tf)
+    dec.eval()
+    torch.testing.assert_close(dec(x, counts, orders)[0], logits)
+
+
+def test_label_nms_commits_classes_greedily_as_the_reference():
+    # Objects 0 and 1 sit on the same box; 2 is far away. Class 1 is the best for 0 and 1.
+    box = torch.tensor([[0.0, 0, 10, 10], [0, 0, 10, 10], [50, 50, 60, 60]])
+    per_cls = box[:, None].expand(3, 4, 4).clone()                      # (N, C, 4)
+    probs = torch.tensor([[0.1, 0.8, 0.05, 0.05],
+                          [0.1, 0.7, 0.15, 0.05],
+                          [0.1, 0.6, 0.2, 0.1]])
+    # 0 takes class 1 (0.8) and suppresses class 1 on 1; then 2 takes class 1 (0.6, far away);
+    # then 1 takes its best class left, 2.
+    assert M.label_nms(probs, per_cls, 0.5).tolist() == [1, 2, 1]
+    assert M.label_nms(probs, per_cls, 1.01).tolist() == [1, 1, 1]      # nothing overlaps that much
+    # the class boxes decide: on class 1 the two objects do not overlap, so no suppression
+    per_cls[1, 1] = torch.tensor([20.0, 20, 30, 30])
+    assert M.label_nms(probs, per_cls, 0.5).tolist() == [1, 1, 1]
+    # every class of object 1 suppressed: the reference's fallback, background (score 0)
+    two = torch.tensor([[0.0, 0.9, 0.1], [0.0, 0.8, 0.2]])
+    same = torch.tensor([[0.0, 0, 10, 10]]).expand(2, 3, 4)
+    probs2 = torch.tensor([[0.0, 0.9, 0.1], [0.0, 0.8, 0.0]])
+    assert M.label_nms(two, same, 0.5).tolist() == [1, 2]
+    assert M.label_nms(probs2, same, 0.5).tolist() == [1, 0]
+
+
+def tiny_model(mode, seed=0, C=6, P=5):
+    cfg = M.Config(mode=mode, roi_dim=8, embed_dim=4, hidden=6, union_dim=10, no_align=True, context_dropout=0.0)
+    torch.manual_seed(seed)
+    model = M.MotifsRelationModel(cfg, C, P, 3, 4, torch.randn(C, C, P))
+    with torch.no_grad():
+        for prm in model.parameters():
+            prm.add_(0.5 * torch.randn_like(prm))
+    g = torch.Generator().manual_seed(seed + 1)
+    xy = torch.rand(5, 2, generator=g) * 20
+    boxes = [torch.cat([xy, xy + 4 + torch.rand(5, 2, generator=g) * 10], 1)]
+    inp = dict(fmap=torch.randn(1, 3, 8, 8, generator=g), boxes=boxes, sizes=[(32, 32)],
+               obj_feats=torch.randn(5, 8, generator=g), obj_dists=torch.softmax(torch.randn(5, C, generator=g), -1),
+               pairs=[M.all_pairs(5, "cpu")])
+    return model, inp
+
+
+def run_model(model, inp, labels, per_cls=None):
+    return model(inp["fmap"], inp["boxes"], inp["sizes"], inp["obj_feats"], inp["obj_dists"], inp["pairs"],
+                 labels, per_cls)
+
+
+@pytest.mark.parametrize("mode", ["sgcls", "sgdet"])
+def test_teacher_forcing_commits_gt_labels_in_training_and_predictions_at_test(mode):
+    model, inp = tiny_model(mode)
+    gt = torch.tensor([2, 5, 1, 3, 4]) if mode == "sgcls" else torch.tensor([2, 0, 1, 3, 0])  # 0: unmatched
+    model.train()
+    out = run_model(model, inp, gt)
+    fg = gt > 0
+    assert torch.equal(out["obj_labels"][fg], gt[fg])
+    own = out["obj_logits"][:, 1:].argmax(1) + 1
+    assert torch.equal(out["obj_labels"][~fg], own[~fg])      # sgdet: an unmatched box, its own prediction
+    # the edge context's input and the frequency bias read the committed (GT) labels
+    E = model.obj_embed_edge.embedding_dim
+    torch.testing.assert_close(out["edge_in"][:, :E], model.obj_embed_edge(out["obj_labels"]))
+    pg, lab = out["rel_pairs"], out["obj_labels"]
+    model.freq_bias.weight.data.add_(1.0)   # a constant shift of the prior moves every logit by 1 ...
+    out2 = run_model(model, inp, gt)
+    torch.testing.assert_close(out2["rel_logits"], out["rel_logits"] + 1)
+    model.freq_bias.weight.data[lab[pg[0, 0]] * 6 + lab[pg[0, 1]]] += 5.0   # ... the GT pair's entry, pair 0 only
+    out3 = run_model(model, inp, gt)
+    assert (out3["rel_logits"][0] - out2["rel_logits"][0] - 5).abs().max() < 1e-4
+    # at test time the given labels are ignored: the decoder's own predictions are committed
+    model.eval()
+    with torch.no_grad():
+        a, b = run_model(model, inp, gt), run_model(model, inp, torch.tensor([1, 1, 1, 1, 1]))
+    assert torch.equal(a["obj_labels"], b["obj_labels"]) and torch.equal(a["rel_logits"], b["rel_logits"])
+    assert torch.equal(a["obj_labels"], a["obj_logits"][:, 1:].argmax(1) + 1)
+    torch.testing.assert_close(a["obj_scores"], a["obj_logits"].softmax(-1)[:, 1:].max(1).values)
+
+
+def test_sgdet_test_labels_go_through_the_decoders_nms():
+    model, inp = tiny_model("sgdet", seed=3)
+    model.eval()
+    same = inp["boxes"][0][:1].expand(5, 4)                              # every object on one box
+    per_cls = same[:, None].expand(5, 6, 4).contiguous()                 # (N, C, 4)
+    with torch.no_grad():
+        plain = run_model(model, inp, None)
+        nms = run_model(model, inp, None, per_cls)
+    expected = M.label_nms(plain["obj_logits"].softmax(-1), per_cls, model.later_nms)
+    assert torch.equal(nms["obj_labels"], expected)
+    assert len(set(expected.tolist())) == 5   # all on one box: NMS makes every label different
+    probs = plain["obj_logits"].softmax(-1)
+    torch.testing.assert_close(nms["obj_scores"], probs[torch.arange(5), expected])
+    # the edge context and the prior use the NMS labels: the relation scores change with them
+    assert not torch.equal(nms["obj_labels"], plain["obj_labels"]) and not torch.allclose(nms["rel_logits"],
+                                                                                      plain["rel_logits"])
+
+
+def test_detector_boxes_per_cls_hold_each_detection_for_its_class():
+    cfg = M.Config()
+    torch.manual_seed(0)
+    det = M.Detector(cfg, 5).eval()
+    with torch.no_grad():
+        det.cls_score.weight.normal_(0, 0.5)   # spread the class scores so that several survive
+        det.bbox_pred.weight.normal_(0, 0.05)
+        images = torch.rand(2, 3, 64, 80)
+        out = det.detect(det.features(images, [(64, 80), (64, 80)]), [(64, 80), (64, 80)])
+    for d in out:
+        K = len(d["boxes"])
+        assert K > 0 and d["boxes_per_cls"].shape == (K, 5, 4)
+        torch.testing.assert_close(d["boxes_per_cls"][torch.arange(K), d["labels"]], d["boxes"])
+
+
+def test_sgdet_training_pairs_follow_detect_relsample():
+    gt = {"boxes": torch.tensor([[0.0, 0, 20, 20], [30, 0, 50, 20], [0, 40, 20, 60]]),
+          "labels": torch.tensor([1, 2, 3]),
+          "relations": torch.tensor([[0, 1, 4], [1, 2, 2]])}
+    det = torch.tensor([[0.0, 0, 20, 20],     # 0: GT 0
+                        [1, 1, 20, 20],       # 1: GT 0 again
+                        [30, 0, 50, 20],      # 2: GT 1
+                        [30, 0, 49, 21],      # 3: GT 1 again
+                        [80, 80, 90, 90],     # 4: nothing (background)
+                        [0, 40, 20, 60]])     # 5: GT 2
+    torch.manual_seed(0)
+    obj_t, pairs, labels = M.sgdet_pairs(det, gt, max_pairs=64, neg_per_pos=10)
+    assert obj_t.tolist() == [1, 1, 2, 2, 0, 3]
+    rel = {tuple(p): int(l) for p, l in zip(pairs.tolist(), labels.tolist())}
+    fg = {p: l for p, l in rel.items() if l > 0}
+    # every pair of detections matching (GT 0, GT 1) -> 4, (GT 1, GT 2) -> 2
+    assert fg == {(0, 2): 4, (0, 3): 4, (1, 2): 4, (1, 3): 4, (2, 5): 2, (3, 5): 2}
+    bg = {p for p, l in rel.items() if l == 0}
+    fgdet = {0, 1, 2, 3, 5}
+    assert bg == {(a, b) for a in fgdet for b in fgdet if a != b} - set(fg)   # only between matched boxes
+    # at most 4 detection pairs for one GT relation, chosen among the matching ones
+    many = torch.cat([det[:1].repeat(3, 1) + torch.arange(3.0)[:, None] * 0.1, det[2:3].repeat(3, 1)])
+    _, pairs, labels = M.sgdet_pairs(many, gt, max_pairs=64, neg_per_pos=10)
+    fg_pairs = pairs[labels == 4]
+    assert len(fg_pairs) == 4 and (fg_pairs[:, 0] < 3).all() and (fg_pairs[:, 1] >= 3).all()
+    assert len({tuple(p) for p in fg_pairs.tolist()}) == 4
+    # a detection matches a GT box only with that box's class: detection 0 sits on GT 1 (class 2) and
+    # overlaps GT 0 (class 1) by IoU 0.82, detection 1 the other way round; only (1, 0) is related
+    gt2 = {"boxes": torch.tensor([[0.0, 0, 20, 20], [2, 0, 22, 20]]), "labels": torch.tensor([1, 2]),
+           "relations": torch.tensor([[0, 1, 3]])}
+    obj_t, pairs, labels = M.sgdet_pairs(torch.tensor([[2.0, 0, 22, 20], [0, 0, 20, 20]]), gt2, 64, 3)
+    assert obj_t.tolist() == [2, 1]
+    assert {tuple(p): int(l) for p, l in zip(pairs.tolist(), labels.tolist())} == {(1, 0): 3, (0, 1): 0}
+    # the counts: related pairs first, at most neg_per_pos unrelated per related one, max_pairs in all
+    torch.manual_seed(0)
+    _, pairs, labels = M.sgdet_pairs(det, gt, max_pairs=64, neg_per_pos=1)
+    assert (labels > 0).sum() == 6 and (labels == 0).sum() == 6
+    _, pairs, labels = M.sgdet_pairs(det, gt, max_pairs=5, neg_per_pos=1)
+    assert len(pairs) == 5 and (labels > 0).all()
+
+
+# ----------------------------------------------------------------------------------------------
 # The command line
 
 def test_help_lists_every_config_field_with_its_docstring_and_default(capsys):

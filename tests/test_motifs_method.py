@@ -84,10 +84,10 @@ def by_hand(model, inp):
     pos = torch.cat([M.box_info(b, s) for b, s in zip(inp["boxes"], inp["sizes"])])
     ctx_in = torch.cat([inp["obj_feats"], inp["obj_dists"] @ model.obj_embed_ctx.weight, model.pos_embed(pos)], 1)
     obj_ctx = M.bilstm(model.obj_ctx_rnn, ctx_in, counts, orders)            # (N, 2H)
-    if model.mode == "predcls":
-        labels = inp["gt_labels"]
+    if model.mode == "predcls" or model.training:
+        labels = inp["gt_labels"]   # predcls; sgcls in training: teacher forcing commits the GT labels
     else:
-        labels = model.obj_classifier(obj_ctx).softmax(-1)[:, 1:].argmax(1) + 1
+        labels = model.decoder_rnn(torch.cat([ctx_in, obj_ctx], 1), counts, orders)[1]
     edge_in = torch.cat([model.obj_embed_edge(labels), obj_ctx, inp["obj_feats"]], 1)
     union = model.union_features(inp["fmap"], inp["boxes"], inp["pairs"])   # (R, Du)
     pair = pair_features(model, M.bilstm(model.edge_ctx_rnn, edge_in, counts, orders), pairs_g)
@@ -240,7 +240,7 @@ def align_grads(mode="predcls", kind="kl", inputs_grad=False, **kw):
     return {n: p.grad for n, p in model.named_parameters()}, inp
 
 
-BEFORE_THE_PREDICTOR = ("obj_embed_ctx", "pos_embed", "obj_ctx_rnn", "obj_classifier", "obj_embed_edge",
+BEFORE_THE_PREDICTOR = ("obj_embed_ctx", "pos_embed", "obj_ctx_rnn", "decoder_rnn", "obj_embed_edge",
                         "rect_conv", "union_fc")
 
 
