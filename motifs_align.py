@@ -193,6 +193,8 @@ class Config:
     """torch CPU threads; 1 by default: a second thread buys little here and spins against other jobs"""
     max_eval_images: int = 0
     """smoke runs: cap every evaluation (detector, validation, test) at this many images (0 = all)"""
+    num_val_im: int = 0
+    """val images carved from the start of the train split (0 = the standard 5000 on VG, 500 on synthetic)"""
     # -- the paper's alignment (section 3.3)
     no_align: bool = False
     """train the plain Motifs baseline (no mirror, no alignment loss)"""
@@ -345,7 +347,7 @@ def check_config(cfg: Config):
             fail(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
     if not 0.0 <= cfg.context_dropout < 1.0:
         fail(f"--context-dropout must be in [0, 1), got {cfg.context_dropout}")
-    for name in ("val_images", "max_eval_images", "max_size", "num_workers", "neg_per_pos"):
+    for name in ("val_images", "max_eval_images", "max_size", "num_workers", "neg_per_pos", "num_val_im"):
         if getattr(cfg, name) < 0:
             fail(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(cfg, name)}")
     if cfg.infer and not cfg.ckpt:
@@ -1033,25 +1035,27 @@ def training_targets(s1, targets, cfg):
     return pairs, torch.cat(rel_labels), torch.cat(obj_targets)
 
 
-def predicate_statistics(train_ds, C, P):
-    """Training statistics for the frequency bias (Motifs' get_counts): the predicate counts of each
-    (subject class, object class) pair; the 'no relation' column counts overlapping GT pairs that are
-    not related. -> log empirical distribution (C, C, P)."""
-    fg = np.zeros((C, C, P))
-    for i in range(len(train_ds)):
-        t = train_ds.get_groundtruth(i)
-        labels, rels = t["labels"].numpy(), t["relations"].numpy()
-        related = np.zeros((len(labels), len(labels)), dtype=bool)
-        for s, o, p in rels:
-            fg[labels[s], labels[o], p] += 1
-            related[s, o] = True
-        overlap = (box_iou(t["boxes"], t["boxes"]) > 0).numpy() & ~related
-        np.fill_diagonal(overlap, False)
-        for s, o in zip(*overlap.nonzero()):
-            fg[labels[s], labels[o], 0] += 1
-    dist_ = fg / np.maximum(fg.sum(2, keepdims=True), 1)
-    log_probs = np.log(dist_ + 1e-3)   # Motifs' smoothing; unseen class pairs get a flat prior
-    return torch.tensor(log_probs, dtype=torch.float32)
+def predicate_statistics(stats_ds, C, P):
+    """The frequency bias, counted as SGB's get_VG_statistics (neural-motifs' get_counts): over the train
+    split built with filter_duplicate_rels=False and filter_non_overlap=True (load_datasets' 'statistics'),
+    fg[s, o, p] counts every annotated relation, duplicates included; the 'no relation' column counts every
+    ordered pair of distinct boxes that overlap (intersection > 0, not pixel-inclusive, as SGB's box_filter),
+    related or not, or every pair when no two boxes of the image overlap (must_overlap=True), plus one.
+    -> log(fg / fg.sum(p) + 1e-3) (C, C, P), SGB's pred_dist."""
+    fg = np.zeros((C, C, P), dtype=np.int64)
+    bg = np.zeros((C, C), dtype=np.int64)
+    for boxes, labels, rels in zip(stats_ds.gt_boxes, stats_ds.gt_labels, stats_ds.gt_relations):
+        np.add.at(fg, (labels[rels[:, 0]], labels[rels[:, 1]], rels[:, 2]), 1)          # (R,) each
+        b = torch.as_tensor(boxes, dtype=torch.float64)
+        lt, rb = torch.max(b[:, None, :2], b[None, :, :2]), torch.min(b[:, None, 2:], b[None, :, 2:])
+        cand = ((rb - lt).clamp(min=0).prod(-1) > 0).numpy()                           # (G, G)
+        np.fill_diagonal(cand, False)
+        if not cand.any():
+            cand = ~np.eye(len(labels), dtype=bool)
+        s_idx, o_idx = cand.nonzero()
+        np.add.at(bg, (labels[s_idx], labels[o_idx]), 1)
+    fg[:, :, 0] = bg + 1
+    return torch.tensor(np.log(fg / fg.sum(2, keepdims=True) + 1e-3), dtype=torch.float32)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1068,7 +1072,9 @@ def train(cfg, out_dir, rank, world, device):
         f"| {world} process(es) on {device}, {torch.get_num_threads()} thread(s)")
     log(f"data {root}: {len(ds['train'])} train / {len(ds['val'])} val / {len(ds['test'])} test images, "
         f"{C - 1} classes, {P - 1} predicates ({clock(t_run)})")
-    log_probs = predicate_statistics(ds["train"], C, P)
+    log_probs = predicate_statistics(ds["statistics"], C, P)
+    # zsR@K: a test triplet is zero-shot if it is never annotated in the train split (duplicates included).
+    seen = metrics.training_triplets(ds["train"].gt_labels, ds["train"].gt_relations)
     counts = data.predicate_counts(ds["train"])
     groups = metrics.default_predicate_groups(ds["train"].idx_to_predicate, counts)
     t_stage = (time.time(), time.process_time())
@@ -1076,7 +1082,7 @@ def train(cfg, out_dir, rank, world, device):
     log(f"stage 1 done ({clock(t_stage)})")
     if cfg.freq_baseline:
         summary = evaluate(None, detector, first(ds["test"], cfg.max_eval_images), cfg, device, groups,
-                           freq_log_probs=log_probs.to(device))
+                           freq_log_probs=log_probs.to(device), seen_triplets=seen)
         summary["det_mAP@0.5"] = det_map
         finish(cfg, out_dir, summary, None, ds, counts, groups, log, rank)
         return summary
@@ -1139,7 +1145,7 @@ def train(cfg, out_dir, rank, world, device):
     log(f"testing the best checkpoint (iteration {ck['step']}, val mR@50 {ck['state']['best_val_mR@50']:.4f})")
     t_stage = (time.time(), time.process_time())
     summary, examples = evaluate(model, detector, first(ds["test"], cfg.max_eval_images), cfg, device, groups,
-                                 keep_examples=4)
+                                 keep_examples=4, seen_triplets=seen)
     summary.update({"det_mAP@0.5": det_map, "best_step": ck["step"], "val_mR@50": ck["state"]["best_val_mR@50"]})
     log(f"test done ({clock(t_stage)})")
     finish(cfg, out_dir, summary, state["history"], ds, counts, groups, log, rank, examples)
@@ -1180,6 +1186,8 @@ def detector_path(cfg, root, world, device):
     settings = {k: getattr(cfg, k) for k in ("backbone", "vgg_weights", "det_iters", "det_batch", "det_optimizer",
                                              "det_lr", "det_seed", "anchor_sizes", "roi_dim", "max_size",
                                              "det_max_per_image")}
+    if cfg.num_val_im:   # only when set, so that the default's key (and its cached detectors) stay as they were
+        settings["num_val_im"] = cfg.num_val_im
     key_src = json.dumps({"root": os.path.abspath(root), "world": world, "threads": torch.get_num_threads(),
                           "device": device.type, **settings}, sort_keys=True)
     key = hashlib.sha1(key_src.encode()).hexdigest()[:12]
@@ -1342,7 +1350,7 @@ def save_checkpoint(path, cfg, model, opt, sched, state, rank, world, extra=None
 
 
 def finish(cfg, out_dir, summary, history, ds, counts, groups, log, rank, examples=None):
-    keys = [f"{m}@{k}" for m in ("R", "mR") for k in (20, 50, 100)]
+    keys = [f"{m}@{k}" for m in ("R", "mR", "zsR") for k in (20, 50, 100)]
     log("test | " + " | ".join(f"{k} {100 * summary[k]:.2f}" for k in keys if k in summary))
     log("test | " + " | ".join(f"{g}_mR@100 {100 * summary[f'{g}_mR@100']:.2f}" for g in groups
                                if f"{g}_mR@100" in summary))
@@ -1371,13 +1379,15 @@ def all_pairs(n, device):
 
 
 @torch.no_grad()
-def evaluate(model, detector, ds, cfg, device, groups, freq_log_probs=None, keep_examples=0):
+def evaluate(model, detector, ds, cfg, device, groups, freq_log_probs=None, keep_examples=0, seen_triplets=None):
     """-> metrics.SGEvaluator summary (and the first keep_examples predictions of rank 0).
-    With freq_log_probs instead of a model: the frequency-prior-only predictor (Motifs' FREQ)."""
+    With freq_log_probs instead of a model: the frequency-prior-only predictor (Motifs' FREQ).
+    seen_triplets: the training split's triplets (metrics.training_triplets), for zsR@K."""
     base = ds.dataset if isinstance(ds, torch.utils.data.Subset) else ds
     if model is not None:
         model.eval()
-    ev = metrics.SGEvaluator(cfg.mode, base.num_predicates - 1, predicate_groups=groups)
+    ev = metrics.SGEvaluator(cfg.mode, base.num_predicates - 1, predicate_groups=groups,
+                             zeroshot_triplets=seen_triplets)
     examples, seen = [], 0
     for images, targets in eval_loader(ds, cfg):
         images, targets = images.to(device), to_device(targets, device)
@@ -1744,6 +1754,8 @@ def cache_dir():
 
 
 def load_datasets(cfg, rank):
+    """-> (data root, the splits train, val, test, and 'statistics': the train split as the frequency
+    bias counts it, see predicate_statistics)."""
     if cfg.data == "synthetic":
         if rank == 0:          # generate once; the other ranks wait and then read the same files
             data.ensure_synthetic()
@@ -1754,8 +1766,12 @@ def load_datasets(cfg, rank):
         if not os.path.isdir(root):
             fail(f"--data {root}: no such folder (expected a folder with the VG-SGG files, "
                  f"or --data synthetic)")
-    kw = dict(num_val_im=num_val, max_size=cfg.max_size or None)
-    return root, {s: data.VGSGGDataset(root, s, **kw) for s in ("train", "val", "test")}
+    kw = dict(num_val_im=cfg.num_val_im or num_val, max_size=cfg.max_size or None)
+    ds = {s: data.VGSGGDataset(root, s, **kw) for s in ("train", "val", "test")}
+    # SGB's get_VG_statistics (and neural-motifs' get_counts) build the train split with
+    # filter_duplicate_rels=False and the loader's default filter_non_overlap=True.
+    ds["statistics"] = data.VGSGGDataset(root, "train", filter_duplicate_rels=False, filter_non_overlap=True, **kw)
+    return root, ds
 
 
 def first(ds, n):

@@ -310,6 +310,31 @@ def test_sgdet_training_pairs_follow_detect_relsample():
     assert len(pairs) == 5 and (labels > 0).all()
 
 
+def test_frequency_statistics_count_as_get_vg_statistics(tmp_path):
+    from test_data import write_vg_folder, ON, HAS, NEAR
+    import data
+    root = write_vg_folder(str(tmp_path / "vg"))
+    # what load_datasets builds for the statistics: duplicates kept, relations between boxes that
+    # do not overlap dropped (image 15 has no other: dropped), as SGB's get_VG_statistics
+    cfg = M.parse_config(["--data", root, "--num-val-im", "1"])
+    _, ds = M.load_datasets(cfg, 0)
+    st = ds["statistics"]
+    assert not st.filter_duplicate_rels and len(ds["train"]) == 3 and len(st) == 2   # 13 and 14
+    st = data.VGSGGDataset(root, "train", num_val_im=0, filter_duplicate_rels=False, filter_non_overlap=True)
+    assert st.image_ids == [10, 13, 14]
+    # image 10: person-horse on + has (a duplicated pair: both count), horse-hat near (apart: dropped);
+    # 13: person-horse on; 14: horse-hat on (overlapping), person-horse near (apart: dropped).
+    # 'no relation' column: ordered overlapping pairs, related or not: person-horse 2, horse-person 2,
+    # horse-hat 1, hat-horse 1; then + 1 everywhere.
+    log_probs = M.predicate_statistics(st, 4, 4)
+    counts = {(1, 2): [3, 1, 0, 2], (2, 1): [3, 0, 0, 0], (2, 3): [2, 0, 0, 1], (3, 2): [2, 0, 0, 0],
+              (1, 3): [1, 0, 0, 0], (0, 0): [1, 0, 0, 0]}
+    for (s, o), c in counts.items():
+        c = torch.tensor(c, dtype=torch.float64)
+        torch.testing.assert_close(log_probs[s, o], torch.log(c / c.sum() + 1e-3).float())
+    assert (HAS, NEAR, ON) == (1, 2, 3)
+
+
 # ----------------------------------------------------------------------------------------------
 # The command line
 
@@ -347,6 +372,10 @@ def check_run(out_dir, mode, iters=3):
     m = metrics_of(out_dir)
     for k in ("R@20", "R@50", "R@100", "mR@20", "mR@50", "mR@100", "head_mR@100", "tail_mR@100", "det_mAP@0.5"):
         assert k in m and 0.0 <= m[k] <= 1.0, k
+    # zsR@K (the train split's triplets reach the evaluator): undefined (NaN) only when none of the
+    # few evaluated images has a triplet unseen in training
+    for k in ("zsR@20", "zsR@50", "zsR@100"):
+        assert k in m and (0.0 <= m[k] <= 1.0 or (m["num_images_with_zeroshot"] == 0 and math.isnan(m[k]))), k
     for name in ("args.json", "log.txt", "curves.png", "per_predicate.png", "examples.png"):
         assert os.path.getsize(os.path.join(out_dir, name)) > 0, name
     ck = torch.load(os.path.join(out_dir, "ckpt_last.pt"), weights_only=True)
@@ -380,6 +409,32 @@ def test_smoke_sgcls_sgdet(mode, tmp_path, predcls_run):
     assert r.returncode == 0, r.stdout + r.stderr
     assert "detector loaded from" in r.stdout   # the predcls run's cached detector is reused
     check_run(str(tmp_path / "run"), mode)
+
+
+def test_preset_vg_trains_a_step_and_evaluates(tmp_path):
+    """--preset vg builds the paper's model (VGG-16 Faster R-CNN, Motifs' widths: 4096-d RoI and union
+    features, 200-d embeddings, 512-d LSTMs) and runs on a VG-format folder; here a tiny one (the
+    synthetic generator writes the VG-SGG h5/json/jpg files), one step of each stage, small images."""
+    import data
+    root = str(tmp_path / "vg")
+    data.generate_synthetic(root, seed=1, num_train=6, num_test=3, verbose=False)
+    out = str(tmp_path / "run")
+    r = script("--sgcls", "--preset", "vg", "--data", root, "--num-val-im", "2", "--iters", "1", "--det-iters", "1",
+               "--max-size", "96", "--batch-size", "2", "--det-batch", "2", "--eval-batch", "2",
+               "--max-eval-images", "2", "--num-workers", "0", "--log-every", "1", "--eval-every", "1",
+               "--out", out, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    args = json.load(open(os.path.join(out, "args.json")))
+    assert (args["backbone"], args["roi_dim"], args["union_dim"], args["embed_dim"], args["hidden"]) == \
+        ("vgg16", 4096, 4096, 200, 512)
+    ck = torch.load(os.path.join(out, "ckpt_last.pt"), weights_only=True)
+    assert ck["step"] == 1 and ck["model"]["union_fc.weight"].shape == (4096, 512 * 7 * 7)
+    assert ck["model"]["decoder_rnn.state_linearity.weight"].shape == (5 * 512, 512)
+    m = metrics_of(out)
+    # four training images: the test images do hold triplets never seen in training
+    assert 0 < m["num_images_with_zeroshot"] <= m["num_images"]
+    for k in ("R@50", "mR@50", "zsR@20", "zsR@50", "zsR@100"):
+        assert 0.0 <= m[k] <= 1.0, k
 
 
 def test_freq_baseline(tmp_path, predcls_run):
