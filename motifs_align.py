@@ -15,6 +15,7 @@ What this is
     image -> stage 1, the frozen detector: feature map, boxes (GT, or detected in SGDet), RoI features,
              class distributions
           -> stage 2, Motifs: object context (biLSTM over the boxes, left to right) -> object labels
+             (a decoder LSTM that feeds back the previous label)
              -> edge context (biLSTM over [label embedding, object context, RoI feature] = edge_in)
              -> head/tail pair features x union-box feature `union` -> predicate logits + frequency prior
           -> triplets (subject, predicate, object), scored predicate x subject x object
@@ -38,14 +39,29 @@ Real Visual Genome (the standard VG-SGG.h5 files) on a GPU:
     python motifs_align.py --predcls --preset vg --data /path/to/vg [--vgg-weights vgg16.pth]
 Experiments (several seeds, baseline vs aligned, the step-time benchmark): see study.py.
 
-Where this differs from the paper and from Neural Motifs (each also noted where the code does it):
+Where this follows Scene-Graph-Benchmark (SGB) and where it differs (each also noted where the code does it):
+  as SGB's MotifPredictor: the object context (biLSTM, 'leftright' order, over [RoI feature, embedding of
+    the class distribution, box position]); the label decoder (DecoderRNN: a highway LSTM that feeds back the
+    previous label, teacher-forced with the GT labels in training, per-class NMS on its distributions at
+    SGDet test time); the edge context on the committed labels, so in training on the GT labels (sgdet: the
+    matched GT box's class), like the frequency bias; the pair layout and the frequency statistics
+    (get_VG_statistics); SGDet's training pairs (detect_relsample) and test pairs (all ordered pairs);
+  differs, for a CPU budget or brevity:
   - stage 1 is a compact VGG-style Faster R-CNN with BatchNorm trained from scratch with AdamW for 300
     iterations on the synthetic data (paper: VGG-16 Faster R-CNN, ImageNet-initialised, trained on VG);
     `--preset vg` restores the VGG-16 layout, SGD and the paper's solver for stage 2;
   - stage 2 on a CPU: 1K iterations of batch 8 at lr 0.05 (paper: 100K of batch 24 at lr 0.01), the
     cosine schedule updated 100 times in both;
-  - label refinement is a linear classifier on the object context (Motifs: a decoder LSTM);
-  - the two-box spatial mask is rasterised at 7 x 7 directly (Motifs: 27 x 27 and convolutions);
+  - training pairs: at most 64 per image, at most 3 unrelated per related one (SGB: up to 1024 per image,
+    at most a quarter related, i.e. nearly every pair of a VG image);
+  - the RoI features are the frozen detector's and the union feature has a new, trained fc layer (SGB: both
+    from trainable copies of the detector's box head); the two-box spatial mask is rasterised at 7 x 7
+    directly (Motifs: 27 x 27 and convolutions); the contexts stay 2H wide (SGB maps them to H with
+    lin_obj_h / lin_edge_h); the position embedding has no BatchNorm; embeddings start random (SGB: GloVe);
+  - SGDet: the relation model works on the detector's final detections (at most det_max_per_image, each
+    keeping the box regressed for its detector class), SGB on the box head's NMS-ed proposals (up to 80,
+    unregressed boxes, re-regressed for the refined label at the end); IoUs are not pixel-inclusive
+    throughout (SGB's are);
   - the mirror's MLP reads [pair features, masked union feature] concatenated (the paper does not say
     how the two are combined); masking only zeroes, without dropout's 1/(1-p) rescaling (Eq. 1).
 
