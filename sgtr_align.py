@@ -45,13 +45,20 @@ How to run
     validation history: the same command and seed repeat it exactly), timing.json, curves.png,
     per_predicate.png, examples.png. A folder holding another or a finished run is never overwritten.
 
-Differences from SGTR (see also the README)
-    - The backbone is a small CNN trained from scratch (no ImageNet ResNet-101: this project has no
-      pretrained weights) and the entity decoder's queries are anchor boxes refined per layer
-      (DAB-DETR style) rather than DETR's, because DETR converges too slowly for a CPU budget.
-    - One relation feature encoder layer and entity-aware predicate queries made by one
-      cross-attention of learned queries to the entity decoder's output; SGTR's exact query
-      initialisation and its graph-assembling distance differ in details (see assemble_graph).
+Differences from SGTR (see also docs/sgtr.md)
+    - The entity detector is pretrained here, on the training split, before SGTR trains (as SGTR
+      starts from a DETR trained on the dataset), but from scratch: the backbone is a small CNN (no
+      ImageNet ResNet-101: this project has no pretrained weights), and the entity decoder's queries
+      are anchor boxes refined per layer (DAB-DETR style) rather than DETR's, because DETR converges
+      too slowly for a CPU budget. By default the detector stays frozen while SGTR trains
+      (--lr-detector / --lr-backbone > 0 fine-tune it, as SGTR does and --preset vg does).
+    - The predicate node generator is SGTR's (query generation from the entities, predicate and entity
+      indicator sub-decoders per layer, fusion, relation location, graph-assembling distance) except:
+      post-norm layers (SGTR: pre-norm); the entity tokens carry an embedding of their boxes as keys in
+      the indicators' cross-attention and in the query generator (SGTR: only the generator, with the
+      box centre); one relation encoder layer by default (SGTR: 3); triplets are ranked by predicate x
+      both indicator matches x both entity confidences (SGTR's entity-indexing ranking option, off in
+      its VG config); the relation location's L1 uses the box L1 weight (5; SGTR: 1 with its 0.5).
 
 Symbols used in the shape comments
     B images in a batch, H x W padded image size, h x w feature map, S = h * w image tokens,
@@ -61,6 +68,7 @@ Symbols used in the shape comments
 """
 import argparse
 import dataclasses
+import hashlib
 import inspect
 import json
 import math
@@ -217,6 +225,8 @@ class Config:
     """iterations between writes of ckpt_last.pt (also written at each validation)"""
     max_eval_images: int = 0
     """cap on the val and test images, for smoke runs (0 = all)"""
+    num_val_im: int = 0
+    """validation images carved from the train split (0 = 500 on the synthetic data, 5000 on VG)"""
     # the other entry point
     infer: List[str] = dataclasses.field(default_factory=list)
     """image files: draw the scene graph that the model in --ckpt finds in each, then exit"""
@@ -260,6 +270,17 @@ class Config:
     """Qp"""
     max_size: int = 0
     """if > 0, resize images so the longest side is this (--infer: default the training images' longest side)"""
+    # the entity detector, pretrained first (as SGTR starts from a DETR trained on the dataset)
+    detector_ckpt: str = ""
+    """a pretrained detector file (written by this script into its cache) to start from instead of the cached one"""
+    det_iters: int = 3000
+    """detector pretraining iterations (entity losses only); cached by its settings, shared by every run"""
+    det_batch: int = 16
+    """images per detector pretraining iteration"""
+    det_lr: float = 4e-4
+    """detector pretraining learning rate (warm-up, then x0.1 at --lr-drop)"""
+    det_seed: int = 0
+    """detector seed (initial weights, data order, dropout): fixed, so every SGTR run starts from one detector"""
     # graph assembling
     ent_topk: int = 3
     """K entities considered per subject / object indicator"""
@@ -271,9 +292,11 @@ class Config:
     eval_batch: int = 32
     """images per evaluation batch"""
     lr: float = 4e-4
-    """learning rate of the transformer parts"""
-    lr_backbone: float = 4e-4
-    """learning rate of the CNN (1e-5 for a pretrained one)"""
+    """learning rate of the parts the detector does not have (relation encoder, predicate node generator)"""
+    lr_detector: float = 0.0
+    """learning rate of the pretrained detector's transformer and heads (0 with --lr-backbone 0: frozen)"""
+    lr_backbone: float = 0.0
+    """learning rate of the pretrained CNN (DETR fine-tuning: 1e-5)"""
     weight_decay: float = 1e-4
     """AdamW weight decay"""
     warmup_iters: int = 200
@@ -302,7 +325,8 @@ PRESETS = {
     "vg": dict(d_model=256, nheads=8, ffn_dim=2048, backbone_width=64, backbone_stride=32,
                enc_layers=6, ent_dec_layers=6, rel_enc_layers=6, pred_dec_layers=6,
                num_ent_queries=100, num_pred_queries=180, max_size=800, ent_topk=5,
-               batch_size=4, eval_batch=8, iters=120000, lr=1e-4, lr_backbone=1e-5,
+               batch_size=4, eval_batch=8, iters=120000, lr=1e-4, lr_detector=1e-4, lr_backbone=1e-5,
+               det_iters=150000, det_batch=4, det_lr=1e-4,
                warmup_iters=1000, lr_drop=0.7, eval_every=5000, ckpt_every=1000, val_images=1000,
                log_every=100),
 }
@@ -346,12 +370,12 @@ def check_config(cfg: Config):
     """Every flag's value, checked before anything runs (one error line for a bad one)."""
     positive = ("threads", "log_every", "eval_every", "ckpt_every", "d_model", "nheads", "ffn_dim",
                 "backbone_width", "enc_layers", "ent_dec_layers", "pred_dec_layers", "num_ent_queries",
-                "num_pred_queries", "ent_topk", "iters", "batch_size", "eval_batch")
+                "num_pred_queries", "ent_topk", "iters", "batch_size", "eval_batch", "det_iters", "det_batch")
     for name in positive:
         if getattr(cfg, name) < 1:
             fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
-    for name in ("num_workers", "max_eval_images", "max_size", "val_images", "rel_enc_layers", "warmup_iters",
-                 "lr", "lr_backbone", "weight_decay", "grad_clip", "align_weight", "dropout", "eos_coef"):
+    for name in ("num_workers", "max_eval_images", "num_val_im", "max_size", "val_images", "rel_enc_layers", "warmup_iters",
+                 "lr", "lr_detector", "lr_backbone", "det_lr", "weight_decay", "grad_clip", "align_weight", "dropout", "eos_coef"):
         if getattr(cfg, name) < 0:
             fail(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
     if cfg.device not in ("auto", "cpu", "cuda"):
@@ -553,8 +577,10 @@ class EncoderLayer(nn.Module):
         return self.norm2(x + F.dropout(self.ffn(x, drop), self.p, drop))
 
 
-class EntityDecoderLayer(nn.Module):
-    """DETR decoder layer: self-attention among entity queries, cross-attention to the image, FFN."""
+class DecoderLayer(nn.Module):
+    """Post-norm DETR decoder layer: self-attention among the queries, cross-attention to a memory, FFN.
+    The entity decoder's layers, SGTR's predicate query generator and the three sub-decoders of each
+    structural predicate decoder layer are all this layer (each with its own weights)."""
 
     def __init__(self, d, nheads, ffn, dropout):
         super().__init__()
@@ -562,24 +588,27 @@ class EntityDecoderLayer(nn.Module):
         self.ffn, self.p = FFN(d, ffn, dropout), dropout
         self.norm1, self.norm2, self.norm3 = nn.LayerNorm(d), nn.LayerNorm(d), nn.LayerNorm(d)
 
-    def forward(self, t, qpos, mem, mpos, kpm):  # t, qpos (B, Qe, D); mem, mpos (B, S, D)
-        drop = self.training
-        t = self.norm1(t + F.dropout(self.self_attn(t + qpos, t + qpos, t), self.p, drop))
-        t = self.norm2(t + F.dropout(self.cross_attn(t + qpos, mem + mpos, mem, kpm), self.p, drop))
-        return self.norm3(t + F.dropout(self.ffn(t, drop), self.p, drop))
+    def forward(self, t, qpos, mem, mpos, kpm, use_dropout, mask_p=0.0, seed=None):
+        """t, qpos (B, Q, D) content and position of the queries; mem, mpos (B, L, D); kpm (B, L) or None
+        -> (B, Q, D). With a seed (the mirror only), the cross-attention is the paper's masked one."""
+        t = self.norm1(t + F.dropout(self.self_attn(t + qpos, t + qpos, t), self.p, use_dropout))
+        attended = self.cross_attn(t + qpos, mem + mpos, mem, kpm, mask_p, seed)
+        t = self.norm2(t + F.dropout(attended, self.p, use_dropout))
+        return self.norm3(t + F.dropout(self.ffn(t, use_dropout), self.p, use_dropout))
 
 
 # ----------------------------------------------------------------------------------------------
 # Predicate node generator: the structural predicate decoder (the part the paper mirrors)
 
 class StructuralDecoderLayer(nn.Module):
-    """One layer of SGTR's structural predicate decoder.
+    """One layer of SGTR's structural predicate decoder (SGTR section 3.3, its predicate_node_generator.py).
 
-    (a) predicate sub-decoder: self-attention among predicate queries, then cross-attention to the
-        relation encoder's memory (image tokens);
-    (b) entity indicators: the subject and the object indicator each cross-attend to the entity
-        decoder's outputs (their query carries the predicate query, so the relation decides which
-        entity to look for); both are fused back into the predicate query.
+    (a) predicate sub-decoder: a decoder layer over the predicate queries whose cross-attention reads
+        the relation encoder's memory (image tokens);
+    (b) entity indicator sub-decoders, one for the subject and one for the object indicators: a decoder
+        layer each (self-attention among the indicators, cross-attention to the entity decoder's
+        outputs, FFN), updated in the same layer as the predicate features;
+    (c) fusion: the indicators are added into the predicate features, q_p + ReLU(W_s q_s + W_o q_o).
     The three cross-attention blocks are the ones the paper masks in the mirror (section 7, Fig. 4).
     """
 
@@ -587,41 +616,24 @@ class StructuralDecoderLayer(nn.Module):
 
     def __init__(self, d, nheads, ffn, dropout):
         super().__init__()
-        self.self_attn = MultiheadAttention(d, nheads)
-        self.rel_cross = MultiheadAttention(d, nheads)
-        self.sub_cross, self.obj_cross = MultiheadAttention(d, nheads), MultiheadAttention(d, nheads)
-        self.fuse = nn.Linear(2 * d, d)
-        self.ffn_p, self.ffn_s, self.ffn_o = FFN(d, ffn, dropout), FFN(d, ffn, dropout), FFN(d, ffn, dropout)
-        # one post-norm per residual below, created in this order (it fixes the parameter order)
-        self.norm_self, self.norm_rel = nn.LayerNorm(d), nn.LayerNorm(d)
-        self.norm_sub, self.norm_obj, self.norm_fuse = nn.LayerNorm(d), nn.LayerNorm(d), nn.LayerNorm(d)
-        self.norm_ffn_p, self.norm_ffn_s, self.norm_ffn_o = nn.LayerNorm(d), nn.LayerNorm(d), nn.LayerNorm(d)
-        self.dropout_p = dropout
-
-    def residual(self, norm, x, update, use_dropout):
-        """Post-norm residual: norm(x + dropout(update))."""
-        return norm(x + F.dropout(update, self.dropout_p, use_dropout))
+        self.predicate = DecoderLayer(d, nheads, ffn, dropout)
+        self.subject, self.object = DecoderLayer(d, nheads, ffn, dropout), DecoderLayer(d, nheads, ffn, dropout)
+        self.fuse_sub, self.fuse_obj = nn.Linear(d, d), nn.Linear(d, d)
 
     def forward(self, qp, qs, qo, inputs, use_dropout, mask_p=0.0, seeds=(None, None, None)):
-        """qp, qs, qo (B, Qp, D) predicate / subject / object queries -> same; `inputs`: the decoder's
+        """qp, qs, qo (B, Qp, D) predicate / subject / object features -> same; `inputs`: the decoder's
         inputs (SGTR.forward_decoder). The original: use_dropout = training, no seeds. The mirror:
         use_dropout False and one seed per cross-attention block (relation memory, subject, object)."""
         rel, rel_pos, rel_kpm = inputs["rel_mem"], inputs["rel_pos"], inputs["rel_kpm"]  # (B, S, D), (B, S)
         ent, ent_pos = inputs["ent_mem"], inputs["ent_pos"]  # (B, Qe, D)
         seed_rel, seed_sub, seed_obj = seeds
-        # (a) predicate sub-decoder: self-attention, then cross-attention to the relation memory
-        qp = self.residual(self.norm_self, qp, self.self_attn(qp, qp, qp), use_dropout)
-        attended = self.rel_cross(qp, rel + rel_pos, rel, rel_kpm, mask_p, seed_rel)  # (B, Qp, D)
-        qp = self.residual(self.norm_rel, qp, attended, use_dropout)
-        # (b) entity indicators: cross-attention to the entity decoder's outputs, then fused into qp
-        attended = self.sub_cross(qs + qp, ent + ent_pos, ent, None, mask_p, seed_sub)  # (B, Qp, D)
-        qs = self.residual(self.norm_sub, qs, attended, use_dropout)
-        attended = self.obj_cross(qo + qp, ent + ent_pos, ent, None, mask_p, seed_obj)  # (B, Qp, D)
-        qo = self.residual(self.norm_obj, qo, attended, use_dropout)
-        qp = self.residual(self.norm_fuse, qp, self.fuse(torch.cat([qs, qo], -1)), use_dropout)  # (B, Qp, D)
-        qp = self.residual(self.norm_ffn_p, qp, self.ffn_p(qp, use_dropout), use_dropout)
-        qs = self.residual(self.norm_ffn_s, qs, self.ffn_s(qs, use_dropout), use_dropout)
-        qo = self.residual(self.norm_ffn_o, qo, self.ffn_o(qo, use_dropout), use_dropout)
+        # (a) predicate sub-decoder: self-attention, cross-attention to the relation memory, FFN
+        qp = self.predicate(qp, inputs["pos_p"], rel, rel_pos, rel_kpm, use_dropout, mask_p, seed_rel)
+        # (b) entity indicator sub-decoders: cross-attention to the entity decoder's outputs
+        qs = self.subject(qs, inputs["pos_s"], ent, ent_pos, None, use_dropout, mask_p, seed_sub)
+        qo = self.object(qo, inputs["pos_o"], ent, ent_pos, None, use_dropout, mask_p, seed_obj)
+        # (c) fusion of the indicators into the predicate features (SGTR's ent_aug_rel_hs)
+        qp = qp + F.relu(self.fuse_sub(qs) + self.fuse_obj(qo))  # (B, Qp, D)
         return qp, qs, qo
 
 
@@ -636,6 +648,13 @@ def pad_mask_for(images, targets):
         h, w = t["size"]
         mask[b, :h, :w] = False
     return mask
+
+
+# The entity detector's modules (DETR: backbone, encoder, entity decoder, entity heads), pretrained alone
+# on the entity losses (pretrain_detector) before SGTR trains, as SGTR starts from a trained DETR.
+DETECTOR_MODULES = ("backbone", "input_proj", "encoder", "ent_anchor", "ent_qpos", "ent_decoder", "ent_norm",
+                    "ent_class", "ent_box")
+DETECTOR_PARTS = tuple(m + "." for m in DETECTOR_MODULES)
 
 
 class SGTR(nn.Module):
@@ -663,30 +682,53 @@ class SGTR(nn.Module):
             self.ent_anchor.weight[:, 2:].fill_(0.2)
             self.ent_anchor.weight.copy_(inverse_sigmoid(self.ent_anchor.weight))
         self.ent_qpos = MLP(2 * d, d, d, 2)  # anchor box -> query position
-        self.ent_decoder = nn.ModuleList(EntityDecoderLayer(d, h, f, p) for _ in range(cfg.ent_dec_layers))
+        self.ent_decoder = nn.ModuleList(DecoderLayer(d, h, f, p) for _ in range(cfg.ent_dec_layers))
         self.ent_norm = nn.LayerNorm(d)
         self.ent_class = nn.Linear(d, num_classes)  # (.., C + 1)
         self.ent_box = MLP(d, d, 4, 3)  # predicts a correction of the layer's reference box
         nn.init.zeros_(self.ent_box.layers[-1].weight)
         nn.init.zeros_(self.ent_box.layers[-1].bias)
-        # predicate node generator: relation feature encoder, entity-conditioned predicate queries
+        # predicate node generator: relation feature encoder, predicate queries made from the entities
         self.rel_encoder = nn.ModuleList(EncoderLayer(d, h, f, p) for _ in range(cfg.rel_enc_layers))
-        self.pred_query = nn.Embedding(cfg.num_pred_queries, 3 * d)  # predicate | subject | object
-        self.query_cond = MultiheadAttention(d, h)  # learned queries look at the detected entities
+        self.pred_query = nn.Embedding(cfg.num_pred_queries, 3 * d)  # positions: predicate | subject | object
         self.ent_box_embed = MLP(4, d, d, 2)  # entity boxes as positions of the entity tokens
+        self.query_gen = DecoderLayer(d, h, f, p)  # SGTR's dynamic query generation (rel_q_gen) ...
+        self.query_split = nn.Linear(d, 3 * d)  # ... and split_query: ReLU, then predicate | subject | object
         # the structural predicate decoder and its heads (applied at every layer)
         self.pred_decoder = nn.ModuleList(StructuralDecoderLayer(d, h, f, p) for _ in range(cfg.pred_dec_layers))
         self.pred_norms = nn.ModuleList(nn.LayerNorm(d) for _ in range(3))
         self.pred_class = nn.Linear(d, num_predicates)  # (.., P + 1)
+        self.rel_vec = MLP(d, d, 4, 3)  # the relation location: subject and object centres (SGTR's rel_vector)
         self.sub_class, self.obj_class = nn.Linear(d, num_classes), nn.Linear(d, num_classes)
         self.sub_box, self.obj_box = MLP(d, d, 4, 3), MLP(d, d, 4, 3)
         # Created last, after every module of the original (the untied heads were always created here):
         # the original's initial weights do not depend on --no-align, and the parameter order is fixed.
         self.mirror = None if cfg.no_align else Mirror(cfg, num_classes, num_predicates)
+        self.detector_frozen = False  # freeze_detector()
 
     # -- the image and entity part -------------------------------------------------------------
-    def encode_and_detect(self, images, pad_mask):
-        """images (B, 3, H, W) in [0, 1], pad_mask (B, H, W) -> entity outputs and decoder inputs."""
+    def detector_parameters(self):
+        """(name, parameter) of the entity detector: what pretrain_detector trains and caches."""
+        return [(n, p) for n, p in self.named_parameters() if n.startswith(DETECTOR_PARTS)]
+
+    def freeze_detector(self):
+        """A frozen pretrained detector: no gradients, always in eval mode (no dropout), run without
+        autograd in encode_and_detect, so a training step costs its forward pass only."""
+        self.detector_frozen = True
+        for _, p in self.detector_parameters():
+            p.requires_grad_(False)
+        self.train(self.training)
+
+    def train(self, mode=True):
+        super().train(mode)
+        if self.detector_frozen:
+            for name in DETECTOR_MODULES:
+                getattr(self, name).eval()
+        return self
+
+    def detect(self, images, pad_mask):
+        """The DETR entity detector: images (B, 3, H, W) in [0, 1], pad_mask (B, H, W) -> (ent_out, one
+        dict per entity-decoder layer; src (B, S, D) the encoder's output; pos (B, S, D); kpm (B, S))."""
         x = self.backbone((images - self.pixel_mean) / self.pixel_std)  # (B, C', h, w)
         kpm = F.interpolate(pad_mask[:, None].float(), size=x.shape[-2:])[:, 0].bool()  # (B, h, w)
         pos = sine_position_embedding(kpm, self.cfg.d_model)  # (B, S, D)
@@ -699,29 +741,39 @@ class SGTR(nn.Module):
         t, ent_out = src.new_zeros(B, ref.shape[1], self.cfg.d_model), []  # (B, Qe, D) content
         for layer in self.ent_decoder:
             qpos = self.ent_qpos(box_sine_embedding(ref, self.cfg.d_model))  # (B, Qe, D)
-            t = layer(t, qpos, src, pos, kpm)
+            t = layer(t, qpos, src, pos, kpm, self.training)
             e = self.ent_norm(t)  # (B, Qe, D)
             boxes = (inverse_sigmoid(ref) + self.ent_box(e)).sigmoid()  # (B, Qe, 4) refined
             ent_out.append(dict(logits=self.ent_class(e), boxes=boxes, feats=e))  # per layer: aux losses
             ref = boxes.detach()  # the next layer refines this box (no gradient through the reference)
+        return ent_out, src, pos, kpm
+
+    def encode_and_detect(self, images, pad_mask):
+        """images (B, 3, H, W) in [0, 1], pad_mask (B, H, W) -> entity outputs and decoder inputs."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.detector_frozen):
+            ent_out, src, pos, kpm = self.detect(images, pad_mask)
+        B = images.shape[0]
         rel = src
         for layer in self.rel_encoder:
             rel = layer(rel, pos, kpm)  # (B, S, D) image features refined for relations
         ent_mem = ent_out[-1]["feats"]  # (B, Qe, D)
         ent_pos = self.ent_box_embed(ent_out[-1]["boxes"].detach())  # (B, Qe, D)
-        qinit = self.pred_query.weight[None].expand(B, -1, -1).chunk(3, -1)  # 3 x (B, Qp, D)
-        # SGTR's entity-aware predicate queries: each part looks at the entity decoder's output.
-        q0 = [q + self.query_cond(q, ent_mem + ent_pos, ent_mem) for q in qinit]
+        pos_p, pos_s, pos_o = self.pred_query.weight[None].expand(B, -1, -1).chunk(3, -1)  # 3 x (B, Qp, D)
+        # SGTR's predicate query initialisation: learned queries read the entity decoder's output (one
+        # decoder layer), and the result is split into the initial predicate, subject and object features.
+        q = self.query_gen(pos_p, torch.zeros_like(pos_p), ent_mem + ent_pos, torch.zeros_like(ent_mem), None,
+                           self.training)  # (B, Qp, D)
+        qp, qs, qo = self.query_split(F.relu(q)).chunk(3, -1)  # 3 x (B, Qp, D)
         inputs = dict(rel_mem=rel, rel_pos=pos, rel_kpm=kpm, ent_mem=ent_mem, ent_pos=ent_pos,
-                      qp=q0[0], qs=q0[1], qo=q0[2])
+                      qp=qp, qs=qs, qo=qo, pos_p=pos_p, pos_s=pos_s, pos_o=pos_o)
         return ent_out, inputs
 
     # -- the structural predicate decoder, run by the original and by the mirror ---------------------
     def forward_decoder(self, inputs, use_dropout, heads=None, mask_p=0.0, seeds=None):
         """Run the structural predicate decoder; returns one dict of predictions per layer.
 
-        inputs: rel_mem (B, S, D), rel_pos (B, S, D), rel_kpm (B, S), ent_mem / ent_pos (B, Qe, D),
-        qp / qs / qo (B, Qp, D). heads: the (predicate, subject, object) class heads, the original's if
+        inputs: rel_mem (B, S, D), rel_pos (B, S, D), rel_kpm (B, S), ent_mem / ent_pos (B, Qe, D), the
+        initial features qp / qs / qo and the learned positions pos_p / pos_s / pos_o (B, Qp, D). heads: the (predicate, subject, object) class heads, the original's if
         None. seeds: None (the original) or one triple of ints per layer (the mirror).
         """
         qp, qs, qo = inputs["qp"], inputs["qs"], inputs["qo"]
@@ -731,7 +783,8 @@ class SGTR(nn.Module):
             layer_seeds = seeds[i] if seeds is not None else (None, None, None)
             qp, qs, qo = layer(qp, qs, qo, inputs, use_dropout, mask_p, layer_seeds)
             hp, hs, ho = (norm(x) for norm, x in zip(self.pred_norms, (qp, qs, qo)))  # (B, Qp, D)
-            outs.append(dict(pred_logits=pred_class(hp), sub_logits=sub_class(hs), obj_logits=obj_class(ho),
+            outs.append(dict(pred_logits=pred_class(hp), rel_vec=self.rel_vec(hp).sigmoid(),
+                             sub_logits=sub_class(hs), obj_logits=obj_class(ho),
                              sub_boxes=self.sub_box(hs).sigmoid(), obj_boxes=self.obj_box(ho).sigmoid()))
         return outs
 
@@ -813,23 +866,27 @@ def entity_loss(out, tg, cfg):
 
 
 def predicate_loss(out, tg, cfg):
-    """SGTR loss of one structural-decoder layer: predicate class + indicator classes and boxes.
+    """SGTR loss of one structural-decoder layer: predicate class, relation location, indicator classes
+    and boxes.
 
-    Each GT relation (subject, object, predicate) is matched to one predicate query by the cost of
-    its predicate class, subject / object classes and subject / object boxes (SGTR's matcher).
+    Each GT relation (subject, object, predicate) is matched to one predicate query by the cost of its
+    predicate class, its location (L1 between the predicted and the GT subject / object centres, SGTR's
+    rel_vector), the subject / object classes and the subject / object boxes (SGTR's entity-aware matcher).
     """
     B, Qp, P1 = out["pred_logits"].shape
     pp = out["pred_logits"].softmax(-1)
     sp, op = out["sub_logits"].softmax(-1), out["obj_logits"].softmax(-1)
     pred_target = torch.zeros(B, Qp, dtype=torch.long, device=pp.device)  # 0 = no relation
-    sl, ol, slt, olt, sb, ob, sbt, obt = [], [], [], [], [], [], [], []
+    sl, ol, slt, olt, sb, ob, sbt, obt, rv, rvt = [], [], [], [], [], [], [], [], [], []
     for b, t in enumerate(tg):
         r = t["rels"]  # (R, 3)
         s_lab, o_lab = t["labels"][r[:, 0]], t["labels"][r[:, 1]]  # (R,)
         s_box, o_box = t["boxes"][r[:, 0]], t["boxes"][r[:, 1]]  # (R, 4)
+        loc = torch.cat([s_box[:, :2], o_box[:, :2]], 1)  # (R, 4) subject and object centres
         xyxy = box_cxcywh_to_xyxy
         cost = (-cfg.w_cls * (pp[b][:, r[:, 2]] + sp[b][:, s_lab] + op[b][:, o_lab])
-                + cfg.w_l1 * (torch.cdist(out["sub_boxes"][b], s_box, p=1)
+                + cfg.w_l1 * (torch.cdist(out["rel_vec"][b], loc, p=1)
+                              + torch.cdist(out["sub_boxes"][b], s_box, p=1)
                               + torch.cdist(out["obj_boxes"][b], o_box, p=1))
                 - cfg.w_giou * (generalized_box_iou(xyxy(out["sub_boxes"][b]), xyxy(s_box))
                                 + generalized_box_iou(xyxy(out["obj_boxes"][b]), xyxy(o_box))))  # (Qp, R)
@@ -839,6 +896,7 @@ def predicate_loss(out, tg, cfg):
         slt.append(s_lab[gi]), olt.append(o_lab[gi])
         sb.append(out["sub_boxes"][b, qi]), ob.append(out["obj_boxes"][b, qi])
         sbt.append(s_box[gi]), obt.append(o_box[gi])
+        rv.append(out["rel_vec"][b, qi]), rvt.append(loc[gi])
     weight = torch.ones(P1, device=pp.device)
     weight[0] = cfg.eos_coef
     n = num_normaliser(sum(len(t["rels"]) for t in tg), pp.device)
@@ -848,14 +906,15 @@ def predicate_loss(out, tg, cfg):
     for pred, gt in ((sb, sbt), (ob, obt)):
         l1, giou = box_losses(torch.cat(pred), torch.cat(gt))
         loss = loss + cfg.w_l1 * l1 / n + cfg.w_giou * giou / n
-    return loss
+    return loss + cfg.w_l1 * F.l1_loss(torch.cat(rv), torch.cat(rvt), reduction="sum") / n
 
 
 def supervised_loss(ent_out, pred_out, tg, cfg):
     """The supervised SGTR loss (the paper's L_original): both decoders, auxiliary losses on every layer."""
-    ent = sum(entity_loss(o, tg, cfg) for o in ent_out)
     pred = sum(predicate_loss(o, tg, cfg) for o in pred_out)
-    return ent + pred
+    if not ent_out[-1]["logits"].requires_grad:  # a frozen detector: its losses would be constants
+        return pred
+    return sum(entity_loss(o, tg, cfg) for o in ent_out) + pred
 
 
 # ----------------------------------------------------------------------------------------------
@@ -871,30 +930,35 @@ def image_outputs(ent_out, pred_out, b):
 def assemble_graph(out, size, topk=3, max_pairs=100):
     """One image's predictions -> the evaluator's dict (pixel boxes, labels, pairs, rel scores).
 
-    out: ent logits (Qe, C+1) / boxes (Qe, 4); pred_logits (Qp, P+1); sub/obj logits (Qp, C+1) and
-    boxes (Qp, 4), boxes normalised cxcywh. size: (H, W) of the image.
-    Each subject / object indicator is matched to every detected entity by class-distribution
-    similarity (cosine) x box overlap ((GIoU + 1) / 2); the top-`topk` entities per indicator by
-    match x entity confidence make topk^2 candidate pairs per predicate (SGTR's graph assembling).
-    rel_scores = predicate probability x subject match x object match; the evaluator multiplies in
-    the subject and object confidences, so a triplet scores predicate x subject x object. A pair found
-    by several predicate queries keeps, per predicate class, its best score.
+    out: ent logits (Qe, C+1) / boxes (Qe, 4); pred_logits (Qp, P+1); rel_vec (Qp, 4) the subject and
+    object centres; sub/obj logits (Qp, C+1) and boxes (Qp, 4); boxes and centres normalised cxcywh.
+    size: (H, W) of the image.
+    SGTR's graph assembling (its rel_detr_inference.get_matching_scores_entities_aware): each subject /
+    object indicator is matched to every detected entity by
+        match = cos(class distributions)^0.6 x max(GIoU(boxes), 0) x 1 / (1 + L1 distance in pixels
+                between the predicted centre and the entity's) x entity confidence^0.6,
+    and its top-`topk` entities make topk^2 candidate pairs per predicate query.
+    rel_scores = predicate probability x subject match x object match (SGTR's entity-indexing ranking
+    option); the evaluator multiplies in the subject and object confidences. A pair found by several
+    predicate queries keeps, per predicate class, its best score.
     """
     H, W = size
     scale = torch.tensor([W, H, W, H], dtype=torch.float32, device=out["ent_boxes"].device)
     ent_prob = out["ent_logits"].softmax(-1)[:, 1:]  # (Qe, C) without background
     ent_score, ent_label = ent_prob.max(-1)  # (Qe,)
     ent_xyxy = box_cxcywh_to_xyxy(out["ent_boxes"])  # (Qe, 4)
+    ent_centre = out["ent_boxes"][:, :2] * scale[:2]  # (Qe, 2) pixels
     pred_prob = out["pred_logits"].softmax(-1)  # (Qp, P+1)
     Qp, Qe, P1 = pred_prob.shape[0], ent_prob.shape[0], pred_prob.shape[1]
     k = min(topk, Qe)
     picks = []
-    for ind in ("sub", "obj"):
+    for ind, centre in (("sub", out["rel_vec"][:, :2]), ("obj", out["rel_vec"][:, 2:])):
         cls = F.normalize(out[f"{ind}_logits"].softmax(-1)[:, 1:], dim=-1) @ F.normalize(ent_prob, dim=-1).T
-        overlap = (generalized_box_iou(box_cxcywh_to_xyxy(out[f"{ind}_boxes"]), ent_xyxy) + 1) / 2
-        match = cls * overlap  # (Qp, Qe) how well the indicator fits each entity
-        idx = (match * ent_score[None]).topk(k, dim=-1).indices  # (Qp, K) confident, fitting entities
-        picks.append((match.gather(1, idx), idx))
+        overlap = generalized_box_iou(box_cxcywh_to_xyxy(out[f"{ind}_boxes"]), ent_xyxy).clamp(min=0)
+        near = 1 / (1 + torch.cdist(centre * scale[:2], ent_centre, p=1))  # (Qp, Qe)
+        match = cls.clamp(min=0) ** 0.6 * overlap * near * ent_score[None] ** 0.6  # (Qp, Qe)
+        val, idx = match.topk(k, dim=-1)  # (Qp, K) the best-fitting entities
+        picks.append((val, idx))
     (s_val, s_idx), (o_val, o_idx) = picks
     sub = s_idx[:, :, None].expand(Qp, k, k).flatten()  # (Qp*K*K,) entity index of the subject
     obj = o_idx[:, None, :].expand(Qp, k, k).flatten()
@@ -943,21 +1007,33 @@ def train(cfg: Config, device) -> dict:
     out_dir = cfg.out = default_out(cfg)
     last_path, best_path = os.path.join(out_dir, "ckpt_last.pt"), os.path.join(out_dir, "ckpt_best.pt")
     claim_run_dir(cfg, last_path)
+    if cfg.detector_ckpt and not os.path.isfile(cfg.detector_ckpt):
+        fail(f"--detector-ckpt {cfg.detector_ckpt}: no such file")
     counts = data.predicate_counts(train_ds)  # (P+1,) training frequency: predicate groups, plot order
     groups = metrics.default_predicate_groups(train_ds.idx_to_predicate, counts)
+    seen = metrics.training_triplets(train_ds.gt_labels, train_ds.gt_relations)  # every annotated one: zsR@K
     for_infer = what_infer_needs(cfg, train_ds)
-    model = SGTR(cfg, train_ds.num_classes, train_ds.num_predicates).to(device)
-    if model.mirror is not None:
-        model.mirror.mask_rng.manual_seed(cfg.seed * 1000 + rank)  # each rank its own masks
-    opt, sched = build_optimizer(model, cfg)
-    state = resume(last_path, model, opt, sched, for_infer["vocab"], cfg, rank, world, device) if cfg.resume \
-        else new_train_state()
+    last_ck = read_resume_checkpoint(last_path, for_infer["vocab"], cfg, world) if cfg.resume else None
     barrier()  # every rank has checked everything before rank 0 writes the first byte
     log = open_run(cfg, out_dir)
     log(f"data: {len(train_ds)} train / {len(val_ds)} val / {len(test_ds)} test images, "
         f"C = {train_ds.num_classes - 1} classes, P = {train_ds.num_predicates - 1} predicates "
         f"({data_seconds:.0f}s)")
-    log(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {describe(cfg)}, "
+    # Every run, baseline and aligned, any seed, starts from the same pretrained detector (SGTR starts
+    # from a DETR trained on the dataset); its own seed, so the run's generators start below.
+    det_state, det_quality = get_detector(cfg, train_ds, test_ds, device, rank, log)
+    seed_everything(cfg.seed + rank)  # the same whether the detector was trained now or loaded
+    model = SGTR(cfg, train_ds.num_classes, train_ds.num_predicates).to(device)
+    load_detector(model, det_state, cfg.detector_ckpt or "the cached detector")
+    if cfg.lr_detector == 0 and cfg.lr_backbone == 0:
+        model.freeze_detector()
+    if model.mirror is not None:
+        model.mirror.mask_rng.manual_seed(cfg.seed * 1000 + rank)  # each rank its own masks
+    opt, sched = build_optimizer(model, cfg)
+    state = resume(last_ck, last_path, model, opt, sched, rank, device) if cfg.resume else new_train_state()
+    log(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters "
+        f"({'detector frozen, ' if model.detector_frozen else ''}"
+        f"{sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}M trained), {describe(cfg)}, "
         f"{cfg.iters} iterations x {cfg.batch_size} images x {world} process(es) on {device}, "
         f"{torch.get_num_threads()} thread(s)")
     if cfg.resume:
@@ -1013,25 +1089,133 @@ def train(cfg: Config, device) -> dict:
     if len(set(tested)) != 1:
         raise RuntimeError(f"ranks tested different checkpoints: {tested}")
     t_test = time.time()
-    summary, examples = evaluate(model, test_ds, cfg, device, groups, cfg.max_eval_images, keep_examples=4)
-    summary.update({"best_step": ck["step"], "best_val_mR@50": ck["val_mR@50"], "history": state["history"]})
+    summary, examples = evaluate(model, test_ds, cfg, device, groups, cfg.max_eval_images, keep_examples=4,
+                                 zeroshot=seen)
+    summary.update({"det_mAP@0.5": det_quality["mAP@0.5"], "det_recall@0.5": det_quality["recall@0.5"],
+                    "det_recall@0.5_class": det_quality["recall@0.5_class"],
+                    "best_step": ck["step"], "best_val_mR@50": ck["val_mR@50"], "history": state["history"]})
     timing = {"train_seconds": train_seconds, "test_seconds": time.time() - t_test}
     finish(cfg, out_dir, summary, timing, examples, train_ds, test_ds, counts, groups, log)
     return summary
 
 
+class StepSchedule:
+    """DETR's schedule as a LambdaLR factor: linear warm-up, then x0.1 from iteration drop_at on."""
+
+    def __init__(self, warmup, drop_at):
+        self.warmup, self.drop_at = warmup, drop_at
+
+    def __call__(self, it):
+        return min(1.0, (it + 1) / max(1, self.warmup)) * (0.1 if it >= self.drop_at else 1.0)
+
+
 def build_optimizer(model, cfg):
-    """AdamW, a lower lr for the backbone (DETR/SGTR), linear warm-up then x0.1 at lr_drop."""
-    bb = [p for n, p in model.named_parameters() if n.startswith("backbone.")]
-    rest = [p for n, p in model.named_parameters() if not n.startswith("backbone.")]
-    opt = torch.optim.AdamW([dict(params=rest, lr=cfg.lr), dict(params=bb, lr=cfg.lr_backbone)],
+    """AdamW over three groups (DETR-style fine-tuning of a pretrained detector): the new parts at lr,
+    the pretrained detector's transformer and heads at lr_detector, its CNN at lr_backbone; a frozen
+    detector's parameters (requires_grad False) are in none. Linear warm-up, then x0.1 at lr_drop."""
+    groups = {"new": [], "detector": [], "backbone": []}
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            groups["backbone" if n.startswith("backbone.") else "detector" if n.startswith(DETECTOR_PARTS)
+                   else "new"].append(p)
+    lrs = {"new": cfg.lr, "detector": cfg.lr_detector, "backbone": cfg.lr_backbone}
+    opt = torch.optim.AdamW([dict(params=groups[g], lr=lrs[g]) for g in groups if groups[g]],
                             weight_decay=cfg.weight_decay)
-    drop_at = int(cfg.lr_drop * cfg.iters)
+    schedule = StepSchedule(cfg.warmup_iters, int(cfg.lr_drop * cfg.iters))
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, schedule)
 
-    def factor(it):
-        return min(1.0, (it + 1) / max(1, cfg.warmup_iters)) * (0.1 if it >= drop_at else 1.0)
 
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+def detector_path(cfg, root, device):
+    """Where the pretrained detector for these data and settings is cached -> (path, whether it exists).
+    The key holds everything that changes its weights, thread count included (float sums differ)."""
+    if cfg.detector_ckpt:
+        return cfg.detector_ckpt, True
+    fields = ("d_model", "nheads", "ffn_dim", "dropout", "backbone_width", "backbone_stride", "enc_layers",
+              "ent_dec_layers", "num_ent_queries", "max_size", "det_iters", "det_batch", "det_lr", "det_seed",
+              "warmup_iters", "lr_drop", "weight_decay", "grad_clip", "w_cls", "w_l1", "w_giou", "eos_coef")
+    key_src = json.dumps({"version": 1, "root": os.path.abspath(root), "threads": torch.get_num_threads(),
+                          "device": device.type, **{k: getattr(cfg, k) for k in fields}}, sort_keys=True)
+    key = hashlib.sha1(key_src.encode()).hexdigest()[:12]
+    path = os.path.join(data.default_cache_dir(), "detectors", f"sgtr-detector-{key}.pt")
+    return path, os.path.exists(path)
+
+
+def get_detector(cfg, train_ds, test_ds, device, rank, log):
+    """The pretrained entity detector: loaded from the cache (or --detector-ckpt), else trained and
+    cached (on rank 0; the other ranks wait, then load it). -> (its state dict, its test quality)."""
+    path, cached = detector_path(cfg, train_ds.root, device)
+    if not cached and rank == 0:
+        log(f"detector: pretraining {cfg.det_iters} iterations x {cfg.det_batch} images (entity losses only, "
+            f"seed {cfg.det_seed}), cached as {path}")
+        detector = pretrain_detector(cfg, train_ds, device, log)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        save_atomic({"detector": {n: p.detach().cpu() for n, p in detector.detector_parameters()},
+                     "settings": dataclasses.asdict(cfg)}, path)
+    barrier()  # the file exists for every rank
+    blob = load_checkpoint(path, ("detector",))
+    if cached:
+        log(f"detector: loaded from {path}")
+    # Its quality on the test split, computed once per number of test images and kept in the file.
+    n_eval = min(cfg.max_eval_images or len(test_ds), len(test_ds))
+    quality = blob.get(f"quality_test{n_eval}")
+    if quality is None and rank == 0:
+        detector = SGTR(dataclasses.replace(cfg, no_align=True), train_ds.num_classes, train_ds.num_predicates)
+        load_detector(detector, blob["detector"], path)
+        quality = detector_quality(detector.to(device), test_ds, cfg, device, n_eval)
+        if not cfg.detector_ckpt:  # never write into a file the user gave
+            blob[f"quality_test{n_eval}"] = quality
+            save_atomic(blob, path)
+    quality = all_ranks(quality)[0]  # rank 0's (the other ranks may have read the file before it was added)
+    log(f"detector: on {n_eval} test images mAP@0.5 {100 * quality['mAP@0.5']:.2f} | ground-truth boxes "
+        f"found at IoU >= 0.5 among its {cfg.num_ent_queries} outputs: {100 * quality['recall@0.5']:.2f}% "
+        f"(with the right class: {100 * quality['recall@0.5_class']:.2f}%)")
+    return blob["detector"], quality
+
+
+def load_detector(model, state, path):
+    """Copy a pretrained detector's weights into an SGTR (every detector parameter, nothing else)."""
+    own = dict(model.detector_parameters())
+    if set(state) != set(own) or any(state[n].shape != own[n].shape for n in own):
+        fail(f"{path} does not hold a detector with these settings (--d-model, layers, queries, ...)")
+    with torch.no_grad():
+        for n, p in own.items():
+            p.copy_(state[n])
+
+
+def pretrain_detector(cfg, train_ds, device, log):
+    """DETR alone: backbone, encoder, entity decoder and entity heads trained on the entity losses (all
+    layers), from its own seed. -> the SGTR whose detector part is trained."""
+    seed_everything(cfg.det_seed)
+    model = SGTR(dataclasses.replace(cfg, no_align=True), train_ds.num_classes, train_ds.num_predicates).to(device)
+    params = [p for _, p in model.detector_parameters()]
+    opt = torch.optim.AdamW(params, lr=cfg.det_lr, weight_decay=cfg.weight_decay)
+    warmup = min(cfg.warmup_iters, cfg.det_iters // 5)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, StepSchedule(warmup, int(cfg.lr_drop * cfg.det_iters)))
+    loader = torch.utils.data.DataLoader(train_ds, batch_size=cfg.det_batch, collate_fn=data.collate,
+                                         sampler=data.TrainingSampler(len(train_ds), seed=cfg.det_seed),
+                                         num_workers=cfg.num_workers, generator=torch.Generator().manual_seed(cfg.det_seed))
+    model.train()
+    batches, t0, loss_sum, n_sum = iter(loader), time.time(), 0.0, 0
+    for step in range(1, cfg.det_iters + 1):
+        images, targets = next(batches)
+        images = images.to(device)
+        ent_out = model.detect(images, pad_mask_for(images, targets))[0]
+        tg = normalised_targets(targets, device)
+        loss = sum(entity_loss(o, tg, cfg) for o in ent_out)
+        check_finite(step, {"detector": loss})
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        sched.step()
+        loss_sum, n_sum = loss_sum + loss.item(), n_sum + 1
+        if step % cfg.log_every == 0 or step == cfg.det_iters:  # the mean loss since the last line
+            rate = step / (time.time() - t0)
+            log(f"det it {step}/{cfg.det_iters} | loss {loss_sum / n_sum:.3f} | {rate:.1f} it/s | "
+                f"eta {fmt_time((cfg.det_iters - step) / rate)}")
+            loss_sum, n_sum = 0.0, 0
+    return model
 
 
 def what_infer_needs(cfg, train_ds):
@@ -1047,14 +1231,20 @@ def new_train_state():
             "loss_sums": {}, "last_log": 0}  # running sums of the losses since the last progress line
 
 
-def resume(last_path, model, opt, sched, vocab, cfg, rank, world, device):
-    """Load ckpt_last.pt into the model, optimizer, schedule and this rank's generators -> the training
-    state it holds. A checkpoint of other data, process count or layout ends in one error line."""
+def read_resume_checkpoint(last_path, vocab, cfg, world):
+    """ckpt_last.pt for --resume, read and checked before anything is written: a checkpoint of other
+    data or another process count ends in one error line."""
     ck = load_checkpoint(last_path, ("model", "optimizer", "scheduler", "rng", "vocab", *new_train_state()))
     if ck["vocab"] != vocab:
         fail(f"{last_path} was trained on other classes or predicates than those of --data {cfg.data}")
     if len(ck["rng"]) != world:
         fail(f"{last_path} was written by {len(ck['rng'])} process(es); resume it with as many, not {world}")
+    return ck
+
+
+def resume(ck, last_path, model, opt, sched, rank, device):
+    """Load ckpt_last.pt (read_resume_checkpoint) into the model, optimizer, schedule and this rank's
+    generators -> the training state it holds. Another layout ends in one error line."""
     try:
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
@@ -1121,7 +1311,8 @@ def save_checkpoint(path, cfg, model, opt, sched, state, device, for_infer):
 def finish(cfg, out_dir, summary, timing, examples, train_ds, test_ds, counts, groups, log):
     """The test line, then (main process) metrics.json, timing.json and the pictures."""
     log("test SGDet | " + " | ".join(f"{k} {100 * summary[k]:.2f}" for k in
-                                     ("R@20", "R@50", "R@100", "mR@20", "mR@50", "mR@100") if k in summary)
+                                     ("R@20", "R@50", "R@100", "mR@20", "mR@50", "mR@100", "zsR@50", "zsR@100")
+                                     if k in summary)
         + " | " + " | ".join(f"{g} mR@100 {100 * summary[f'{g}_mR@100']:.2f}" for g in groups))
     if not is_main():
         return
@@ -1141,15 +1332,17 @@ def finish(cfg, out_dir, summary, timing, examples, train_ds, test_ds, counts, g
 # Evaluation: evaluate() (SGDet with metrics.SGEvaluator)
 
 @torch.no_grad()
-def evaluate(model, ds, cfg, device, groups, max_images=0, keep_examples=0):
-    """SGDet evaluation on the first `max_images` images of `ds` (all if 0). Returns (summary, examples)."""
+def evaluate(model, ds, cfg, device, groups, max_images=0, keep_examples=0, zeroshot=None):
+    """SGDet evaluation on the first `max_images` images of `ds` (all if 0). Returns (summary, examples).
+    zeroshot: the training split's (subject, predicate, object) classes (metrics.training_triplets):
+    the summary then has zsR@K, the recall of the test triplets never seen in training."""
     model.eval()
     n = len(ds) if max_images <= 0 else min(len(ds), max_images)
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, range(n)), batch_size=cfg.eval_batch,
                                          sampler=data.InferenceSampler(n), collate_fn=data.collate,
                                          num_workers=cfg.num_workers, generator=torch.Generator())
     ev = metrics.SGEvaluator("sgdet", num_predicates=ds.num_predicates - 1, ks=(20, 50, 100),
-                             predicate_groups=groups)
+                             predicate_groups=groups, zeroshot_triplets=zeroshot)
     examples = []
     for images, targets in loader:
         images = images.to(device)
@@ -1164,6 +1357,65 @@ def evaluate(model, ds, cfg, device, groups, max_images=0, keep_examples=0):
         ev.gather()
     model.train()
     return ev.summary(), examples
+
+
+@torch.no_grad()
+def detector_quality(model, ds, cfg, device, n):
+    """The pretrained detector alone on the first n images of ds -> {mAP@0.5, recall@0.5, recall@0.5_class}:
+    VOC mAP@0.5 of its Qe outputs (label = best foreground class, score = its probability), and the
+    share of ground-truth boxes that some output overlaps at IoU >= 0.5 (any class; the right class).
+    IoU as the SGDet evaluator counts it (metrics.box_iou_inclusive)."""
+    model.eval()
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, range(n)), batch_size=cfg.eval_batch,
+                                         collate_fn=data.collate, num_workers=cfg.num_workers)
+    dets, gts, found, found_cls = [], [], 0, 0
+    for images, targets in loader:
+        images = images.to(device)
+        out = model.detect(images, pad_mask_for(images, targets))[0][-1]
+        for b, t in enumerate(targets):
+            H, W = t["size"]
+            score, label = out["logits"][b].softmax(-1)[:, 1:].max(-1)  # (Qe,)
+            boxes = (box_cxcywh_to_xyxy(out["boxes"][b]) * torch.tensor([W, H, W, H], device=device)).cpu().numpy()
+            d = dict(boxes=boxes, labels=(label + 1).cpu().numpy(), scores=score.cpu().numpy())
+            g = dict(boxes=t["boxes"].numpy(), labels=t["labels"].numpy())
+            dets.append(d), gts.append(g)
+            hit = metrics.box_iou_inclusive(d["boxes"], g["boxes"]) >= 0.5  # (Qe, G)
+            found += int(hit.any(0).sum())
+            found_cls += int((hit & (d["labels"][:, None] == g["labels"][None])).any(0).sum())
+    n_gt = max(1, sum(len(g["labels"]) for g in gts))
+    model.train()
+    return {"mAP@0.5": detection_map(dets, gts, ds.num_classes), "recall@0.5": found / n_gt,
+            "recall@0.5_class": found_cls / n_gt}
+
+
+def detection_map(dets, gts, num_classes, iou_threshold=0.5):
+    """VOC-style mAP@0.5 (as motifs_align.py): per class, all-point interpolated AP over the ranked
+    detections; mean over the classes that have test boxes. dets / gts: one dict of numpy arrays per image."""
+    aps = []
+    for c in range(1, num_classes):
+        n_gt = sum(int((g["labels"] == c).sum()) for g in gts)
+        if n_gt == 0:
+            continue
+        scored = [(float(s), i, b) for i, d in enumerate(dets)
+                  for b, s in zip(d["boxes"][d["labels"] == c], d["scores"][d["labels"] == c])]
+        scored.sort(key=lambda x: -x[0])
+        used = [np.zeros(int((g["labels"] == c).sum()), dtype=bool) for g in gts]
+        tp = np.zeros(len(scored))
+        for k, (_, i, b) in enumerate(scored):
+            g = gts[i]["boxes"][gts[i]["labels"] == c]
+            if len(g):
+                iou = metrics.box_iou_inclusive(b[None], g)[0]
+                j = int(iou.argmax())
+                if iou[j] >= iou_threshold and not used[i][j]:
+                    used[i][j], tp[k] = True, 1.0
+        tp_c = np.cumsum(tp)
+        recall, precision = tp_c / n_gt, tp_c / np.arange(1, len(tp) + 1)
+        # area under the monotone (right-to-left max) precision envelope
+        mrec = np.concatenate([[0.0], recall, [1.0]])
+        mpre = np.maximum.accumulate(np.concatenate([[0.0], precision, [0.0]])[::-1])[::-1]
+        steps = np.where(mrec[1:] != mrec[:-1])[0]
+        aps.append(float(((mrec[steps + 1] - mrec[steps]) * mpre[steps + 1]).sum()))
+    return float(np.mean(aps)) if aps else 0.0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1457,7 +1709,7 @@ def load_datasets(cfg):
     try:
         root = data.ensure_synthetic() if cfg.data == "synthetic" else cfg.data
         num_val = data.SYNTHETIC_NUM_VAL if cfg.data == "synthetic" else 5000  # val is carved from train
-        kw = dict(num_val_im=num_val, max_size=cfg.max_size or None)
+        kw = dict(num_val_im=cfg.num_val_im or num_val, max_size=cfg.max_size or None)
         return (data.VGSGGDataset(root, "train", **kw), data.VGSGGDataset(root, "val", **kw),
                 data.VGSGGDataset(root, "test", **kw))
     except data.DataError as e:

@@ -69,7 +69,8 @@ def test_graph_assembling_hand_made():
     out = dict(ent_logits=onehot_logits(C1, [1, 2, 3, 0]), ent_boxes=ent_boxes,
                pred_logits=onehot_logits(P1, [2, 4]),
                sub_logits=onehot_logits(C1, [1, 3]), sub_boxes=ent_boxes[[0, 2]] + 0.01,
-               obj_logits=onehot_logits(C1, [2, 1]), obj_boxes=ent_boxes[[1, 0]] - 0.01)
+               obj_logits=onehot_logits(C1, [2, 1]), obj_boxes=ent_boxes[[1, 0]] - 0.01,
+               rel_vec=torch.cat([ent_boxes[[0, 2], :2], ent_boxes[[1, 0], :2]], 1) + 0.01)  # the centres
     g = S.assemble_graph(out, size=(100, 200), topk=2, max_pairs=100)
     torch.testing.assert_close(g["boxes"][0], torch.tensor([20.0, 10.0, 80.0, 40.0]))  # pixels
     assert g["labels"][:3].tolist() == [1, 2, 3]
@@ -87,7 +88,8 @@ def test_graph_assembling_hand_made():
 
 SMOKE = ["--d-model", "32", "--nheads", "2", "--ffn-dim", "64", "--backbone-width", "8",
          "--enc-layers", "1", "--ent-dec-layers", "1", "--rel-enc-layers", "1", "--pred-dec-layers", "1",
-         "--batch-size", "4", "--eval-batch", "8", "--max-eval-images", "8", "--log-every", "2"]
+         "--batch-size", "4", "--eval-batch", "8", "--max-eval-images", "8", "--log-every", "2",
+         "--det-iters", "2", "--det-batch", "4"]  # the detector: pretrained once, then found in the session's cache
 # Aligned, 8 iterations, validation at 4 and 8, ckpt_last.pt every 2: long enough to be killed mid-run.
 RUN = SMOKE + ["--iters", "8", "--eval-every", "4", "--ckpt-every", "2"]
 ENV = dict(os.environ, OMP_NUM_THREADS="1")
@@ -138,9 +140,16 @@ def test_smoke_run_outputs(finished):
     lines = re.findall(r"^it (\d+)/8 \| loss [\d.]+ \(sup [\d.]+, align [\d.]+, λ 10\) \| [\d.]+ it/s \| "
                        r"eta \d+m\d\ds$", log, re.M)
     assert lines == ["2", "4", "6", "8"], log
+    # the detector was pretrained first (the first run of the session), with its progress lines
+    assert re.findall(r"^det it (\d+)/2 \| loss [\d.]+ \| [\d.]+ it/s \| eta \d+m\d\ds$", log, re.M) == ["2"], log
+    assert re.search(r"^detector: on 8 test images mAP@0.5 [\d.]+ \| ground-truth boxes found at IoU >= 0.5 "
+                     r"among its 20 outputs: [\d.]+% \(with the right class: [\d.]+%\)$", log, re.M), log
     m = metrics_of(out)
-    for k in ("R@20", "R@50", "R@100", "mR@50", "mR@100", "ngR@50", "head_mR@100", "tail_mR@100"):
+    for k in ("R@20", "R@50", "R@100", "mR@50", "mR@100", "ngR@50", "head_mR@100", "tail_mR@100",
+              "det_mAP@0.5", "det_recall@0.5", "det_recall@0.5_class"):
         assert 0.0 <= m[k] <= 1.0, k
+    # zsR@K is there (NaN on these 8 images: none has a triplet unseen in training; see test_zero_shot_recall)
+    assert {"zsR@20", "zsR@50", "zsR@100"} <= set(m)
     assert m["num_images"] == 8  # --max-eval-images
     losses = [h for h in m["history"] if "total" in h]
     assert [h["it"] for h in losses] == [2, 4, 6, 8]
@@ -164,8 +173,71 @@ def test_same_command_twice_gives_identical_metrics(finished, tmp_path):
     """STYLE.md 11: the same command and seed on one machine and thread count repeat every number,
     the training losses of every progress line included (metrics.json holds them)."""
     out = str(tmp_path / "b")
-    run(RUN + ["--out", out])
+    log = run(RUN + ["--out", out])
+    assert "detector: loaded from " in log  # this time from the cache: the same numbers all the same
     assert metrics_of(out) == metrics_of(finished[0])
+
+
+def cached_detector(log):
+    path = re.search(r"^detector: (?:loaded from|pretraining .* cached as) (\S+)$", log, re.M).group(1)
+    return path, torch.load(path, weights_only=True)["detector"]
+
+
+def test_every_run_starts_from_the_one_cached_detector(finished, tmp_path):
+    """The baseline, another seed and the aligned run all load the same cached detector (its own seed);
+    by default it stays frozen, so the tested model holds exactly its weights."""
+    path, det = cached_detector(finished[1])
+    for extra in (["--no-align"], ["--seed", "1"]):
+        log = run(SMOKE + ["--iters", "2", "--eval-every", "2", "--out", str(tmp_path / extra[-1])] + extra)
+        assert f"detector: loaded from {path}" in log
+        assert "(detector frozen, " in log
+        best = torch.load(str(tmp_path / extra[-1] / "ckpt_best.pt"), weights_only=True)["model"]
+        for name, w in det.items():
+            assert torch.equal(best[name], w), name
+    # an explicit --detector-ckpt is used as given
+    log = run(SMOKE + ["--iters", "2", "--eval-every", "2", "--out", str(tmp_path / "explicit"),
+                       "--detector-ckpt", path, "--lr-detector", "1e-4"])
+    assert f"detector: loaded from {path}" in log and "(detector frozen, " not in log
+    assert "no such file" in user_error(SMOKE + ["--detector-ckpt", str(tmp_path / "none.pt"),
+                                                 "--out", str(tmp_path / "x")])
+
+
+def test_zero_shot_recall(tmp_path):
+    """evaluate() given the training triplets reports zsR@K: with none seen, every test triplet is zero-shot."""
+    model = S.SGTR(tiny_cfg(no_align=True), C1, P1)
+    g = torch.Generator().manual_seed(0)
+    images = [(torch.rand(3, 40, 48, generator=g),
+               dict(boxes=torch.tensor([[2.0, 3, 20, 30], [15, 5, 40, 35]]), labels=torch.tensor([1, 2]),
+                    relations=torch.tensor([[0, 1, 3]]), size=(40, 48), image_id=i)) for i in range(3)]
+
+    class Images(list):
+        num_predicates = P1
+
+    summary, _ = S.evaluate(model, Images(images), model.cfg, torch.device("cpu"), None, zeroshot=set())
+    for k in ("zsR@20", "zsR@50", "zsR@100"):
+        assert 0.0 <= summary[k] <= 1.0, k
+    plain, _ = S.evaluate(model, Images(images), model.cfg, torch.device("cpu"), None)
+    assert "zsR@50" not in plain and plain["R@50"] == summary["R@50"]
+
+
+def test_vg_preset_trains_and_evaluates_on_a_vg_folder(tmp_path):
+    """--preset vg builds SGTR's sizes (d 256, 6-layer encoders and decoders, 100 / 180 queries) and runs
+    on data in the Visual Genome format (a tiny folder, as tests/test_data.py writes it; small images)."""
+    from test_data import write_vg_folder
+    vg = write_vg_folder(str(tmp_path / "vg"))
+    out = str(tmp_path / "run")
+    log = run(["--preset", "vg", "--data", vg, "--num-val-im", "1", "--max-size", "64", "--iters", "1",
+               "--det-iters", "1", "--batch-size", "2", "--det-batch", "2", "--eval-batch", "2",
+               "--eval-every", "1", "--out", out])
+    with open(os.path.join(out, "args.json")) as f:
+        args = json.load(f)
+    assert (args["d_model"], args["enc_layers"], args["ent_dec_layers"], args["rel_enc_layers"],
+            args["pred_dec_layers"], args["num_ent_queries"], args["num_pred_queries"]) == (256, 6, 6, 6, 6, 100, 180)
+    assert re.search(r"^model: \d+\.\d+M parameters", log, re.M) and "1 iterations x 2 images" in log
+    ck = torch.load(os.path.join(out, "ckpt_best.pt"), weights_only=True)
+    assert ck["model"]["pred_query.weight"].shape == (180, 3 * 256) and len(ck["vocab"]["idx_to_predicate"]) > 1
+    m = metrics_of(out)
+    assert m["num_images"] == 1 and 0.0 <= m["R@50"] <= 1.0 and 0.0 <= m["det_mAP@0.5"] <= 1.0
 
 
 def test_killed_run_resumes_to_the_uninterrupted_end(finished, tmp_path):

@@ -107,6 +107,14 @@ def attention_by_hand(mha, q, k, v, kpm=None, p=0.0, seed=None):
     return mha.o_proj((attn @ vh).transpose(1, 2).reshape(B, Lq, D))
 
 
+def layer_by_hand(L, t, qpos, mem, mpos, kpm=None, p=0.0, seed=None):
+    """A decoder layer without dropout: self-attention (never masked), cross-attention (masked with a
+    seed), FFN, each a post-norm residual."""
+    t = L.norm1(t + attention_by_hand(L.self_attn, t + qpos, t + qpos, t))
+    t = L.norm2(t + attention_by_hand(L.cross_attn, t + qpos, mem + mpos, mem, kpm, p, seed))
+    return L.norm3(t + L.ffn.fc2(F.relu(L.ffn.fc1(t))))
+
+
 def decoder_by_hand(model, inputs, class_heads, p=0.0, seeds=None):
     """No dropout anywhere. seeds None = the original (nothing masked); else one (relation memory,
     subject, object) seed triple per layer for the three cross-attention blocks, never the
@@ -114,19 +122,16 @@ def decoder_by_hand(model, inputs, class_heads, p=0.0, seeds=None):
     qp, qs, qo = inputs["qp"], inputs["qs"], inputs["qo"]
     rel, rel_pos, kpm = inputs["rel_mem"], inputs["rel_pos"], inputs["rel_kpm"]
     ent, ent_pos = inputs["ent_mem"], inputs["ent_pos"]
-    ffn = lambda f, x: f.fc2(F.relu(f.fc1(x)))
     outs = []
     for i, L in enumerate(model.pred_decoder):
         s = seeds[i] if seeds is not None else (None, None, None)
-        qp = L.norm_self(qp + attention_by_hand(L.self_attn, qp, qp, qp))
-        qp = L.norm_rel(qp + attention_by_hand(L.rel_cross, qp, rel + rel_pos, rel, kpm, p, s[0]))
-        qs = L.norm_sub(qs + attention_by_hand(L.sub_cross, qs + qp, ent + ent_pos, ent, None, p, s[1]))
-        qo = L.norm_obj(qo + attention_by_hand(L.obj_cross, qo + qp, ent + ent_pos, ent, None, p, s[2]))
-        qp = L.norm_fuse(qp + L.fuse(torch.cat([qs, qo], -1)))
-        qp, qs, qo = (L.norm_ffn_p(qp + ffn(L.ffn_p, qp)), L.norm_ffn_s(qs + ffn(L.ffn_s, qs)),
-                      L.norm_ffn_o(qo + ffn(L.ffn_o, qo)))
+        qp = layer_by_hand(L.predicate, qp, inputs["pos_p"], rel, rel_pos, kpm, p, s[0])   # predicate sub-decoder
+        qs = layer_by_hand(L.subject, qs, inputs["pos_s"], ent, ent_pos, None, p, s[1])    # subject indicators
+        qo = layer_by_hand(L.object, qo, inputs["pos_o"], ent, ent_pos, None, p, s[2])     # object indicators
+        qp = qp + F.relu(L.fuse_sub(qs) + L.fuse_obj(qo))                                  # fusion
         hp, hs, ho = (norm(x) for norm, x in zip(model.pred_norms, (qp, qs, qo)))
-        outs.append(dict(pred_logits=class_heads[0](hp), sub_logits=class_heads[1](hs), obj_logits=class_heads[2](ho),
+        outs.append(dict(pred_logits=class_heads[0](hp), rel_vec=model.rel_vec(hp).sigmoid(),
+                         sub_logits=class_heads[1](hs), obj_logits=class_heads[2](ho),
                          sub_boxes=model.sub_box(hs).sigmoid(), obj_boxes=model.obj_box(ho).sigmoid()))
     return outs
 
@@ -337,7 +342,7 @@ def test_target_distributions_are_fixed():
 
 
 BEFORE_THE_DECODER = ("backbone.", "input_proj.", "encoder.", "ent_anchor.", "ent_qpos.", "ent_decoder.", "ent_norm.",
-                      "ent_class.", "ent_box.", "rel_encoder.", "pred_query.", "query_cond.", "ent_box_embed.")
+                      "ent_class.", "ent_box.", "rel_encoder.", "pred_query.", "query_gen.", "query_split.", "ent_box_embed.")
 
 
 @pytest.mark.parametrize("kw", [dict(), dict(align_loss="supervised"), dict(tied_head=True)])
@@ -347,8 +352,9 @@ def test_stop_gradient_at_the_mirrors_inputs(kw):
     assert not leaked, f"L_align ({kw}) reached parameters before the decoder: {leaked[:5]}"
     # the structural decoder itself is trained by the alignment, in every layer
     for i in range(3):
-        for block in ("self_attn", "rel_cross", "sub_cross", "obj_cross"):
-            assert has_grad(grads[f"pred_decoder.{i}.{block}.q_proj.weight"]), (i, block)
+        for sub_decoder in ("predicate", "subject", "object"):
+            for block in ("self_attn", "cross_attn"):
+                assert has_grad(grads[f"pred_decoder.{i}.{sub_decoder}.{block}.q_proj.weight"]), (i, sub_decoder, block)
 
 
 # ----------------------------------------------------------------------------------------------
