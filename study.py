@@ -20,6 +20,7 @@ machine like ours). results/ holds no checkpoints, and a run whose results/N/ ex
 """
 import argparse
 import fnmatch
+import inspect
 import json
 import os
 import shlex
@@ -347,11 +348,103 @@ def per_predicate_figures(res, results):
 
 
 # ----------------------------------------------------------------------------------------------
+# Figure 4 (supplementary section 7): what the mirror's masked cross-attention looks like
+
+def figure4(ckpt, out, image_index=0, head=0):
+    """For one test image and its most confident predicate query: the attention weights of the last
+    structural-decoder layer's cross-attention to the image tokens, in the original decoder and in the
+    mirror, whose attention logits are set to -inf where bernoulli_mask(seed) draws True (the mask the
+    kernel applies, materialised here for the picture). One head; the mirror's queries differ from the
+    original's too, because its earlier layers were masked as well."""
+    import dataclasses
+    import torch
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    sys.path.insert(0, ROOT)
+    import data
+    import sgtr_align as m
+    from kernels import bernoulli_mask
+    ck = m.load_checkpoint(ckpt, ("model", "args", "vocab"))
+    cfg = m.Config(**{k: v for k, v in ck["args"].items() if k in {f.name for f in dataclasses.fields(m.Config)}})
+    cfg = dataclasses.replace(cfg, no_align=False, device="cpu")
+    test = m.load_datasets(cfg)[2]
+    model = m.SGTR(cfg, len(ck["vocab"]["idx_to_label"]), len(ck["vocab"]["idx_to_predicate"])).eval()
+    # the shared weights are the checkpoint's; a baseline checkpoint has no untied heads, and the picture
+    # does not use them (it shows attention weights, which only the shared weights make)
+    model.load_state_dict(ck["model"], strict=False)
+    images, targets = data.collate([test[image_index]])
+    calls, shape = [], {}
+    model.input_proj.register_forward_hook(lambda mod, i, o: shape.update(hw=o.shape[-2:]))
+    last = model.pred_decoder[-1]
+    for block in last.modules():
+        if isinstance(block, m.MultiheadAttention):
+            block.register_forward_hook(lambda mod, args, kwargs, out: calls.append(
+                (mod, inspect.signature(mod.forward).bind(*args, **kwargs).arguments)), with_kwargs=True)
+    with torch.no_grad():
+        ent_out, pred_out, inputs = model(images, m.pad_mask_for(images, targets))
+        S = inputs["rel_mem"].shape[1] if "rel_mem" in inputs else None
+        calls.clear()
+        original = model.forward_decoder(inputs, use_dropout=False)[-1]
+        orig_calls = list(calls)
+        calls.clear()
+        model.mirror(model, inputs)
+        mirror_calls = list(calls)
+    probs = original["pred_logits"][0].softmax(-1)[:, 1:]  # (Qp, P) without "no relation"
+    query = int(probs.max(-1).values.argmax())
+    predicate = ck["vocab"]["idx_to_predicate"][int(probs[query].argmax()) + 1]
+
+    def weights(call):
+        mod, a = call
+        q, k, kpm, p, seed = a["q"], a["k"], a.get("key_padding_mask"), a.get("mask_p", 0.0), a.get("seed")
+        B, Lq, D = q.shape
+        Hd = mod.nheads
+        qh = mod.q_proj(q).view(B, Lq, Hd, D // Hd).transpose(1, 2)
+        kh = mod.k_proj(k).view(B, k.shape[1], Hd, D // Hd).transpose(1, 2)
+        logits = qh @ kh.transpose(-2, -1) / np.sqrt(D // Hd)  # (B, Hd, Lq, Lk)
+        if kpm is not None:
+            logits = logits.masked_fill(kpm[:, None, None, :], float("-inf"))
+        drop = torch.zeros_like(logits, dtype=torch.bool)
+        if seed is not None and p > 0:
+            drop = bernoulli_mask(seed, logits.shape, p)
+            logits = logits.masked_fill(drop, float("-inf"))
+        return logits.softmax(-1)[0, head, query], drop[0, head, query]  # (Lk,) each
+
+    image_calls = [c for c in orig_calls if c[1]["k"].shape[1] == S]
+    mirror_image_calls = [c for c in mirror_calls if c[1]["k"].shape[1] == S]
+    with torch.no_grad():
+        w_orig, _ = weights(image_calls[0])
+        w_mirror, drop = weights(mirror_image_calls[0])
+    h, w = shape["hw"]
+    H, W = targets[0]["size"]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 4.2))
+    axes[0].imshow(images[0, :, :H, :W].permute(1, 2, 0).numpy())
+    axes[0].set_title(f"test image {image_index}; predicate query {query} ('{predicate}')")
+    top = float(max(w_orig.max(), w_mirror.max()))
+    for ax, wts, title in ((axes[1], w_orig, "original: cross-attention weights"),
+                           (axes[2], w_mirror, f"mirror: logits set to -inf with p = {cfg.mask_p:g} (black)")):
+        ax.imshow(wts.view(h, w).numpy(), cmap="viridis", vmin=0.0, vmax=top)  # one colour scale for both
+        ax.set_title(title, fontsize=10)
+    dropped = drop.view(h, w).numpy()
+    ys, xs = np.nonzero(dropped)
+    axes[2].scatter(xs, ys, marker="s", s=14, c="black")
+    for ax in axes:
+        ax.set_xticks([]), ax.set_yticks([])
+    fig.suptitle(f"Figure 4: the last structural-decoder layer's cross-attention to the image tokens ({h} x {w}), "
+                 f"head {head}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    print(f"wrote {out}: {int(dropped.sum())} of {h * w} attention logits of this query and head masked")
+    return w_orig, w_mirror, drop
+
+
+# ----------------------------------------------------------------------------------------------
 # main
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("command", choices=["list", "run", "report", "verify", "bench"])
+    ap.add_argument("command", choices=["list", "run", "report", "verify", "bench", "figure4"])
     ap.add_argument("what", nargs="*", help="tables (table1..table5), run names or patterns; bench: motifs|sgtr")
     ap.add_argument("--seeds", default=",".join(map(str, SEEDS)), help="comma-separated seeds (default 0,1,2,3)")
     ap.add_argument("--jobs", type=int, default=1, choices=[1, 2], help="runs at once, each on its own core")
@@ -359,6 +452,7 @@ def main(argv=None):
     ap.add_argument("--runs-dir", default="runs/study", help="where runs train (checkpoints), relative to the repo")
     ap.add_argument("--extra", default="", help="flags appended to every run's command (e.g. a smoke budget)")
     ap.add_argument("--threads", type=int, default=1, help="bench: torch CPU threads")
+    ap.add_argument("--ckpt", default="", help="figure4: an SGTR checkpoint (a run's ckpt_best.pt)")
     a = ap.parse_args(argv)
     try:
         seeds = [int(s) for s in a.seeds.split(",")]
@@ -368,6 +462,11 @@ def main(argv=None):
     runs = study_runs(seeds)
     if a.command == "report":
         return report(a.results)
+    if a.command == "figure4":
+        if not a.ckpt:
+            raise SystemExit("error: figure4 needs --ckpt PATH (an SGTR run's ckpt_best.pt)")
+        os.makedirs(a.results, exist_ok=True)
+        return figure4(a.ckpt, os.path.join(a.results, "figure4_masking.png"))
     if a.command == "bench":
         import torch
         torch.set_num_threads(a.threads)
