@@ -53,8 +53,9 @@ Differences from SGTR (see also docs/sgtr.md)
       start from the boxes of the most confident image tokens (query selection, as two-stage Deformable
       DETR and DINO) and are refined per layer (DAB-DETR style), rather than DETR's learned queries,
       because DETR converges too slowly for a CPU budget (300 pretraining iterations: 65% of the test
-      boxes found at IoU >= 0.5 with selection, 26% with learned anchor boxes, --entity-queries anchors). By default the detector stays frozen while SGTR trains
-      (--lr-detector / --lr-backbone > 0 fine-tune it, as SGTR does and --preset vg does).
+      boxes found at IoU >= 0.5 with selection, 26% with learned anchor boxes, --entity-queries
+      anchors). By default the detector stays frozen while SGTR trains (--lr-detector / --lr-backbone
+      > 0 fine-tune it, as SGTR does and --preset vg does).
     - The predicate node generator is SGTR's (query generation from the entities, predicate and entity
       indicator sub-decoders per layer, fusion, relation location, graph-assembling distance) except:
       post-norm layers (SGTR: pre-norm); the entity tokens carry an embedding of their boxes as keys in
@@ -272,7 +273,7 @@ class Config:
     num_pred_queries: int = 30
     """Qp"""
     entity_queries: str = "select"
-    """entity decoder's first reference boxes: 'select' (the most confident image tokens' boxes, DINO) or 'anchors' (learned)"""
+    """first entity reference boxes: 'select' (the most confident tokens' boxes, as DINO) or 'anchors' (learned)"""
     max_size: int = 0
     """if > 0, resize images so the longest side is this (--infer: default the training images' longest side)"""
     # the entity detector, pretrained first (as SGTR starts from a DETR trained on the dataset)
@@ -379,8 +380,9 @@ def check_config(cfg: Config):
     for name in positive:
         if getattr(cfg, name) < 1:
             fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
-    for name in ("num_workers", "max_eval_images", "num_val_im", "max_size", "val_images", "rel_enc_layers", "warmup_iters",
-                 "lr", "lr_detector", "lr_backbone", "det_lr", "weight_decay", "grad_clip", "align_weight", "dropout", "eos_coef"):
+    for name in ("num_workers", "max_eval_images", "num_val_im", "max_size", "val_images", "rel_enc_layers",
+                 "warmup_iters", "lr", "lr_detector", "lr_backbone", "det_lr", "weight_decay", "grad_clip",
+                 "align_weight", "dropout", "eos_coef"):
         if getattr(cfg, name) < 0:
             fail(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
     if cfg.device not in ("auto", "cpu", "cuda"):
@@ -811,8 +813,8 @@ class SGTR(nn.Module):
         """Run the structural predicate decoder; returns one dict of predictions per layer.
 
         inputs: rel_mem (B, S, D), rel_pos (B, S, D), rel_kpm (B, S), ent_mem / ent_pos (B, Qe, D), the
-        initial features qp / qs / qo and the learned positions pos_p / pos_s / pos_o (B, Qp, D). heads: the (predicate, subject, object) class heads, the original's if
-        None. seeds: None (the original) or one triple of ints per layer (the mirror).
+        initial features qp / qs / qo and the learned positions pos_p / pos_s / pos_o (B, Qp, D).
+        heads: the (predicate, subject, object) class heads, the original's if None. seeds: None (the original) or one triple of ints per layer (the mirror).
         """
         qp, qs, qo = inputs["qp"], inputs["qs"], inputs["qo"]
         pred_class, sub_class, obj_class = heads or (self.pred_class, self.sub_class, self.obj_class)
@@ -1169,7 +1171,8 @@ def detector_path(cfg, root, device):
     if cfg.detector_ckpt:
         return cfg.detector_ckpt, True
     fields = ("d_model", "nheads", "ffn_dim", "dropout", "backbone_width", "backbone_stride", "enc_layers",
-              "ent_dec_layers", "num_ent_queries", "entity_queries", "max_size", "det_iters", "det_batch", "det_lr", "det_seed",
+              "ent_dec_layers", "num_ent_queries", "entity_queries", "max_size", "det_iters", "det_batch", "det_lr",
+              "det_seed",
               "warmup_iters", "lr_drop", "weight_decay", "grad_clip", "w_cls", "w_l1", "w_giou", "eos_coef")
     key_src = json.dumps({"version": 1, "root": os.path.abspath(root), "threads": torch.get_num_threads(),
                           "device": device.type, **{k: getattr(cfg, k) for k in fields}}, sort_keys=True)
@@ -1231,7 +1234,8 @@ def pretrain_detector(cfg, train_ds, device, log):
     sched = torch.optim.lr_scheduler.LambdaLR(opt, StepSchedule(warmup, int(cfg.lr_drop * cfg.det_iters)))
     loader = torch.utils.data.DataLoader(train_ds, batch_size=cfg.det_batch, collate_fn=data.collate,
                                          sampler=data.TrainingSampler(len(train_ds), seed=cfg.det_seed),
-                                         num_workers=cfg.num_workers, generator=torch.Generator().manual_seed(cfg.det_seed))
+                                         num_workers=cfg.num_workers,
+                                         generator=torch.Generator().manual_seed(cfg.det_seed))
     model.train()
     batches, t0, loss_sum, n_sum = iter(loader), time.time(), 0.0, 0
     for step in range(1, cfg.det_iters + 1):

@@ -2,7 +2,8 @@
 3.1, 3.2, 4.1, 4.3, 7) is tested in tests/test_sgtr_method.py.
 
 The smoke runs launch the script on the synthetic data from the test session's private cache
-(conftest.py).
+(conftest.py); the first one pretrains the entity detector (2 iterations) into that cache, and the
+later ones with the same detector settings load it from there.
 """
 import json
 import os

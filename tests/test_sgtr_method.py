@@ -342,7 +342,8 @@ def test_target_distributions_are_fixed():
 
 
 BEFORE_THE_DECODER = ("backbone.", "input_proj.", "encoder.", "enc_class.", "enc_box.", "ent_anchor.", "ent_qpos.",
-                      "ent_decoder.", "ent_norm.", "ent_class.", "ent_box.", "rel_encoder.", "pred_query.", "query_gen.", "query_split.", "ent_box_embed.")
+                      "ent_decoder.", "ent_norm.", "ent_class.", "ent_box.", "rel_encoder.", "pred_query.", "query_gen.",
+                      "query_split.", "ent_box_embed.")
 
 
 @pytest.mark.parametrize("kw", [dict(), dict(align_loss="supervised"), dict(tied_head=True)])
