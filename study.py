@@ -540,6 +540,8 @@ def bench(what, rounds=5, steps=6, n_batches=6):
         train = m.load_datasets(cfg)[0]
         C, P = train.num_classes, train.num_predicates
         models = {a: m.SGTR(dataclasses.replace(cfg, no_align=not a), C, P) for a in (False, True)}
+        for model in models.values():   # as training runs it: the pretrained detector frozen (its weights
+            model.freeze_detector()     # do not change the cost of a step)
         step = {a: (lambda images, targets, a=a: m.train_step(models[a], images, targets,
                                                                dataclasses.replace(cfg, no_align=not a)))
                 for a in (False, True)}
