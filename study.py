@@ -286,6 +286,9 @@ def report(results):
     figures = per_predicate_figures(res, results)
     lines += ["## Figure 5: per-predicate test R@100, aligned − baseline, training-frequency order", ""]
     lines += [f"![{f}]({f})" for f in figures] + [""]
+    if os.path.isfile(os.path.join(results, "figure4_masking.png")):   # python study.py figure4 --ckpt ...
+        lines += ["## Figure 4: the mirror's masked cross-attention (SGTR, one predicate query)", "",
+                  "![figure4_masking.png](figure4_masking.png)", ""]
     with open(os.path.join(results, "README.md"), "w") as f:
         f.write("\n".join(lines))
     print("\n".join(lines))
