@@ -101,11 +101,10 @@ def study_runs(seeds=SEEDS):
 
 def select(runs, what):
     """Runs named by a table, a run name or a pattern, in the study's order."""
-    chosen = []
-    for r in runs:
-        if any(w in r["tables"] or fnmatch.fnmatch(r["name"], w) for w in what):
-            chosen.append(r)
-    unmatched = [w for w in what if not any(w in r["tables"] or fnmatch.fnmatch(r["name"], w) for r in runs)]
+    def named(r, w):
+        return w in r["tables"] or fnmatch.fnmatch(r["name"], w)
+    chosen = [r for r in runs if any(named(r, w) for w in what)]
+    unmatched = [w for w in what if not any(named(r, w) for r in runs)]
     if unmatched:
         raise SystemExit(f"error: {', '.join(unmatched)} names no run of the study (see `python study.py list`)")
     return chosen
@@ -122,10 +121,10 @@ def command(run, runs_dir, extra):
     return ["python", run["script"], *run["args"], *extra, "--out", out]
 
 
-def run_one(run, results, runs_dir, extra, core=None):
-    """Start (or resume) one run; -> (Popen, folder, started) to wait on."""
-    out = os.path.join(runs_dir, run["name"])
+def run_one(run, runs_dir, extra, core=None):
+    """Start (or resume) one run -> (Popen, its stdout file, the command for command.txt)."""
     cmd = command(run, runs_dir, extra)
+    out = cmd[-1]
     argv = [sys.executable, *cmd[1:]]
     if os.path.isfile(os.path.join(out, "ckpt_last.pt")) and not os.path.isfile(os.path.join(out, "metrics.json")):
         argv.append("--resume")   # a run killed earlier continues where it stopped (and ends the same)
@@ -137,7 +136,7 @@ def run_one(run, results, runs_dir, extra, core=None):
     return proc, stdout, cmd
 
 
-def collect(run, results, runs_dir, cmd, wall, cpu):
+def collect(run, results, runs_dir, wall, cpu):
     """Copy a finished run's results into results/<name>/ (written under a temporary name, then renamed)."""
     out, dest = os.path.join(runs_dir, run["name"]), os.path.join(results, run["name"])
     tmp = dest + ".partial"
@@ -146,7 +145,7 @@ def collect(run, results, runs_dir, cmd, wall, cpu):
     for f in ("args.json", "metrics.json", "log.txt"):
         shutil.copy(os.path.join(out, f), tmp)
     with open(os.path.join(tmp, "command.txt"), "w") as f:
-        f.write("OMP_NUM_THREADS=1 " + " ".join(shlex.quote(c) for c in cmd) + "\n")
+        f.write("OMP_NUM_THREADS=1 " + " ".join(shlex.quote(c) for c in run["cmd"]) + "\n")
     with open(os.path.join(tmp, "run.json"), "w") as f:
         json.dump({k: run[k] for k in ("model", "mode", "arm", "seed", "tables")} |
                   {"wall_seconds": round(wall, 1), "cpu_seconds": round(cpu, 1)}, f, indent=1)
@@ -164,7 +163,7 @@ def run_study(todo, results, runs_dir, extra, jobs):
         while waiting and len(started) < jobs and not alone:
             r = waiting.pop(0)
             core = ({0, 1} - {c for c, _ in started}).pop() if jobs > 1 else None
-            proc, log, cmd = run_one(r, results, runs_dir, extra, core)
+            proc, log, cmd = run_one(r, runs_dir, extra, core)
             started[(core, proc.pid)] = dict(r, proc=proc, log=log, cmd=cmd, t=time.time())
             print(f"{r['name']}: started ({len(started)} running, {done} of {len(todo)} done)", flush=True)
             alone = r["script"] in first_of
@@ -178,7 +177,7 @@ def run_study(todo, results, runs_dir, extra, jobs):
         if os.waitstatus_to_exitcode(status) != 0:
             raise SystemExit(f"error: {r['name']} failed (exit {os.waitstatus_to_exitcode(status)}); its output "
                              f"is in {os.path.join(runs_dir, r['name'] + '.stdout')}")
-        collect(r, results, runs_dir, r["cmd"], wall, cpu)
+        collect(r, results, runs_dir, wall, cpu)
         m = read_json(os.path.join(results, r["name"], "metrics.json"))
         print(f"[{done}/{len(todo)}] {r['name']}: done in {wall / 60:.1f} min ({cpu / 60:.1f} CPU min) | "
               f"R@50 {100 * m['R@50']:.2f} | mR@50 {100 * m['mR@50']:.2f} | "
@@ -531,10 +530,10 @@ def bench(what, rounds=5, steps=6, n_batches=6):
         train, C, P = ds["train"], ds["train"].num_classes, ds["train"].num_predicates
         # A random detector and a flat prior: in PredCls the relation step costs the same with any weights.
         detector = m.Detector(cfg, C).eval().requires_grad_(False)
-        models = {a: m.MotifsRelationModel(dataclasses.replace(cfg, no_align=not a), C, P, detector.backbone.out_channels,
-                                           detector.stride, torch.zeros(C, C, P)) for a in (False, True)}
-        step = {a: (lambda images, targets, a=a: m.train_step(models[a], detector, images, targets,
-                                                               dataclasses.replace(cfg, no_align=not a)))
+        cfgs = {a: dataclasses.replace(cfg, no_align=not a) for a in (False, True)}
+        models = {a: m.MotifsRelationModel(cfgs[a], C, P, detector.backbone.out_channels, detector.stride,
+                                           torch.zeros(C, C, P)) for a in (False, True)}
+        step = {a: (lambda images, targets, a=a: m.train_step(models[a], detector, images, targets, cfgs[a]))
                 for a in (False, True)}
         what_ = f"Motifs PredCls, batch {cfg.batch_size}"
     else:
@@ -542,11 +541,11 @@ def bench(what, rounds=5, steps=6, n_batches=6):
         cfg = m.parse_config([])
         train = m.load_datasets(cfg)[0]
         C, P = train.num_classes, train.num_predicates
-        models = {a: m.SGTR(dataclasses.replace(cfg, no_align=not a), C, P) for a in (False, True)}
+        cfgs = {a: dataclasses.replace(cfg, no_align=not a) for a in (False, True)}
+        models = {a: m.SGTR(cfgs[a], C, P) for a in (False, True)}
         for model in models.values():   # as training runs it: the pretrained detector frozen (its weights
             model.freeze_detector()     # do not change the cost of a step)
-        step = {a: (lambda images, targets, a=a: m.train_step(models[a], images, targets,
-                                                               dataclasses.replace(cfg, no_align=not a)))
+        step = {a: (lambda images, targets, a=a: m.train_step(models[a], images, targets, cfgs[a]))
                 for a in (False, True)}
         what_ = f"SGTR SGDet, batch {cfg.batch_size}"
     loader = torch.utils.data.DataLoader(train, batch_size=cfg.batch_size, collate_fn=data.collate,
