@@ -1155,6 +1155,11 @@ def train(cfg, out_dir, rank, world, device):
             save_checkpoint(last_path, cfg, model, opt, sched, state, rank, world)
     log(f"stage 2 done ({clock(t_stage)}{'; CPU time since the resume' if cfg.resume else ''})")
 
+    # The last iteration's weights on the test split too (metrics.json's "final"): the paper tests the best
+    # validation checkpoint, and docs/variance.md compares the two ways of choosing.
+    final = evaluate(model, detector, first(ds["test"], cfg.max_eval_images), cfg, device, groups,
+                     seen_triplets=seen)
+    final["val_mR@50"] = state["history"]["val_mR@50"][-1]   # validated at the last iteration
     # Test the checkpoint with the best validation mR@50 (the paper's model selection).
     ck = load_checkpoint(best_path, device)
     model.load_state_dict(ck["model"])
@@ -1162,7 +1167,8 @@ def train(cfg, out_dir, rank, world, device):
     t_stage = (time.time(), time.process_time())
     summary, examples = evaluate(model, detector, first(ds["test"], cfg.max_eval_images), cfg, device, groups,
                                  keep_examples=4, seen_triplets=seen)
-    summary.update({"det_mAP@0.5": det_map, "best_step": ck["step"], "val_mR@50": ck["state"]["best_val_mR@50"]})
+    summary.update({"det_mAP@0.5": det_map, "best_step": ck["step"], "val_mR@50": ck["state"]["best_val_mR@50"],
+                    "final": final})
     log(f"test done ({clock(t_stage)})")
     finish(cfg, out_dir, summary, state["history"], ds, counts, groups, log, rank, examples)
     log(f"total time {clock(t_run)}")
@@ -1395,15 +1401,18 @@ def all_pairs(n, device):
 
 
 @torch.no_grad()
-def evaluate(model, detector, ds, cfg, device, groups, freq_log_probs=None, keep_examples=0, seen_triplets=None):
+def evaluate(model, detector, ds, cfg, device, groups, freq_log_probs=None, keep_examples=0, seen_triplets=None,
+             ev=None):
     """-> metrics.SGEvaluator summary (and the first keep_examples predictions of rank 0).
     With freq_log_probs instead of a model: the frequency-prior-only predictor (Motifs' FREQ).
-    seen_triplets: the training split's triplets (metrics.training_triplets), for zsR@K."""
+    seen_triplets: the training split's triplets (metrics.training_triplets), for zsR@K.
+    ev: an empty SGEvaluator to fill instead of a new one (its per-image records stay with the caller)."""
     base = ds.dataset if isinstance(ds, torch.utils.data.Subset) else ds
     if model is not None:
         model.eval()
-    ev = metrics.SGEvaluator(cfg.mode, base.num_predicates - 1, predicate_groups=groups,
-                             zeroshot_triplets=seen_triplets)
+    if ev is None:
+        ev = metrics.SGEvaluator(cfg.mode, base.num_predicates - 1, predicate_groups=groups,
+                                 zeroshot_triplets=seen_triplets)
     examples, seen = [], 0
     for images, targets in eval_loader(ds, cfg):
         images, targets = images.to(device), to_device(targets, device)

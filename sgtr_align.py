@@ -1119,6 +1119,10 @@ def train(cfg: Config, device) -> dict:
     train_seconds = time.time() - t_start
     log(f"training done in {fmt_time(train_seconds)} (validation included)")
 
+    # The last iteration's weights on the test split too (metrics.json's "final"): the paper tests the best
+    # validation checkpoint, and docs/variance.md compares the two ways of choosing.
+    final, _ = evaluate(model, test_ds, cfg, device, groups, cfg.max_eval_images, zeroshot=seen)
+    final["val_mR@50"] = [h for h in state["history"] if "val_mR@50" in h][-1]["val_mR@50"]   # the last iteration's
     # Test with the best validation checkpoint. Rank 0 may have written it at the last validation:
     # every rank waits for that write, then loads it, and says which one it tests.
     barrier()
@@ -1133,7 +1137,8 @@ def train(cfg: Config, device) -> dict:
                                  zeroshot=seen)
     summary.update({"det_mAP@0.5": det_quality["mAP@0.5"], "det_recall@0.5": det_quality["recall@0.5"],
                     "det_recall@0.5_class": det_quality["recall@0.5_class"],
-                    "best_step": ck["step"], "best_val_mR@50": ck["val_mR@50"], "history": state["history"]})
+                    "best_step": ck["step"], "best_val_mR@50": ck["val_mR@50"], "history": state["history"],
+                    "final": final})
     timing = {"train_seconds": train_seconds, "test_seconds": time.time() - t_test}
     finish(cfg, out_dir, summary, timing, examples, train_ds, test_ds, counts, groups, log)
     return summary
@@ -1374,17 +1379,19 @@ def finish(cfg, out_dir, summary, timing, examples, train_ds, test_ds, counts, g
 # Evaluation: evaluate() (SGDet with metrics.SGEvaluator)
 
 @torch.no_grad()
-def evaluate(model, ds, cfg, device, groups, max_images=0, keep_examples=0, zeroshot=None):
+def evaluate(model, ds, cfg, device, groups, max_images=0, keep_examples=0, zeroshot=None, ev=None):
     """SGDet evaluation on the first `max_images` images of `ds` (all if 0). Returns (summary, examples).
     zeroshot: the training split's (subject, predicate, object) classes (metrics.training_triplets):
-    the summary then has zsR@K, the recall of the test triplets never seen in training."""
+    the summary then has zsR@K, the recall of the test triplets never seen in training.
+    ev: an empty SGEvaluator to fill instead of a new one (its per-image records stay with the caller)."""
     model.eval()
     n = len(ds) if max_images <= 0 else min(len(ds), max_images)
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, range(n)), batch_size=cfg.eval_batch,
                                          sampler=data.InferenceSampler(n), collate_fn=data.collate,
                                          num_workers=cfg.num_workers, generator=torch.Generator())
-    ev = metrics.SGEvaluator("sgdet", num_predicates=ds.num_predicates - 1, ks=(20, 50, 100),
-                             predicate_groups=groups, zeroshot_triplets=zeroshot)
+    if ev is None:
+        ev = metrics.SGEvaluator("sgdet", num_predicates=ds.num_predicates - 1, ks=(20, 50, 100),
+                                 predicate_groups=groups, zeroshot_triplets=zeroshot)
     examples = []
     for images, targets in loader:
         images = images.to(device)

@@ -10,6 +10,7 @@ only launches it, keeps its results and writes down the command.
     python study.py report                 # results/README.md and the figures, from results/ alone
     python study.py verify RUN             # rerun one finished run and check its metrics.json is identical
     python study.py bench motifs|sgtr      # one training step with and without the alignment (time ratio)
+    python study.py variance motifs|sgtr   # docs/variance.md's tables: where the spread between seeds comes from
 
 WHAT is a table (table1 ... table5), a run name, or a pattern over run names ('motifs-predcls-*').
 
@@ -213,24 +214,35 @@ def val_mr50(m):
     return m.get("best_val_mR@50", m.get("val_mR@50"))
 
 
-def load_results(results):
-    """-> {(model, mode, arm): {seed: metrics}} and the list of run.json records."""
+def load_results(results, checkpoint="last"):
+    """-> {(model, mode, arm): {seed: metrics}} and the list of run.json records.
+
+    checkpoint: whose test metrics a run stands for. 'last' (the study's protocol, docs/variance.md): the
+    weights of the last iteration, metrics.json's "final", with "val_mR@50" their validation mR@50; 'best':
+    the checkpoint with the best validation mR@50 (the paper's model selection), metrics.json's top level.
+    FREQ runs train nothing: both are their one evaluation."""
     table, records = {}, []
     for name in sorted(os.listdir(results)):
         folder = os.path.join(results, name)
         if not os.path.isfile(os.path.join(folder, "run.json")):
             continue
         info, m = read_json(os.path.join(folder, "run.json")), read_json(os.path.join(folder, "metrics.json"))
-        if val_mr50(m) is not None:
+        if checkpoint == "last" and info["arm"] != "FREQ":
+            if "final" not in m:
+                raise SystemExit(f"error: {folder}/metrics.json has no \"final\" (the last iteration's test "
+                                 f"metrics): the run predates them; move the folder away and run it again")
+            m = m["final"]
+        elif val_mr50(m) is not None:
             m["val_mR@50"] = val_mr50(m)
         table.setdefault((info["model"], info["mode"], info["arm"]), {})[info["seed"]] = m
         records.append(info)
     return table, records
 
 
-def arm_table(lines, res, model, mode, arms, keys, paper=None):
+def arm_table(lines, res, model, mode, arms, keys, paper=None, best=None):
     """A markdown table: one row per arm (mean ± std), one per arm's paired difference to the baseline,
-    then the paper's rows."""
+    the same differences for the best-validation checkpoints (from `best`, load_results(.., 'best')), then
+    the paper's rows."""
     if not any(res.get((model, mode, arm)) for arm in arms):
         lines += [f"(no {model} {mode} runs in this folder yet)", ""]
     lines += ["| run | seeds | " + " | ".join(keys) + " |", "|---" * (len(keys) + 2) + "|"]
@@ -242,8 +254,13 @@ def arm_table(lines, res, model, mode, arms, keys, paper=None):
                                                                       for k in keys) + " |")
     for arm in arms:
         if arm not in ("baseline", "FREQ") and res.get((model, mode, arm)) and base:
-            lines.append(f"| {arm} − baseline, paired (points, ± SE) | | "
+            lines.append(f"| **{arm} − baseline, paired** (points, ± SE) | | "
                          + " | ".join(paired(base, res[(model, mode, arm)], k) for k in keys) + " |")
+    for arm in arms:
+        b = (best or {}).get((model, mode, "baseline"), {})
+        if arm not in ("baseline", "FREQ") and (best or {}).get((model, mode, arm)) and b:
+            lines.append(f"| {arm} − baseline, best-validation checkpoints | | "
+                         + " | ".join(paired(b, best[(model, mode, arm)], k) for k in keys) + " |")
     for name, vals in (paper or {}).items():
         lines.append(f"| {name}, paper (Visual Genome) | 4 | " + " | ".join(vals.get(k, "-") for k in keys) + " |")
     lines.append("")
@@ -251,6 +268,7 @@ def arm_table(lines, res, model, mode, arms, keys, paper=None):
 
 def report(results):
     res, records = load_results(results)
+    best, _ = load_results(results, "best")
     if not records:
         raise SystemExit(f"error: {results} holds no finished run; run some first (python study.py run table2)")
     cpu = sum(r["cpu_seconds"] for r in records)
@@ -258,17 +276,20 @@ def report(results):
              "Written by `python study.py report` from the run folders beside this file; each folder's",
              "`command.txt` is the command that reproduces its `metrics.json` exactly. Mean ± sample std over",
              "seeds; a paired difference is the mean over seeds of (arm − baseline) with its standard error.",
+             "Every number is of the weights of the last training iteration, in both arms (the protocol that",
+             "[docs/variance.md](../docs/variance.md) chooses); the paper tests the checkpoint with the best",
+             "validation mR@50, and the rows 'best-validation checkpoints' give that selection's differences.",
              f"{len(records)} runs, {cpu / 3600:.1f} CPU hours in all.", ""]
     t1 = ["R@50", "R@100", "mR@50", "mR@100", "head_mR@100", "body_mR@100", "tail_mR@100", "F@100",
           "zsR@50", "zsR@100"]
     lines += ["## Table 1: SGTR vs Align-SGTR, SGDet (test, %)", ""]
-    arm_table(lines, res, "sgtr", "sgdet", ["baseline", "align"], t1, PAPER["table1"])
+    arm_table(lines, res, "sgtr", "sgdet", ["baseline", "align"], t1, PAPER["table1"], best)
     t2 = ["mR@20", "mR@50", "mR@100", "R@20", "R@50", "R@100", "F@100", "zsR@50", "zsR@100"]
     for mode in ("predcls", "sgcls", "sgdet"):
         lines += [f"## Table 2: Motifs vs Align-Motifs, {mode} (test, %)", ""]
-        arm_table(lines, res, "motifs", mode, ["FREQ", "baseline", "align"], t2, PAPER["table2"][mode])
+        arm_table(lines, res, "motifs", mode, ["FREQ", "baseline", "align"], t2, PAPER["table2"][mode], best)
     t3 = ["val_mR@50", "mR@50", "mR@100", "R@50", "R@100"]
-    lines += ["## Table 3: ablations (validation mR@50 of the selected checkpoint, then test, %)", "",
+    lines += ["## Table 3: ablations (validation mR@50, then test, %)", "",
               "SSA + UPH = the paper's alignment (`align`); SA = supervised alignment; PH = tied head.", ""]
     for model, mode in (("motifs", "predcls"), ("sgtr", "sgdet")):
         lines += [f"{model}, {mode}:", ""]
@@ -446,8 +467,9 @@ def figure4(ckpt, out, image_index=0, head=0):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("command", choices=["list", "run", "report", "verify", "bench", "figure4"])
-    ap.add_argument("what", nargs="*", help="tables (table1..table5), run names or patterns; bench: motifs|sgtr")
+    ap.add_argument("command", choices=["list", "run", "report", "verify", "bench", "figure4", "variance"])
+    ap.add_argument("what", nargs="*", help="tables (table1..table5), run names or patterns; bench and "
+                                            "variance: motifs|sgtr")
     ap.add_argument("--seeds", default=",".join(map(str, SEEDS)), help="comma-separated seeds (default 0,1,2,3)")
     ap.add_argument("--jobs", type=int, default=1, choices=[1, 2], help="runs at once, each on its own core")
     ap.add_argument("--results", default=os.path.join(ROOT, "results"), help="where finished runs are kept")
@@ -469,6 +491,10 @@ def main(argv=None):
             raise SystemExit("error: figure4 needs --ckpt PATH (an SGTR run's ckpt_best.pt)")
         os.makedirs(a.results, exist_ok=True)
         return figure4(a.ckpt, os.path.join(a.results, "figure4_masking.png"))
+    if a.command == "variance":
+        if len(a.what) != 1 or a.what[0] not in ("motifs", "sgtr"):
+            raise SystemExit("error: variance takes one model: python study.py variance motifs|sgtr")
+        return print(variance(a.results, a.runs_dir, a.what[0], "predcls" if a.what[0] == "motifs" else "sgdet"))
     if a.command == "bench":
         import torch
         torch.set_num_threads(a.threads)
@@ -507,6 +533,160 @@ def verify(chosen, results, extra):
         print(f"{r['name']}: metrics.json {'identical' if same else 'DIFFERENT'} ({out})")
         if not same:
             raise SystemExit(1)
+
+
+# ----------------------------------------------------------------------------------------------
+# The variance analysis: how much of the seed-to-seed spread is the test sample, and how much training
+
+def test_records(name, runs_dir, which):
+    """Evaluate a finished run's checkpoint (which = 'best' or 'last') on the test split again ->
+    (the SGEvaluator's per-image records, its summary). Cached as <run>/test_records_<which>.json."""
+    import torch
+    import metrics
+    folder = os.path.join(ROOT, runs_dir, name)
+    cache = os.path.join(folder, f"test_records_{which}.json")
+    if os.path.isfile(cache):
+        blob = read_json(cache)
+        return [tuple(np.asarray(x) for x in r) for r in blob["records"]], blob["summary"]
+    torch.set_num_threads(1)   # as the runs: float sums depend on the thread count
+    if name.startswith("motifs"):
+        import motifs_align as M
+        best = M.load_checkpoint(os.path.join(folder, "ckpt_best.pt"), "cpu")   # the frozen detector is here
+        ck = best if which == "best" else M.load_checkpoint(os.path.join(folder, "ckpt_last.pt"), "cpu")
+        known = {f.name for f in M.dataclasses.fields(M.Config)}
+        cfg = M.Config(**{k: v for k, v in ck["args"].items() if k in known})
+        _, ds = M.load_datasets(cfg, 0)
+        train, test = ds["train"], ds["test"]
+        C, P = train.num_classes, train.num_predicates
+        detector = M.Detector(cfg, C).eval()
+        detector.load_state_dict(best["detector"])
+        model = M.MotifsRelationModel(cfg, C, P, detector.backbone.out_channels, detector.stride,
+                                      torch.zeros(C, C, P))
+        model.load_state_dict(ck["model"])
+    else:
+        import sgtr_align as S
+        ck = S.load_checkpoint(os.path.join(folder, f"ckpt_{which}.pt"), ("model", "args"))
+        known = {f.name for f in S.dataclasses.fields(S.Config)}
+        cfg = S.Config(**{k: v for k, v in ck["args"].items() if k in known})
+        train, _, test = S.load_datasets(cfg)
+        model = S.SGTR(cfg, train.num_classes, train.num_predicates)
+        model.load_state_dict(ck["model"])
+    counts = __import__("data").predicate_counts(train)
+    groups = metrics.default_predicate_groups(train.idx_to_predicate, counts)
+    seen = metrics.training_triplets(train.gt_labels, train.gt_relations)
+    ev = metrics.SGEvaluator(cfg.mode if name.startswith("motifs") else "sgdet", train.num_predicates - 1,
+                             predicate_groups=groups, zeroshot_triplets=seen)
+    if name.startswith("motifs"):
+        M.evaluate(model, detector, test, cfg, "cpu", groups, seen_triplets=seen, ev=ev)
+    else:
+        S.evaluate(model, test, cfg, "cpu", groups, zeroshot=seen, ev=ev)
+    summary = {k: v for k, v in ev.summary().items() if not k.startswith("per_")}
+    records = ev.state_dict()["records"]
+    with open(cache + ".tmp", "w") as f:
+        json.dump({"summary": summary, "records": [[np.asarray(x).tolist() for x in r] for r in records]}, f)
+    os.replace(cache + ".tmp", cache)
+    return [tuple(np.asarray(x) for x in r) for r in records], summary
+
+
+def recall_entries(records, k_index):
+    """Flatten per-image records for fast re-weighting: one entry per (image, predicate present)."""
+    n_u = np.array([len(r[0]) for r in records])
+    img = np.repeat(np.arange(len(records)), n_u)                       # (E,)
+    pid = np.concatenate([r[0] for r in records]).astype(np.int64)       # (E,)
+    cnt = np.concatenate([r[1] for r in records]).astype(np.float64)     # (E,)
+    hit = np.concatenate([np.asarray(r[2])[k_index] for r in records]).astype(np.float64)   # (E,)
+    img_recall = np.bincount(img, hit, len(records)) / np.bincount(img, cnt, len(records))   # (I,)
+    return dict(img=img, pid=pid, rec=hit / cnt, img_recall=img_recall)
+
+
+def weighted_recalls(e, w, num_predicates):
+    """R@K and mR@K (as metrics.SGEvaluator.summary) with image i counted w[i] times (w = 1: the summary;
+    w = bootstrap counts: one resample of the test split). w: (B, I) -> (R (B,), mR (B,))."""
+    w = np.atleast_2d(w).astype(np.float64)
+    P = num_predicates
+    rows = np.arange(w.shape[0])[:, None]
+    wi = w[:, e["img"]]                                                  # (B, E)
+    num, den = np.zeros((w.shape[0], P + 1)), np.zeros((w.shape[0], P + 1))
+    np.add.at(num, (rows, e["pid"][None, :]), wi * e["rec"][None, :])
+    np.add.at(den, (rows, e["pid"][None, :]), wi)
+    mr = (num[:, 1:] / np.maximum(den[:, 1:], 1e-12)).sum(1) / P       # absent predicates count 0, as summary
+    r = (w * e["img_recall"][None, :]).sum(1) / w.sum(1)
+    return r, mr
+
+
+def variance(results, runs_dir, model, mode, boot=2000, draws=200):
+    """The numbers of docs/variance.md for one model and mode: the paired test differences (align − baseline)
+    per seed for the best-validation checkpoint (the paper's choice) and for the last one; their spread over
+    seeds; the part of the uncertainty that the test sample makes (a bootstrap over test images, the same
+    resample for every run); and how the spread over seeds changes with the test split's size (random
+    subsets of it). Re-evaluates each run's two checkpoints once (cached beside them). -> markdown text."""
+    res, _ = load_results(results)
+    base, align = res.get((model, mode, "baseline"), {}), res.get((model, mode, "align"), {})
+    seeds = sorted(set(base) & set(align))
+    if len(seeds) < 2:
+        raise SystemExit(f"error: variance needs >= 2 seeds with both a {model} {mode} baseline and align run "
+                         f"in {results}")
+    P = len(base[seeds[0]]["per_predicate_num_gt"])
+    ent = {}   # (which, seed, arm) -> recall_entries at K = 50 (ks (20, 50, 100): index 1)
+    for which in ("best", "last"):
+        for s in seeds:
+            for arm, runs in (("baseline", base), ("align", align)):
+                recs, summ = test_records(f"{model}-{mode}-{arm}-seed{s}", runs_dir, which)
+                m = runs[s] if which == "best" else runs[s].get("final", {})
+                for key in ("R@50", "mR@50"):   # the re-evaluation is the run's own test, to the last digit
+                    if key in m and abs(m[key] - summ[key]) > 1e-12:
+                        raise SystemExit(f"error: {model}-{mode}-{arm}-seed{s} {which}: re-evaluated {key} "
+                                         f"{summ[key]} != metrics.json's {m[key]}")
+                ent[(which, s, arm)] = recall_entries(recs, 1)
+    I = len(ent[("best", seeds[0], "baseline")]["img_recall"])
+    rng = np.random.default_rng(0)
+
+    def diffs(which, w):   # w (B, I) -> {"R@50", "mR@50"}: (B, n seeds) paired differences in points
+        out = {}
+        for i, key in enumerate(("R@50", "mR@50")):
+            out[key] = np.stack([100 * (weighted_recalls(ent[(which, s, "align")], w, P)[i]
+                                        - weighted_recalls(ent[(which, s, "baseline")], w, P)[i])
+                                 for s in seeds], 1)
+        return out
+
+    full = {which: diffs(which, np.ones((1, I))) for which in ("best", "last")}
+    w = rng.multinomial(I, np.full(I, 1.0 / I), size=boot)   # (B, I): one resample for all runs
+    booted = {which: diffs(which, w) for which in ("best", "last")}
+    sizes = [I // 4, I // 2, I]
+    sub = {}   # (which, size) -> SD over seeds of the paired diff on random subsets of the test split
+    for which in ("best", "last"):
+        for size in sizes[:-1]:
+            w = np.zeros((draws, I))
+            for b in range(draws):
+                w[b, rng.choice(I, size, replace=False)] = 1
+            d = diffs(which, w)
+            sub[(which, size)] = {k: np.sqrt(np.mean(v.var(1, ddof=1))) for k, v in d.items()}
+        sub[(which, I)] = {k: v[0].std(ddof=1) for k, v in full[which].items()}
+
+    n = len(seeds)
+    lines = [f"{model} {mode}: {n} seed pairs; the test split has {I} images with relations; {boot} bootstrap "
+             f"resamples; {draws} random subsets per size. All in points of %.", ""]
+    for key in ("mR@50", "R@50"):
+        lines += [f"Test {key} per seed (diff = align − baseline):", "",
+                  "| seed | best: baseline | best: align | best: diff | last: baseline | last: align | last: diff |",
+                  "|---" * 7 + "|"]
+        for k, s in enumerate(seeds):
+            cells = []
+            for which in ("best", "last"):
+                b = 100 * weighted_recalls(ent[(which, s, "baseline")], np.ones(I), P)[int(key == "mR@50")][0]
+                cells += [f"{b:.2f}", f"{b + full[which][key][0, k]:.2f}", f"{full[which][key][0, k]:+.2f}"]
+            lines.append(f"| {s} | " + " | ".join(cells) + " |")
+        lines += ["", "| checkpoint | mean diff | SD over seeds | SE over seeds | SE from the test sample "
+                  "| SD over seeds, test split /4 | /2 | whole | pairs for SE over seeds <= 1 |", "|---" * 9 + "|"]
+        for which in ("best", "last"):
+            d = full[which][key][0]
+            sd = d.std(ddof=1)
+            se_test = booted[which][key].mean(1).std(ddof=1)
+            lines.append(f"| {which} | {d.mean():+.2f} | {sd:.2f} | {sd / np.sqrt(n):.2f} | {se_test:.2f} | "
+                         + " | ".join(f"{sub[(which, z)][key]:.2f}" for z in sizes)
+                         + f" | {max(2, int(np.ceil(sd ** 2)))} |")
+        lines.append("")
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -50,8 +50,9 @@ def fake(results, name, model, mode, arm, seed, values, per_predicate=None):
     with open(os.path.join(results, name, "run.json"), "w") as f:
         json.dump({"model": model, "mode": mode, "arm": arm, "seed": seed, "tables": ["table2"],
                    "wall_seconds": 60.0, "cpu_seconds": 1800.0}, f)
-    with open(os.path.join(results, name, "metrics.json"), "w") as f:
-        json.dump({**values, "per_predicate_R@100": per_predicate or [0.0] * 25}, f)
+    m = {**values, "per_predicate_R@100": per_predicate or [0.0] * 25}
+    with open(os.path.join(results, name, "metrics.json"), "w") as f:   # the best checkpoint's, a worse one
+        json.dump({**{k: v - 0.1 for k, v in values.items()}, "final": m}, f)
 
 
 def test_report_means_stds_and_paired_differences_by_hand(tmp_path):
@@ -71,6 +72,61 @@ def test_report_means_stds_and_paired_differences_by_hand(tmp_path):
     assert f"| align (ours) | 4 | {v.mean():.2f} ± {v.std(ddof=1):.2f} |" in text
     # paired on seeds 0-2: differences 3, 1, 5 -> mean 3, SE = 2 / sqrt(3)
     assert f"+3.00 ± {2 / np.sqrt(3):.2f} (n = 3)" in text
+    # the best-validation checkpoints (metrics.json's top level, 10 points lower here) get their own row
+    best, _ = study.load_results(res, "best")
+    lines = []
+    study.arm_table(lines, best, "motifs", "predcls", ["baseline"], ["mR@50"])
+    assert "| baseline (ours) | 3 | 32.00 ± 2.00 |" in "\n".join(lines)
+
+
+def test_a_run_without_the_last_iterations_metrics_is_one_line_error(tmp_path):
+    os.makedirs(tmp_path / "old")
+    with open(tmp_path / "old" / "run.json", "w") as f:
+        json.dump({"model": "motifs", "mode": "predcls", "arm": "align", "seed": 0, "tables": ["table2"],
+                   "wall_seconds": 1.0, "cpu_seconds": 1.0}, f)
+    with open(tmp_path / "old" / "metrics.json", "w") as f:
+        json.dump({"mR@50": 0.4}, f)
+    r = cli("report", "--results", str(tmp_path))
+    assert r.returncode != 0 and r.stderr.strip().count("\n") == 0 and 'has no "final"' in r.stderr
+
+
+def predcls_image(rng, P):
+    """Five GT objects, four GT relations, every ordered pair scored; the right predicate is favoured on
+    about half of the pairs, so that recalls are neither 0 nor 1."""
+    xy = rng.uniform(0, 50, (5, 2))
+    gt = {"boxes": np.concatenate([xy, xy + 10], 1), "labels": rng.integers(1, 4, 5)}
+    ii, jj = np.nonzero(~np.eye(5, dtype=bool))
+    pick = rng.choice(len(ii), 4, replace=False)
+    gt["relations"] = np.stack([ii[pick], jj[pick], rng.integers(1, P + 1, 4)], 1)
+    logits = rng.standard_normal((len(ii), P + 1))
+    logits[pick[:2], gt["relations"][:2, 2]] += 3
+    e = np.exp(logits)
+    return gt, {"rel_pairs": np.stack([ii, jj], 1), "rel_scores": e / e.sum(1, keepdims=True)}
+
+
+def test_reweighted_recalls_are_the_evaluators_with_images_repeated():
+    """variance()'s bootstrap counts image i w[i] times: w = 1 must be SGEvaluator.summary() exactly, and
+    w = (2, 1, 0, ...) the summary of the list with image 0 twice and image 2 left out."""
+    import metrics
+    rng, P = np.random.default_rng(0), 6
+    images = [predcls_image(rng, P) for _ in range(10)]
+
+    def summary(imgs):
+        ev = metrics.SGEvaluator("predcls", P)
+        for gt, pred in imgs:
+            ev.add(gt, pred)
+        return ev.summary(), ev.state_dict()["records"]
+
+    s, records = summary(images)
+    e = study.recall_entries(records, 1)   # K = 50
+    w = np.ones((2, 10))
+    w[1, 0], w[1, 2] = 2, 0
+    r, mr = study.weighted_recalls(e, w, P)
+    assert 0 < s["mR@50"] < 1 and 0 < s["R@50"] < 1
+    assert abs(r[0] - s["R@50"]) < 1e-12 and abs(mr[0] - s["mR@50"]) < 1e-12
+    s2, _ = summary([images[0]] + images[:2] + images[3:])
+    assert abs(r[1] - s2["R@50"]) < 1e-12 and abs(mr[1] - s2["mR@50"]) < 1e-12
+    assert abs(mr[1] - mr[0]) > 1e-6   # the weights did change something
 
 
 def test_run_collect_skip_verify_and_report(tmp_path):
@@ -102,6 +158,7 @@ def test_run_collect_skip_verify_and_report(tmp_path):
         m = json.load(f)
     with open(os.path.join(results, "README.md")) as f:
         text = f.read()
+    m = m["final"]   # the report's numbers are the last iteration's (docs/variance.md)
     assert f"| align (ours) | 1 | {100 * m['mR@20']:.2f} | {100 * m['mR@50']:.2f} |" in text
     assert os.path.isfile(os.path.join(results, "figure5_motifs_predcls.png"))
 
