@@ -620,7 +620,7 @@ def variance(results, runs_dir, model, mode, boot=2000, draws=200):
     seeds; the part of the uncertainty that the test sample makes (a bootstrap over test images, the same
     resample for every run); and how the spread over seeds changes with the test split's size (random
     subsets of it). Re-evaluates each run's two checkpoints once (cached beside them). -> markdown text."""
-    res, _ = load_results(results)
+    res, _ = load_results(results, "best")
     base, align = res.get((model, mode, "baseline"), {}), res.get((model, mode, "align"), {})
     seeds = sorted(set(base) & set(align))
     if len(seeds) < 2:
@@ -650,8 +650,8 @@ def variance(results, runs_dir, model, mode, boot=2000, draws=200):
         return out
 
     full = {which: diffs(which, np.ones((1, I))) for which in ("best", "last")}
-    w = rng.multinomial(I, np.full(I, 1.0 / I), size=boot)   # (B, I): one resample for all runs
-    booted = {which: diffs(which, w) for which in ("best", "last")}
+    w_boot = rng.multinomial(I, np.full(I, 1.0 / I), size=boot)   # (B, I): one resample for all runs
+    booted = {which: diffs(which, w_boot) for which in ("best", "last")}
     sizes = [I // 4, I // 2, I]
     sub = {}   # (which, size) -> SD over seeds of the paired diff on random subsets of the test split
     for which in ("best", "last"):
@@ -677,15 +677,21 @@ def variance(results, runs_dir, model, mode, boot=2000, draws=200):
                 cells += [f"{b:.2f}", f"{b + full[which][key][0, k]:.2f}", f"{full[which][key][0, k]:+.2f}"]
             lines.append(f"| {s} | " + " | ".join(cells) + " |")
         lines += ["", "| checkpoint | mean diff | SD over seeds | SE over seeds | SE from the test sample "
-                  "| SD over seeds, test split /4 | /2 | whole | pairs for SE over seeds <= 1 |", "|---" * 9 + "|"]
+                  "| SD over seeds, test split /4 | /2 | whole | x4 (fit) | pairs for SE over seeds <= 1 |",
+                  "|---" * 10 + "|"]
         for which in ("best", "last"):
             d = full[which][key][0]
             sd = d.std(ddof=1)
             se_test = booted[which][key].mean(1).std(ddof=1)
+            # SD^2 = a + b / size (a: what a bigger test split cannot remove), least squares on the 3 sizes
+            a, b = np.linalg.lstsq(np.stack([np.ones(3), 1.0 / np.array(sizes)], 1),
+                                   np.array([sub[(which, z)][key] ** 2 for z in sizes]), rcond=None)[0]
             lines.append(f"| {which} | {d.mean():+.2f} | {sd:.2f} | {sd / np.sqrt(n):.2f} | {se_test:.2f} | "
                          + " | ".join(f"{sub[(which, z)][key]:.2f}" for z in sizes)
-                         + f" | {max(2, int(np.ceil(sd ** 2)))} |")
-        lines.append("")
+                         + f" | {np.sqrt(max(a + b / (4 * I), 0)):.2f} | {max(2, int(np.ceil(sd ** 2)))} |")
+        i = int(key == "mR@50")
+        one = np.sqrt(np.mean([np.var(100 * weighted_recalls(e, w_boot, P)[i], ddof=1) for e in ent.values()]))
+        lines += ["", f"One run's test {key}, bootstrap SD (root mean square over the runs): {one:.2f}", ""]
     return "\n".join(lines)
 
 
