@@ -341,6 +341,7 @@ def per_predicate_figures(res, results):
     info, written = dataset_info(results), []
     colours = {"head": "tab:blue", "body": "tab:orange", "tail": "tab:green"}
     for model, mode, title in (("motifs", "predcls", "Align-Motifs − Motifs, PredCls"),
+                               ("motifs", "sgcls", "Align-Motifs − Motifs, SGCls"),
                                ("sgtr", "sgdet", "Align-SGTR − SGTR, SGDet")):
         base, arm = res.get((model, mode, "baseline"), {}), res.get((model, mode, "align"), {})
         seeds = sorted(set(base) & set(arm))
@@ -357,11 +358,10 @@ def per_predicate_figures(res, results):
         ax.axhline(0, color="black", lw=0.8)
         ax.set_ylabel("R@100 difference (points)")
         better = int(np.sum(diff > 0))
-        ax.set_title(f"{title}: per-predicate test R@100, mean over {len(seeds)} paired seed(s); "
-                     f"better on {better} of {len(order)}")
-        for g, c in colours.items():
-            ax.bar([], [], color=c, label=g)
-        ax.legend(fontsize=8)
+        ax.set_title(f"{title}: per-predicate test R@100, mean over {len(seeds)} paired seed(s)\n"
+                     f"better on {better} of {len(order)} predicates", fontsize=10)
+        from matplotlib.patches import Patch   # (empty bars would lose their colour in the legend)
+        ax.legend(handles=[Patch(color=c, label=g) for g, c in colours.items()], fontsize=8)
         fig.tight_layout()
         name = f"figure5_{model}_{mode}.png"
         fig.savefig(os.path.join(results, name), dpi=100)
