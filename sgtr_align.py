@@ -814,7 +814,8 @@ class SGTR(nn.Module):
 
         inputs: rel_mem (B, S, D), rel_pos (B, S, D), rel_kpm (B, S), ent_mem / ent_pos (B, Qe, D), the
         initial features qp / qs / qo and the learned positions pos_p / pos_s / pos_o (B, Qp, D).
-        heads: the (predicate, subject, object) class heads, the original's if None. seeds: None (the original) or one triple of ints per layer (the mirror).
+        heads: the (predicate, subject, object) class heads, the original's if None. seeds: None (the
+        original) or one triple of ints per layer (the mirror).
         """
         qp, qs, qo = inputs["qp"], inputs["qs"], inputs["qo"]
         pred_class, sub_class, obj_class = heads or (self.pred_class, self.sub_class, self.obj_class)
@@ -1177,8 +1178,7 @@ def detector_path(cfg, root, device):
         return cfg.detector_ckpt, True
     fields = ("d_model", "nheads", "ffn_dim", "dropout", "backbone_width", "backbone_stride", "enc_layers",
               "ent_dec_layers", "num_ent_queries", "entity_queries", "max_size", "det_iters", "det_batch", "det_lr",
-              "det_seed",
-              "warmup_iters", "lr_drop", "weight_decay", "grad_clip", "w_cls", "w_l1", "w_giou", "eos_coef")
+              "det_seed", "warmup_iters", "lr_drop", "weight_decay", "grad_clip", "w_cls", "w_l1", "w_giou", "eos_coef")
     key_src = json.dumps({"version": 1, "root": os.path.abspath(root), "threads": torch.get_num_threads(),
                           "device": device.type, **{k: getattr(cfg, k) for k in fields}}, sort_keys=True)
     key = hashlib.sha1(key_src.encode()).hexdigest()[:12]

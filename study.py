@@ -571,7 +571,8 @@ def test_records(name, runs_dir, which):
         train, _, test = S.load_datasets(cfg)
         model = S.SGTR(cfg, train.num_classes, train.num_predicates)
         model.load_state_dict(ck["model"])
-    counts = __import__("data").predicate_counts(train)
+    import data
+    counts = data.predicate_counts(train)
     groups = metrics.default_predicate_groups(train.idx_to_predicate, counts)
     seen = metrics.training_triplets(train.gt_labels, train.gt_relations)
     ev = metrics.SGEvaluator(cfg.mode if name.startswith("motifs") else "sgdet", train.num_predicates - 1,
@@ -632,7 +633,7 @@ def variance(results, runs_dir, model, mode, boot=2000, draws=200):
         raise SystemExit(f"error: variance needs >= 2 seeds with both a {model} {mode} baseline and align run "
                          f"in {results}")
     P = len(base[seeds[0]]["per_predicate_num_gt"])
-    ent = {}   # (which, seed, arm) -> recall_entries at K = 50 (ks (20, 50, 100): index 1)
+    ent, point = {}, {}   # (which, seed, arm) -> recall_entries at K = 50 (ks (20, 50, 100): index 1); its summary
     for which in ("best", "last"):
         for s in seeds:
             for arm, runs in (("baseline", base), ("align", align)):
@@ -642,7 +643,7 @@ def variance(results, runs_dir, model, mode, boot=2000, draws=200):
                     if key in m and abs(m[key] - summ[key]) > 1e-12:
                         raise SystemExit(f"error: {model}-{mode}-{arm}-seed{s} {which}: re-evaluated {key} "
                                          f"{summ[key]} != metrics.json's {m[key]}")
-                ent[(which, s, arm)] = recall_entries(recs, 1)
+                ent[(which, s, arm)], point[(which, s, arm)] = recall_entries(recs, 1), summ
     I = len(ent[("best", seeds[0], "baseline")]["img_recall"])
     rng = np.random.default_rng(0)
 
@@ -678,7 +679,7 @@ def variance(results, runs_dir, model, mode, boot=2000, draws=200):
         for k, s in enumerate(seeds):
             cells = []
             for which in ("best", "last"):
-                b = 100 * weighted_recalls(ent[(which, s, "baseline")], np.ones(I), P)[int(key == "mR@50")][0]
+                b = 100 * point[(which, s, "baseline")][key]
                 cells += [f"{b:.2f}", f"{b + full[which][key][0, k]:.2f}", f"{full[which][key][0, k]:+.2f}"]
             lines.append(f"| {s} | " + " | ".join(cells) + " |")
         lines += ["", "| checkpoint | mean diff | SD over seeds | SE over seeds | SE from the test sample "
