@@ -20,6 +20,7 @@ seed, wall and CPU seconds) and command.txt (the one command that reproduces its
 machine like ours). results/ holds no checkpoints, and a run whose results/N/ exists is never redone.
 """
 import argparse
+import dataclasses
 import fnmatch
 import inspect
 import json
@@ -373,13 +374,18 @@ def per_predicate_figures(res, results):
 # ----------------------------------------------------------------------------------------------
 # Figure 4 (supplementary section 7): what the mirror's masked cross-attention looks like
 
+def saved_config(module, args):
+    """A model file's Config from a checkpoint's saved args (fields the file no longer has are left out)."""
+    known = {f.name for f in dataclasses.fields(module.Config)}
+    return module.Config(**{k: v for k, v in args.items() if k in known})
+
+
 def figure4(ckpt, out, image_index=0, head=0):
     """For one test image and its most confident predicate query: the attention weights of the last
     structural-decoder layer's cross-attention to the image tokens, in the original decoder and in the
     mirror, whose attention logits are set to -inf where bernoulli_mask(seed) draws True (the mask the
     kernel applies, materialised here for the picture). One head; the mirror's queries differ from the
     original's too, because its earlier layers were masked as well."""
-    import dataclasses
     import torch
     import matplotlib
     matplotlib.use("Agg")
@@ -389,8 +395,7 @@ def figure4(ckpt, out, image_index=0, head=0):
     import sgtr_align as m
     from kernels import bernoulli_mask
     ck = m.load_checkpoint(ckpt, ("model", "args", "vocab"))
-    cfg = m.Config(**{k: v for k, v in ck["args"].items() if k in {f.name for f in dataclasses.fields(m.Config)}})
-    cfg = dataclasses.replace(cfg, no_align=False, device="cpu")
+    cfg = dataclasses.replace(saved_config(m, ck["args"]), no_align=False, device="cpu")
     test = m.load_datasets(cfg)[2]
     model = m.SGTR(cfg, len(ck["vocab"]["idx_to_label"]), len(ck["vocab"]["idx_to_predicate"])).eval()
     # the shared weights are the checkpoint's; a baseline checkpoint has no untied heads, and the picture
@@ -549,12 +554,12 @@ def test_records(name, runs_dir, which):
         blob = read_json(cache)
         return [tuple(np.asarray(x) for x in r) for r in blob["records"]], blob["summary"]
     torch.set_num_threads(1)   # as the runs: float sums depend on the thread count
-    if name.startswith("motifs"):
+    motifs = name.startswith("motifs")
+    if motifs:
         import motifs_align as M
         best = M.load_checkpoint(os.path.join(folder, "ckpt_best.pt"), "cpu")   # the frozen detector is here
         ck = best if which == "best" else M.load_checkpoint(os.path.join(folder, "ckpt_last.pt"), "cpu")
-        known = {f.name for f in M.dataclasses.fields(M.Config)}
-        cfg = M.Config(**{k: v for k, v in ck["args"].items() if k in known})
+        cfg = saved_config(M, ck["args"])
         _, ds = M.load_datasets(cfg, 0)
         train, test = ds["train"], ds["test"]
         C, P = train.num_classes, train.num_predicates
@@ -566,8 +571,7 @@ def test_records(name, runs_dir, which):
     else:
         import sgtr_align as S
         ck = S.load_checkpoint(os.path.join(folder, f"ckpt_{which}.pt"), ("model", "args"))
-        known = {f.name for f in S.dataclasses.fields(S.Config)}
-        cfg = S.Config(**{k: v for k, v in ck["args"].items() if k in known})
+        cfg = saved_config(S, ck["args"])
         train, _, test = S.load_datasets(cfg)
         model = S.SGTR(cfg, train.num_classes, train.num_predicates)
         model.load_state_dict(ck["model"])
@@ -575,9 +579,9 @@ def test_records(name, runs_dir, which):
     counts = data.predicate_counts(train)
     groups = metrics.default_predicate_groups(train.idx_to_predicate, counts)
     seen = metrics.training_triplets(train.gt_labels, train.gt_relations)
-    ev = metrics.SGEvaluator(cfg.mode if name.startswith("motifs") else "sgdet", train.num_predicates - 1,
+    ev = metrics.SGEvaluator(cfg.mode if motifs else "sgdet", train.num_predicates - 1,
                              predicate_groups=groups, zeroshot_triplets=seen)
-    if name.startswith("motifs"):
+    if motifs:
         M.evaluate(model, detector, test, cfg, "cpu", groups, seen_triplets=seen, ev=ev)
     else:
         S.evaluate(model, test, cfg, "cpu", groups, zeroshot=seen, ev=ev)
@@ -711,7 +715,6 @@ def bench(what, rounds=5, steps=6, n_batches=6):
     the robust one on a shared machine; on a GPU read the wall clock."""
     if len(what) != 1 or what[0] not in ("motifs", "sgtr"):
         raise SystemExit("error: bench takes one model: python study.py bench motifs|sgtr")
-    import dataclasses
     import torch
     sys.path.insert(0, ROOT)
     import data
