@@ -343,6 +343,7 @@ def per_predicate_figures(res, results):
     colours = {"head": "tab:blue", "body": "tab:orange", "tail": "tab:green"}
     for model, mode, title in (("motifs", "predcls", "Align-Motifs − Motifs, PredCls"),
                                ("motifs", "sgcls", "Align-Motifs − Motifs, SGCls"),
+                               ("motifs", "sgdet", "Align-Motifs − Motifs, SGDet"),
                                ("sgtr", "sgdet", "Align-SGTR − SGTR, SGDet")):
         base, arm = res.get((model, mode, "baseline"), {}), res.get((model, mode, "align"), {})
         seeds = sorted(set(base) & set(arm))
