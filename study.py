@@ -130,6 +130,12 @@ def run_one(run, runs_dir, extra, core=None):
     argv = [sys.executable, *cmd[1:]]
     if os.path.isfile(os.path.join(out, "ckpt_last.pt")) and not os.path.isfile(os.path.join(out, "metrics.json")):
         argv.append("--resume")   # a run killed earlier continues where it stopped (and ends the same)
+    elif os.path.isfile(os.path.join(out, "args.json")) and not os.path.isfile(os.path.join(out, "metrics.json")):
+        # killed before its first checkpoint: nothing to resume, and the model file rightly refuses to write
+        # into it; kept (moved aside, never deleted), and the run starts afresh
+        aside = f"{out}.unfinished-{time.strftime('%Y%m%d-%H%M%S')}"
+        os.rename(out, aside)
+        print(f"{run['name']}: {out} was killed before its first checkpoint; moved to {aside}", flush=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     os.makedirs(runs_dir, exist_ok=True)
     pin = (lambda: os.sched_setaffinity(0, {core})) if core is not None and hasattr(os, "sched_setaffinity") else None

@@ -133,8 +133,14 @@ def test_run_collect_skip_verify_and_report(tmp_path):
     results, runs = str(tmp_path / "results"), str(tmp_path / "runs")
     env = {"SGG_ALIGN_CACHE": str(tmp_path / "cache")}
     args = ["--seeds", "0", "--results", results, "--runs-dir", runs, "--extra", TINY]
+    killed = os.path.join(runs, "motifs-predcls-align-seed0")   # as left by a run killed before its 1st checkpoint
+    os.makedirs(killed)
+    with open(os.path.join(killed, "args.json"), "w") as f:
+        json.dump({"seed": 0}, f)
     r = cli("run", "motifs-predcls-baseline-seed0", "motifs-predcls-align-seed0", "--jobs", "2", *args, env=env)
     assert r.returncode == 0, r.stdout + r.stderr
+    aside = [d for d in os.listdir(runs) if d.startswith("motifs-predcls-align-seed0.unfinished-")]
+    assert len(aside) == 1 and os.listdir(os.path.join(runs, aside[0])) == ["args.json"], os.listdir(runs)
     for name, flags in (("motifs-predcls-baseline-seed0", "--predcls --no-align --seed 0"),
                         ("motifs-predcls-align-seed0", "--predcls --seed 0")):
         folder = os.path.join(results, name)
