@@ -128,9 +128,10 @@ def run_one(run, runs_dir, extra, core=None):
     cmd = command(run, runs_dir, extra)
     out = cmd[-1]
     argv = [sys.executable, *cmd[1:]]
-    if os.path.isfile(os.path.join(out, "ckpt_last.pt")) and not os.path.isfile(os.path.join(out, "metrics.json")):
+    finished = os.path.isfile(os.path.join(out, "metrics.json"))
+    if not finished and os.path.isfile(os.path.join(out, "ckpt_last.pt")):
         argv.append("--resume")   # a run killed earlier continues where it stopped (and ends the same)
-    elif os.path.isfile(os.path.join(out, "args.json")) and not os.path.isfile(os.path.join(out, "metrics.json")):
+    elif not finished and os.path.isfile(os.path.join(out, "args.json")):
         # killed before its first checkpoint: nothing to resume, and the model file rightly refuses to write
         # into it; kept (moved aside, never deleted), and the run starts afresh
         aside = f"{out}.unfinished-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -195,6 +196,12 @@ def run_study(todo, results, runs_dir, extra, jobs):
 def read_json(path):
     with open(path) as f:
         return json.load(f)
+
+
+def saved_config(module, args):
+    """A model file's Config from a checkpoint's saved args (fields the file no longer has are left out)."""
+    known = {f.name for f in dataclasses.fields(module.Config)}
+    return module.Config(**{k: v for k, v in args.items() if k in known})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -345,6 +352,7 @@ def per_predicate_figures(res, results):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch   # legend handles: empty bars would lose their colour in the legend
     info, written = dataset_info(results), []
     colours = {"head": "tab:blue", "body": "tab:orange", "tail": "tab:green"}
     for model, mode, title in (("motifs", "predcls", "Align-Motifs − Motifs, PredCls"),
@@ -368,7 +376,6 @@ def per_predicate_figures(res, results):
         better = int(np.sum(diff > 0))
         ax.set_title(f"{title}: per-predicate test R@100, mean over {len(seeds)} paired seed(s)\n"
                      f"better on {better} of {len(order)} predicates", fontsize=10)
-        from matplotlib.patches import Patch   # (empty bars would lose their colour in the legend)
         ax.legend(handles=[Patch(color=c, label=g) for g, c in colours.items()], fontsize=8)
         fig.tight_layout()
         name = f"figure5_{model}_{mode}.png"
@@ -380,12 +387,6 @@ def per_predicate_figures(res, results):
 
 # ----------------------------------------------------------------------------------------------
 # Figure 4 (supplementary section 7): what the mirror's masked cross-attention looks like
-
-def saved_config(module, args):
-    """A model file's Config from a checkpoint's saved args (fields the file no longer has are left out)."""
-    known = {f.name for f in dataclasses.fields(module.Config)}
-    return module.Config(**{k: v for k, v in args.items() if k in known})
-
 
 def figure4(ckpt, out, image_index=0, head=0):
     """For one test image and its most confident predicate query: the attention weights of the last
