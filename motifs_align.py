@@ -1155,18 +1155,20 @@ def train(cfg, out_dir, rank, world, device):
             save_checkpoint(last_path, cfg, model, opt, sched, state, rank, world)
     log(f"stage 2 done ({clock(t_stage)}{'; CPU time since the resume' if cfg.resume else ''})")
 
-    # The last iteration's weights on the test split too (metrics.json's "final"): the paper tests the best
-    # validation checkpoint, and docs/variance.md compares the two ways of choosing.
-    final = evaluate(model, detector, first(ds["test"], cfg.max_eval_images), cfg, device, groups,
-                     seen_triplets=seen)
-    final["val_mR@50"] = state["history"]["val_mR@50"][-1]   # validated at the last iteration
-    # Test the checkpoint with the best validation mR@50 (the paper's model selection).
+    # Test the checkpoint with the best validation mR@50 (the paper's model selection), and the last
+    # iteration's weights too (metrics.json's "final"): docs/variance.md compares the two ways of choosing.
+    # When the best checkpoint is the last iteration's, they are the same weights, tested once.
+    test = first(ds["test"], cfg.max_eval_images)
     ck = load_checkpoint(best_path, device)
-    model.load_state_dict(ck["model"])
-    log(f"testing the best checkpoint (iteration {ck['step']}, val mR@50 {ck['state']['best_val_mR@50']:.4f})")
     t_stage = (time.time(), time.process_time())
-    summary, examples = evaluate(model, detector, first(ds["test"], cfg.max_eval_images), cfg, device, groups,
-                                 keep_examples=4, seen_triplets=seen)
+    final = None if ck["step"] == state["step"] else evaluate(model, detector, test, cfg, device, groups,
+                                                                seen_triplets=seen)
+    model.load_state_dict(ck["model"])
+    log(f"testing the best checkpoint (iteration {ck['step']}, val mR@50 {ck['state']['best_val_mR@50']:.4f})"
+        + ("" if final is None else f", after the last iteration's weights ({state['step']})"))
+    summary, examples = evaluate(model, detector, test, cfg, device, groups, keep_examples=4, seen_triplets=seen)
+    # the last iteration's, with its validation mR@50
+    final = {**(final or summary), "val_mR@50": state["history"]["val_mR@50"][-1]}
     summary.update({"det_mAP@0.5": det_map, "best_step": ck["step"], "val_mR@50": ck["state"]["best_val_mR@50"],
                     "final": final})
     log(f"test done ({clock(t_stage)})")
@@ -1376,6 +1378,9 @@ def finish(cfg, out_dir, summary, history, ds, counts, groups, log, rank, exampl
     log("test | " + " | ".join(f"{k} {100 * summary[k]:.2f}" for k in keys if k in summary))
     log("test | " + " | ".join(f"{g}_mR@100 {100 * summary[f'{g}_mR@100']:.2f}" for g in groups
                                if f"{g}_mR@100" in summary))
+    if "final" in summary:   # the last iteration's weights (what the study compares, docs/variance.md)
+        log("test, last iteration | " + " | ".join(f"{k} {100 * summary['final'][k]:.2f}" for k in keys
+                                                   if k in summary["final"]))
     if rank != 0:
         return
     with open(os.path.join(out_dir, "metrics.json"), "w") as f:

@@ -1120,22 +1120,25 @@ def train(cfg: Config, device) -> dict:
     train_seconds = time.time() - t_start
     log(f"training done in {fmt_time(train_seconds)} (validation included)")
 
-    # The last iteration's weights on the test split too (metrics.json's "final"): the paper tests the best
-    # validation checkpoint, and docs/variance.md compares the two ways of choosing.
-    final, _ = evaluate(model, test_ds, cfg, device, groups, cfg.max_eval_images, zeroshot=seen)
-    final["val_mR@50"] = [h for h in state["history"] if "val_mR@50" in h][-1]["val_mR@50"]   # the last iteration's
-    # Test with the best validation checkpoint. Rank 0 may have written it at the last validation:
-    # every rank waits for that write, then loads it, and says which one it tests.
+    # Test the best validation checkpoint (the paper's model selection), and the last iteration's weights
+    # too (metrics.json's "final"): docs/variance.md compares the two ways of choosing. Rank 0 may have
+    # written the best at the last validation: every rank waits for that write, then loads it, and says
+    # which one it tests. When it is the last iteration's, they are the same weights, tested once.
     barrier()
     ck = load_checkpoint(best_path, ("model", "step"))
-    model.load_state_dict(ck["model"])
     tested = all_ranks(ck["step"])
-    log("test: ckpt_best.pt of iteration " + ", ".join(f"{s} on rank {r}" for r, s in enumerate(tested)))
+    log("test: ckpt_best.pt of iteration " + ", ".join(f"{s} on rank {r}" for r, s in enumerate(tested))
+        + ("" if ck["step"] == state["step"] else f", after the last iteration's weights ({state['step']})"))
     if len(set(tested)) != 1:
         raise RuntimeError(f"ranks tested different checkpoints: {tested}")
     t_test = time.time()
+    final = None if ck["step"] == state["step"] else evaluate(model, test_ds, cfg, device, groups,
+                                                                cfg.max_eval_images, zeroshot=seen)[0]
+    model.load_state_dict(ck["model"])
     summary, examples = evaluate(model, test_ds, cfg, device, groups, cfg.max_eval_images, keep_examples=4,
                                  zeroshot=seen)
+    final = {**(final or summary),   # the last iteration's, with its validation mR@50
+             "val_mR@50": [h for h in state["history"] if "val_mR@50" in h][-1]["val_mR@50"]}
     summary.update({"det_mAP@0.5": det_quality["mAP@0.5"], "det_recall@0.5": det_quality["recall@0.5"],
                     "det_recall@0.5_class": det_quality["recall@0.5_class"],
                     "best_step": ck["step"], "best_val_mR@50": ck["val_mR@50"], "history": state["history"],
@@ -1356,11 +1359,14 @@ def save_checkpoint(path, cfg, model, opt, sched, state, device, for_infer):
 
 
 def finish(cfg, out_dir, summary, timing, examples, train_ds, test_ds, counts, groups, log):
-    """The test line, then (main process) metrics.json, timing.json and the pictures."""
-    log("test SGDet | " + " | ".join(f"{k} {100 * summary[k]:.2f}" for k in
-                                     ("R@20", "R@50", "R@100", "mR@20", "mR@50", "mR@100", "zsR@50", "zsR@100")
-                                     if k in summary)
+    """The test lines (the best checkpoint's, then the last iteration's), then (main process) metrics.json,
+    timing.json and the pictures."""
+    keys = ("R@20", "R@50", "R@100", "mR@20", "mR@50", "mR@100", "zsR@50", "zsR@100")
+    log("test SGDet | " + " | ".join(f"{k} {100 * summary[k]:.2f}" for k in keys if k in summary)
         + " | " + " | ".join(f"{g} mR@100 {100 * summary[f'{g}_mR@100']:.2f}" for g in groups))
+    if "final" in summary:   # the last iteration's weights (what the study compares, docs/variance.md)
+        log("test SGDet, last iteration | " + " | ".join(f"{k} {100 * summary['final'][k]:.2f}" for k in keys
+                                                         if k in summary["final"]))
     if not is_main():
         return
     # metrics.json holds only what the seed and settings determine (a rerun gives the same file);

@@ -401,6 +401,16 @@ def test_smoke_predcls(predcls_run):
     assert len(lines) == 1 and "(sup " in lines[0] and ", align " in lines[0] and "λ 10" in lines[0], stdout
     loss, sup, align = (float(lines[0].split(k)[1].split()[0].strip(",)")) for k in ("loss ", "sup ", "align "))
     assert loss == pytest.approx(sup + 10 * align, abs=0.01)   # Eq. (3)'s total (the log rounds to 3 decimals)
+    # "final", the last iteration's test (what the study compares): where the best checkpoint is the last
+    # iteration's (the same weights, tested once), that test exactly; otherwise the last weights were
+    # tested first, and the log says so
+    m = metrics_of(out)
+    differ = [k for k in m["final"] if k != "val_mR@50" and json.dumps(m["final"][k]) != json.dumps(m[k])]
+    if m["best_step"] == 3:
+        assert differ == [] and "after the last iteration's weights" not in stdout
+    else:
+        assert "after the last iteration's weights (3)" in stdout
+    assert any(l.startswith("test, last iteration | R@20 ") for l in stdout.splitlines()), stdout
 
 
 @pytest.mark.parametrize("mode", ["sgcls", "sgdet"])

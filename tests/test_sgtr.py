@@ -168,6 +168,17 @@ def test_smoke_run_outputs(finished):
     assert len(ck["rng"]) == 1 and {"torch", "numpy", "python", "mask"} <= set(ck["rng"][0])
     assert ck["image_side"] == 160  # the synthetic images' longest side, for --infer
     assert torch.load(os.path.join(out, "ckpt_best.pt"), weights_only=True)["step"] == m["best_step"]
+    # "final", the last iteration's test (what the study compares): the last validation's mR@50, and, where
+    # the best checkpoint is the last iteration's (the same weights, tested once), that test exactly;
+    # otherwise the last weights were tested first, and the log says so
+    final = m["final"]
+    assert final["val_mR@50"] == [h for h in m["history"] if "val_mR@50" in h][-1]["val_mR@50"]
+    differ = [k for k in final if k != "val_mR@50" and json.dumps(final[k]) != json.dumps(m[k])]
+    if m["best_step"] == 8:
+        assert differ == [] and "after the last iteration's weights" not in log
+    else:
+        assert "after the last iteration's weights (8)" in log
+    assert re.search(r"^test SGDet, last iteration \| R@20 [\d.]+ \| R@50 ", log, re.M), log
 
 
 def test_same_command_twice_gives_identical_metrics(finished, tmp_path):
