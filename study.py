@@ -146,7 +146,8 @@ def run_one(run, runs_dir, extra, core=None):
 
 
 def collect(run, results, runs_dir, wall, cpu):
-    """Copy a finished run's results into results/<name>/ (written under a temporary name, then renamed)."""
+    """Copy a finished run's results into results/<name>/ (written under a temporary name, then renamed).
+    wall, cpu: its seconds, or None where they were not measured (run.json then says so)."""
     out, dest = os.path.join(runs_dir, run["name"]), os.path.join(results, run["name"])
     tmp = dest + ".partial"
     shutil.rmtree(tmp, ignore_errors=True)   # only ever our own unfinished copy
@@ -157,7 +158,8 @@ def collect(run, results, runs_dir, wall, cpu):
         f.write("OMP_NUM_THREADS=1 " + " ".join(shlex.quote(c) for c in run["cmd"]) + "\n")
     with open(os.path.join(tmp, "run.json"), "w") as f:
         json.dump({k: run[k] for k in ("model", "mode", "arm", "seed", "tables")} |
-                  {"wall_seconds": round(wall, 1), "cpu_seconds": round(cpu, 1)}, f, indent=1)
+                  {"wall_seconds": None if wall is None else round(wall, 1),
+                   "cpu_seconds": None if cpu is None else round(cpu, 1)}, f, indent=1)
     os.rename(tmp, dest)
 
 
@@ -171,11 +173,21 @@ def run_study(todo, results, runs_dir, extra, jobs):
         alone = any(r["script"] in first_of for r in started.values())
         while waiting and len(started) < jobs and not alone:
             r = waiting.pop(0)
+            if os.path.isfile(os.path.join(runs_dir, r["name"], "metrics.json")):
+                # it finished, but the study stopped before keeping its results: keep them now (a model file
+                # rightly refuses to start again in a finished folder); its time was not measured
+                collect(dict(r, cmd=command(r, runs_dir, extra)), results, runs_dir, None, None)
+                done += 1
+                print(f"[{done}/{len(todo)}] {r['name']}: had finished in {runs_dir}; its results are kept now "
+                      f"(its time was not measured)", flush=True)
+                continue
             core = ({0, 1} - {c for c, _ in started}).pop() if jobs > 1 else None
             proc, log, cmd = run_one(r, runs_dir, extra, core)
             started[(core, proc.pid)] = dict(r, proc=proc, log=log, cmd=cmd, t=time.time())
             print(f"{r['name']}: started ({len(started)} running, {done} of {len(todo)} done)", flush=True)
             alone = r["script"] in first_of
+        if not started:
+            continue
         pid, status, usage = os.wait4(-1, 0)
         key = next(k for k in started if k[1] == pid)
         r = started.pop(key)
@@ -228,35 +240,36 @@ def val_mr50(m):
     return m.get("best_val_mR@50", m.get("val_mR@50"))
 
 
-def load_results(results, checkpoint="last"):
-    """-> {(model, mode, arm): {seed: metrics}} and the list of run.json records.
+def load_results(results):
+    """-> (last, best, records): last and best are {(model, mode, arm): {seed: metrics}}, records the list
+    of run.json records. Each run's files are read once.
 
-    checkpoint: whose test metrics a run stands for. 'last' (the study's protocol, docs/variance.md): the
-    weights of the last iteration, metrics.json's "final", with "val_mR@50" their validation mR@50; 'best':
-    the checkpoint with the best validation mR@50 (the paper's model selection), metrics.json's top level.
-    FREQ runs train nothing: both are their one evaluation."""
-    table, records = {}, []
+    last: what the study compares (docs/variance.md), the weights of the last iteration, metrics.json's
+    "final", with "val_mR@50" their validation mR@50. best: the checkpoint with the best validation mR@50
+    (the paper's model selection), metrics.json's top level. FREQ runs train nothing: both are their one
+    evaluation."""
+    last, best, records = {}, {}, []
     for name in sorted(os.listdir(results)):
         folder = os.path.join(results, name)
         if not os.path.isfile(os.path.join(folder, "run.json")):
             continue
         info, m = read_json(os.path.join(folder, "run.json")), read_json(os.path.join(folder, "metrics.json"))
-        if checkpoint == "last" and info["arm"] != "FREQ":
-            if "final" not in m:
-                raise SystemExit(f"error: {folder}/metrics.json has no \"final\" (the last iteration's test "
-                                 f"metrics): the run predates them; move the folder away and run it again")
-            m = m["final"]
-        elif val_mr50(m) is not None:
+        if info["arm"] != "FREQ" and "final" not in m:
+            raise SystemExit(f"error: {folder}/metrics.json has no \"final\" (the last iteration's test "
+                             f"metrics): the run predates them; move the folder away and run it again")
+        if val_mr50(m) is not None:
             m["val_mR@50"] = val_mr50(m)
-        table.setdefault((info["model"], info["mode"], info["arm"]), {})[info["seed"]] = m
+        key = (info["model"], info["mode"], info["arm"])
+        last.setdefault(key, {})[info["seed"]] = m if info["arm"] == "FREQ" else m["final"]
+        best.setdefault(key, {})[info["seed"]] = m
         records.append(info)
-    return table, records
+    return last, best, records
 
 
-def arm_table(lines, res, model, mode, arms, keys, paper=None, best=None):
+def arm_table(lines, res, model, mode, arms, keys, paper=None, best=None, between=()):
     """A markdown table: one row per arm (mean ± std), one per arm's paired difference to the baseline,
-    the same differences for the best-validation checkpoints (from `best`, load_results(.., 'best')), then
-    the paper's rows."""
+    then those of `between`, (arm, other arm) pairs, the same differences to the baseline for the
+    best-validation checkpoints (from `best`, load_results' second table), then the paper's rows."""
     if not any(res.get((model, mode, arm)) for arm in arms):
         lines += [f"(no {model} {mode} runs in this folder yet)", ""]
     lines += ["| run | seeds | " + " | ".join(keys) + " |", "|---" * (len(keys) + 2) + "|"]
@@ -270,6 +283,11 @@ def arm_table(lines, res, model, mode, arms, keys, paper=None, best=None):
         if arm not in ("baseline", "FREQ") and res.get((model, mode, arm)) and base:
             lines.append(f"| **{arm} − baseline, paired** (points, ± SE) | | "
                          + " | ".join(paired(base, res[(model, mode, arm)], k) for k in keys) + " |")
+    for arm, other in between:
+        if res.get((model, mode, arm)) and res.get((model, mode, other)):
+            lines.append(f"| {arm} − {other}, paired (points, ± SE) | | "
+                         + " | ".join(paired(res[(model, mode, other)], res[(model, mode, arm)], k)
+                                      for k in keys) + " |")
     for arm in arms:
         b = (best or {}).get((model, mode, "baseline"), {})
         if arm not in ("baseline", "FREQ") and (best or {}).get((model, mode, arm)) and b:
@@ -281,11 +299,11 @@ def arm_table(lines, res, model, mode, arms, keys, paper=None, best=None):
 
 
 def report(results):
-    res, records = load_results(results)
-    best, _ = load_results(results, "best")
+    res, best, records = load_results(results)
     if not records:
         raise SystemExit(f"error: {results} holds no finished run; run some first (python study.py run table2)")
-    cpu = sum(r["cpu_seconds"] for r in records)
+    cpu = sum(r["cpu_seconds"] or 0 for r in records)
+    untimed = sum(r["cpu_seconds"] is None for r in records)
     lines = ["# The reproduction study on the built-in synthetic data", "",
              "Written by `python study.py report` from the run folders beside this file; each folder's",
              "`command.txt` is the command that reproduces its `metrics.json` exactly. Mean ± sample std over",
@@ -293,7 +311,8 @@ def report(results):
              "Every number is of the weights of the last training iteration, in both arms (the protocol that",
              "[docs/variance.md](../docs/variance.md) chooses); the paper tests the checkpoint with the best",
              "validation mR@50, and the rows 'best-validation checkpoints' give that selection's differences.",
-             f"{len(records)} runs, {cpu / 3600:.1f} CPU hours in all.", ""]
+             f"{len(records)} runs, {cpu / 3600:.1f} CPU hours in all"
+             + (f" ({untimed} of them collected without a measured time)." if untimed else "."), ""]
     t1 = ["R@50", "R@100", "mR@50", "mR@100", "head_mR@100", "body_mR@100", "tail_mR@100", "F@100",
           "zsR@50", "zsR@100"]
     lines += ["## Table 1: SGTR vs Align-SGTR, SGDet (test, %)", ""]
@@ -307,7 +326,8 @@ def report(results):
               "SSA + UPH = the paper's alignment (`align`); SA = supervised alignment; PH = tied head.", ""]
     for model, mode in (("motifs", "predcls"), ("sgtr", "sgdet")):
         lines += [f"{model}, {mode}:", ""]
-        arm_table(lines, res, model, mode, ["baseline", "SA", "PH", "align"], t3)
+        arm_table(lines, res, model, mode, ["baseline", "SA", "PH", "align"], t3,
+                  between=[("align", "SA"), ("align", "PH")])   # the paper's Table 3 compares the variants
     lines += ["Paper (SGTR, validation, one run): " + "; ".join(
         f"{k} {v[0]}/{v[1]} mR@50/100" for k, v in PAPER["table3"].items()), ""]
     for tab, arms, what in (("table4", ["p = 0.05", "align", "p = 0.2", "p = 0.3"], "the masking ratio p"),
@@ -638,7 +658,7 @@ def variance(results, runs_dir, model, mode, boot=2000, draws=200):
     seeds; the part of the uncertainty that the test sample makes (a bootstrap over test images, the same
     resample for every run); and how the spread over seeds changes with the test split's size (random
     subsets of it). Re-evaluates each run's two checkpoints once (cached beside them). -> markdown text."""
-    res, _ = load_results(results, "best")
+    _, res, _ = load_results(results)
     base, align = res.get((model, mode, "baseline"), {}), res.get((model, mode, "align"), {})
     seeds = sorted(set(base) & set(align))
     if len(seeds) < 2:

@@ -1,6 +1,7 @@
 """study.py: the run list, running and collecting runs, exact reruns, and the report's arithmetic."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -62,7 +63,7 @@ def test_report_means_stds_and_paired_differences_by_hand(tmp_path):
         fake(res, f"a{s}", "motifs", "predcls", "align", s, {"mR@50": align[s], "R@50": 0.6})
     fake(res, "a9", "motifs", "predcls", "align", 9, {"mR@50": 0.9, "R@50": 0.6})   # unpaired: not in the diff
     lines = []
-    table, _ = study.load_results(res)
+    table, best, _ = study.load_results(res)
     study.arm_table(lines, table, "motifs", "predcls", ["baseline", "align"], ["mR@50"])
     text = "\n".join(lines)
     # baseline 42.00 ± 2.00 (sample std of 40, 44, 42); aligned 4 runs: 43, 45, 47, 90
@@ -71,8 +72,12 @@ def test_report_means_stds_and_paired_differences_by_hand(tmp_path):
     assert f"| align (ours) | 4 | {v.mean():.2f} ± {v.std(ddof=1):.2f} |" in text
     # paired on seeds 0-2: differences 3, 1, 5 -> mean 3, SE = 2 / sqrt(3)
     assert f"+3.00 ± {2 / np.sqrt(3):.2f} (n = 3)" in text
+    # a difference between two arms (Table 3's variants) is the first minus the second, on their shared seeds
+    lines = []
+    study.arm_table(lines, table, "motifs", "predcls", ["baseline", "align"], ["mR@50"],
+                    between=[("baseline", "align")])
+    assert f"| baseline − align, paired (points, ± SE) | | -3.00 ± {2 / np.sqrt(3):.2f} (n = 3) |" in lines
     # the best-validation checkpoints (metrics.json's top level, 10 points lower here) get their own row
-    best, _ = study.load_results(res, "best")
     lines = []
     study.arm_table(lines, best, "motifs", "predcls", ["baseline"], ["mR@50"])
     assert "| baseline (ours) | 3 | 32.00 ± 2.00 |" in "\n".join(lines)
@@ -155,6 +160,16 @@ def test_run_collect_skip_verify_and_report(tmp_path):
     r = cli("run", "motifs-predcls-baseline-seed0", "motifs-predcls-align-seed0", *args, env=env)
     assert "2 of 2 already done; running 0" in r.stdout
     assert os.path.getmtime(os.path.join(results, "motifs-predcls-align-seed0", "metrics.json")) == before
+    # the study stopped after a run had finished but before its results were kept: the next `run` keeps
+    # them, without training again (a model file refuses to start in a finished folder)
+    kept = os.path.join(results, "motifs-predcls-baseline-seed0")
+    os.rename(kept, str(tmp_path / "moved"))
+    r = cli("run", "motifs-predcls-baseline-seed0", *args, env=env)
+    assert r.returncode == 0 and "its results are kept now" in r.stdout, r.stdout + r.stderr
+    with open(os.path.join(kept, "metrics.json")) as f, open(tmp_path / "moved" / "metrics.json") as g:
+        assert f.read() == g.read()
+    with open(os.path.join(kept, "run.json")) as f:
+        assert json.load(f)["cpu_seconds"] is None
     r = cli("verify", "motifs-predcls-align-seed0", *args, env=env)
     assert r.returncode == 0 and "metrics.json identical" in r.stdout, r.stdout + r.stderr
     r = cli("report", "--results", results)
@@ -165,6 +180,7 @@ def test_run_collect_skip_verify_and_report(tmp_path):
         text = f.read()
     m = m["final"]   # the report's numbers are the last iteration's (docs/variance.md)
     assert f"| align (ours) | 1 | {100 * m['mR@20']:.2f} | {100 * m['mR@50']:.2f} |" in text
+    assert re.search(r"\n2 runs, [0-9.]+ CPU hours in all \(1 of them collected without a measured time\)\.", text)
     assert os.path.isfile(os.path.join(results, "figure5_motifs_predcls.png"))
 
 
