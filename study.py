@@ -572,8 +572,9 @@ def verify(chosen, results, extra):
 # The variance analysis: how much of the seed-to-seed spread is the test sample, and how much training
 
 def test_records(name, runs_dir, which):
-    """Evaluate a finished run's checkpoint (which = 'best' or 'last') on the test split again ->
-    (the SGEvaluator's per-image records, its summary). Cached as <run>/test_records_<which>.json."""
+    """Evaluate a finished run's checkpoint (which = 'best' or 'last') on the test split again, as the run
+    did (its first --max-eval-images images; all in the study) -> (the SGEvaluator's per-image records, its
+    summary). Cached as <run>/test_records_<which>.json."""
     import torch
     import metrics
     folder = os.path.join(ROOT, runs_dir, name)
@@ -610,9 +611,10 @@ def test_records(name, runs_dir, which):
     ev = metrics.SGEvaluator(cfg.mode if motifs else "sgdet", train.num_predicates - 1,
                              predicate_groups=groups, zeroshot_triplets=seen)
     if motifs:
-        M.evaluate(model, detector, test, cfg, "cpu", groups, seen_triplets=seen, ev=ev)
+        M.evaluate(model, detector, M.first(test, cfg.max_eval_images), cfg, "cpu", groups, seen_triplets=seen,
+                   ev=ev)
     else:
-        S.evaluate(model, test, cfg, "cpu", groups, zeroshot=seen, ev=ev)
+        S.evaluate(model, test, cfg, "cpu", groups, cfg.max_eval_images, zeroshot=seen, ev=ev)
     summary = {k: v for k, v in ev.summary().items() if not k.startswith("per_")}
     records = ev.state_dict()["records"]
     with open(cache + ".tmp", "w") as f:

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import numpy as np
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -184,6 +185,30 @@ def test_run_collect_skip_verify_and_report(tmp_path):
     assert os.path.isfile(os.path.join(results, "figure5_motifs_predcls.png"))
 
 
+def test_metrics_json_is_the_test_of_ckpt_best_and_final_that_of_ckpt_last(tmp_path):
+    """A Motifs run whose best validation comes early (a large learning rate, validated at every iteration):
+    metrics.json's top level must be the test of ckpt_best.pt, and its "final" (what the study compares)
+    the test of ckpt_last.pt, both evaluated again here; two different tests in this run."""
+    out = str(tmp_path / "motifs-run")   # study.test_records knows the model by the name
+    args = ["--predcls", "--iters", "4", "--det-iters", "3", "--max-eval-images", "6", "--eval-every", "1",
+            "--batch-size", "2", "--det-batch", "2", "--eval-batch", "3", "--lr", "0.5", "--out", out]
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "motifs_align.py"), *args], cwd=ROOT,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    with open(os.path.join(out, "metrics.json")) as f:
+        m = json.load(f)
+    assert m["best_step"] < 4 and "after the last iteration's weights (4)" in r.stdout
+    threads = torch.get_num_threads()
+    try:
+        got = {which: study.test_records("motifs-run", str(tmp_path), which)[1] for which in ("best", "last")}
+    finally:
+        torch.set_num_threads(threads)
+    keys = ("R@20", "R@50", "R@100", "mR@20", "mR@50", "mR@100")
+    assert [got["best"][k] for k in keys] == [m[k] for k in keys]
+    assert [got["last"][k] for k in keys] == [m["final"][k] for k in keys]
+    assert [m[k] for k in keys] != [m["final"][k] for k in keys]
+
+
 def test_figure4_shows_the_mirrors_masked_attention(tmp_path):
     """Figure 4 from a tiny SGTR run: the mirror's weights for the pictured query are zero exactly where
     the kernel's mask (bernoulli_mask of the block's seed) drops a logit, and both rows sum to one."""
@@ -195,6 +220,16 @@ def test_figure4_shows_the_mirrors_masked_attention(tmp_path):
     r = subprocess.run([sys.executable, os.path.join(ROOT, "sgtr_align.py"), *small, "--out", out], cwd=ROOT,
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
+    # SGTR's "final" is the test of ckpt_last.pt (here also the best: one validation, at the last iteration)
+    threads = torch.get_num_threads()
+    with open(os.path.join(out, "metrics.json")) as f:
+        final = json.load(f)["final"]
+    try:
+        _, got = study.test_records("run", str(tmp_path), "last")
+    finally:
+        torch.set_num_threads(threads)
+    keys = ("R@20", "R@50", "mR@20", "mR@50", "mR@100")
+    assert [got[k] for k in keys] == [final[k] for k in keys]
     w_orig, w_mirror, drop = study.figure4(os.path.join(out, "ckpt_best.pt"), str(tmp_path / "f4.png"))
     assert os.path.isfile(tmp_path / "f4.png")
     assert drop.any() and not drop.all()
