@@ -1126,14 +1126,14 @@ def train(cfg: Config, device) -> dict:
     # which one it tests. When it is the last iteration's, they are the same weights, tested once.
     barrier()
     ck = load_checkpoint(best_path, ("model", "step"))
-    tested = all_ranks(ck["step"])
+    tested, best_is_last = all_ranks(ck["step"]), ck["step"] == state["step"]
     log("test: ckpt_best.pt of iteration " + ", ".join(f"{s} on rank {r}" for r, s in enumerate(tested))
-        + ("" if ck["step"] == state["step"] else f", after the last iteration's weights ({state['step']})"))
+        + ("" if best_is_last else f", after the last iteration's weights ({state['step']})"))
     if len(set(tested)) != 1:
         raise RuntimeError(f"ranks tested different checkpoints: {tested}")
     t_test = time.time()
-    final = None if ck["step"] == state["step"] else evaluate(model, test_ds, cfg, device, groups,
-                                                                cfg.max_eval_images, zeroshot=seen)[0]
+    final = None if best_is_last else evaluate(model, test_ds, cfg, device, groups, cfg.max_eval_images,
+                                               zeroshot=seen)[0]
     model.load_state_dict(ck["model"])
     summary, examples = evaluate(model, test_ds, cfg, device, groups, cfg.max_eval_images, keep_examples=4,
                                  zeroshot=seen)

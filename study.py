@@ -128,10 +128,10 @@ def run_one(run, runs_dir, extra, core=None):
     cmd = command(run, runs_dir, extra)
     out = cmd[-1]
     argv = [sys.executable, *cmd[1:]]
-    finished = os.path.isfile(os.path.join(out, "metrics.json"))
-    if not finished and os.path.isfile(os.path.join(out, "ckpt_last.pt")):
+    # (a finished folder never comes here: run_study keeps its results instead of starting it)
+    if os.path.isfile(os.path.join(out, "ckpt_last.pt")):
         argv.append("--resume")   # a run killed earlier continues where it stopped (and ends the same)
-    elif not finished and os.path.isfile(os.path.join(out, "args.json")):
+    elif os.path.isfile(os.path.join(out, "args.json")):
         # killed before its first checkpoint: nothing to resume, and the model file rightly refuses to write
         # into it; kept (moved aside, never deleted), and the run starts afresh
         aside = f"{out}.unfinished-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -576,14 +576,31 @@ def test_records(name, runs_dir, which):
     did (its first --max-eval-images images; all in the study) -> (the SGEvaluator's per-image records, its
     summary). Cached as <run>/test_records_<which>.json."""
     import torch
-    import metrics
     folder = os.path.join(ROOT, runs_dir, name)
     cache = os.path.join(folder, f"test_records_{which}.json")
     if os.path.isfile(cache):
         blob = read_json(cache)
         return [tuple(np.asarray(x) for x in r) for r in blob["records"]], blob["summary"]
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)   # as the runs: float sums depend on the thread count
-    motifs = name.startswith("motifs")
+    try:
+        ev = evaluate_again(folder, name.startswith("motifs"), which)
+    finally:
+        torch.set_num_threads(threads)   # the caller's own setting, as it was
+    summary = {k: v for k, v in ev.summary().items() if not k.startswith("per_")}
+    records = ev.state_dict()["records"]
+    with open(cache + ".tmp", "w") as f:
+        json.dump({"summary": summary, "records": [[np.asarray(x).tolist() for x in r] for r in records]}, f)
+    os.replace(cache + ".tmp", cache)
+    return [tuple(np.asarray(x) for x in r) for r in records], summary
+
+
+def evaluate_again(folder, motifs, which):
+    """test_records' evaluation: the run's checkpoint rebuilt from its saved args, tested on the images the
+    run tested -> the filled metrics.SGEvaluator."""
+    import torch
+    import data
+    import metrics
     if motifs:
         import motifs_align as M
         best = M.load_checkpoint(os.path.join(folder, "ckpt_best.pt"), "cpu")   # the frozen detector is here
@@ -604,7 +621,6 @@ def test_records(name, runs_dir, which):
         train, _, test = S.load_datasets(cfg)
         model = S.SGTR(cfg, train.num_classes, train.num_predicates)
         model.load_state_dict(ck["model"])
-    import data
     counts = data.predicate_counts(train)
     groups = metrics.default_predicate_groups(train.idx_to_predicate, counts)
     seen = metrics.training_triplets(train.gt_labels, train.gt_relations)
@@ -615,12 +631,7 @@ def test_records(name, runs_dir, which):
                    ev=ev)
     else:
         S.evaluate(model, test, cfg, "cpu", groups, cfg.max_eval_images, zeroshot=seen, ev=ev)
-    summary = {k: v for k, v in ev.summary().items() if not k.startswith("per_")}
-    records = ev.state_dict()["records"]
-    with open(cache + ".tmp", "w") as f:
-        json.dump({"summary": summary, "records": [[np.asarray(x).tolist() for x in r] for r in records]}, f)
-    os.replace(cache + ".tmp", cache)
-    return [tuple(np.asarray(x) for x in r) for r in records], summary
+    return ev
 
 
 def recall_entries(records, k_index):

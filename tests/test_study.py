@@ -199,10 +199,8 @@ def test_metrics_json_is_the_test_of_ckpt_best_and_final_that_of_ckpt_last(tmp_p
         m = json.load(f)
     assert m["best_step"] < 4 and "after the last iteration's weights (4)" in r.stdout
     threads = torch.get_num_threads()
-    try:
-        got = {which: study.test_records("motifs-run", str(tmp_path), which)[1] for which in ("best", "last")}
-    finally:
-        torch.set_num_threads(threads)
+    got = {which: study.test_records("motifs-run", str(tmp_path), which)[1] for which in ("best", "last")}
+    assert torch.get_num_threads() == threads   # test_records evaluates on one thread, then gives ours back
     keys = ("R@20", "R@50", "R@100", "mR@20", "mR@50", "mR@100")
     assert [got["best"][k] for k in keys] == [m[k] for k in keys]
     assert [got["last"][k] for k in keys] == [m["final"][k] for k in keys]
@@ -221,13 +219,9 @@ def test_figure4_shows_the_mirrors_masked_attention(tmp_path):
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
     # SGTR's "final" is the test of ckpt_last.pt (here also the best: one validation, at the last iteration)
-    threads = torch.get_num_threads()
     with open(os.path.join(out, "metrics.json")) as f:
         final = json.load(f)["final"]
-    try:
-        _, got = study.test_records("run", str(tmp_path), "last")
-    finally:
-        torch.set_num_threads(threads)
+    _, got = study.test_records("run", str(tmp_path), "last")
     keys = ("R@20", "R@50", "mR@20", "mR@50", "mR@100")
     assert [got[k] for k in keys] == [final[k] for k in keys]
     w_orig, w_mirror, drop = study.figure4(os.path.join(out, "ckpt_best.pt"), str(tmp_path / "f4.png"))
