@@ -78,12 +78,24 @@ import inspect
 import json
 import math
 import os
+import platform
 import random
 import re
 import sys
 import time
 from dataclasses import dataclass, field
 from typing import List
+
+# Exact numbers depend on the CPU's instruction set. torch (ATen), oneDNN and MKL pick AVX-512 kernels where the
+# CPU has them, whose float sums differ in the last bits from the AVX2 kernels; a trained model amplifies that
+# (the quick start's mR@50 moved by 6.8 points). Every published number of this project was made with the AVX2
+# kernels, which every x86-64 CPU of the last decade has, so they are pinned here, before torch is imported,
+# unless the user has set these variables. SGG_ALIGN_ISA=native turns the pin off (faster on AVX-512, other
+# digits). Each run records the instruction set it used (torch.backends.cpu.get_cpu_capability()).
+if platform.machine().lower() in ("x86_64", "amd64") and os.environ.get("SGG_ALIGN_ISA", "avx2") != "native":
+    for _var, _value in (("ATEN_CPU_CAPABILITY", "avx2"), ("ONEDNN_MAX_CPU_ISA", "AVX2"),
+                         ("MKL_ENABLE_INSTRUCTIONS", "AVX2")):
+        os.environ.setdefault(_var, _value)
 
 import numpy as np
 import torch
@@ -243,6 +255,8 @@ class Config:
     """anchor sides in pixels (three aspect ratios 0.5, 1, 2 each)"""
     det_max_per_image: int = 20
     """detections kept per image (SGDet boxes)"""
+    feature_cache_gb: float = 4.0
+    """keep the frozen detector's outputs per image in memory if they fit in this many GB (0: rerun it every step)"""
     max_size: int = 0
     """resize images so the longest side is this many pixels (0 = as stored; --infer: as in training)"""
     # -- stage 2: the Motifs relation model
@@ -307,7 +321,7 @@ PRESETS = {
                det_batch=8, det_optimizer="sgd", det_lr=0.01, det_max_per_image=64, roi_dim=4096, embed_dim=200,
                hidden=512, union_dim=4096, mirror_dim=1024, iters=100000, batch_size=24,
                lr=0.01, lr_steps=100, val_images=5000, eval_batch=8, num_workers=4,
-               log_every=100, eval_every=2000),
+               log_every=100, eval_every=2000, feature_cache_gb=0),
 }
 
 
@@ -363,7 +377,8 @@ def check_config(cfg: Config):
             fail(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
     if not 0.0 <= cfg.context_dropout < 1.0:
         fail(f"--context-dropout must be in [0, 1), got {cfg.context_dropout}")
-    for name in ("val_images", "max_eval_images", "max_size", "num_workers", "neg_per_pos", "num_val_im"):
+    for name in ("val_images", "max_eval_images", "max_size", "num_workers", "neg_per_pos", "num_val_im",
+                 "feature_cache_gb"):
         if getattr(cfg, name) < 0:
             fail(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(cfg, name)}")
     if cfg.infer and not cfg.ckpt:
@@ -553,6 +568,7 @@ class Detector(nn.Module):
         self.max_det = cfg.det_max_per_image
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.feature_cache = None   # a FeatureCache once the detector is frozen (get_detector)
 
     def features(self, images, sizes):
         """images (B, 3, H, W) in [0, 1], zero-padded -> feature map (B, F, H/stride, W/stride)."""
@@ -684,10 +700,13 @@ def load_vgg16_weights(detector, path):
 
 
 @torch.no_grad()
-def stage1_outputs(detector, images, sizes, mode, gt_boxes=None, gt_labels=None):
+def stage1_outputs(detector, images, sizes, mode, gt_boxes=None, gt_labels=None, cached=True):
     """The frozen detector's part: feature map, the boxes the relation model works on, their RoI
     features and initial class distributions. -> dict fmap (B, F, h, w), boxes B x (N_b, 4),
-    obj_feats (N, roi_dim), obj_dists (N, C), det (B dicts, sgdet only)."""
+    obj_feats (N, roi_dim), obj_dists (N, C), det (B dicts, sgdet only). With a FeatureCache on the
+    detector, each image's outputs are computed once and fmap is a list B x (F, h_b, w_b)."""
+    if cached and detector.feature_cache is not None:
+        return detector.feature_cache(detector, images, sizes, mode, gt_boxes, gt_labels)
     fmap = detector.features(images, sizes)
     dets = detector.detect(fmap, sizes) if mode == "sgdet" else None
     boxes = [d["boxes"] for d in dets] if mode == "sgdet" else gt_boxes
@@ -697,6 +716,51 @@ def stage1_outputs(detector, images, sizes, mode, gt_boxes=None, gt_labels=None)
     else:
         obj_dists = cls_logits.softmax(-1)
     return {"fmap": fmap, "boxes": boxes, "obj_feats": obj_feats, "obj_dists": obj_dists, "det": dets}
+
+
+class FeatureCache:
+    """The frozen stage 1, computed once per image (plumbing: not the paper's method, and off in --preset vg).
+
+    Once trained, the detector is frozen and the images are never augmented, so what it hands the relation
+    model for an image (feature map, RoI features, class distributions, SGDet detections) never changes; yet
+    computing it again at every step was half of a training step. The first time an image is met (training,
+    validation or test), its outputs are computed and kept in memory, keyed by its pixels and its GT boxes
+    (the RoI features' input) and labels. Each image is computed alone, without the batch's zero padding, so its outputs
+    do not depend on which images share its batch: a run gives the same numbers whether an image was computed
+    now or earlier (a resumed run starts with an empty cache and still ends as the uninterrupted one). The
+    relation model then reads each image's own feature map, a list, instead of a padded batch tensor."""
+
+    def __init__(self):
+        self.store = {}
+
+    def __call__(self, detector, images, sizes, mode, gt_boxes, gt_labels):
+        outs = []
+        for i, (h, w) in enumerate(sizes):
+            image = images[i:i + 1, :, :h, :w]                                 # (1, 3, h, w) unpadded
+            given = [] if mode == "sgdet" else [gt_boxes[i], gt_labels[i]]
+            key = hashlib.sha1(b"".join(x.cpu().numpy().tobytes() for x in [image] + given)).hexdigest()
+            if key not in self.store:
+                s = stage1_outputs(detector, image, [(h, w)], mode, given[:1], given[1:], cached=False)
+                self.store[key] = {"fmap": s["fmap"][0], "boxes": s["boxes"][0], "obj_feats": s["obj_feats"],
+                                   "obj_dists": s["obj_dists"], "det": s["det"] and s["det"][0]}
+            outs.append(self.store[key])
+        return {"fmap": [o["fmap"] for o in outs], "boxes": [o["boxes"] for o in outs],   # B x (F, h_b, w_b), ..
+                "obj_feats": torch.cat([o["obj_feats"] for o in outs]),                    # (N, roi_dim)
+                "obj_dists": torch.cat([o["obj_dists"] for o in outs]),                    # (N, C)
+                "det": [o["det"] for o in outs] if mode == "sgdet" else None}
+
+    @staticmethod
+    def size_gb(cfg, datasets, feat_channels, stride):
+        """The memory it would take for these splits, in GB (float32): each image's feature map, and the
+        RoI features and class distributions of its objects (SGDet: of det_max_per_image detections)."""
+        total = 0
+        for ds in datasets:
+            for i in range(len(ds)):
+                t = ds.get_groundtruth(i)
+                h, w = t["size"]
+                n = cfg.det_max_per_image if cfg.mode == "sgdet" else len(t["labels"])
+                total += feat_channels * (h // stride) * (w // stride) + n * (cfg.roi_dim + 5 * ds.num_classes)
+        return 4 * total / 1e9
 
 
 # ----------------------------------------------------------------------------------------------
@@ -904,7 +968,7 @@ class MotifsRelationModel(nn.Module):
             x = roi_align(fmap[i], union, self.S, self.spatial_scale)    # (R_b, F, S, S)
             feats.append((x + F.relu(self.rect_conv(masks))).flatten(1))  # (R_b, F*S*S)
         if not feats:
-            return fmap.new_zeros(0, self.union_fc.out_features)
+            return self.union_fc.weight.new_zeros(0, self.union_fc.out_features)
         return F.relu(self.union_fc(torch.cat(feats)))                   # (R, Du)
 
     def pair_features(self, edge_ctx, pairs_g):
@@ -913,7 +977,8 @@ class MotifsRelationModel(nn.Module):
         return torch.cat([head[pairs_g[:, 0]], tail[pairs_g[:, 1]]], dim=1)
 
     def forward(self, fmap, boxes, sizes, obj_feats, obj_dists, pairs, labels=None, boxes_per_cls=None):
-        """fmap (B, F, h, w) frozen features; boxes B x (N_b, 4); sizes B x (H, W);
+        """fmap (B, F, h, w) frozen features, or a list B x (F, h_b, w_b) (FeatureCache); boxes B x (N_b, 4);
+        sizes B x (H, W);
         obj_feats (N, roi_dim) frozen RoI features; obj_dists (N, C) initial class distribution
         (one-hot GT labels in predcls, the detector's in sgcls/sgdet); pairs B x (R_b, 2) local
         indices; labels (N,): the GT labels in predcls, and in training the teacher-forced labels of
@@ -926,7 +991,7 @@ class MotifsRelationModel(nn.Module):
         orders = [((b[:, 0] + b[:, 2]) / 2).argsort() for b in boxes]
         offsets = np.cumsum([0] + counts[:-1])
         pairs_g = torch.cat([p + int(o) for p, o in zip(pairs, offsets)]) if pairs else \
-            torch.zeros(0, 2, dtype=torch.long, device=fmap.device)      # (R, 2) global indices
+            torch.zeros(0, 2, dtype=torch.long, device=obj_feats.device)  # (R, 2) global indices
         pos = torch.cat([box_info(b, s) for b, s in zip(boxes, sizes)])  # (N, 9)
 
         # Object context and label refinement (SGB's LSTMContext.obj_ctx).
@@ -1095,6 +1160,7 @@ def train(cfg, out_dir, rank, world, device):
     groups = metrics.default_predicate_groups(ds["train"].idx_to_predicate, counts)
     t_stage = (time.time(), time.process_time())
     detector, det_map = get_detector(cfg, ds, det_path, det_cached, device, rank, world, log)
+    use_feature_cache(cfg, detector, [ds["train"], ds["val"], ds["test"]], log)
     log(f"stage 1 done ({clock(t_stage)})")
     if cfg.freq_baseline:
         summary = evaluate(None, detector, first(ds["test"], cfg.max_eval_images), cfg, device, groups,
@@ -1188,8 +1254,11 @@ def open_run(cfg, out_dir, rank):
     if rank == 0 and not cfg.resume:
         os.makedirs(out_dir, exist_ok=True)
         with open(os.path.join(out_dir, "args.json"), "w") as f:
-            json.dump(dataclasses.asdict(cfg), f, indent=1)
-    return root, ds, Log(os.path.join(out_dir, "log.txt"), rank)
+            json.dump({**dataclasses.asdict(cfg), "machine": machine()}, f, indent=1)
+    log = Log(os.path.join(out_dir, "log.txt"), rank)
+    if cfg.resume:
+        check_machine(out_dir, log)
+    return root, ds, log
 
 
 def describe(cfg):
@@ -1204,7 +1273,8 @@ def describe(cfg):
 
 def detector_path(cfg, root, world, device):
     """Where the detector for these data and settings is cached -> (path, whether it exists). The key holds
-    everything that changes the trained weights, thread count included (float sums differ across it)."""
+    everything that changes the trained weights, thread count and instruction set included (float sums differ
+    across them)."""
     if cfg.detector_ckpt:
         return cfg.detector_ckpt, True
     settings = {k: getattr(cfg, k) for k in ("backbone", "vgg_weights", "det_iters", "det_batch", "det_optimizer",
@@ -1213,7 +1283,8 @@ def detector_path(cfg, root, world, device):
     if cfg.num_val_im:   # only when set, so that the default's key (and its cached detectors) stay as they were
         settings["num_val_im"] = cfg.num_val_im
     key_src = json.dumps({"root": os.path.abspath(root), "world": world, "threads": torch.get_num_threads(),
-                          "device": device.type, **settings}, sort_keys=True)
+                          "isa": torch.backends.cpu.get_cpu_capability(), "device": device.type, **settings},
+                         sort_keys=True)
     key = hashlib.sha1(key_src.encode()).hexdigest()[:12]
     path = os.path.join(cache_dir(), "detectors", f"detector-{key}.pt")
     return path, os.path.exists(path)
@@ -1251,6 +1322,22 @@ def get_detector(cfg, ds, path, cached, device, rank, world, log):
             save_atomic(blob, path)
     log(f"stage 1: detector mAP@0.5 on {n_eval} test images = {cached_map:.4f}")
     return detector, float(cached_map)
+
+
+def use_feature_cache(cfg, detector, splits, log):
+    """Give the frozen detector a FeatureCache when the splits' outputs fit in --feature-cache-gb (one line
+    says which; --preset vg: off, a VGG-16 feature map per Visual Genome image would take about 300 GB)."""
+    if cfg.feature_cache_gb <= 0:
+        log("feature cache: off (--feature-cache-gb 0): the frozen detector runs again at every step")
+        return
+    need = FeatureCache.size_gb(cfg, splits, detector.backbone.out_channels, detector.stride)
+    if need > cfg.feature_cache_gb:
+        log(f"feature cache: off: the frozen detector's outputs would take {need:.1f} GB, more than "
+            f"--feature-cache-gb {cfg.feature_cache_gb:g}; the detector runs again at every step")
+        return
+    detector.feature_cache = FeatureCache()
+    log(f"feature cache: on: the frozen detector's outputs are computed once per image and kept in memory "
+        f"(at most {need:.2f} GB; --feature-cache-gb 0 turns it off)")
 
 
 def train_detector(cfg, detector, train_ds, iters, device, rank, world, log):
@@ -1831,8 +1918,9 @@ def load_checkpoint(path, device):
 
 # Settings that do not change a run's numbers; every other field must match for a folder to be resumed.
 # (seeds, compare, bench_step: flags of earlier versions, now study.py's, still in older args.json files)
+# ("machine" is args.json's record of the instruction set, torch and threads: see check_machine)
 NOT_RESULT_FIELDS = {"out", "resume", "log_every", "num_workers", "infer", "ckpt", "boxes", "device",
-                     "seeds", "compare", "bench_step"}
+                     "seeds", "compare", "bench_step", "machine"}
 
 
 def existing_run(cfg, out_dir):
@@ -1868,6 +1956,22 @@ def claim_run_dir(cfg, out_dir):
     else:
         fail(f"{out_dir} holds an unfinished run with these settings; add --resume to "
              f"continue it, or pass --out NEW_FOLDER")
+
+
+def machine():
+    """What changes a run's exact numbers besides its settings (args.json records it): the CPU instruction set
+    that torch uses (AVX2 unless SGG_ALIGN_ISA=native, see the top of the file), torch's version, its threads."""
+    return {"isa": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__,
+            "threads": torch.get_num_threads()}
+
+
+def check_machine(out_dir, log):
+    """--resume on another instruction set, torch or thread count: it runs, but says the numbers will differ."""
+    with open(os.path.join(out_dir, "args.json")) as f:
+        then = json.load(f).get("machine")
+    if then and then != machine():
+        log(f"note: {out_dir} was started with {then}, resumed with {machine()}: its numbers will not be "
+            f"exactly those of an uninterrupted run")
 
 
 def rng_states():

@@ -77,11 +77,23 @@ import inspect
 import json
 import math
 import os
+import platform
 import random
 import re
 import time
 from dataclasses import dataclass
 from typing import List
+
+# Exact numbers depend on the CPU's instruction set. torch (ATen), oneDNN and MKL pick AVX-512 kernels where the
+# CPU has them, whose float sums differ in the last bits from the AVX2 kernels; a trained model amplifies that
+# (the quick start's mR@50 moved by 6.8 points). Every published number of this project was made with the AVX2
+# kernels, which every x86-64 CPU of the last decade has, so they are pinned here, before torch is imported,
+# unless the user has set these variables. SGG_ALIGN_ISA=native turns the pin off (faster on AVX-512, other
+# digits). Each run records the instruction set it used (torch.backends.cpu.get_cpu_capability()).
+if platform.machine().lower() in ("x86_64", "amd64") and os.environ.get("SGG_ALIGN_ISA", "avx2") != "native":
+    for _var, _value in (("ATEN_CPU_CAPABILITY", "avx2"), ("ONEDNN_MAX_CPU_ISA", "AVX2"),
+                         ("MKL_ENABLE_INSTRUCTIONS", "AVX2")):
+        os.environ.setdefault(_var, _value)
 
 import numpy as np
 import torch
@@ -303,6 +315,8 @@ class Config:
     """learning rate of the pretrained detector's transformer and heads (0 with --lr-backbone 0: frozen)"""
     lr_backbone: float = 0.0
     """learning rate of the pretrained CNN (DETR fine-tuning: 1e-5)"""
+    feature_cache_gb: float = 4.0
+    """keep the frozen detector's outputs per image in memory if they fit in this many GB (0: rerun it every step)"""
     weight_decay: float = 1e-4
     """AdamW weight decay"""
     warmup_iters: int = 200
@@ -334,7 +348,7 @@ PRESETS = {
                batch_size=4, eval_batch=8, iters=120000, lr=1e-4, lr_detector=1e-4, lr_backbone=1e-5,
                det_iters=150000, det_batch=4, det_lr=1e-4,
                warmup_iters=1000, lr_drop=0.7, eval_every=5000, ckpt_every=1000, val_images=1000,
-               log_every=100),
+               log_every=100, feature_cache_gb=0),
 }
 
 
@@ -382,7 +396,7 @@ def check_config(cfg: Config):
             fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
     for name in ("num_workers", "max_eval_images", "num_val_im", "max_size", "val_images", "rel_enc_layers",
                  "warmup_iters", "lr", "lr_detector", "lr_backbone", "det_lr", "weight_decay", "grad_clip",
-                 "align_weight", "dropout", "eos_coef"):
+                 "align_weight", "dropout", "eos_coef", "feature_cache_gb"):
         if getattr(cfg, name) < 0:
             fail(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
     if cfg.device not in ("auto", "cpu", "cuda"):
@@ -721,6 +735,7 @@ class SGTR(nn.Module):
         # the original's initial weights do not depend on --no-align, and the parameter order is fixed.
         self.mirror = None if cfg.no_align else Mirror(cfg, num_classes, num_predicates)
         self.detector_frozen = False  # freeze_detector()
+        self.feature_cache = None  # a FeatureCache once the detector is frozen (train)
 
     # -- the image and entity part -------------------------------------------------------------
     def detector_parameters(self):
@@ -791,7 +806,10 @@ class SGTR(nn.Module):
     def encode_and_detect(self, images, pad_mask):
         """images (B, 3, H, W) in [0, 1], pad_mask (B, H, W) -> entity outputs and decoder inputs."""
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.detector_frozen):
-            ent_out, src, pos, kpm = self.detect(images, pad_mask)
+            if self.feature_cache is not None:  # each image's detector outputs computed once (FeatureCache)
+                ent_out, src, pos, kpm = self.feature_cache(self, images, pad_mask)
+            else:
+                ent_out, src, pos, kpm = self.detect(images, pad_mask)
         B = images.shape[0]
         rel = src
         for layer in self.rel_encoder:
@@ -836,6 +854,80 @@ class SGTR(nn.Module):
         ent_out, inputs = self.encode_and_detect(images, pad_mask)
         pred_out = self.forward_decoder(inputs, use_dropout=self.training)
         return ent_out, pred_out, inputs
+
+
+class FeatureCache:
+    """The frozen detector, computed once per image (plumbing: not the paper's method; off when the detector is
+    fine-tuned, as in --preset vg).
+
+    Once pretrained and frozen, the detector's outputs for an image never change (the images are never
+    augmented), yet computing them again at every step was a quarter of a training step. The first time an
+    image is met (training, validation or test), what the relation side reads of it is kept in memory, keyed
+    by its pixels: the encoder's image tokens and their positions, and the last entity-decoder layer's
+    classes, boxes and features. Each image is computed alone, without the batch's zero padding and in eval
+    mode, so its outputs do not depend on which images share its batch: a run gives the same numbers whether
+    an image was computed now or earlier (a resumed run starts with an empty cache and still ends as the
+    uninterrupted one). A batch's tokens are then padded at the end to its longest image, the padding masked
+    (kpm): attention treats the tokens as a set with positions, so their order does not matter.
+    Without the cache (--feature-cache-gb 0), the frozen entity decoder runs in the training step with its
+    dropout on, as in earlier versions (SGTR.training is on, and detect passes it): kept so that the
+    small-data study's runs still reproduce; a frozen detector should have no dropout, and here it has none."""
+
+    def __init__(self):
+        self.store = {}
+
+    def __call__(self, model, images, pad_mask):
+        outs = []
+        for i in range(len(images)):
+            h, w = int((~pad_mask[i]).any(1).sum()), int((~pad_mask[i]).any(0).sum())
+            image = images[i:i + 1, :, :h, :w]                                  # (1, 3, h, w) unpadded
+            key = hashlib.sha1(image.cpu().numpy().tobytes()).hexdigest()
+            if key not in self.store:
+                training = model.training
+                model.train(False)  # no dropout in a frozen detector
+                try:
+                    ent_out, src, pos, _ = model.detect(image, pad_mask[i:i + 1, :h, :w])
+                finally:
+                    model.train(training)
+                last = ent_out[-1]
+                self.store[key] = dict(src=src[0], pos=pos[0], logits=last["logits"][0], boxes=last["boxes"][0],
+                                       feats=last["feats"][0])                 # (S_i, D) x 2, (Qe, ...) x 3
+            outs.append(self.store[key])
+        S = max(len(o["src"]) for o in outs)
+        src, pos = (torch.stack([F.pad(o[k], (0, 0, 0, S - len(o[k]))) for o in outs]) for k in ("src", "pos"))
+        kpm = torch.stack([torch.arange(S, device=images.device) >= len(o["src"]) for o in outs])   # (B, S)
+        ent = {k: torch.stack([o[k] for o in outs]) for k in ("logits", "boxes", "feats")}          # (B, Qe, ..)
+        return [ent], src, pos, kpm   # as detect: the entity outputs (only the last layer), (B, S, D) x 2, (B, S)
+
+    @staticmethod
+    def size_gb(cfg, datasets, num_classes):
+        """The memory it would take for these splits, in GB (float32): tokens and positions, entity outputs."""
+        total, s = 0, cfg.backbone_stride
+        for ds in datasets:
+            for i in range(len(ds)):
+                h, w = ds.get_groundtruth(i)["size"]
+                total += 2 * (-(-h // s)) * (-(-w // s)) * cfg.d_model
+                total += cfg.num_ent_queries * (num_classes + 4 + cfg.d_model)
+        return 4 * total / 1e9
+
+
+def use_feature_cache(cfg, model, splits, log):
+    """Give a frozen detector a FeatureCache when the splits' outputs fit in --feature-cache-gb (one line
+    says which)."""
+    if not model.detector_frozen:
+        log("feature cache: off: the detector is fine-tuned (--lr-detector or --lr-backbone), it runs every step")
+        return
+    if cfg.feature_cache_gb <= 0:
+        log("feature cache: off (--feature-cache-gb 0): the frozen detector runs again at every step")
+        return
+    need = FeatureCache.size_gb(cfg, splits, model.C1)
+    if need > cfg.feature_cache_gb:
+        log(f"feature cache: off: the frozen detector's outputs would take {need:.1f} GB, more than "
+            f"--feature-cache-gb {cfg.feature_cache_gb:g}; the detector runs again at every step")
+        return
+    model.feature_cache = FeatureCache()
+    log(f"feature cache: on: the frozen detector's outputs are computed once per image and kept in memory "
+        f"(at most {need:.2f} GB; --feature-cache-gb 0 turns it off)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1068,6 +1160,7 @@ def train(cfg: Config, device) -> dict:
     load_detector(model, det_state, cfg.detector_ckpt or "the cached detector")
     if cfg.lr_detector == 0 and cfg.lr_backbone == 0:
         model.freeze_detector()
+    use_feature_cache(cfg, model, [train_ds, val_ds, test_ds], log)
     if model.mirror is not None:
         model.mirror.mask_rng.manual_seed(cfg.seed * 1000 + rank)  # each rank its own masks
     opt, sched = build_optimizer(model, cfg)
@@ -1176,14 +1269,16 @@ def build_optimizer(model, cfg):
 
 def detector_path(cfg, root, device):
     """Where the pretrained detector for these data and settings is cached -> (path, whether it exists).
-    The key holds everything that changes its weights, thread count included (float sums differ)."""
+    The key holds everything that changes its weights, thread count and instruction set included (float sums
+    differ)."""
     if cfg.detector_ckpt:
         return cfg.detector_ckpt, True
     fields = ("d_model", "nheads", "ffn_dim", "dropout", "backbone_width", "backbone_stride", "enc_layers",
               "ent_dec_layers", "num_ent_queries", "entity_queries", "max_size", "det_iters", "det_batch", "det_lr",
               "det_seed", "warmup_iters", "lr_drop", "weight_decay", "grad_clip", "w_cls", "w_l1", "w_giou", "eos_coef")
     key_src = json.dumps({"version": 1, "root": os.path.abspath(root), "threads": torch.get_num_threads(),
-                          "device": device.type, **{k: getattr(cfg, k) for k in fields}}, sort_keys=True)
+                          "isa": torch.backends.cpu.get_cpu_capability(), "device": device.type,
+                          **{k: getattr(cfg, k) for k in fields}}, sort_keys=True)
     key = hashlib.sha1(key_src.encode()).hexdigest()[:12]
     path = os.path.join(data.default_cache_dir(), "detectors", f"sgtr-detector-{key}.pt")
     return path, os.path.exists(path)
@@ -1773,7 +1868,9 @@ def load_datasets(cfg):
 
 # Settings that do not change a run's numbers; every other field must match for a folder to be resumed.
 # (seeds, compare, bench_step: flags of earlier versions, now study.py's, still in older args.json files)
-NOT_RESULT_FIELDS = {"out", "resume", "log_every", "num_workers", "infer", "ckpt", "seeds", "compare", "bench_step"}
+# ("machine" is args.json's record of the instruction set, torch and threads: see check_machine)
+NOT_RESULT_FIELDS = {"out", "resume", "log_every", "num_workers", "infer", "ckpt", "seeds", "compare", "bench_step",
+                     "machine"}
 
 
 def run_folder_state(cfg):
@@ -1817,8 +1914,27 @@ def open_run(cfg, out_dir):
         os.makedirs(out_dir, exist_ok=True)
         if not cfg.resume:
             with open(os.path.join(out_dir, "args.json"), "w") as f:
-                json.dump(dataclasses.asdict(cfg), f, indent=2)
-    return Log(os.path.join(out_dir, "log.txt"))
+                json.dump({**dataclasses.asdict(cfg), "machine": machine()}, f, indent=2)
+    log = Log(os.path.join(out_dir, "log.txt"))
+    if cfg.resume:
+        check_machine(out_dir, log)
+    return log
+
+
+def machine():
+    """What changes a run's exact numbers besides its settings (args.json records it): the CPU instruction set
+    that torch uses (AVX2 unless SGG_ALIGN_ISA=native, see the top of the file), torch's version, its threads."""
+    return {"isa": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__,
+            "threads": torch.get_num_threads()}
+
+
+def check_machine(out_dir, log):
+    """--resume on another instruction set, torch or thread count: it runs, but says the numbers will differ."""
+    with open(os.path.join(out_dir, "args.json")) as f:
+        then = json.load(f).get("machine")
+    if then and then != machine():
+        log(f"note: {out_dir} was started with {then}, resumed with {machine()}: its numbers will not be "
+            f"exactly those of an uninterrupted run")
 
 
 def load_checkpoint(path, keys):

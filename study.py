@@ -9,7 +9,7 @@ only launches it, keeps its results and writes down the command.
     python study.py run WHAT [WHAT ...]    # run those not done yet (--jobs 2: two at once, one core each)
     python study.py report                 # results/README.md and the figures, from results/ alone
     python study.py verify RUN             # rerun one finished run and check its metrics.json is identical
-    python study.py bench motifs|sgtr      # one training step with and without the alignment (time ratio)
+    python study.py bench motifs|sgtr      # a training step with and without the alignment and the feature cache
     python study.py variance motifs|sgtr   # docs/variance.md's tables: where the spread between seeds comes from
 
 WHAT is a table (table1 ... table5), a run name, or a pattern over run names ('motifs-predcls-*').
@@ -25,11 +25,23 @@ import fnmatch
 import inspect
 import json
 import os
+import platform
 import shlex
 import shutil
 import subprocess
 import sys
 import time
+
+# Exact numbers depend on the CPU's instruction set. torch (ATen), oneDNN and MKL pick AVX-512 kernels where the
+# CPU has them, whose float sums differ in the last bits from the AVX2 kernels; a trained model amplifies that
+# (the quick start's mR@50 moved by 6.8 points). Every published number of this project was made with the AVX2
+# kernels, which every x86-64 CPU of the last decade has, so they are pinned here, before torch is imported,
+# unless the user has set these variables. SGG_ALIGN_ISA=native turns the pin off (faster on AVX-512, other
+# digits). Each run records the instruction set it used (torch.backends.cpu.get_cpu_capability()).
+if platform.machine().lower() in ("x86_64", "amd64") and os.environ.get("SGG_ALIGN_ISA", "avx2") != "native":
+    for _var, _value in (("ATEN_CPU_CAPABILITY", "avx2"), ("ONEDNN_MAX_CPU_ISA", "AVX2"),
+                         ("MKL_ENABLE_INSTRUCTIONS", "AVX2")):
+        os.environ.setdefault(_var, _value)
 
 import numpy as np
 
@@ -213,6 +225,8 @@ def read_json(path):
 def saved_config(module, args):
     """A model file's Config from a checkpoint's saved args (fields the file no longer has are left out)."""
     known = {f.name for f in dataclasses.fields(module.Config)}
+    # a run made before the feature cache existed ran its frozen detector at every step
+    args = {"feature_cache_gb": 0, **args}
     return module.Config(**{k: v for k, v in args.items() if k in known})
 
 
@@ -509,6 +523,8 @@ def main(argv=None):
     ap.add_argument("--runs-dir", default="runs/study", help="where runs train (checkpoints), relative to the repo")
     ap.add_argument("--extra", default="", help="flags appended to every run's command (e.g. a smoke budget)")
     ap.add_argument("--threads", type=int, default=1, help="bench: torch CPU threads")
+    ap.add_argument("--mode", default="predcls", choices=["predcls", "sgcls", "sgdet"], help="bench motifs: protocol")
+    ap.add_argument("--detector", default="", help="bench motifs: a trained detector file (its cache) for sgdet")
     ap.add_argument("--ckpt", default="", help="figure4: an SGTR checkpoint (a run's ckpt_best.pt)")
     a = ap.parse_args(argv)
     try:
@@ -531,7 +547,7 @@ def main(argv=None):
     if a.command == "bench":
         import torch
         torch.set_num_threads(a.threads)
-        return bench(a.what)
+        return bench(a.what, a.mode, a.detector)
     chosen = select(runs, a.what) if a.what else runs
     done = {r["name"] for r in chosen if os.path.isfile(os.path.join(a.results, r["name"], "run.json"))}
     if a.command == "list":
@@ -557,6 +573,7 @@ def verify(chosen, results, extra):
         with open(os.path.join(folder, "command.txt")) as f:
             cmd = shlex.split(f.read())
         cmd = [c for c in cmd if not c.startswith("OMP_NUM_THREADS=")]
+        say_machine(r["name"], read_json(os.path.join(folder, "args.json")).get("machine"))
         out = os.path.join("runs", "verify", f"{r['name']}-{time.strftime('%Y%m%d-%H%M%S')}")
         cmd[cmd.index("--out") + 1] = out
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -566,6 +583,20 @@ def verify(chosen, results, extra):
         print(f"{r['name']}: metrics.json {'identical' if same else 'DIFFERENT'} ({out})")
         if not same:
             raise SystemExit(1)
+
+
+def say_machine(name, then):
+    """Exact numbers need the run's instruction set, torch version and thread count: say whether this machine
+    has them (runs before the record existed: the small-data study ran with AVX2, one thread)."""
+    import torch
+    torch.set_num_threads(1)   # as command.txt runs it
+    now = {"isa": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__, "threads": 1}
+    if then is None:
+        print(f"{name}: its args.json predates the machine record (the small-data study: AVX2, one thread); "
+              f"this machine: {now}")
+    elif then != now:
+        print(f"{name}: made with {then}, this machine has {now}: metrics.json may differ in the last digits, "
+              f"and more after training amplifies them (docs/running.md)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -614,13 +645,17 @@ def evaluate_again(folder, motifs, which):
         model = M.MotifsRelationModel(cfg, C, P, detector.backbone.out_channels, detector.stride,
                                       torch.zeros(C, C, P))
         model.load_state_dict(ck["model"])
+        M.use_feature_cache(cfg, detector, [train, ds["val"], test], lambda msg: None)   # as the run did
     else:
         import sgtr_align as S
         ck = S.load_checkpoint(os.path.join(folder, f"ckpt_{which}.pt"), ("model", "args"))
         cfg = saved_config(S, ck["args"])
-        train, _, test = S.load_datasets(cfg)
+        train, val, test = S.load_datasets(cfg)
         model = S.SGTR(cfg, train.num_classes, train.num_predicates)
         model.load_state_dict(ck["model"])
+        if cfg.lr_detector == 0 and cfg.lr_backbone == 0:   # as the run did: frozen, with its feature cache
+            model.freeze_detector()
+        S.use_feature_cache(cfg, model, [train, val, test], lambda msg: None)
     counts = data.predicate_counts(train)
     groups = metrics.default_predicate_groups(train.idx_to_predicate, counts)
     seen = metrics.training_triplets(train.gt_labels, train.gt_relations)
@@ -750,66 +785,85 @@ def variance(results, runs_dir, model, mode, boot=2000, draws=200):
 # ----------------------------------------------------------------------------------------------
 # The step-time benchmark: what the alignment costs in training (inference is unchanged by design)
 
-def bench(what, rounds=5, steps=6, n_batches=6):
-    """Time training steps with and without the alignment on the same batches, in one process, rounds
-    alternating which goes first; the median of wall-clock and of process CPU time per step. CPU time is
-    the robust one on a shared machine; on a GPU read the wall clock."""
+def bench(what, mode="predcls", detector_file="", rounds=5, steps=6, n_batches=6):
+    """Time training steps with and without the alignment, each with the frozen detector run at every step
+    (--feature-cache-gb 0) and with its outputs cached (FeatureCache, warm: round 0 fills it), on the same
+    batches, in one process, rounds alternating the order; the median of wall-clock and of process CPU time
+    per step. CPU time is the robust one on a shared machine; on a GPU read the wall clock."""
     if len(what) != 1 or what[0] not in ("motifs", "sgtr"):
         raise SystemExit("error: bench takes one model: python study.py bench motifs|sgtr")
     import torch
     sys.path.insert(0, ROOT)
     import data
     torch.manual_seed(0)
+    arms = [(a, c) for a in (False, True) for c in (False, True)]   # (aligned, cached)
     if what[0] == "motifs":
         import motifs_align as m
-        cfg = m.parse_config(["--predcls"])
+        cfg = m.parse_config([f"--{mode}"])
         _, ds = m.load_datasets(cfg, 0)
         train, C, P = ds["train"], ds["train"].num_classes, ds["train"].num_predicates
-        # A random detector and a flat prior: in PredCls the relation step costs the same with any weights.
+        # A random detector and a flat prior: in PredCls and SGCls the relation step costs the same with any
+        # weights; SGDet's cost depends on how many boxes the detector finds: give it a trained one.
         detector = m.Detector(cfg, C).eval().requires_grad_(False)
+        if detector_file:
+            detector.load_state_dict(m.load_checkpoint(detector_file, "cpu")["detector"])
+        caches = {c: m.FeatureCache() if c else None for c in (False, True)}
         cfgs = {a: dataclasses.replace(cfg, no_align=not a) for a in (False, True)}
         models = {a: m.MotifsRelationModel(cfgs[a], C, P, detector.backbone.out_channels, detector.stride,
                                            torch.zeros(C, C, P)) for a in (False, True)}
-        step = {a: (lambda images, targets, a=a: m.train_step(models[a], detector, images, targets, cfgs[a]))
-                for a in (False, True)}
-        what_ = f"Motifs PredCls, batch {cfg.batch_size}"
+
+        def step(a, c, images, targets):
+            detector.feature_cache = caches[c]
+            return models[a], m.train_step(models[a], detector, images, targets, cfgs[a])
+        what_ = f"Motifs {mode}, batch {cfg.batch_size}" + (f", detector {detector_file}" if detector_file else "")
     else:
         import sgtr_align as m
         cfg = m.parse_config([])
         train = m.load_datasets(cfg)[0]
         C, P = train.num_classes, train.num_predicates
         cfgs = {a: dataclasses.replace(cfg, no_align=not a) for a in (False, True)}
-        models = {a: m.SGTR(cfgs[a], C, P) for a in (False, True)}
-        for model in models.values():   # as training runs it: the pretrained detector frozen (its weights
-            model.freeze_detector()     # do not change the cost of a step)
-        step = {a: (lambda images, targets, a=a: m.train_step(models[a], images, targets, cfgs[a]))
-                for a in (False, True)}
+        models = {(a, c): m.SGTR(cfgs[a], C, P) for a, c in arms}
+        for (a, c), model in models.items():   # as training runs it: the pretrained detector frozen (its
+            model.freeze_detector()            # weights do not change the cost of a step)
+            model.feature_cache = m.FeatureCache() if c else None
+
+        def step(a, c, images, targets):
+            return models[(a, c)], m.train_step(models[(a, c)], images, targets, cfgs[a])
         what_ = f"SGTR SGDet, batch {cfg.batch_size}"
     loader = torch.utils.data.DataLoader(train, batch_size=cfg.batch_size, collate_fn=data.collate,
                                          sampler=data.TrainingSampler(len(train), seed=0))
     it = iter(loader)
     batches = [next(it) for _ in range(n_batches)]
-    opts = {a: torch.optim.SGD(models[a].parameters(), lr=1e-5) for a in (False, True)}
-    wall, cpu = {False: [], True: []}, {False: [], True: []}
-    for r in range(rounds + 1):   # round 0 warms up
-        for a in ((False, True) if r % 2 == 0 else (True, False)):
-            models[a].train()
+    for model in models.values():
+        model.train()
+    opts = {}
+    wall, cpu = {k: [] for k in arms}, {k: [] for k in arms}
+    for r in range(rounds + 1):   # round 0 warms up (and fills the caches)
+        for a, c in (arms if r % 2 == 0 else arms[::-1]):
             t0, c0 = time.perf_counter(), time.process_time()
             for s in range(steps):
                 images, targets = batches[s % n_batches]
-                loss = step[a](images, targets)["total"]
-                opts[a].zero_grad(set_to_none=True)
-                loss.backward()
-                opts[a].step()
+                model, losses = step(a, c, images, targets)
+                if model not in opts:
+                    opts[model] = torch.optim.SGD(model.parameters(), lr=1e-5)
+                opts[model].zero_grad(set_to_none=True)
+                losses["total"].backward()
+                opts[model].step()
             if r > 0:
-                wall[a].append((time.perf_counter() - t0) / steps)
-                cpu[a].append((time.process_time() - c0) / steps)
-    w0, w1, c0, c1 = (float(np.median(x[a])) for x in (wall, cpu) for a in (False, True))
-    print(f"bench ({what_}, torch threads {torch.get_num_threads()}): without alignment {1000 * w0:.1f} ms/step "
-          f"wall, {1000 * c0:.1f} ms CPU | with alignment {1000 * w1:.1f} ms wall, {1000 * c1:.1f} ms CPU | "
-          f"ratio {w1 / w0:.2f} wall, {c1 / c0:.2f} CPU")
-    return w1 / w0, c1 / c0
-
+                wall[(a, c)].append((time.perf_counter() - t0) / steps)
+                cpu[(a, c)].append((time.process_time() - c0) / steps)
+    med = {k: (float(np.median(wall[k])), float(np.median(cpu[k]))) for k in arms}
+    print(f"bench ({what_}, torch threads {torch.get_num_threads()}, {torch.backends.cpu.get_cpu_capability()}), "
+          f"ms per step, wall / CPU:")
+    for c in (False, True):
+        (w0, c0), (w1, c1) = med[(False, c)], med[(True, c)]
+        print(f"  detector {'cached   ' if c else 'every step'} | without alignment {1000 * w0:.1f} / {1000 * c0:.1f} "
+              f"| with alignment {1000 * w1:.1f} / {1000 * c1:.1f} | alignment ratio {w1 / w0:.2f} / {c1 / c0:.2f}")
+    for a in (False, True):
+        (w0, c0), (w1, c1) = med[(a, False)], med[(a, True)]
+        print(f"  {'with' if a else 'without'} alignment: the cache makes a step {w0 / w1:.2f}x faster (wall), "
+              f"{c0 / c1:.2f}x (CPU)")
+    return med
 
 if __name__ == "__main__":
     main()
