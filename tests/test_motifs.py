@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 import os
+import platform
 import signal
 import subprocess
 import sys
@@ -378,6 +379,11 @@ def check_run(out_dir, mode, iters=3):
         assert k in m and (0.0 <= m[k] <= 1.0 or (m["num_images_with_zeroshot"] == 0 and math.isnan(m[k]))), k
     for name in ("args.json", "log.txt", "curves.png", "per_predicate.png", "examples.png"):
         assert os.path.getsize(os.path.join(out_dir, name)) > 0, name
+    # what changes exact numbers besides the settings: the instruction set (AVX2 by the pin), torch, threads
+    with open(os.path.join(out_dir, "args.json")) as f:
+        machine = json.load(f)["machine"]
+    assert machine == {"isa": "AVX2" if platform.machine().lower() in ("x86_64", "amd64") else machine["isa"],
+                       "torch": torch.__version__, "threads": 1}
     ck = torch.load(os.path.join(out_dir, "ckpt_last.pt"), weights_only=True)
     assert ck["step"] == iters and ck["args"]["mode"] == mode
     assert {"model", "optimizer", "scheduler", "step", "args", "rng"} <= set(ck)

@@ -7,6 +7,7 @@ later ones with the same detector settings load it from there.
 """
 import json
 import os
+import platform
 import re
 import signal
 import subprocess
@@ -137,6 +138,11 @@ def test_smoke_run_outputs(finished):
     for f in ("args.json", "log.txt", "metrics.json", "timing.json", "ckpt_best.pt", "ckpt_last.pt",
               "curves.png", "per_predicate.png", "examples.png"):
         assert os.path.exists(os.path.join(out, f)), f
+    with open(os.path.join(out, "args.json")) as f:   # the instruction set (AVX2 by the pin), torch, threads
+        machine = json.load(f)["machine"]
+    assert machine == {"isa": "AVX2" if platform.machine().lower() in ("x86_64", "amd64") else machine["isa"],
+                       "torch": torch.__version__, "threads": 1}
+    assert "feature cache: on" in log   # the frozen detector's outputs are cached on the built-in data
     # the progress lines in their documented format, one every --log-every iterations
     lines = re.findall(r"^it (\d+)/8 \| loss [\d.]+ \(sup [\d.]+, align [\d.]+, λ 10\) \| [\d.]+ it/s \| "
                        r"eta \d+m\d\ds$", log, re.M)
