@@ -1561,7 +1561,7 @@ def tag_spot(box, w, h, W, H, placed, others):
 def draw_boxes(ax, image, tagged):
     """image (3, H, W) in [0, 1]; tagged: [(tag, xyxy box in pixels, colour)], tag e.g. '3:man'. Each box is
     drawn in its colour with its tag touching it (tag_spot: inside its top-left corner where that is free,
-    else on another corner, above or below it), so tags never hide each other and never leave their box."""
+    else on another corner, above or below it): a tag never leaves its box, and hides no other where there is room."""
     plt = pyplot()
     H, W = image.shape[1:]
     ax.imshow(image.permute(1, 2, 0).clamp(0, 1).numpy())
