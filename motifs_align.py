@@ -1246,10 +1246,10 @@ def train(cfg, out_dir, rank, world, device):
 def open_run(cfg, out_dir, rank):
     """Check every input before anything is written (the data, the detector file, the run folder), then
     start the run folder: args.json and log.txt. -> (data root, the three splits, log)."""
+    claim_run_dir(cfg, out_dir)   # first: a refused run (e.g. --resume of nothing) does not generate the data
     root, ds = load_datasets(cfg, rank)
     if cfg.detector_ckpt and not os.path.isfile(cfg.detector_ckpt):
         fail(f"--detector-ckpt {cfg.detector_ckpt}: no such file")
-    claim_run_dir(cfg, out_dir)
     barrier()   # every rank has looked at the folder before rank 0 writes into it
     if rank == 0 and not cfg.resume:
         os.makedirs(out_dir, exist_ok=True)
@@ -1474,7 +1474,10 @@ def finish(cfg, out_dir, summary, history, ds, counts, groups, log, rank, exampl
         json.dump(summary, f, indent=1)
     if history is not None:
         plot_curves(history, os.path.join(out_dir, "curves.png"), 0 if cfg.no_align else cfg.align_weight)
-    plot_per_predicate(summary, counts, groups, ds["train"].idx_to_predicate, os.path.join(out_dir, "per_predicate.png"))
+    which = ("the frequency prior alone (FREQ)" if cfg.freq_baseline else
+             f"ckpt_best.pt, the best validation checkpoint (iteration {summary['best_step']} of {cfg.iters})")
+    plot_per_predicate(summary, counts, groups, ds["train"].idx_to_predicate, os.path.join(out_dir, "per_predicate.png"),
+                       f"{cfg.mode} test R@100 per predicate: {which}\n{out_dir}")
     if examples:
         plot_examples(examples, ds["test"], cfg.mode, os.path.join(out_dir, "examples.png"))
     log(f"wrote {out_dir}/metrics.json and pictures")
@@ -1649,8 +1652,8 @@ def plot_curves(history, path, align_weight):
     save_figure(fig, path)
 
 
-def plot_per_predicate(summary, counts, groups, names, path):
-    """Test R@100 per predicate, coloured by the head / body / tail group."""
+def plot_per_predicate(summary, counts, groups, names, path, title):
+    """Test R@100 per predicate, coloured by the head / body / tail group; the title names the weights tested."""
     order = data.frequency_order(counts)   # the order `python data.py` prints
     colour = {p: GROUP_COLOURS.get(g, "gray") for g, ids in groups.items() for p in ids}
     fig, ax = _plt().subplots(figsize=(max(8, 0.3 * len(order)), 4.5))
@@ -1661,29 +1664,62 @@ def plot_per_predicate(summary, counts, groups, names, path):
     for g, c in GROUP_COLOURS.items():
         ax.bar([0], [0], color=c, label=g)
     ax.legend()
-    ax.set(ylabel="test R@100 (%)", title="test R@100 per predicate, most frequent in training first "
-                                          "(data.frequency_order)")
+    ax.set(ylabel="test R@100 (%)", title=title,
+           xlabel="predicate, most frequent in training first (data.frequency_order)")
     save_figure(fig, path)
 
 
+def tag_spot(box, w, h, W, H, placed, others):
+    """Where a w x h tag (image pixels, y down) goes so that it touches its own box -> (anchor (x, y), ha, va,
+    the tag's rectangle). Candidates, most preferred first: inside the box's top-left corner, just above it,
+    just below it, inside its bottom-left corner, the same four on the right, then beside its top corners.
+    The first wins that covers no tag already placed, stays in the image and overlaps the fewest other
+    boxes (one that encloses this box does not count: a head's tag may sit in the person's box). The tag is
+    anchored to the box's corner, so it touches the box whatever the figure's final scale."""
+    x1, y1, x2, y2 = box
+    spots = []
+    for x, ha, tx in ((x1, "left", x1), (x2, "right", x2 - w)):
+        for y, va, ty in ((y1, "top", y1), (y1, "bottom", y1 - h), (y2, "top", y2), (y2, "bottom", y2 - h)):
+            spots.append(((x, y), ha, va, (tx, ty, tx + w, ty + h)))
+    spots += [((x1, y1), "right", "top", (x1 - w, y1, x1, y1 + h)), ((x2, y1), "left", "top", (x2, y1, x2 + w, y1 + h))]
+
+    def overlap(a, b):
+        return max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+
+    def cost(k):
+        r = spots[k][3]
+        hits = sum(overlap(r, p) for p in placed)
+        out = r[0] < 0 or r[1] < 0 or r[2] > W or r[3] > H
+        crossed = sum(overlap(r, o) > 0 for o in others
+                      if not (o[0] <= x1 and o[1] <= y1 and o[2] >= x2 and o[3] >= y2))
+        return hits > 0, out, crossed, hits, k
+
+    return spots[min(range(len(spots)), key=cost)]
+
+
 def draw_scene(ax, image, boxes, labels, shown, names):
-    """The image with the boxes `shown`, each in its own colour with an 'index:class' tag inside its top-left
-    corner; a tag that would cover an earlier one moves down (greedy), so tags never sit on each other."""
+    """The image with the boxes `shown`, each in its own colour with an 'index:class' tag that touches it
+    (tag_spot: inside its top-left corner where that is free, else on another corner, above or below it)."""
     ax.imshow(image.permute(1, 2, 0).clamp(0, 1).numpy())
     ax.set(xticks=[], yticks=[])
-    H = image.shape[1]
-    tag_h = H / 14                         # about one line of 9-pt text on a 5-inch panel
+    H, W = image.shape[1:]
+    renderer = ax.figure.canvas.get_renderer()
+    (ox, oy), (ex, ey) = ax.transData.transform([(0, 0), (1, 1)])
+    sx, sy = abs(ex - ox), abs(ey - oy)    # screen pixels per image pixel, to size the tags in image pixels
+    pad = 2 * 1 * ax.figure.dpi / 72      # the tag's bbox pad (1 pt), both sides, in screen pixels
+    rects = {i: [float(v) for v in boxes[i]] for i in shown}
     placed = []
     for i in shown:
-        x1, y1, x2, y2 = [float(v) for v in boxes[i]]
+        x1, y1, x2, y2 = rects[i]
         c = BOX_COLOURS[i % len(BOX_COLOURS)]
         ax.add_patch(_plt().Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, color=c, lw=2))
-        y = max(y1, 0)
-        while any(abs(y - py) < tag_h and abs(x1 - px) < 4 * tag_h for px, py in placed) and y < H - tag_h:
-            y += tag_h
-        placed.append((x1, y))
-        ax.text(x1 + 1, y + 1, f"{i}:{names[int(labels[i])]}", color="white", fontsize=9, va="top",
-                bbox=dict(facecolor=c, alpha=0.8, pad=1, lw=0))
+        t = ax.text(x1, y1, f"{i}:{names[int(labels[i])]}", color="white", fontsize=9,
+                    bbox=dict(facecolor=c, alpha=0.8, pad=1, lw=0))
+        e = t.get_window_extent(renderer)
+        xy, ha, va, rect = tag_spot(rects[i], (e.width + pad) / sx, (e.height + pad) / sy, W, H, placed,
+                                    [r for j, r in rects.items() if j != i])
+        t.set(position=xy, ha=ha, va=va)
+        placed.append(rect)
 
 
 def triplet_lines(triplets, labels, names, predicates):
@@ -1734,6 +1770,11 @@ def plot_photo(image, pred, triplets, names, predicates, title, path):
 
 # ----------------------------------------------------------------------------------------------
 # Inference on your own images: infer()
+
+def box_json(box):
+    """A box for the json file: the photo's pixels, to 0.1 (finer than the model sees: it ran on the resized photo)."""
+    return [round(v, 1) for v in box.tolist()]
+
 
 def strip_mirror(state_dict):
     """The mirror's head is only needed in training: drop it to get a plain Motifs state dict."""
@@ -1810,9 +1851,9 @@ def infer(cfg):
         trip = top_triplets(pred, 10)
         stem = os.path.join(out_dir, os.path.splitext(os.path.basename(path))[0])
         with open(stem + "_sg.json", "w") as f:
-            json.dump([{"subject": names[int(pred["labels"][s])], "subject_box": pred["boxes"][s].tolist(),
+            json.dump([{"subject": names[int(pred["labels"][s])], "subject_box": box_json(pred["boxes"][s]),
                         "predicate": predicates[p], "object": names[int(pred["labels"][o])],
-                        "object_box": pred["boxes"][o].tolist(), "score": sc} for s, o, p, sc in trip], f, indent=1)
+                        "object_box": box_json(pred["boxes"][o]), "score": sc} for s, o, p, sc in trip], f, indent=1)
         shown = torch.from_numpy(np.asarray(photo, dtype=np.float32) / 255).permute(2, 0, 1)
         plot_photo(shown, pred, trip, names, predicates,
                    f"{os.path.basename(path)}: top {len(trip)} triplets ({args.mode}; score = predicate x subject x "
@@ -1907,13 +1948,26 @@ def save_atomic(obj, path):
 
 
 def load_checkpoint(path, device):
-    """A checkpoint written by this script, or one line that says what is wrong with the file."""
+    """A checkpoint written by this script, or one line that says what the file is not."""
     if not os.path.isfile(path):
         fail(f"{path}: no such checkpoint file")
+    with open(path, "rb") as f:
+        head = f.read(8)
+    # torch.save writes a zip archive ("PK\x03\x04"); torch before 1.6 wrote a pickle ("\x80" + protocol)
+    if not head:
+        fail(f"{path} is an empty file, not a checkpoint of motifs_align.py")
+    if not head.startswith((b"PK\x03\x04", b"\x80")):
+        fail(f"{path} is not a checkpoint of motifs_align.py: not a file written by torch.save "
+             f"(it starts with {head!r})")
     try:
-        return torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:   # truncated, not a torch file, or not ours
-        fail(f"{path} is not a checkpoint this script can read ({str(e).splitlines()[0]})")
+        ck = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:   # truncated, or objects that weights_only refuses: any failure here is the file's
+        msg = (str(e).strip().splitlines() or [""])[0][:120]
+        fail(f"{path} is not a checkpoint of motifs_align.py: a torch.save file that torch.load cannot read "
+             f"({type(e).__name__}{': ' + msg if msg else ''})")
+    if not isinstance(ck, dict):
+        fail(f"{path} is not a checkpoint of motifs_align.py: it holds a {type(ck).__name__}, not a dict")
+    return ck
 
 
 # Settings that do not change a run's numbers; every other field must match for a folder to be resumed.

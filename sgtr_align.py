@@ -393,20 +393,20 @@ def check_config(cfg: Config):
                 "num_pred_queries", "ent_topk", "iters", "batch_size", "eval_batch", "det_iters", "det_batch")
     for name in positive:
         if getattr(cfg, name) < 1:
-            fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+            fail(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
     for name in ("num_workers", "max_eval_images", "num_val_im", "max_size", "val_images", "rel_enc_layers",
                  "warmup_iters", "lr", "lr_detector", "lr_backbone", "det_lr", "weight_decay", "grad_clip",
                  "align_weight", "dropout", "eos_coef", "feature_cache_gb"):
         if getattr(cfg, name) < 0:
-            fail(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
+            fail(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(cfg, name)}")
     if cfg.device not in ("auto", "cpu", "cuda"):
-        fail(f"--device must be 'auto', 'cpu' or 'cuda', got {cfg.device!r}")
+        fail(f"--device must be auto, cpu or cuda, not {cfg.device!r}")
     if cfg.device == "cuda" and not torch.cuda.is_available():
         fail("--device cuda: this machine has no CUDA device (use --device cpu)")
     if cfg.entity_queries not in ("select", "anchors"):
-        fail(f"--entity-queries must be 'select' or 'anchors', got {cfg.entity_queries!r}")
+        fail(f"--entity-queries must be select or anchors, not {cfg.entity_queries!r}")
     if cfg.align_loss not in ("kl", "supervised"):
-        fail(f"--align-loss must be 'kl' or 'supervised', got {cfg.align_loss!r}")
+        fail(f"--align-loss must be kl or supervised, not {cfg.align_loss!r}")
     if not 0.0 <= cfg.mask_p < 1.0:
         fail(f"--mask-p must be in [0, 1), got {cfg.mask_p}")
     if not 0.0 <= cfg.dropout < 1.0:
@@ -420,7 +420,7 @@ def check_config(cfg: Config):
     if cfg.backbone_width % 8:
         fail(f"--backbone-width must be a multiple of 8 (GroupNorm with 8 groups), got {cfg.backbone_width}")
     if cfg.backbone_stride < 2 or cfg.backbone_stride & (cfg.backbone_stride - 1):
-        fail(f"--backbone-stride must be a power of 2 >= 2, got {cfg.backbone_stride}")
+        fail(f"--backbone-stride must be a power of 2, at least 2, got {cfg.backbone_stride}")
     if cfg.ckpt and not cfg.infer:
         fail("--ckpt is for --infer IMG [IMG ...]; to continue a training run use --out RUN --resume")
     if cfg.infer and not cfg.ckpt:
@@ -1133,13 +1133,14 @@ def train(cfg: Config, device) -> dict:
     written; --resume restores every rank's state, and the run ends exactly as an uninterrupted one."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
+    t_run = (time.time(), time.process_time())
     seed_everything(cfg.seed + rank)  # before the first random draw; each rank its own dropout
+    out_dir = cfg.out = default_out(cfg)
+    last_path, best_path = os.path.join(out_dir, "ckpt_last.pt"), os.path.join(out_dir, "ckpt_best.pt")
+    claim_run_dir(cfg, last_path)   # first: a refused run (e.g. --resume of nothing) does not generate the data
     t_data = time.time()
     train_ds, val_ds, test_ds = load_datasets(cfg)
     data_seconds = time.time() - t_data
-    out_dir = cfg.out = default_out(cfg)
-    last_path, best_path = os.path.join(out_dir, "ckpt_last.pt"), os.path.join(out_dir, "ckpt_best.pt")
-    claim_run_dir(cfg, last_path)
     if cfg.detector_ckpt and not os.path.isfile(cfg.detector_ckpt):
         fail(f"--detector-ckpt {cfg.detector_ckpt}: no such file")
     counts = data.predicate_counts(train_ds)  # (P+1,) training frequency: predicate groups, plot order
@@ -1149,6 +1150,10 @@ def train(cfg: Config, device) -> dict:
     last_ck = read_resume_checkpoint(last_path, for_infer["vocab"], cfg, world) if cfg.resume else None
     barrier()  # every rank has checked everything before rank 0 writes the first byte
     log = open_run(cfg, out_dir)
+    det_path, det_cached = detector_path(cfg, train_ds.root, device)
+    log(f"run {out_dir} | sgdet | {describe(cfg)}, {cfg.iters} iterations | seed {cfg.seed} | detector: "
+        f"{'reused from ' + det_path if det_cached else f'pretrained for {cfg.det_iters} iterations, cached as {det_path}'}"
+        f" | {world} process(es) on {device}, {torch.get_num_threads()} thread(s)")
     log(f"data: {len(train_ds)} train / {len(val_ds)} val / {len(test_ds)} test images, "
         f"C = {train_ds.num_classes - 1} classes, P = {train_ds.num_predicates - 1} predicates "
         f"({data_seconds:.0f}s)")
@@ -1238,6 +1243,7 @@ def train(cfg: Config, device) -> dict:
                     "final": final})
     timing = {"train_seconds": train_seconds, "test_seconds": time.time() - t_test}
     finish(cfg, out_dir, summary, timing, examples, train_ds, test_ds, counts, groups, log)
+    log(f"total time {clock(t_run)}")
     return summary
 
 
@@ -1472,8 +1478,11 @@ def finish(cfg, out_dir, summary, timing, examples, train_ds, test_ds, counts, g
         json.dump(timing, f, indent=2)
     plot_curves(summary["history"], 0.0 if cfg.no_align else cfg.align_weight, os.path.join(out_dir, "curves.png"))
     plot_per_predicate(summary["per_predicate_R@100"], train_ds.idx_to_predicate, counts,
-                       os.path.join(out_dir, "per_predicate.png"), f"SGDet per-predicate R@100 ({out_dir})")
+                       os.path.join(out_dir, "per_predicate.png"),
+                       f"SGDet test R@100 per predicate: ckpt_best.pt, the best validation checkpoint "
+                       f"(iteration {summary['best_step']} of {cfg.iters})\n{out_dir}")
     plot_examples(examples, test_ds, os.path.join(out_dir, "examples.png"))
+    log(f"wrote {out_dir}/metrics.json, timing.json and pictures")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1616,31 +1625,60 @@ def plot_per_predicate(values, names, counts, path, title):
     save_figure(fig, path)
 
 
-def draw_boxes(ax, image, tagged, pt_per_px):
-    """image (3, H, W) in [0, 1]; tagged: [(tag, xyxy box in pixels, colour)]. Each box is drawn in
-    its colour with its tag inside its top-left corner; a tag that would cover one already placed
-    moves right (then down), so tags never hide each other. pt_per_px: the drawing's scale."""
+def tag_spot(box, w, h, W, H, placed, others):
+    """Where a w x h tag (image pixels, y down) goes so that it touches its own box -> (anchor (x, y), ha, va,
+    the tag's rectangle). Candidates, most preferred first: inside the box's top-left corner, just above it,
+    just below it, inside its bottom-left corner, the same four on the right, then beside its top corners.
+    The first wins that covers no tag already placed, stays in the image and overlaps the fewest other
+    boxes (one that encloses this box does not count: a head's tag may sit in the person's box). The tag is
+    anchored to the box's corner, so it touches the box whatever the figure's final scale."""
+    x1, y1, x2, y2 = box
+    spots = []
+    for x, ha, tx in ((x1, "left", x1), (x2, "right", x2 - w)):
+        for y, va, ty in ((y1, "top", y1), (y1, "bottom", y1 - h), (y2, "top", y2), (y2, "bottom", y2 - h)):
+            spots.append(((x, y), ha, va, (tx, ty, tx + w, ty + h)))
+    spots += [((x1, y1), "right", "top", (x1 - w, y1, x1, y1 + h)), ((x2, y1), "left", "top", (x2, y1, x2 + w, y1 + h))]
+
+    def overlap(a, b):
+        return max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+
+    def cost(k):
+        r = spots[k][3]
+        hits = sum(overlap(r, p) for p in placed)
+        out = r[0] < 0 or r[1] < 0 or r[2] > W or r[3] > H
+        crossed = sum(overlap(r, o) > 0 for o in others
+                      if not (o[0] <= x1 and o[1] <= y1 and o[2] >= x2 and o[3] >= y2))
+        return hits > 0, out, crossed, hits, k
+
+    return spots[min(range(len(spots)), key=cost)]
+
+
+def draw_boxes(ax, image, tagged):
+    """image (3, H, W) in [0, 1]; tagged: [(tag, xyxy box in pixels, colour)], tag e.g. '3:man'. Each box is
+    drawn in its colour with its tag touching it (tag_spot: inside its top-left corner where that is free,
+    else on another corner, above or below it): a tag never leaves its box, and hides no other where there is room."""
     plt = pyplot()
     H, W = image.shape[1:]
     ax.imshow(image.permute(1, 2, 0).clamp(0, 1).numpy())
     ax.set_axis_off()
-    placed = []  # (x, y, w, h) of the tags, in pixels
-    for tag, box, colour in tagged:
-        x0, y0, x1, y1 = [float(v) for v in box]
-        ax.add_patch(plt.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, color=colour, lw=1.5))
-        w, h = (5.5 * len(str(tag)) + 3) / pt_per_px, 12 / pt_per_px  # a 9-pt tag, in pixels
-        x, y = max(0.0, x0) + 1, max(0.0, y0) + 1
-        for _ in range(30):
-            if not any(x < a + c and a < x + w and y < b + d and b < y + h for a, b, c, d in placed):
-                break
-            x += w
-            if x + w > min(W, max(x1, x0 + 2 * w)):
-                x, y = max(0.0, x0) + 1, y + h
-        placed.append((x, y, w, h))
-        ax.text(x, y, str(tag), color="white", fontsize=9, fontweight="bold", ha="left", va="top",
-                bbox=dict(facecolor=colour, edgecolor="none", pad=1.0, alpha=0.85))
     ax.set_xlim(-0.5, W - 0.5)
     ax.set_ylim(H - 0.5, -0.5)
+    renderer = ax.figure.canvas.get_renderer()
+    (ox, oy), (ex, ey) = ax.transData.transform([(0, 0), (1, 1)])
+    sx, sy = abs(ex - ox), abs(ey - oy)  # screen pixels per image pixel, to size the tags in image pixels
+    pad = 2 * 1.0 * ax.figure.dpi / 72  # the tag's bbox pad (1 pt), both sides, in screen pixels
+    rects = [[float(v) for v in box] for _, box, _ in tagged]
+    placed = []
+    for k, (tag, box, colour) in enumerate(tagged):
+        x0, y0, x1, y1 = rects[k]
+        ax.add_patch(plt.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, color=colour, lw=1.5))
+        t = ax.text(x0, y0, str(tag), color="white", fontsize=9, fontweight="bold",
+                    bbox=dict(facecolor=colour, edgecolor="none", pad=1.0, alpha=0.85))
+        e = t.get_window_extent(renderer)
+        xy, ha, va, rect = tag_spot(rects[k], (e.width + pad) / sx, (e.height + pad) / sy, W, H, placed,
+                                    rects[:k] + rects[k + 1:])
+        t.set(position=xy, ha=ha, va=va)
+        placed.append(rect)
 
 
 def fmt_triplet(ta, sub, pred, tb, obj, score=None):
@@ -1667,14 +1705,12 @@ def plot_examples(examples, ds, path, top=5):
     for n, (img, t, pred) in enumerate(examples):
         r, c = divmod(n, per_row)
         top_y = H - r * (tt + pw + th + gap) - tt  # inches from the bottom to the top of the images
-        h_img, w_img = img.shape[1:]
-        pt_per_px = 72 * pw / max(h_img, w_img)
         gt_boxes, gt_labels = t["boxes"], t["labels"].tolist()
         # GT panel: the first `top` annotated relations and the boxes they name, tagged by GT index
         rels = t["relations"].tolist()[:top]
         gt_lines = [fmt_triplet(s, labels[gt_labels[s]], preds[p], o, labels[gt_labels[o]]) for s, o, p in rels]
         gt_tags = sorted({i for s, o, _ in rels for i in (s, o)})
-        gt_tagged = [(g, gt_boxes[g], f"C{g % 10}") for g in gt_tags]
+        gt_tagged = [(f"{g}:{labels[gt_labels[g]]}", gt_boxes[g], f"C{g % 10}") for g in gt_tags]
         # predicted panel: the top triplets; entities matched to GT boxes by class and IoU >= 0.5
         trip = top_triplets(pred, top)
         iou = metrics.box_iou_inclusive(pred["boxes"].numpy(), gt_boxes.numpy())  # (Qe, G)
@@ -1693,13 +1729,14 @@ def plot_examples(examples, ds, path, top=5):
             ok = any(p == gp and hit[s, gs] and hit[o, go] for gs, go, gp in t["relations"].tolist())
             pred_lines.append(("+ " if ok else "- ") + fmt_triplet(tag[s], labels[int(pred["labels"][s])], preds[p],
                                                                tag[o], labels[int(pred["labels"][o])], score))
-        pred_tagged = [(tag[e], pred["boxes"][e], f"C{tag[e] % 10}") for e in tag]
+        pred_tagged = [(f"{tag[e]}:{labels[int(pred['labels'][e])]}", pred["boxes"][e], f"C{tag[e] % 10}")
+                       for e in tag]
         panels = ((f"image {t['image_id']}: annotated", gt_tagged, gt_lines),
                   (f"predicted, top {top} ('+' = found)", pred_tagged, pred_lines))
         for k, (title, tagged, lines) in enumerate(panels):
             x = gap + (2 * c + k) * (pw + gap)
             ax = fig.add_axes([x / W, (top_y - pw) / H, pw / W, pw / H])
-            draw_boxes(ax, img, tagged, pt_per_px)
+            draw_boxes(ax, img, tagged)
             ax.set_title(title, fontsize=10, loc="left")
             tx = fig.add_axes([x / W, (top_y - pw - th) / H, pw / W, th / H])
             tx.axis("off")
@@ -1722,7 +1759,8 @@ def plot_scene_graph(image, pred, triplets, names, predicates, title, path):
     for s, o, _, _ in triplets:
         for e in (s, o):
             tag.setdefault(e, len(tag))
-    draw_boxes(ax, image, [(tag[e], pred["boxes"][e], f"C{tag[e] % 10}") for e in tag], 72 * iw / W)
+    draw_boxes(ax, image, [(f"{tag[e]}:{names[int(pred['labels'][e])]}", pred["boxes"][e], f"C{tag[e] % 10}")
+                           for e in tag])
     lines = [fmt_triplet(tag[s], names[int(pred["labels"][s])], predicates[p], tag[o],
                          names[int(pred["labels"][o])], score) for s, o, p, score in triplets]
     tx = fig.add_axes([0, 0, 1, th / (ih + th)])
@@ -1850,6 +1888,11 @@ def fmt_time(s):
     return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
+def clock(start):
+    """(wall, cpu) at a start -> 'wall 1m02s, CPU 1m01s' since then (CPU = this process, all threads)."""
+    return f"wall {fmt_time(time.time() - start[0])}, CPU {fmt_time(time.process_time() - start[1])}"
+
+
 def default_out(cfg):
     return cfg.out or os.path.join("runs", f"sgtr_align-sgdet-{'noalign' if cfg.no_align else 'align'}-seed{cfg.seed}")
 
@@ -1938,16 +1981,28 @@ def check_machine(out_dir, log):
 
 
 def load_checkpoint(path, keys):
-    """torch.load, with one error line for a missing, unreadable or foreign file."""
+    """A checkpoint written by this script that holds `keys`, or one line that says what the file is not."""
     if not os.path.isfile(path):
         fail(f"{path}: no such checkpoint file")
+    with open(path, "rb") as f:
+        head = f.read(8)
+    # torch.save writes a zip archive ("PK\x03\x04"); torch before 1.6 wrote a pickle ("\x80" + protocol)
+    if not head:
+        fail(f"{path} is an empty file, not a checkpoint of sgtr_align.py")
+    if not head.startswith((b"PK\x03\x04", b"\x80")):
+        fail(f"{path} is not a checkpoint of sgtr_align.py: not a file written by torch.save "
+             f"(it starts with {head!r})")
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated, not a torch file, ...: any failure here is the file's
-        fail(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
-    missing = [k for k in keys if not (isinstance(ck, dict) and k in ck)]
+    except Exception as e:   # truncated, or objects that weights_only refuses: any failure here is the file's
+        msg = (str(e).strip().splitlines() or [""])[0][:120]
+        fail(f"{path} is not a checkpoint of sgtr_align.py: a torch.save file that torch.load cannot read "
+             f"({type(e).__name__}{': ' + msg if msg else ''})")
+    if not isinstance(ck, dict):
+        fail(f"{path} is not a checkpoint of sgtr_align.py: it holds a {type(ck).__name__}, not a dict")
+    missing = [k for k in keys if k not in ck]
     if missing:
-        fail(f"{path}: not a checkpoint of sgtr_align.py (no {', '.join(missing)})")
+        fail(f"{path} is not the checkpoint of sgtr_align.py needed here: it has no {', '.join(missing)}")
     return ck
 
 

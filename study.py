@@ -357,10 +357,33 @@ def report(results):
     if os.path.isfile(os.path.join(results, "figure4_masking.png")):   # python study.py figure4 --ckpt ...
         lines += ["## Figure 4: the mirror's masked cross-attention (SGTR, one predicate query)", "",
                   "![figure4_masking.png](figure4_masking.png)", ""]
-    with open(os.path.join(results, "README.md"), "w") as f:
+    path = os.path.join(results, "README.md")
+    old = open(path, encoding="utf-8").read() if os.path.isfile(path) else None
+    with open(path, "w", encoding="utf-8") as f:
         f.write("\n".join(lines))
-    print("\n".join(lines))
-    print(f"wrote {os.path.join(results, 'README.md')}")
+    # What changed and where it went, not the file itself (it is long: open it, or read the diff)
+    print(f"{path}: {len(records)} runs, {cpu / 3600:.1f} CPU hours; " + report_changes(old, "\n".join(lines)))
+    print(f"wrote {path}" + (f" and {', '.join(os.path.join(results, f) for f in figures)}" if figures else ""))
+
+
+def report_changes(old, new):
+    """What differs between two versions of results/README.md, one title per changed '## ' section."""
+    if old is None:
+        return "a new file"
+
+    def sections(text):   # title -> its lines (the text before the first title under "(the introduction)")
+        out, title = {}, "(the introduction)"
+        for line in text.splitlines():
+            if line.startswith("## "):
+                title = line[3:]
+            out.setdefault(title, []).append(line)
+        return out
+
+    before, after = sections(old), sections(new)
+    changed = [t for t in after if before.get(t) != after[t]] + [f"{t} (removed)" for t in before if t not in after]
+    if not changed:
+        return "unchanged"
+    return f"{len(changed)} of {len(after)} sections changed:\n" + "\n".join(f"  {t}" for t in changed)
 
 
 def dataset_info(results):

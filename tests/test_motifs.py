@@ -531,8 +531,10 @@ def test_user_mistakes_end_in_one_line_and_write_nothing(tmp_path):
          "idx_to_predicate": {"1": "on"}}))
     line = one_line_error(script("--predcls", *TINY, "--data", str(vg), "--out", str(out)))
     assert "VG-SGG-with-attri.h5" in line
-    line = one_line_error(script("--predcls", *TINY, "--out", str(out), "--resume"))
-    assert "holds no run" in line
+    empty_cache = tmp_path / "cache"   # the run folder is checked first: nothing is generated for a refused run
+    line = one_line_error(script("--predcls", *TINY, "--out", str(out), "--resume",
+                                 env={"SGG_ALIGN_CACHE": str(empty_cache)}))
+    assert "holds no run" in line and not empty_cache.exists()
     one_line_error(script("--predcls", "--detector-ckpt", str(tmp_path / "none.pt"), "--out", str(out)))
     assert "--iters must be at least 1" in one_line_error(script("--predcls", "--iters", "0"))
     assert "--iters" in one_line_error(script("--predcls", "--iters", "many"))   # argparse's own errors too
@@ -570,7 +572,71 @@ def test_infer_on_an_image_file(tmp_path, predcls_run):
         assert len(triplets) == 6 and {"subject", "predicate", "object", "score"} <= set(triplets[0])
         assert min(abs(torch.tensor(triplets[0]["subject_box"]) - torch.tensor(b)).max() for b in
                    boxes["mine.png"]["boxes"]) < 1e-3   # back in the photo's own pixels
+        # to 0.1 px: no float noise such as 14.999999046325684
+        assert all(v == round(v, 1) for t in triplets for v in t["subject_box"] + t["object_box"])
         with Image.open(os.path.join(folder, "mine_sg.png")) as im:   # the photo's width and aspect, text below
             assert im.width == 800 and 800 * 300 / 400 < im.height < 800 * 300 / 400 + 300
     line = one_line_error(script("--infer", str(tmp_path / "missing.jpg"), "--ckpt", os.path.join(out, "ckpt_best.pt")))
     assert "missing.jpg" in line
+    (tmp_path / "fake.pt").write_bytes(b"")   # the new user's `touch fake.pt`: one line, no IndexError traceback
+    line = one_line_error(script("--predcls", "--infer", str(tmp_path / "mine.png"), "--ckpt", str(tmp_path / "fake.pt")))
+    assert "fake.pt is an empty file, not a checkpoint of motifs_align.py" in line
+
+
+def test_load_checkpoint_says_in_one_line_what_a_file_is_not(tmp_path):
+    torch.save({"model": {"w": torch.zeros(2)}}, tmp_path / "full.pt")
+    (tmp_path / "cut.pt").write_bytes((tmp_path / "full.pt").read_bytes()[:100])   # a checkpoint cut short
+    (tmp_path / "empty.pt").write_bytes(b"")
+    (tmp_path / "notes.pt").write_text("hello: a text file\n")
+    torch.save([1, 2], tmp_path / "list.pt")
+    for name, says in (("empty.pt", "is an empty file, not a checkpoint of motifs_align.py"),
+                       ("notes.pt", "is not a checkpoint of motifs_align.py: not a file written by torch.save"),
+                       ("cut.pt", "a torch.save file that torch.load cannot read (RuntimeError: "),
+                       ("list.pt", "it holds a list, not a dict"),
+                       ("none.pt", "no such checkpoint file")):
+        with pytest.raises(SystemExit) as e:
+            M.load_checkpoint(str(tmp_path / name), "cpu")
+        msg = str(e.value.code)
+        assert msg.startswith(f"error: {tmp_path / name}") and says in msg and "\n" not in msg, msg
+    assert M.load_checkpoint(str(tmp_path / "full.pt"), "cpu")["model"]["w"].shape == (2,)
+
+
+def tag_rects(ax):
+    """{tag text: the rectangle of its coloured patch as drawn, in the image's pixels (x0, y0, x1, y1)}."""
+    renderer, to_image = ax.figure.canvas.get_renderer(), ax.transData.inverted()
+    out = {}
+    for t in ax.texts:
+        e = t.get_bbox_patch().get_window_extent(renderer)
+        (a, b), (c, d) = to_image.transform([(e.x0, e.y0), (e.x1, e.y1)])
+        out[t.get_text()] = (min(a, c), min(b, d), max(a, c), max(b, d))
+    return out
+
+
+# A crowded scene like the one where a tag ended 80 px below its box (the old tags moved down past each other):
+# a person, and near its top a head, a hat over the head, a small flower on the hat, ... (x1, y1, x2, y2)
+CROWDED = [[20, 10, 140, 155], [60, 12, 100, 50], [55, 5, 105, 30], [40, 50, 130, 110], [30, 90, 50, 110],
+           [62, 14, 80, 30], [0, 0, 10, 10], [150, 150, 159, 159]]
+CROWDED_NAMES = ["__background__", "woman", "head", "hat", "shirt", "hand", "potted plant", "kite"]
+
+
+def test_every_tag_touches_its_own_box_and_no_other_tag():
+    plt = M._plt()
+    boxes, labels = torch.tensor(CROWDED, dtype=torch.float), torch.tensor([1, 2, 3, 4, 5, 6, 7, 2])
+    fig, axes = plt.subplots(1, 2, figsize=(10, 6.2))
+    M.draw_scene(axes[0], torch.rand(3, 160, 160), boxes, labels, range(len(boxes)), CROWDED_NAMES)
+    M.draw_scene(axes[1], torch.rand(3, 120, 160), boxes * 0.75, labels, [1, 2, 5], CROWDED_NAMES)
+    fig.tight_layout()   # as save_figure does: the tags must touch at the figure's final scale
+    fig.canvas.draw()
+    for ax, scale, n in ((axes[0], 1.0, 8), (axes[1], 0.75, 3)):
+        rects = tag_rects(ax)
+        assert len(rects) == n
+        for text, (x0, y0, x1, y1) in rects.items():
+            i = int(text.split(":")[0])
+            assert text == f"{i}:{CROWDED_NAMES[int(labels[i])]}"
+            bx0, by0, bx1, by1 = [scale * v for v in CROWDED[i]]
+            assert x0 <= bx1 + 0.5 and bx0 <= x1 + 0.5 and y0 <= by1 + 0.5 and by0 <= y1 + 0.5, (text, rects[text])
+        for a in rects:   # there is room for every tag: none hides another
+            for b in rects:
+                ra, rb = rects[a], rects[b]
+                assert a == b or min(ra[2], rb[2]) - max(ra[0], rb[0]) < 0.5 or min(ra[3], rb[3]) - max(ra[1], rb[1]) < 0.5
+    plt.close(fig)

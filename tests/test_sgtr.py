@@ -185,6 +185,12 @@ def test_smoke_run_outputs(finished):
     else:
         assert "after the last iteration's weights (8)" in log
     assert re.search(r"^test SGDet, last iteration \| R@20 [\d.]+ \| R@50 ", log, re.M), log
+    # the lines docs/running.md promises of both scripts: what the run is, what it wrote, its total time
+    assert re.search(rf"^run {re.escape(out)} \| sgdet \| aligned \(p = 0.1, λ = 10, kl\), 8 iterations \| seed 0 \| "
+                     r"detector: pretrained for 2 iterations, cached as .*sgtr-detector-\w+\.pt \| 1 process\(es\) "
+                     r"on cpu, \d+ thread\(s\)$", log, re.M), log
+    assert f"wrote {out}/metrics.json, timing.json and pictures" in log
+    assert re.search(r"^total time wall \d+m\d\ds, CPU \d+m\d\ds$", log, re.M), log
 
 
 def test_same_command_twice_gives_identical_metrics(finished, tmp_path):
@@ -303,13 +309,14 @@ def test_infer_on_own_images(finished, tmp_path):
         assert [t["score"] for t in triplets] == sorted((t["score"] for t in triplets), reverse=True)
         for t in triplets:
             assert {"subject", "subject_box", "predicate", "object", "object_box", "score"} == set(t)
-            for x0, y0, x1, y1 in (t["subject_box"], t["object_box"]):  # the image's own pixels
+            for x0, y0, x1, y1 in (t["subject_box"], t["object_box"]):  # the image's own pixels, to 0.1
                 assert 0 <= x0 <= x1 <= W and 0 <= y0 <= y1 <= H
+                assert all(v == round(v, 1) for v in (x0, y0, x1, y1))
         w, h = Image.open(stem + "_sg.png").size
         assert (w >= h) == (W >= H)  # the picture follows the image's aspect ratio
 
 
-def test_user_mistakes_end_in_one_error_line(finished, tmp_path):
+def test_user_mistakes_end_in_one_error_line(finished, tmp_path, monkeypatch):
     # in a subprocess: exit status, stderr, no traceback, nothing created
     bad = str(tmp_path / "no_such_data")
     r = script(SMOKE + ["--data", bad, "--out", str(tmp_path / "run")])
@@ -324,14 +331,84 @@ def test_user_mistakes_end_in_one_error_line(finished, tmp_path):
     assert "holds a run with other settings (differs in: iters, lr)" in msg
     assert "other settings" in user_error(RUN + ["--out", out, "--iters", "10", "--resume"])
     assert folder_state(out) == before
-    assert "ckpt_last.pt does not exist" in user_error(RUN + ["--out", str(tmp_path / "new"), "--resume"])
-    assert not os.path.exists(tmp_path / "new")
+    with monkeypatch.context() as m:   # the run folder is checked first: nothing is generated for a refused run
+        m.setenv("SGG_ALIGN_CACHE", str(tmp_path / "cache"))
+        assert "ckpt_last.pt does not exist" in user_error(RUN + ["--out", str(tmp_path / "new"), "--resume"])
+    assert not os.path.exists(tmp_path / "new") and not os.path.exists(tmp_path / "cache")
     assert "--mask-p" in user_error(SMOKE + ["--mask-p", "1.5"])
     assert "--iters" in user_error(SMOKE + ["--iters", "ten"])
     not_ckpt = os.path.join(out, "args.json")
     assert not_ckpt in user_error(["--infer", "x.png", "--ckpt", not_ckpt])
     assert "no_such.png" in user_error(["--infer", str(tmp_path / "no_such.png"), "--ckpt",
                                         os.path.join(out, "ckpt_best.pt")])
+
+
+def test_load_checkpoint_says_in_one_line_what_a_file_is_not(tmp_path):
+    torch.save({"model": {"w": torch.zeros(2)}}, tmp_path / "full.pt")
+    (tmp_path / "cut.pt").write_bytes((tmp_path / "full.pt").read_bytes()[:100])   # a checkpoint cut short
+    (tmp_path / "empty.pt").write_bytes(b"")
+    (tmp_path / "notes.pt").write_text("hello: a text file\n")
+    torch.save([1, 2], tmp_path / "list.pt")
+    for name, says in (("empty.pt", "is an empty file, not a checkpoint of sgtr_align.py"),
+                       ("notes.pt", "is not a checkpoint of sgtr_align.py: not a file written by torch.save"),
+                       ("cut.pt", "a torch.save file that torch.load cannot read (RuntimeError: "),
+                       ("list.pt", "it holds a list, not a dict"),
+                       ("full.pt", "needed here: it has no args"),
+                       ("none.pt", "no such checkpoint file")):
+        with pytest.raises(SystemExit) as e:
+            S.load_checkpoint(str(tmp_path / name), ("model", "args"))
+        msg = str(e.value.code)
+        assert msg.startswith(f"error: {tmp_path / name}") and says in msg and "\n" not in msg, msg
+    assert S.load_checkpoint(str(tmp_path / "full.pt"), ("model",))["model"]["w"].shape == (2,)
+
+
+def test_both_scripts_word_the_same_mistake_alike():
+    import motifs_align as M
+    for argv in (["--iters", "0"], ["--threads", "0"], ["--max-eval-images", "-1"], ["--mask-p", "1.5"],
+                 ["--align-loss", "mse"]):
+        said = []
+        for parse in (M.parse_config, S.parse_config):
+            with pytest.raises(SystemExit) as e:
+                parse(["--predcls"] + argv if parse is M.parse_config else argv)
+            said.append(str(e.value.code))
+        assert said[0] == said[1], said
+
+
+# A crowded scene like the one where a tag ended inside another object's box: a person, and near its top a
+# head, a hat over the head, a small flower on the hat, ... (x1, y1, x2, y2)
+CROWDED = [[20, 10, 140, 155], [60, 12, 100, 50], [55, 5, 105, 30], [40, 50, 130, 110], [30, 90, 50, 110],
+           [62, 14, 80, 30], [0, 0, 10, 10], [150, 150, 159, 159]]
+
+
+def test_every_tag_names_its_class_and_touches_its_own_box(tmp_path, monkeypatch):
+    plt = S.pyplot()
+    fig = plt.figure(figsize=(6, 6))
+    ax = fig.add_axes([0, 0, 1, 1])
+    tags = [f"{i}:{n}" for i, n in enumerate(["woman", "head", "hat", "shirt", "hand", "potted plant", "kite", "dog"])]
+    S.draw_boxes(ax, torch.rand(3, 160, 160), [(t, torch.tensor(b), f"C{i}") for i, (t, b) in
+                                                enumerate(zip(tags, CROWDED))])
+    fig.canvas.draw()
+    renderer, to_image = fig.canvas.get_renderer(), ax.transData.inverted()
+    rects = {}
+    for t in ax.texts:   # each tag's coloured patch as drawn, in the image's pixels
+        e = t.get_bbox_patch().get_window_extent(renderer)
+        (a, b), (c, d) = to_image.transform([(e.x0, e.y0), (e.x1, e.y1)])
+        rects[t.get_text()] = (min(a, c), min(b, d), max(a, c), max(b, d))
+    plt.close(fig)
+    assert sorted(rects) == sorted(tags)
+    for text, (x0, y0, x1, y1) in rects.items():
+        bx0, by0, bx1, by1 = CROWDED[int(text.split(":")[0])]
+        assert x0 <= bx1 + 0.5 and bx0 <= x1 + 0.5 and y0 <= by1 + 0.5 and by0 <= y1 + 0.5, (text, rects[text])
+        for other, r in rects.items():   # there is room for every tag: none hides another
+            assert other == text or min(x1, r[2]) - max(x0, r[0]) < 0.5 or min(y1, r[3]) - max(y0, r[1]) < 0.5
+    # --infer's picture tags its boxes 'index:class', as Motifs does (they were bare numbers)
+    seen = []
+    monkeypatch.setattr(S, "draw_boxes", lambda ax, image, tagged: seen.extend(t for t, _, _ in tagged))
+    pred = {"boxes": torch.tensor(CROWDED[:3], dtype=torch.float), "labels": torch.tensor([1, 2, 3])}
+    S.plot_scene_graph(torch.rand(3, 160, 160), pred, [(1, 2, 1, 0.5), (0, 1, 2, 0.25)],
+                       ["__background__", "woman", "head", "hat"], ["__background__", "wearing", "has"], "t",
+                       str(tmp_path / "sg.png"))
+    assert seen == ["0:head", "1:hat", "2:woman"]
 
 
 def test_rng_states_survive_a_checkpoint(tmp_path):

@@ -84,6 +84,35 @@ def test_report_means_stds_and_paired_differences_by_hand(tmp_path):
     assert "| baseline (ours) | 3 | 32.00 ± 2.00 |" in "\n".join(lines)
 
 
+def test_report_prints_what_changed_and_where_it_wrote_not_the_file(tmp_path, capsys):
+    res = str(tmp_path)
+    for s in range(2):
+        fake(res, f"b{s}", "motifs", "predcls", "baseline", s, {"mR@50": 0.40 + s / 100, "R@50": 0.6})
+        fake(res, f"a{s}", "motifs", "predcls", "align", s, {"mR@50": 0.42, "R@50": 0.6})
+    with open(os.path.join(res, "dataset.json"), "w") as f:   # the predicates, so no dataset is generated
+        json.dump({"idx_to_predicate": ["__background__"] + [f"p{i}" for i in range(1, 26)],
+                   "train_counts": [0] + list(range(25, 0, -1)), "order": list(range(1, 26)),
+                   "groups": {"head": [1], "body": [2], "tail": list(range(3, 26))}}, f)
+    readme = os.path.join(res, "README.md")
+    study.report(res)
+    first = capsys.readouterr().out
+    study.report(res)
+    again = capsys.readouterr().out
+    fake(res, "a2", "motifs", "predcls", "align", 2, {"mR@50": 0.5, "R@50": 0.6})
+    study.report(res)
+    changed = capsys.readouterr().out
+    for out in (first, again, changed):   # what changed and where it went, not the file's tables
+        assert "| run |" not in out and out.splitlines()[-1].startswith(f"wrote {readme} and "), out
+    assert first.startswith(f"{readme}: 4 runs, ") and "a new file" in first and len(first.splitlines()) == 2
+    assert "; unchanged" in again and len(again.splitlines()) == 2
+    with open(readme) as f:
+        titles = {line[3:].strip() for line in f if line.startswith("## ")}
+    lines = changed.splitlines()   # the run count and the tables of the new run's arm, each by its title
+    assert "5 runs" in lines[0] and f"{len(lines) - 2} of {len(titles) + 1} sections changed:" in lines[0], changed
+    assert {t.strip() for t in lines[1:-1]} <= titles | {"(the introduction)"}
+    assert "  Table 2: Motifs vs Align-Motifs, predcls (test, %)" in lines
+
+
 def test_a_run_without_the_last_iterations_metrics_is_one_line_error(tmp_path):
     os.makedirs(tmp_path / "old")
     with open(tmp_path / "old" / "run.json", "w") as f:

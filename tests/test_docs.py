@@ -1,0 +1,83 @@
+"""The README and docs/ against the code and the committed results: what a newcomer reads first must not go
+stale (issue 22 found a log line that no log held, errors that the scripts do not print, a wrong class count,
+two costs of the alignment, one copy-paste block for two machines' torch, and a README of 4,035 words)."""
+import glob
+import json
+import os
+import re
+
+import numpy as np
+import pytest
+
+import data
+import motifs_align as M
+import sgtr_align as S
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def read(path):
+    with open(os.path.join(ROOT, path), encoding="utf-8") as f:
+        return f.read()
+
+
+def test_the_readme_reads_in_ten_minutes():
+    assert len(read("README.md").split()) < 2000
+
+
+def test_the_readmes_log_line_is_in_a_committed_log():
+    line = re.search(r"`(it \d+/\d+ \| loss [^`]+)`", read("README.md")).group(1)
+    assert any(line in read(p) for p in glob.glob(os.path.join(ROOT, "results", "*", "log.txt"))), line
+
+
+def test_the_quick_start_numbers_and_their_seed_spread_are_the_studys():
+    """The quick start is seed 0 of results/motifs-predcls-align-seed*, which give its spread over seeds."""
+    readme = read("README.md")
+    runs = [json.loads(read(f"results/motifs-predcls-align-seed{s}/metrics.json")) for s in range(4)]
+    said = re.search(r"\*\*PredCls R@20 ([\d.]+), R@50 ([\d.]+), R@100 ([\d.]+), mR@20 ([\d.]+), mR@50 ([\d.]+), "
+                     r"mR@100 ([\d.]+), zsR@50 ([\d.]+)", " ".join(readme.split()))
+    keys = ("R@20", "R@50", "R@100", "mR@20", "mR@50", "mR@100", "zsR@50")
+    assert [float(v) for v in said.groups()] == [round(100 * runs[0][k], 2) for k in keys]
+    assert f"mAP@0.5 **{runs[0]['det_mAP@0.5']:.3f}**" in readme
+    spread = re.search(r"standard deviation of ([\d.]+) points R@50 \(([\d.]+)-([\d.]+)\), ([\d.]+) mR@50 "
+                       r"\(([\d.]+)-([\d.]+)\), ([\d.]+) zsR@50 and ([\d.]+) tail mR@100", " ".join(readme.split()))
+    got = []
+    for k in ("R@50", "mR@50", "zsR@50", "tail_mR@100"):
+        v = np.array([100 * r[k] for r in runs])
+        got.append((round(v.std(ddof=1), 1), round(v.min(), 2), round(v.max(), 2)))
+    s = [float(x) for x in spread.groups()]
+    assert (s[0], s[1], s[2]) == got[0] and (s[3], s[4], s[5]) == got[1] and s[6] == got[2][0] and s[7] == got[3][0]
+
+
+def test_install_gives_each_machine_its_own_block():
+    blocks = re.findall(r"```bash\n(.*?)```", read("README.md"), re.S)
+    torch_lines = [[line for line in b.splitlines() if line.startswith("pip install torch")] for b in blocks]
+    assert sorted(len(t) for t in torch_lines if t) == [1, 1]   # one torch line per block, two machines
+
+
+def test_the_docs_count_the_synthetic_classes_right():
+    n = len(data.SYNTHETIC_CLASSES)
+    assert f"its {n} drawn classes" in read("docs/running.md")
+    assert f"synthetic scenes have {n} object classes" in read("docs/motifs.md")
+    assert f"**{n} object classes**" in read("docs/data.md")
+
+
+def test_the_alignments_cost_is_one_number_in_each_place():
+    readme = " ".join(read("README.md").split())
+    motifs, sgtr = re.search(r"Motifs training step ([\d.]+)× slower and an SGTR step ([\d.]+)×", readme).groups()
+    assert f"`ratio {motifs} wall" in read("docs/motifs.md") and f"`ratio {sgtr} wall" in read("docs/sgtr.md")
+
+
+def test_the_example_errors_are_what_the_scripts_print():
+    text = read("docs/running.md")
+    block = text[text.index("## Mistakes end in one line"):]
+    lines = re.search(r"```\n(.*?)```", block, re.S).group(1).splitlines()
+    assert lines and all(line.startswith("error: ") for line in lines)   # no prefix, no usage line
+    for argv in (["--predcls", "--iters", "0"], ["--predcls", "--iters", "many"]):
+        with pytest.raises(SystemExit) as e:
+            M.parse_config(argv)
+        assert str(e.value.code) in lines
+    for argv in (["--iters", "0"], ["--iters", "many"]):   # SGTR words them alike
+        with pytest.raises(SystemExit) as e:
+            S.parse_config(argv)
+        assert str(e.value.code) in lines
