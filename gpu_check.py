@@ -46,6 +46,7 @@ Symbols: B batch, H heads, Lq queries, Lk keys, D head dimension (Dh in sgtr_ali
 import argparse
 import contextlib
 import datetime
+import gc
 import importlib.util
 import json
 import math
@@ -209,21 +210,26 @@ def kernel_error(B, Lq, Lk, D, dtype, device, seed=7):
 
 def part_kernels(ctx):
     from kernels import bench
-    methods = ["ours", "ours_p0", "sdpa_mask", "sdpa"]
+    # (precision, shapes, head dims, methods), most wanted first: a part near its cap drops the last.
+    # Each (precision, D, p > 0 or not) compiles four kernels anew (~1 s each): the grids stay small.
+    both = ["ours", "ours_p0", "sdpa_mask", "sdpa"]
     if ctx.rehearse:
-        grids = [("float32", [(2, 16, 40)], (32,))]
+        grids = [("float32", [(2, 16, 40)], (32,), both)]
     else:
-        grids = [("float16", KERNEL_SHAPES, (32, 64)), ("bfloat16", OTHER_DTYPE_SHAPES, (32, 64)),
-                 ("float32 (tf32)", OTHER_DTYPE_SHAPES, (32, 64)), ("float32", OTHER_DTYPE_SHAPES, (32, 64))]
+        grids = [("float16", KERNEL_SHAPES, (32, 64), both),
+                 ("bfloat16", OTHER_DTYPE_SHAPES, (32, 64), both[:1] + both[2:]),
+                 # fp32: what the model scripts run (no autocast); D = 32 is their head dim
+                 ("float32 (tf32)", OTHER_DTYPE_SHAPES, (32,), both[:1] + both[2:]),
+                 ("float32", OTHER_DTYPE_SHAPES, (32,), both[:1] + both[2:])]
     res = ctx.result
-    res.update(rows={}, skipped=[], methods=methods)
-    for label, shapes, dims in grids:
+    res.update(rows={}, methods={}, skipped=[])
+    for label, shapes, dims, methods in grids:
         dtype = getattr(torch, label.split()[0])
         torch.backends.cuda.matmul.allow_tf32 = "tf32" in label    # the kernel follows torch's setting
-        res["rows"][label] = []
+        res["rows"][label], res["methods"][label] = [], methods
         for (B, Lq, Lk), D in ((s, d) for s in shapes for d in dims):
-            if ctx.time_left() < 15:
-                res["skipped"].append(f"{label} B={B} Lq={Lq} Lk={Lk} D={D}: out of time")
+            if ctx.time_left() < 20:
+                res["skipped"].append(f"{label} B={B} Lq={Lq} Lk={Lk} D={D}")
                 print(f"skipped {label} B={B} Lq={Lq} Lk={Lk} D={D}: the part's cap is near", flush=True)
                 continue
             row = bench.run_grid([(B, Lq, Lk)], [D], dtype, ctx.device, 2 if ctx.rehearse else 10, methods)[0]
@@ -235,20 +241,23 @@ def part_kernels(ctx):
             ctx.save()
     torch.backends.cuda.matmul.allow_tf32 = False
     rows = [r for rs in res["rows"].values() for r in rs]
-    res["targets"] = kernel_targets(rows)
+    res["targets"] = {label: kernel_targets(rs) for label, rs in res["rows"].items() if rs}
     res["errors_ok"] = all(r["err_ok"] for r in rows)
+    res["ok"] = res["errors_ok"] and not res["skipped"]
+    first = next(iter(res["rows"]))
+    if not res["rows"][first]:
+        return res
     # BENCH.md's GPU section: fp16 first (the kernel's fast case; note that the model scripts train in
     # fp32, which `steps` times), then the other precisions
     env = bench.environment(ctx.device)
-    first = next(iter(res["rows"]))
-    text = bench.gpu_section(res["rows"][first], methods, f"{env}, {first}",
+    text = bench.gpu_section(res["rows"][first], res["methods"][first], f"{env}, {first}",
                              "python gpu_check.py --parts kernels")
     for label, rs in list(res["rows"].items())[1:]:
         if rs:
-            text += f"\n**{label}**\n\n" + bench.table(rs, methods, with_memory=True) + "\n"
+            text += f"\n**{label}**\n\n" + bench.table(rs, res["methods"][label], with_memory=True) + "\n"
     text += ("\nError: max over output, dq, dk, dv of |kernel - SDPA| / |SDPA|, SDPA in float64 given the "
              "kernel's own mask: " + ", ".join(f"{r['max_rel_err']:.1e}" for r in rows) + ".\n")
-    bench.plot(res["rows"][first], methods, os.path.join(ctx.out, "bench.png"),
+    bench.plot(res["rows"][first], res["methods"][first], os.path.join(ctx.out, "bench.png"),
                f"masked cross-attention, {first}, {env}")
     with open(os.path.join(bench.HERE, "BENCH.md")) as f:
         doc = f.read()
@@ -258,7 +267,6 @@ def part_kernels(ctx):
     bench.write_section("gpu", text, path=copy)
     if ctx.cuda:                                   # on the GPU machine's copy of the repository
         bench.write_section("gpu", text)
-    res["ok"] = res["errors_ok"] and not res["skipped"]
     return res
 
 
@@ -334,6 +342,8 @@ def time_steps(step, batches, device, warmup, steps):
 
 
 def fresh_gpu(device):
+    """Free what the last variant left, so that the next one's peak memory is its own."""
+    gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -355,18 +365,9 @@ def sgtr_variants(ctx, sizes, warmup, steps):
                 image_hw=list(batches[0][0].shape[-2:]), load_s_per_batch=load_s,
                 iters=cfg.iters, det_iters=cfg.det_iters, d_model=cfg.d_model, nheads=cfg.nheads,
                 queries=(cfg.num_ent_queries, cfg.num_pred_queries))
-    variants = [("detector", None, False), ("baseline", None, False), ("aligned", None, False),
-                ("aligned_sdpa_mask", sdpa_with_materialised_mask, False)]
-    if sizes == "vg" and ctx.cuda:   # fp32 matmuls as TF32 (the kernel follows torch's flag too)
-        variants += [(n + "_tf32", fn, True) for n, fn, _ in variants[1:]]
-    out = []
-    for name, attn, tf32 in variants:
-        if ctx.time_left() < 15:
-            print(f"skipped sgtr {sizes} {name}: the part's cap is near", flush=True)
-            out.append(dict(info, variant=name, skipped=True))
-            continue
-        torch.backends.cuda.matmul.allow_tf32 = tf32
-        fresh_gpu(ctx.device)
+
+    def build(name):
+        """-> step(images, targets): one training step of this variant on a freshly made model."""
         vcfg = sgtr.dataclasses.replace(cfg, no_align=name.startswith(("baseline", "detector")))
         sgtr.seed_everything(0)
         model = sgtr.SGTR(vcfg, C, P).to(ctx.device)
@@ -383,27 +384,41 @@ def sgtr_variants(ctx, sizes, warmup, steps):
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, vcfg.grad_clip)
                 opt.step()
-        else:                    # as train(): the detector frozen unless the preset fine-tunes it
-            if vcfg.lr_detector == 0 and vcfg.lr_backbone == 0:
-                model.freeze_detector()
-            if model.mirror is not None:
-                model.mirror.mask_rng.manual_seed(0)         # the same mask seeds in every aligned variant
-            opt = sgtr.build_optimizer(model, vcfg)[0]
+            return step
+        if vcfg.lr_detector == 0 and vcfg.lr_backbone == 0:   # as train(): frozen unless fine-tuned
+            model.freeze_detector()
+        if model.mirror is not None:
+            model.mirror.mask_rng.manual_seed(0)     # the same mask seeds in every aligned variant
+        opt = sgtr.build_optimizer(model, vcfg)[0]
 
-            def step(images, targets):
-                losses = sgtr.train_step(model, images, targets, vcfg)
-                opt.zero_grad(set_to_none=True)
-                losses["total"].backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), vcfg.grad_clip)
-                opt.step()
+        def step(images, targets):
+            losses = sgtr.train_step(model, images, targets, vcfg)
+            opt.zero_grad(set_to_none=True)
+            losses["total"].backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), vcfg.grad_clip)
+            opt.step()
+        return step
+
+    variants = [("detector", None, False), ("baseline", None, False), ("aligned", None, False),
+                ("aligned_sdpa_mask", sdpa_with_materialised_mask, False)]
+    if sizes == "vg" and ctx.cuda:   # fp32 matmuls as TF32 (the kernel follows torch's flag too)
+        variants += [(n + "_tf32", fn, True) for n, fn, _ in variants[1:]]
+    for name, attn, tf32 in variants:
+        if ctx.time_left() < 20:
+            print(f"skipped sgtr {sizes} {name}: the part's cap is near", flush=True)
+            ctx.result["runs"].append(dict(info, variant=name, skipped=True))
+            continue
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        fresh_gpu(ctx.device)
+        step = build(name)
         with mirror_attention(sgtr, attn or sgtr.masked_cross_attention):
             r = time_steps(step, det_batches if name == "detector" else batches, ctx.device, warmup, steps)
-        out.append(dict(info, variant=name, **r))
+        del step                      # the model and its optimizer go with it
+        ctx.result["runs"].append(dict(info, variant=name, **r))
+        ctx.save()
         print(f"sgtr {sizes:7s} {name:22s} {r['ms']:8.1f} ms/step  {r['it_per_s']:6.2f} it/s  "
               f"peak {r['peak_mib']:8.0f} MiB", flush=True)
-        del model, opt, step
     torch.backends.cuda.matmul.allow_tf32 = False
-    return out
 
 
 def motifs_variants(ctx, sizes, warmup, steps):
@@ -414,8 +429,7 @@ def motifs_variants(ctx, sizes, warmup, steps):
     if ctx.rehearse:
         argv += REHEARSAL_ARGS["default" if sizes == "default" else ("vg", "motifs")]
     cfg = motifs.parse_config(argv)
-    ds = motifs.load_datasets(cfg, 0)[1]
-    train = ds["train"]
+    train = motifs.load_datasets(cfg, 0)[1]["train"]
     C, P = train.num_classes, train.num_predicates
     batches, load_s = first_batches(train, cfg.batch_size, 3, ctx.device,
                                     lambda t: motifs.to_device(t, ctx.device))
@@ -423,13 +437,9 @@ def motifs_variants(ctx, sizes, warmup, steps):
     info = dict(model="motifs", sizes=sizes, batch=cfg.batch_size, det_batch=cfg.det_batch,
                 image_hw=list(batches[0][0].shape[-2:]), load_s_per_batch=load_s,
                 iters=cfg.iters, det_iters=cfg.det_iters, backbone=cfg.backbone)
-    out = []
-    for name in ("detector", "baseline", "aligned"):
-        if ctx.time_left() < 15:
-            print(f"skipped motifs {sizes} {name}: the part's cap is near", flush=True)
-            out.append(dict(info, variant=name, skipped=True))
-            continue
-        fresh_gpu(ctx.device)
+
+    def build(name):
+        """-> step(images, targets): one training step of this variant on a freshly made model."""
         torch.manual_seed(0)
         detector = motifs.Detector(cfg, C).to(ctx.device)
         if name == "detector":   # as train_detector
@@ -445,28 +455,37 @@ def motifs_variants(ctx, sizes, warmup, steps):
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, 10.0)
                 opt.step()
-        else:                    # as train(), stage 2
-            detector.eval().requires_grad_(False)
-            vcfg = motifs.dataclasses.replace(cfg, no_align=name == "baseline")
-            model = motifs.MotifsRelationModel(vcfg, C, P, detector.backbone.out_channels, detector.stride,
-                                               torch.zeros(C, C, P)).to(ctx.device)
-            model.train()
-            opt = torch.optim.SGD(model.parameters(), lr=vcfg.lr, momentum=vcfg.momentum,
-                                  weight_decay=vcfg.weight_decay)
+            return step
+        detector.eval().requires_grad_(False)      # as train(), stage 2
+        vcfg = motifs.dataclasses.replace(cfg, no_align=name == "baseline")
+        model = motifs.MotifsRelationModel(vcfg, C, P, detector.backbone.out_channels, detector.stride,
+                                           torch.zeros(C, C, P)).to(ctx.device)
+        model.train()
+        opt = torch.optim.SGD(model.parameters(), lr=vcfg.lr, momentum=vcfg.momentum,
+                              weight_decay=vcfg.weight_decay)
 
-            def step(images, targets):
-                losses = motifs.train_step(model, detector, images, targets, vcfg)
-                opt.zero_grad(set_to_none=True)
-                losses["total"].backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), vcfg.grad_clip)
-                opt.step()
+        def step(images, targets):
+            losses = motifs.train_step(model, detector, images, targets, vcfg)
+            opt.zero_grad(set_to_none=True)
+            losses["total"].backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), vcfg.grad_clip)
+            opt.step()
+        return step
+
+    for name in ("detector", "baseline", "aligned"):
+        if ctx.time_left() < 20:
+            print(f"skipped motifs {sizes} {name}: the part's cap is near", flush=True)
+            ctx.result["runs"].append(dict(info, variant=name, skipped=True))
+            continue
+        fresh_gpu(ctx.device)
+        step = build(name)
         torch.manual_seed(0)     # the same pairs and masks drawn in both variants' steps
         r = time_steps(step, det_batches if name == "detector" else batches, ctx.device, warmup, steps)
-        out.append(dict(info, variant=name, **r))
+        del step
+        ctx.result["runs"].append(dict(info, variant=name, **r))
+        ctx.save()
         print(f"motifs {sizes:7s} {name:20s} {r['ms']:8.1f} ms/step  {r['it_per_s']:6.2f} it/s  "
               f"peak {r['peak_mib']:8.0f} MiB", flush=True)
-        del detector, opt, step
-    return out
 
 
 def part_steps(ctx):
@@ -474,9 +493,8 @@ def part_steps(ctx):
     res["runs"] = []
     warmup, steps = (1, 2) if ctx.rehearse else (3, 8)
     for sizes in ("default", "vg"):
-        for variants in (sgtr_variants, motifs_variants):
-            res["runs"] += variants(ctx, sizes, warmup, steps)
-            ctx.save()
+        sgtr_variants(ctx, sizes, warmup, steps)
+        motifs_variants(ctx, sizes, warmup, steps)
     res["ratios"] = step_ratios(res["runs"])
     res["projection"] = projection(res["runs"])
     for line in res["ratios"] + res["projection"]:
@@ -678,14 +696,16 @@ def report(res):
     if get("kernels").get("rows"):
         from kernels.bench import table
         k = get("kernels")
-        t = k.get("targets", {})
         lines += ["", "## Kernel, forward + backward (p = 0.1)", "",
-                  f"Targets: >= 2x faster than sdpa_mask on {t.get('faster_2x_than_sdpa_mask')}/{t.get('timed')} "
-                  f"shapes, <= 1.3x sdpa on {t.get('within_1_3x_of_sdpa')}/{t.get('timed')}, no mask-sized memory "
-                  f"on {t.get('no_mask_sized_memory')}/{t.get('timed')}; errors within tolerance: {k.get('errors_ok')}."]
+                  f"Errors against float64 SDPA given the same mask, all within tolerance: {k.get('errors_ok')}."]
         for label, rows in k["rows"].items():
             if rows:
-                lines += ["", f"**{label}**", "", table(rows, k["methods"], with_memory=True)]
+                t = k.get("targets", {}).get(label, {})
+                lines += ["", f"**{label}**: >= 2x faster than sdpa_mask on {t.get('faster_2x_than_sdpa_mask')}/"
+                          f"{t.get('timed')} shapes, <= 1.3x sdpa on {t.get('within_1_3x_of_sdpa')}/{t.get('timed')}, "
+                          f"no mask-sized memory on {t.get('no_mask_sized_memory')}/{t.get('timed')}; max relative "
+                          "errors " + ", ".join(f"{r['max_rel_err']:.1e}" for r in rows), "",
+                          table(rows, k["methods"][label], with_memory=True)]
         if k.get("skipped"):
             lines += ["", "Not timed (cap): " + "; ".join(k["skipped"])]
     if get("steps").get("runs"):
