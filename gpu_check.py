@@ -17,11 +17,11 @@ time or breaks the CUDA context is recorded as such and the next part still star
                          kernel as with SDPA given the materialised mask (what `steps` compares)
     tests     90 s  yes  pytest tests/test_kernels.py -k cuda: the 14 CUDA tests (the kernel against
                          the naive reference, forward and backward, fp32 / fp16 / bf16, D 16..128)
-    kernels  100 s  yes  forward + backward of the fused kernel vs SDPA with a materialised bool mask
+    kernels  110 s  yes  forward + backward of the fused kernel vs SDPA with a materialised bool mask
                          vs plain SDPA: ms, peak MiB and error at the SGTR shapes (H 8, Lq 100..300,
                          Lk 100..1500, D 32 / 64, B 4..16); fills kernels/BENCH.md's GPU section
     data      30 s  yes  the synthetic dataset, generated once into $SGG_ALIGN_CACHE (~10-25 s)
-    steps    110 s  yes  training steps, baseline vs aligned, Motifs PredCls and SGTR, and SGTR aligned
+    steps    100 s  yes  training steps, baseline vs aligned, Motifs PredCls and SGTR, and SGTR aligned
                          with SDPA + the materialised mask instead of the kernel (the same masks), at
                          the default sizes and at --preset vg on VG-sized images: ms/step, it/s, peak
                          memory, and the wall time of the --preset vg schedules projected from them
@@ -70,8 +70,8 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 # (name, cap in seconds, needs CUDA); the caps add up to the default --budget of 480 s
-PARTS = [("mirror", 30, False), ("tests", 90, True), ("kernels", 100, True), ("data", 30, True),
-         ("steps", 110, True), ("motifs", 60, True), ("sgtr", 60, True)]
+PARTS = [("mirror", 30, False), ("tests", 90, True), ("kernels", 110, True), ("data", 30, True),
+         ("steps", 100, True), ("motifs", 60, True), ("sgtr", 60, True)]
 BUDGET = 480
 REHEARSAL_SCALE = 6  # --rehearse: the CPU is slower, caps and budget x this
 
@@ -671,6 +671,47 @@ def environment(cuda):
 # ----------------------------------------------------------------------------------------------
 # The report: gpu_check.md
 
+def targets(res):
+    """One line per target of issue 24: what was measured against it, or why nothing was."""
+    get = lambda n: res["parts"].get(n, {}).get("result") or {}
+    status = lambda n: res["parts"].get(n, {}).get("status", "not run")
+    lines = [] if res["env"]["cuda_available"] else ["no CUDA GPU here: nothing below is a GPU measurement"]
+    t = get("tests")
+    lines.append(f"CUDA tests (kernel vs reference, fwd + bwd, fp32/fp16/bf16): {status('tests')}"
+                 + (f", {t['summary']}" if t.get("summary") else ""))
+    for label, k in get("kernels").get("targets", {}).items():
+        lines.append(f"kernel {label}: >= 2x faster than SDPA + materialised mask on "
+                     f"{k['faster_2x_than_sdpa_mask']}/{k['timed']} shapes, <= 1.3x plain SDPA on "
+                     f"{k['within_1_3x_of_sdpa']}/{k['timed']}, no mask-sized memory on {k['no_mask_sized_memory']}/"
+                     f"{k['timed']} (sdpa_mask / ours: {min(k['sdpa_mask_over_ours'], default=0):.2f}.."
+                     f"{max(k['sdpa_mask_over_ours'], default=0):.2f}x, ours / sdpa: "
+                     f"{min(k['ours_over_sdpa'], default=0):.2f}..{max(k['ours_over_sdpa'], default=0):.2f}x)")
+    if not get("kernels").get("targets"):
+        lines.append(f"kernel timings: {status('kernels')}")
+    if "errors_ok" in get("kernels"):
+        lines.append(f"kernel outputs and gradients equal to float64 SDPA with the same mask, within "
+                     f"tolerance at every timed shape: {get('kernels')['errors_ok']}")
+    ratios = [r for r in get("steps").get("ratios", []) if r["model"] == "sgtr" and r["what"] == "aligned / baseline step"]
+    for r in ratios:
+        lines.append(f"aligned SGTR step <= 1.6x baseline ({r['sizes']} sizes): {r['ratio']:.2f}x, "
+                     f"{'met' if r['ratio'] <= 1.6 else 'NOT met'}")
+    if not ratios:
+        lines.append(f"training steps: {status('steps')}")
+    m = get("mirror")
+    if m:
+        lines.append(f"mirror with the fused kernel == with SDPA + the same materialised masks ({m['path']}): "
+                     f"{'yes' if m.get('ok') else 'NO'} (relative difference {max(m['max_rel_err_out'], m['max_rel_err_grad']):.1e})")
+    for name in ("motifs", "sgtr"):
+        e = get(name)
+        lines.append(f"{name} end to end: {status(name)}" + (
+            f", exit {e['returncode']}, metrics.json {'written' if e.get('metrics') else 'missing'}" if e else ""))
+    return lines
+
+
+def fmt_metrics(m):
+    return ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in (m or {}).items())
+
+
 def report(res):
     env, parts = res["env"], res["parts"]
     lines = ["# GPU check (`python gpu_check.py`)", ""]
@@ -682,8 +723,9 @@ def report(res):
         lines.append(f"**No GPU was available** (torch.cuda.is_available() is False): nothing was measured on "
                      f"a GPU{'; a CPU rehearsal at toy sizes, its numbers mean nothing' if res['rehearse'] else ''}. "
                      f"torch {env['torch']}, Triton {env['triton']}, {env['cpus']} CPUs; {env['date']}.")
-    lines += ["", f"Command: `{res['command']}`, {res['seconds']:.0f} s in all.", "",
-              "| part | status | seconds | cap |", "|---|---|---|---|"]
+    lines += ["", f"Command: `{res['command']}`, {res['seconds']:.0f} s in all.", "", "## Targets", ""]
+    lines += [f"- {t}" for t in targets(res)]
+    lines += ["", "## Parts", "", "| part | status | seconds | cap |", "|---|---|---|---|"]
     lines += [f"| {n} | {p['status']} | {p.get('seconds', '')} | {p.get('cap', '')} |" for n, p in parts.items()]
     get = lambda n: parts.get(n, {}).get("result") or {}
     if get("mirror"):
@@ -730,7 +772,7 @@ def report(res):
         e = get(name)
         if e:
             lines += ["", f"**{name} end to end** (`{e.get('command')}`): exit {e.get('returncode')}, "
-                      f"{e.get('seconds', 0):.0f} s, last it/s {e.get('last_it_per_s')}, test {e.get('metrics')}"]
+                      f"{e.get('seconds', 0):.0f} s, last it/s {e.get('last_it_per_s')}, test: {fmt_metrics(e.get('metrics'))}"]
     return "\n".join(lines) + "\n"
 
 
@@ -791,6 +833,8 @@ def main(argv=None):
         json.dump(res, f, indent=1, default=str)
     with open(os.path.join(args.out, "gpu_check.md"), "w") as f:
         f.write(report(res))
+    for line in targets(res):      # last, so that the end of the output says it all
+        log("  " + line)
     log(f"gpu_check: done in {res['seconds']:.0f} s: " + ", ".join(
         f"{n} {p['status']}" for n, p in res["parts"].items()) + f" -> {args.out}")
     return 1 if any(p["status"] in ("failed", "timeout") for p in res["parts"].values()) else 0
