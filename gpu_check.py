@@ -713,7 +713,8 @@ def targets(res):
     if "errors_ok" in get("kernels"):
         lines.append(f"kernel outputs and gradients equal to float64 SDPA with the same mask, within "
                      f"tolerance at every timed shape: {get('kernels')['errors_ok']}")
-    ratios = [r for r in get("steps").get("ratios", []) if r["model"] == "sgtr" and r["what"] == "aligned / baseline step"]
+    ratios = [r for r in get("steps").get("ratios", [])
+              if r["model"] == "sgtr" and r["what"] == "aligned / baseline step"]
     for r in ratios:
         lines.append(f"aligned SGTR step <= 1.6x baseline ({r['sizes']} sizes): {r['ratio']:.2f}x, "
                      f"{'met' if r['ratio'] <= 1.6 else 'NOT met'}")
@@ -722,7 +723,8 @@ def targets(res):
     m = get("mirror")
     if m:
         lines.append(f"mirror with the fused kernel == with SDPA + the same materialised masks ({m['path']}): "
-                     f"{'yes' if m.get('ok') else 'NO'} (relative difference {max(m['max_rel_err_out'], m['max_rel_err_grad']):.1e})")
+                     f"{'yes' if m.get('ok') else 'NO'} (relative difference "
+                     f"{max(m['max_rel_err_out'], m['max_rel_err_grad']):.1e})")
     for name in ("motifs", "sgtr"):
         e = get(name)
         lines.append(f"{name} end to end: {status(name)}" + (
@@ -795,7 +797,8 @@ def report(res):
         e = get(name)
         if e:
             lines += ["", f"**{name} end to end** (`{e.get('command')}`): exit {e.get('returncode')}, "
-                      f"{e.get('seconds', 0):.0f} s, last it/s {e.get('last_it_per_s')}, test: {fmt_metrics(e.get('metrics'))}"]
+                      f"{e.get('seconds', 0):.0f} s, last it/s {e.get('last_it_per_s')}, "
+                      f"test: {fmt_metrics(e.get('metrics'))}"]
     return "\n".join(lines) + "\n"
 
 
@@ -804,9 +807,9 @@ def report(res):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    ap.add_argument("--out", default=os.path.join(ROOT, "runs", "gpu_check"), help="output folder")
-    ap.add_argument("--budget", type=float, default=BUDGET, help="seconds; no part starts after it")
-    ap.add_argument("--parts", default=",".join(n for n, _, _ in PARTS), help="comma-separated subset")
+    ap.add_argument("--out", default=os.path.join(ROOT, "runs", "gpu_check"), help="output folder (default: runs/gpu_check)")
+    ap.add_argument("--budget", type=float, default=BUDGET, help=f"seconds; no part starts after it (default: {BUDGET})")
+    ap.add_argument("--parts", default=",".join(n for n, _, _ in PARTS), help="comma-separated subset (default: all, in order)")
     ap.add_argument("--rehearse", action="store_true", help="run the CUDA parts on the CPU at toy sizes")
     ap.add_argument("--part", help=argparse.SUPPRESS)      # internal: run one part in this process
     ap.add_argument("--cap", type=float, help=argparse.SUPPRESS)
