@@ -6,8 +6,9 @@ Run it on a machine with one CUDA GPU (H100 / H200), from the repository's root:
     export SGG_ALIGN_CACHE=/tmp/sgg_align_cache PYTHONUNBUFFERED=1; python gpu_check.py --out $OUT
 
 Expected duration on one H100 / H200: about 5 minutes (an estimate: it has not run on a GPU yet); at
-most 8 (--budget 480 s: no part starts after it, and each part stops at its cap). Without a GPU the same command takes about 10 seconds:
-the `mirror` part runs (on the PyTorch path), every CUDA part prints one line `[part] skipped: ...`.
+most 8 (--budget 480 s: no part starts after it, and each part stops at its cap). Without a GPU the
+same command takes about 10 seconds: the `mirror` part runs (on the PyTorch path), and every CUDA
+part prints one line `[part] skipped: ...`.
 
 The parts, in order. Each runs in a subprocess of its own, so that a part that fails, runs out of
 time or breaks the CUDA context is recorded as such and the next part still starts:
