@@ -231,10 +231,21 @@ def write_section(section, text, path=os.path.join(HERE, "BENCH.md")):
     os.replace(tmp, path)
 
 
+def gpu_driver():
+    """The NVIDIA driver's version as nvidia-smi reports it, or '?' (torch does not expose it)."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20).stdout.split()
+        return out[0] if out else "?"
+    except (OSError, subprocess.SubprocessError):
+        return "?"
+
+
 def environment(device):
     import triton
     if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
+        name = (f"{torch.cuda.get_device_name(device)}, driver {gpu_driver()}, "
+                f"CUDA {torch.version.cuda}")
     else:
         name = platform.processor() or "CPU"
         if os.path.exists("/proc/cpuinfo"):
@@ -244,6 +255,26 @@ def environment(device):
         name += ", load average %.1f during the run" % os.getloadavg()[0]
     return (f"{name}; torch {torch.__version__}, Triton {triton.__version__}, "
             f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
+
+
+def gpu_section(rows, methods, what, command, plot_file="bench.png"):
+    """BENCH.md's GPU section for rows of run_grid: the three targets counted, then the table."""
+    met_mask = sum(r["ratios"][0] >= 2.0 for r in rows)
+    met_floor = sum(r["ratios"][1] <= 1.3 for r in rows)
+    # out, lse and the three gradients are allocated by every method; what must not appear is
+    # anything of the mask's size: ours may exceed the unmasked floor's peak by less than one mask
+    no_mask_alloc = sum(r["ours"][1] - r["sdpa"][1] < r["mask_mib"] for r in rows)
+    errors = sorted({e for r in rows for e in r.get("errors", [])})
+    return (f"{what}, p = {P}, forward + backward, median of triton.testing.do_bench.\n"
+            f"Command: `{command}`\n\n"
+            f"Targets met on {met_mask}/{len(rows)} shapes (>= 2x faster than sdpa_mask), "
+            f"{met_floor}/{len(rows)} (within 1.3x of sdpa), {no_mask_alloc}/{len(rows)} "
+            f"(ours' peak memory exceeds unmasked sdpa's by less than one bool mask).\n"
+            f"MiB columns: peak memory of one forward+backward above the inputs (the output and the "
+            f"gradients included); `mask MiB` is the size of one (B, H, Lq, Lk) bool mask.\n\n"
+            + table(rows, methods, with_memory=True)
+            + (f"\n\n![forward+backward time]({plot_file})\n" if plot_file else "\n")
+            + ("\nErrors:\n" + "\n".join(f"- {e}" for e in errors) + "\n" if errors else ""))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -374,21 +405,8 @@ def main():
     if args.no_write:
         return
     plot(rows, methods, os.path.join(HERE, "bench.png"), f"masked cross-attention, {args.dtype}, {env}")
-    met_mask = sum(r["ratios"][0] >= 2.0 for r in rows)
-    met_floor = sum(r["ratios"][1] <= 1.3 for r in rows)
-    # out, lse and the three gradients are allocated by every method; what must not appear is
-    # anything of the mask's size: ours may exceed the unmasked floor's peak by less than one mask
-    no_mask_alloc = sum(r["ours"][1] - r["sdpa"][1] < r["mask_mib"] for r in rows)
-    errors = sorted({e for r in rows for e in r.get("errors", [])})
-    text = (f"{env}, {args.dtype}, p = {P}, forward + backward, median of triton.testing.do_bench.\n"
-            f"Command: `{' '.join(['python -m kernels.bench'] + sys.argv[1:])}`\n\n"
-            f"Targets met on {met_mask}/{len(rows)} shapes (>= 2x faster than sdpa_mask), "
-            f"{met_floor}/{len(rows)} (within 1.3x of sdpa), {no_mask_alloc}/{len(rows)} "
-            f"(ours' peak memory exceeds unmasked sdpa's by less than one bool mask).\n"
-            f"MiB columns: peak memory of one forward+backward above the inputs (the output and the "
-            f"gradients included); `mask MiB` is the size of one (B, H, Lq, Lk) bool mask.\n\n"
-            + table(rows, methods, with_memory=True) + "\n\n![forward+backward time](bench.png)\n"
-            + ("\nErrors:\n" + "\n".join(f"- {e}" for e in errors) + "\n" if errors else ""))
+    text = gpu_section(rows, methods, f"{env}, {args.dtype}",
+                       " ".join(["python -m kernels.bench"] + sys.argv[1:]))
     write_section("gpu", text)
     print("wrote kernels/BENCH.md and kernels/bench.png")
 
