@@ -1,5 +1,5 @@
 """The one-shot GPU check: everything this project has not yet measured on a CUDA GPU, in one command
-that fits a short GPU lease, each part under its own time cap (issue 24).
+that fits a short GPU lease, each part under its own time cap.
 
 Run it on a machine with one CUDA GPU (H100 / H200), from the repository's root:
 
@@ -38,7 +38,7 @@ It writes into --out (default runs/gpu_check; at most 5 files, one folder):
 `--parts kernels,steps` reruns only some parts. `--rehearse` runs the CUDA parts on the CPU at toy
 sizes, to try their code paths without a GPU (about 4 minutes on one core; the numbers mean nothing).
 
-The targets (issue 24): fused forward + backward >= 2x faster than SDPA with a materialised mask and
+The targets: fused forward + backward >= 2x faster than SDPA with a materialised mask and
 <= 1.3x plain SDPA, no (B, H, Lq, Lk) mask in memory; an aligned SGTR step <= 1.6x the baseline's;
 the CUDA results equal to the CPU reference within the tests' tolerances.
 
@@ -695,7 +695,7 @@ def environment(cuda):
 # The report: gpu_check.md
 
 def targets(res):
-    """One line per target of issue 24: what was measured against it, or why nothing was."""
+    """One line per target: what was measured against it, or why nothing was."""
     get = lambda n: res["parts"].get(n, {}).get("result") or {}
     status = lambda n: res["parts"].get(n, {}).get("status", "not run")
     lines = [] if res["env"]["cuda_available"] else ["no CUDA GPU here: nothing below is a GPU measurement"]

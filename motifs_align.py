@@ -725,10 +725,11 @@ class FeatureCache:
     model for an image (feature map, RoI features, class distributions, SGDet detections) never changes; yet
     computing it again at every step was half of a training step. The first time an image is met (training,
     validation or test), its outputs are computed and kept in memory, keyed by its pixels and its GT boxes
-    (the RoI features' input) and labels. Each image is computed alone, without the batch's zero padding, so its outputs
-    do not depend on which images share its batch: a run gives the same numbers whether an image was computed
-    now or earlier (a resumed run starts with an empty cache and still ends as the uninterrupted one). The
-    relation model then reads each image's own feature map, a list, instead of a padded batch tensor."""
+    and labels (the RoI features' inputs). Each image is computed alone, without the batch's zero padding,
+    so its outputs do not depend on which images share its batch: a run gives the same numbers whether an
+    image was computed now or earlier (a resumed run starts with an empty cache and still ends as the
+    uninterrupted one). The relation model then reads each image's own feature map, a list, instead of a
+    padded batch tensor. docs/running.md gives its memory here and on Visual Genome."""
 
     def __init__(self):
         self.store = {}

@@ -10,7 +10,7 @@ Forward + backward time and peak extra memory of:
 Shapes: B in 2..32, H = 8, Lq 100..300 predicate queries, Lk 100..1500 entity/image tokens,
 D = 32 and 64, fp16 (the default grid is a subset; --full runs all). No padding mask in any method.
 
-Targets (issue 4): >= 2x faster than sdpa_mask, within 1.3x of sdpa, no mask-sized allocation.
+Targets: >= 2x faster than sdpa_mask, within 1.3x of sdpa, no mask-sized allocation.
 
 Run:
     python -m kernels.bench                 # CUDA GPU: table + plot into kernels/BENCH.md
