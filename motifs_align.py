@@ -81,6 +81,7 @@ import os
 import platform
 import random
 import re
+import textwrap
 import sys
 import time
 from dataclasses import dataclass, field
@@ -1665,8 +1666,9 @@ def plot_per_predicate(summary, counts, groups, names, path, title):
     for g, c in GROUP_COLOURS.items():
         ax.bar([0], [0], color=c, label=g)
     ax.legend()
-    ax.set(ylabel="test R@100 (%)", title=title,
-           xlabel="predicate, most frequent in training first (data.frequency_order)")
+    ax.set(ylabel="test R@100 (%)", xlabel="predicate, most frequent in training first (data.frequency_order)")
+    # a long title is wrapped, so that it stays within the figure
+    ax.set_title("\n".join(textwrap.fill(line, 90) for line in title.split("\n")), fontsize=10)
     save_figure(fig, path)
 
 

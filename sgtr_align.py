@@ -80,6 +80,7 @@ import os
 import platform
 import random
 import re
+import textwrap
 import time
 from dataclasses import dataclass
 from typing import List
@@ -1621,7 +1622,9 @@ def plot_per_predicate(values, names, counts, path, title):
     ax.bar(range(len(order)), [100 * values[i - 1] for i in order], color="tab:blue")
     ax.set_xticks(range(len(order)))
     ax.set_xticklabels([f"{names[i]} ({counts[i]})" for i in order], rotation=90, fontsize=9)
-    ax.set(ylabel="R@100 (%)", title=title, xlabel="predicate (training count), by training frequency")
+    ax.set(ylabel="R@100 (%)", xlabel="predicate (training count), by training frequency")
+    # a long title is wrapped, so that it stays within the figure
+    ax.set_title("\n".join(textwrap.fill(line, 90) for line in title.split("\n")), fontsize=10)
     save_figure(fig, path)
 
 
