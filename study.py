@@ -846,9 +846,11 @@ def bench(what, mode="predcls", detector_file="", rounds=5, steps=6, n_batches=6
         C, P = train.num_classes, train.num_predicates
         cfgs = {a: dataclasses.replace(cfg, no_align=not a) for a in (False, True)}
         models = {(a, c): m.SGTR(cfgs[a], C, P) for a, c in arms}
+        sizes = m.FeatureCache.sizes([train])
+        canvas = (max(h for h, _ in sizes), max(w for _, w in sizes))   # as use_feature_cache makes it
         for (a, c), model in models.items():   # as training runs it: the pretrained detector frozen (its
             model.freeze_detector()            # weights do not change the cost of a step)
-            model.feature_cache = m.FeatureCache() if c else None
+            model.feature_cache = m.FeatureCache(canvas) if c else None
 
         def step(a, c, images, targets):
             return models[(a, c)], m.train_step(models[(a, c)], images, targets, cfgs[a])

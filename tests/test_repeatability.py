@@ -15,6 +15,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import data
 import metrics
@@ -156,41 +157,46 @@ def tiny_sgtr(C1, P1):
 
 
 def test_sgtr_cached_outputs_equal_recomputed_ones(synthetic):
+    """Each image alone on the canvas: its tokens are those of detect() on that canvas; with the canvas the size
+    a batch is padded to, they are the batched computation's, within float tolerance, for every image."""
     ds = synthetic["test"]
     model = tiny_sgtr(ds.num_classes, ds.num_predicates).eval()
     images, targets = a_batch(ds)
     mask = S.pad_mask_for(images, targets)
+    H, W = images.shape[-2:]
     with torch.no_grad():
-        batched_ent, batched_src, _, _ = model.detect(images, mask)
-        model.feature_cache = S.FeatureCache()
+        batched_ent, batched_src, _, batched_kpm = model.detect(images, mask)
+        model.feature_cache = S.FeatureCache(canvas=(H, W))
         ent, src, pos, kpm = model.feature_cache(model, images, mask)
         for i, t in enumerate(targets):
             h, w = t["size"]
-            e1, s1, p1, _ = model.detect(images[i:i + 1, :, :h, :w], mask[i:i + 1, :h, :w])
-            S_i = s1.shape[1]
-            assert torch.equal(src[i, :S_i], s1[0]) and torch.equal(pos[i, :S_i], p1[0])
+            alone = F.pad(images[i:i + 1, :, :h, :w], (0, W - w, 0, H - h))
+            e1, s1, p1, k1 = model.detect(alone, mask[i:i + 1])
+            S_i = int((~k1).sum())
+            assert torch.equal(src[i, :S_i], s1[0, ~k1[0]]) and torch.equal(pos[i, :S_i], p1[0, ~k1[0]])
             assert not kpm[i, :S_i].any() and kpm[i, S_i:].all() and not src[i, S_i:].any()
             for k in ("logits", "boxes", "feats"):
                 assert torch.equal(ent[-1][k][i], e1[-1][k][0])
-    # the first image fills the batch: its tokens (same order, no padding of its own) agree within tolerance
-    S0 = int((~kpm[0]).sum())
-    torch.testing.assert_close(src[0, :S0], batched_src[0, :S0], rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(ent[-1]["boxes"][0], batched_ent[-1]["boxes"][0], rtol=1e-4, atol=1e-4)
+            # the batch pads image i to the same canvas: the batched computation agrees within float tolerance
+            torch.testing.assert_close(src[i, :S_i], batched_src[i, ~batched_kpm[i]], rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(ent[-1]["boxes"][i], batched_ent[-1]["boxes"][i], rtol=1e-4, atol=1e-4)
 
 
 def test_sgtr_cold_and_warm_cache_give_the_same_evaluation(synthetic):
+    """A cold cache and a warm one give identical metrics; with no canvas (each image its own size) and
+    batches of one image, the cached and uncached evaluations are identical too."""
     ds = synthetic["test"]
     model = tiny_sgtr(ds.num_classes, ds.num_predicates)
     run = lambda cfg: json.dumps(S.evaluate(model, ds, cfg, torch.device("cpu"), None, max_images=5)[0],
                                  sort_keys=True)
-    model.feature_cache = S.FeatureCache()
+    model.feature_cache = S.FeatureCache(canvas=(160, 160))
     cold = run(model.cfg)
     assert len(model.feature_cache.store) == 5
     assert run(model.cfg) == cold
     one = S.Config(**{**model.cfg.__dict__, "eval_batch": 1})   # batches of one image: no padding anywhere
     model.feature_cache = None
     uncached = run(one)
-    model.feature_cache = S.FeatureCache()
+    model.feature_cache = S.FeatureCache(canvas=(0, 0))
     assert run(one) == uncached
 
 
