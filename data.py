@@ -567,19 +567,26 @@ class _Scene:
     """Objects (dicts with cls, box [x1, y1, x2, y2] in pixels, colour, facing +-1, pose, ...) in drawing
     order, and the *true* relations (subject, object, predicate) before annotation."""
 
-    def __init__(self, rng, W, H):
+    def __init__(self, rng, W, H, cfg=None):
         self.rng, self.W, self.H = rng, W, H
+        self.cfg = cfg or BUILTIN["synthetic"]           # the dataset's parameters (BUILTIN)
+        self.vg = self.cfg["vg"]                           # VG-shaped extras on (see BUILTIN["vgshape"])
         self.objs, self.rels, self.mains = [], [], []   # mains: per group, the objects incidental relations use
         self.ground = None                                # index of the ground region, if any
 
     def add(self, cls, box, **kw):
         jitter = self.rng.integers(-14, 15, size=3)
-        color = tuple(int(c) for c in np.clip(np.array(CLASS_COLORS[cls]) + jitter, 0, 255))
+        color = tuple(int(c) for c in np.clip(np.array(ALL_COLORS[cls]) + jitter, 0, 255))
         self.objs.append(dict(cls=cls, box=[float(v) for v in box], color=color, **kw))
+        if self.vg and "name" not in kw:               # which of the plausible names the annotator writes
+            self.objs[-1]["name"] = _pick(self.rng, VG_NAMES.get(cls, {cls: 1}))
         return len(self.objs) - 1
 
     def rel(self, s, o, pred):
         self.rels.append((s, o, pred))
+
+    def walkable(self):
+        return self.ground_is("grass", "street", "sidewalk", "snow", "beach")
 
     def ground_is(self, *kinds):
         return self.ground is not None and self.objs[self.ground]["cls"] in kinds
@@ -619,10 +626,16 @@ def _person(sc, cls, cx, bottom, U, pose, f, seat_y=None):
         torso = [cx - 0.14 * h0, top + 0.25 * h0, cx + 0.14 * h0, bottom]
         hand = (cx + f * 0.21 * h0, top + 0.45 * h0)
     geo = dict(h0=h0, r=r, head=head, torso=torso, hand=hand, seat_y=seat_y)
-    p = sc.add(cls, box, facing=f, pose=pose, geo=geo)
+    kw = {}
+    if sc.vg and cls == "child":                # a girl has long hair, a boy not; both may be named "kid"
+        girl = bool(sc.rng.random() < 0.5)
+        kw = dict(girl=girl, name=_pick(sc.rng, VG_NAMES["girl" if girl else "boy"]))
+    p = sc.add(cls, box, facing=f, pose=pose, geo=geo, **kw)
     hd = sc.add("head", [head[0] - r, head[1] - r, head[0] + r, head[1] + r], facing=f)
     sc.rel(p, hd, "has")                        # VG's commonest part relations go both ways
     sc.rel(hd, p, "of")
+    if sc.vg:
+        _vg_body(sc, p)
     return p
 
 
@@ -635,12 +648,18 @@ def _dress(sc, p, item_p, bag_p=0.12):
     h0, r, (hx, hy) = g["h0"], g["r"], g["head"]
     x1, y1, x2, y2 = o["box"]
     if o["pose"] != "lying" and rng.random() < 0.5:
-        sc.rel(p, sc.add("shirt", g["torso"], stripes=int(rng.integers(2, 4))), "wearing")
+        kind = _pick(rng, {"shirt": .5, "jacket": .32, "coat": .18}) if sc.vg else "shirt"
+        t = g["torso"] if kind != "coat" else g["torso"][:3] + [g["torso"][3] + 0.15 * h0]   # a coat is longer
+        sc.rel(p, sc.add(kind, t, stripes=int(rng.integers(2, 4))), "wearing")
     if rng.random() < 0.3:
-        sc.rel(p, sc.add("hat", [hx - 1.3 * r, hy - 1.9 * r, hx + 1.3 * r, hy - 0.45 * r]), "wearing")
+        kind = _pick(rng, {"hat": .45, "cap": .35, "helmet": .2}) if sc.vg else "hat"
+        sc.rel(p, sc.add(kind, [hx - 1.3 * r, hy - 1.9 * r, hx + 1.3 * r, hy - 0.45 * r], facing=f), "wearing")
     if o["pose"] in ("standing", "walking") and rng.random() < bag_p:
         bx = x1 if f > 0 else x2                                   # on the back
-        sc.rel(p, sc.add("bag", [bx - 0.12 * h0, y1 + 0.38 * h0, bx + 0.12 * h0, y1 + 0.62 * h0]), "carrying")
+        b = sc.add("bag", [bx - 0.12 * h0, y1 + 0.38 * h0, bx + 0.12 * h0, y1 + 0.62 * h0])
+        sc.rel(p, b, "carrying")
+        if sc.vg:
+            sc.rel(b, p, "on back of")
     if rng.random() >= item_p:
         return
     kinds = ["cup", "bottle", "phone", "pizza", "ball", "umbrella", "bag", "hat"]
@@ -667,9 +686,13 @@ def _dress(sc, p, item_p, bag_p=0.12):
 
 
 def _quadruped(sc, cls, cx, bottom, U, f, lying=False):
-    size = {"dog": (.6, .4), "cat": (.48, .32), "horse": (1.1, .8), "elephant": (1.2, .9)}[cls]
+    size = {"dog": (.6, .4), "cat": (.48, .32), "horse": (1.1, .8), "elephant": (1.2, .9), "sheep": (.7, .5),
+            "cow": (1.1, .75), "zebra": (1.0, .75), "giraffe": (1.0, 1.3), "bear": (.9, .65)}[cls]
     w, h = size[0] * U, size[1] * U * (0.5 if lying else 1.0)
-    return sc.add(cls, [cx - w / 2, bottom - h, cx + w / 2, bottom], facing=f, pose="lying" if lying else "standing")
+    a = sc.add(cls, [cx - w / 2, bottom - h, cx + w / 2, bottom], facing=f, pose="lying" if lying else "standing")
+    if sc.vg:
+        _vg_animal_parts(sc, a)
+    return a
 
 
 def _support(sc, obj, pred_if_street=None):
@@ -692,7 +715,7 @@ def _g_person(sc, cx, gy, U):
     pose = "walking" if rng.random() < 0.35 else "standing"
     p = _person(sc, cls, cx, gy, U, pose, rng.choice([-1, 1]))
     _dress(sc, p, item_p=0.45)
-    if sc.ground_is("grass", "street"):
+    if sc.walkable():
         sc.rel(p, sc.ground, "walking on" if pose == "walking" else "standing on")
     return [p]
 
@@ -740,12 +763,15 @@ def _g_seat(sc, cx, gy, U):
 
 def _g_ride(sc, cx, gy, U):
     rng = sc.rng
-    kind = rng.choice(["horse", "elephant", "bike"], p=[.45, .15, .4])
+    if sc.vg:
+        kind = _pick(rng, {"horse": .3, "elephant": .1, "bike": .32, "motorcycle": .28})
+    else:
+        kind = rng.choice(["horse", "elephant", "bike"], p=[.45, .15, .4])
     f = rng.choice([-1, 1])
     U = U * (0.8 if kind == "elephant" else 0.9)
-    if kind == "bike":
+    if kind in ("bike", "motorcycle"):
         w, h, wr = 0.9 * U, 0.5 * U, 0.19 * U
-        m = sc.add("bike", [cx - w / 2, gy - h, cx + w / 2, gy], facing=f)
+        m = sc.add(kind, [cx - w / 2, gy - h, cx + w / 2, gy], facing=f)
         for wx in (cx - w / 2 + wr, cx + w / 2 - wr):
             wh = sc.add("wheel", [wx - wr, gy - 2 * wr, wx + wr, gy])
             sc.rel(m, wh, "has")
@@ -811,16 +837,28 @@ def _g_table(sc, cx, gy, U):
 
 def _g_animal(sc, cx, gy, U):
     rng = sc.rng
-    kind = rng.choice(["dog", "cat", "horse", "elephant"], p=[.4, .3, .17, .13])
+    if sc.vg:
+        kind = _pick(rng, {"dog": .22, "cat": .16, "horse": .12, "elephant": .1, "giraffe": .1, "zebra": .09,
+                           "cow": .08, "sheep": .08, "bear": .05})
+    else:
+        kind = rng.choice(["dog", "cat", "horse", "elephant"], p=[.4, .3, .17, .13])
     f = rng.choice([-1, 1])
-    if kind in ("horse", "elephant"):
+    if kind not in ("dog", "cat"):
         m = _quadruped(sc, kind, cx, gy, U * 0.8, f)
-        if sc.ground_is("grass", "street"):
+        if sc.walkable():
             sc.rel(m, sc.ground, "standing on")
+            if sc.vg and sc.ground_is("grass") and kind != "bear" and rng.random() < 0.25:
+                sc.rel(m, sc.ground, "eating")          # grazing: the head is down (drawn so)
+                sc.objs[m]["grazing"] = True
+        if sc.vg and rng.random() < 0.35:              # a herd: a second one, beside and a little behind
+            m2 = _quadruped(sc, kind, cx - f * 0.5 * U, gy - 0.04 * U, U * 0.7, f)
+            sc.rel(m2, m, "near")
+            sc.rel(m, m2, "near")
+            return [m, m2]
         return [m]
     lying = rng.random() < 0.4
     m = _quadruped(sc, kind, cx - f * 0.1 * U, gy, U, f, lying=lying)
-    if sc.ground_is("grass", "street"):
+    if sc.walkable():
         sc.rel(m, sc.ground, "lying on" if lying else "standing on")
     x1, y1, x2, y2 = sc.objs[m]["box"]
     nose = x2 if f > 0 else x1
@@ -858,7 +896,16 @@ def _g_car(sc, cx, gy, U):
     rng = sc.rng
     f = rng.choice([-1, 1])
     w, h, wr = 1.3 * U, 0.6 * U, 0.14 * U
-    c = sc.add("car", [cx - w / 2, gy - h, cx + w / 2, gy], facing=f)
+    kind = _pick(rng, {"car": .6, "truck": .22, "bus": .18}) if sc.vg else "car"
+    if kind != "car":
+        w, h = (1.5 * U, 0.8 * U) if kind == "truck" else (1.7 * U, 0.85 * U)
+    c = sc.add(kind, [cx - w / 2, gy - h, cx + w / 2, gy], facing=f)
+    if sc.vg:
+        for part, box in _vehicle_parts(sc.objs[c]).items():
+            if rng.random() < 0.6:
+                q = sc.add(part, box, part=True)
+                sc.rel(q, c, "on")
+                sc.rel(c, q, "has")
     _support(sc, c, pred_if_street="parked on")
     mains = [c]
     if rng.random() < 0.3:                    # a person in the window
@@ -890,6 +937,15 @@ def _g_tree(sc, cx, gy, U):
         b = sc.add("bird", [bx - 0.15 * U, by, bx + 0.15 * U, by + 0.2 * U], facing=rng.choice([-1, 1]),
                    pose="flying")
         sc.rel(b, t, "above")
+    if sc.vg and rng.random() < 0.3:          # a leaf (branch) sticking out of the crown
+        lx = cx + rng.choice([-1, 1]) * 0.45 * w
+        q = sc.add("leaf", [lx - 0.08 * U, gy - 0.8 * h, lx + 0.08 * U, gy - 0.8 * h + 0.12 * U])
+        sc.rel(q, t, "on")
+    if sc.vg and sc.ground_is("snow"):        # snow on the crown (drawn white)
+        sc.objs[t]["snowy"] = True
+        sc.rel(t, sc.ground, "covered in")
+        if rng.random() < 0.3:
+            sc.rel(sc.ground, t, "covering")
     return [t]
 
 
@@ -926,6 +982,224 @@ def _g_boat(sc, cx, gy, U):
     return [b]
 
 
+# VG-shaped extras (BUILTIN["vgshape"] only). VG annotates the parts and clothes of things (hand of, wheel on,
+# window on), so its images are crowded with small boxes inside bigger ones; these add them.
+
+def _pick(rng, weights):
+    """One key of {name: weight}, drawn with probability proportional to its weight."""
+    names = list(weights)
+    p = np.array([weights[n] for n in names], dtype=float)
+    return names[int(rng.choice(len(names), p=p / p.sum()))]
+
+
+def _vg_body(sc, p):
+    """A person's hand, hair, trousers and shoes: small boxes inside the person's, as VG annotates them."""
+    rng, o = sc.rng, sc.objs[p]
+    g, f, pose = o["geo"], o["facing"], o["pose"]
+    h0, r, (hx, hy) = g["h0"], g["r"], g["head"]
+    x1, y1, x2, y2 = o["box"]
+    if pose != "lying" and rng.random() < 0.45:
+        ax, ay = g["hand"]
+        q = sc.add("hand", [ax - 0.06 * h0, ay - 0.06 * h0, ax + 0.06 * h0, ay + 0.06 * h0])
+        sc.rel(p, q, "has")
+        sc.rel(q, p, "of")
+    if (o["cls"] == "woman" or o.get("girl")) and rng.random() < 0.6:     # the long hair the person glyph draws
+        hb = sorted([hx - f * 1.2 * r, hx - f * 0.6 * r])
+        q = sc.add("hair", [hb[0], hy - 0.8 * r, hb[1], hy + 1.3 * r], part=True)
+        sc.rel(p, q, "has")
+        sc.rel(q, p, "of")
+    if pose in ("standing", "walking") and rng.random() < 0.5:
+        kind = _pick(rng, {"pant": .45, "jean": .35, "short": .2})
+        t = g["torso"]
+        top = t[3] - 0.02 * h0
+        bottom = y2 if kind != "short" else top + 0.5 * (y2 - top)
+        q = sc.add(kind, [max(x1, (t[0] + t[2]) / 2 - 0.16 * h0), top, min(x2, (t[0] + t[2]) / 2 + 0.16 * h0), bottom],
+                   part=True)
+        o["legwear"] = (kind, sc.objs[q]["color"])                 # the person glyph draws its legs in it
+        sc.rel(p, q, "wearing")
+    if pose in ("standing", "walking") and rng.random() < 0.3:
+        kind = _pick(rng, {"shoe": .5, "sneaker": .3, "boot": .2})
+        cx = (x1 + x2) / 2
+        q = sc.add(kind, [cx - 0.14 * h0, y2 - (0.1 if kind == "boot" else 0.06) * h0, cx + 0.14 * h0, y2])
+        sc.rel(p, q, "wearing")
+
+
+def _animal_head_box(o):
+    """Where the quadruped glyph draws its head (the same formulas as _draw_object) -> box."""
+    x1, y1, x2, y2 = o["box"]
+    w, h, f = x2 - x1, y2 - y1, o["facing"]
+    X = lambda t: (x1 + t * w) if f > 0 else (x2 - t * w)
+    lying = o.get("pose") == "lying"
+    hr = 0.2 * (h / (0.5 if lying else 1.0))
+    hcx, hcy = X(0.82), (y1 + (0.3 if lying else 0.22) * h)
+    if o["cls"] in ("horse", "giraffe"):
+        hcx, hcy = X(0.86), y1 + 0.1 * h
+    if o.get("grazing"):
+        hcy = y1 + 0.75 * h
+    return [hcx - 0.9 * hr, hcy - 0.8 * hr, hcx + 0.9 * hr, hcy + 0.8 * hr]
+
+
+def _vg_animal_parts(sc, a):
+    rng, o = sc.rng, sc.objs[a]
+    x1, y1, x2, y2 = o["box"]
+    w, h, f = x2 - x1, y2 - y1, o["facing"]
+    if rng.random() < 0.45:
+        q = sc.add("head", _animal_head_box(o), part=True)
+        sc.rel(a, q, "has")
+        sc.rel(q, a, "of")
+    if rng.random() < 0.35:
+        tx = x1 if f > 0 else x2                                       # the tail is at the back
+        q = sc.add("tail", [tx - 0.08 * w, y1 + 0.15 * h, tx + 0.05 * w, y1 + 0.5 * h], facing=f)
+        sc.rel(a, q, "has")
+        sc.rel(q, a, "of")
+
+
+def _vehicle_parts(o):
+    """Window and head light of a car / truck / bus glyph (as _draw_object draws them) -> {part: box}."""
+    x1, y1, x2, y2 = o["box"]
+    w, h, f = x2 - x1, y2 - y1, o["facing"]
+    X = lambda t: (x1 + t * w) if f > 0 else (x2 - t * w)
+    Y = lambda t: y1 + t * h
+    win = {"car": (0.33, 0.08, 0.69, 0.38), "truck": (0.78, 0.3, 0.95, 0.5), "bus": (0.82, 0.12, 0.97, 0.4)}[o["cls"]]
+    xs = sorted([X(win[0]), X(win[2])])
+    ls = sorted([X(0.93), X(1.0)])
+    return {"window": [xs[0], Y(win[1]), xs[1], Y(win[3])], "light": [ls[0], Y(0.5), ls[1], Y(0.62)]}
+
+
+def _g_building(sc, cx, gy, U):
+    """A building with windows, maybe a door, a sign and a clock: many small boxes on one big one."""
+    rng = sc.rng
+    w, h = 1.2 * U * rng.uniform(0.9, 1.2), 1.6 * U * rng.uniform(0.9, 1.15)
+    top = max(1.0, gy - h)
+    b = sc.add("building", [cx - w / 2, top, cx + w / 2, gy])
+    rows, cols = int(rng.integers(1, 3)), int(rng.integers(2, 4))
+    for i in range(rows):
+        for j in range(cols):
+            if rng.random() < 0.7:
+                wx, wy = cx - w / 2 + (j + 0.5) * w / cols, top + (i + 0.6) * (gy - top) / (rows + 1.5)
+                q = sc.add("window", [wx - 0.12 * w, wy - 0.1 * (gy - top), wx + 0.12 * w, wy + 0.1 * (gy - top)])
+                sc.rel(q, b, "on")
+                if rng.random() < 0.3:
+                    sc.rel(b, q, "has")
+    if rng.random() < 0.5:
+        dx = cx + rng.uniform(-0.25, 0.25) * w
+        q = sc.add("door", [dx - 0.1 * w, gy - 0.3 * (gy - top), dx + 0.1 * w, gy])
+        sc.rel(q, b, "on")
+    if rng.random() < 0.15:
+        q = sc.add("clock", [cx - 0.1 * w, top + 0.02 * h, cx + 0.1 * w, top + 0.02 * h + 0.2 * w])
+        sc.rel(q, b, "on")
+    if rng.random() < 0.2:
+        q = sc.add("sign", [cx - 0.3 * w, gy - 0.45 * (gy - top), cx + 0.3 * w, gy - 0.35 * (gy - top)])
+        sc.rel(q, b, "on")
+    return [b]
+
+
+def _g_pole(sc, cx, gy, U):
+    """A pole with a sign (with letters), a street light or a flag on it."""
+    rng = sc.rng
+    h = 1.4 * U
+    pole = sc.add("pole", [cx - 0.03 * U, gy - h, cx + 0.03 * U, gy])
+    _support(sc, pole)
+    u = rng.random()
+    if u < 0.55:
+        s = sc.add("sign", [cx - 0.22 * U, gy - 0.95 * h, cx + 0.22 * U, gy - 0.95 * h + 0.28 * U])
+        sc.rel(s, pole, "on")
+        if rng.random() < 0.5:
+            q = sc.add("letter", [cx - 0.1 * U, gy - 0.95 * h + 0.07 * U, cx + 0.1 * U, gy - 0.95 * h + 0.21 * U])
+            sc.rel(s, q, "says")
+            sc.rel(q, s, "on")
+    elif u < 0.85:
+        q = sc.add("light", [cx - 0.1 * U, gy - h - 0.02 * U, cx + 0.1 * U, gy - h + 0.1 * U])
+        sc.rel(q, pole, "on")
+    else:
+        f = rng.choice([-1, 1])
+        fx = sorted([cx, cx + f * 0.4 * U])
+        q = sc.add("flag", [fx[0], gy - h, fx[1], gy - h + 0.25 * U])
+        sc.rel(q, pole, "hanging from")
+    return [pole]
+
+
+def _g_desk(sc, cx, gy, U):
+    """A desk or counter with a laptop (its screen), a vase of flowers, a bowl of oranges, and a person at it."""
+    rng = sc.rng
+    kind = _pick(rng, {"desk": .45, "counter": .3, "table": .25})
+    w, h = (0.9 * U, 0.45 * U) if kind != "counter" else (1.1 * U, 0.55 * U)
+    t = sc.add(kind, [cx - w / 2, gy - h, cx + w / 2, gy])
+    _support(sc, t)
+    top = gy - h
+    mains = [t]
+    slots = np.linspace(cx - 0.3 * w, cx + 0.3 * w, 2)
+    for x in slots:
+        kind = _pick(rng, {"laptop": .3, "vase": .2, "bowl": .2, "glass": .15, "book": .15})
+        if kind == "laptop":
+            q = sc.add("laptop", [x - 0.18 * U, top - 0.24 * U, x + 0.18 * U, top + 0.01 * U], facing=rng.choice([-1, 1]))
+            sc.rel(q, t, "on")
+            if rng.random() < 0.5:
+                s = sc.add("screen", [x - 0.13 * U, top - 0.22 * U, x + 0.13 * U, top - 0.06 * U], part=True)
+                sc.rel(s, q, "of")
+                sc.rel(q, s, "has")
+        elif kind == "vase":
+            q = sc.add("vase", [x - 0.08 * U, top - 0.25 * U, x + 0.08 * U, top + 0.01 * U])
+            sc.rel(q, t, "on")
+            if rng.random() < 0.6:
+                fl = sc.add("flower", [x - 0.12 * U, top - 0.42 * U, x + 0.12 * U, top - 0.2 * U])
+                sc.rel(fl, q, "in")
+        elif kind == "bowl":
+            q = sc.add("bowl", [x - 0.15 * U, top - 0.12 * U, x + 0.15 * U, top + 0.01 * U])
+            sc.rel(q, t, "on")
+            if rng.random() < 0.5:
+                fr = sc.add(_pick(rng, {"orange": .5, "banana": .5}), [x - 0.1 * U, top - 0.2 * U, x + 0.1 * U, top - 0.06 * U])
+                sc.rel(fr, q, "in")
+        else:
+            s = {"glass": (.12, .2), "book": (.25, .08)}[kind]
+            q = sc.add(kind, [x - s[0] / 2 * U, top - s[1] * U, x + s[0] / 2 * U, top + 0.01 * U])
+            sc.rel(q, t, "on")
+    if rng.random() < 0.4:                        # someone standing at it, facing it
+        f = rng.choice([-1, 1])
+        p = _person(sc, _pick(rng, {"man": .45, "woman": .35, "child": .2}), cx - f * (w / 2 + 0.1 * U), gy, U,
+                    "standing", f)
+        sc.rel(p, t, "at")
+        if rng.random() < 0.3:
+            sc.rel(p, q, "using" if sc.objs[q]["cls"] == "laptop" else "looking at")
+        mains.append(p)
+    return mains
+
+
+def _g_sky(sc, cx, gy, U):
+    """An airplane or a kite in the sky (flying over the ground), with the person flying the kite."""
+    rng = sc.rng
+    by = rng.uniform(0.05, 0.25) * sc.H
+    if rng.random() < 0.5:
+        f = rng.choice([-1, 1])
+        q = sc.add("airplane", [cx - 0.45 * U, by, cx + 0.45 * U, by + 0.22 * U], facing=f)
+        if sc.ground is not None:
+            sc.rel(q, sc.ground, "flying over")
+        return [q]
+    q = sc.add("kite", [cx - 0.15 * U, by, cx + 0.15 * U, by + 0.25 * U])
+    if sc.ground is not None:
+        sc.rel(q, sc.ground, "flying over")
+    p = _person(sc, _pick(rng, {"man": .35, "woman": .25, "child": .4}), cx + rng.uniform(-0.3, 0.3) * U, gy, U,
+                "standing", rng.choice([-1, 1]))
+    sc.rel(p, q, "flying")
+    if sc.walkable():
+        sc.rel(p, sc.ground, "standing on")
+    return [p, q]
+
+
+def _vg_backdrop(sc, gy):
+    """Far things behind every group (VG's images are crowded with them): a mountain, a fence along the
+    ground, snow on the trees. Drawn first, so everything else occludes them."""
+    rng, W, H = sc.rng, sc.W, sc.H
+    if rng.random() < 0.15:
+        mx = rng.uniform(0.2, 0.8) * W
+        m = sc.add("mountain", [mx - 0.45 * W, 0.2 * H, mx + 0.45 * W, gy - 0.06 * H])
+        if sc.ground_is("snow"):
+            sc.rel(m, sc.ground, "covered in")
+    if sc.walkable() and rng.random() < 0.25:
+        fe = sc.add("fence", [0, gy - 0.2 * H, W - 1, gy - 0.06 * H])
+        sc.rel(fe, sc.ground, "along")
+
+
 # template -> (function, probability weight on land, weight on water, width in units of U). The weights
 # are what makes the long tail; the width lets a template be picked only where it fits at a readable size.
 GROUPS = {"person": (_g_person, 10, 0, 0.6), "seat": (_g_seat, 4, 0, 1.1), "ride": (_g_ride, 2.2, 0, 1.2),
@@ -933,6 +1207,127 @@ GROUPS = {"person": (_g_person, 10, 0, 0.6), "seat": (_g_seat, 4, 0, 1.1), "ride
           "car": (_g_car, 2.5, 0, 1.3), "tree": (_g_tree, 2.5, 0, 0.7), "bird": (_g_bird, 1.0, 1, 0.3),
           "boat": (_g_boat, 0, 6, 1.2)}
 MIN_SCALE = 0.36     # smallest U / H: below it small items would be 3-4 px, too small to see
+
+
+# The VG-shaped data's vocabulary. Colours of the classes it adds (the glyphs are drawn in _draw_object).
+VG_COLORS = {
+    "jacket": (70, 75, 95), "coat": (110, 80, 60), "cap": (40, 60, 160), "helmet": (235, 235, 235),
+    "hand": (225, 180, 145), "hair": (60, 40, 20), "pant": (80, 80, 85), "jean": (50, 80, 150), "short": (170, 150, 110),
+    "shoe": (50, 40, 35), "sneaker": (235, 235, 240), "boot": (90, 55, 30), "tail": (120, 80, 40),
+    "sheep": (235, 235, 225), "cow": (245, 245, 245), "zebra": (240, 240, 240), "giraffe": (225, 175, 80),
+    "bear": (80, 55, 35), "truck": (60, 130, 70), "bus": (240, 190, 30), "motorcycle": (60, 60, 70),
+    "window": (170, 210, 235), "light": (250, 240, 150), "building": (175, 130, 110), "door": (90, 60, 40),
+    "clock": (245, 245, 245), "sign": (30, 110, 60), "letter": (250, 250, 250), "pole": (90, 90, 95),
+    "flag": (200, 40, 60), "desk": (150, 100, 60), "counter": (190, 190, 200), "laptop": (130, 130, 140),
+    "screen": (70, 120, 200), "vase": (140, 60, 150), "flower": (240, 90, 160), "bowl": (235, 225, 200),
+    "orange": (245, 150, 20), "banana": (245, 220, 60), "glass": (200, 225, 235), "book": (160, 40, 40),
+    "airplane": (225, 225, 235), "kite": (230, 50, 120), "mountain": (120, 130, 150), "fence": (160, 120, 80),
+    "leaf": (60, 160, 50), "sidewalk": (185, 180, 170), "snow": (245, 248, 252), "beach": (230, 210, 160),
+}
+ALL_COLORS = {**CLASS_COLORS, **VG_COLORS}
+# Which name the annotator writes for a drawn thing: VG names one man "man", "person", "guy" or "player",
+# one wheel "wheel" or "tire". A model cannot tell which name a box will get; it can tell a man from a boy.
+VG_NAMES = {
+    "man": {"man": .6, "person": .17, "guy": .13, "player": .1},
+    "woman": {"woman": .64, "lady": .18, "person": .18},
+    "girl": {"girl": .55, "kid": .2, "child": .15, "person": .1},
+    "boy": {"boy": .55, "kid": .2, "child": .15, "person": .1},
+    "car": {"car": .85, "vehicle": .15}, "truck": {"truck": .85, "vehicle": .15}, "bus": {"bus": .9, "vehicle": .1},
+    "wheel": {"wheel": .6, "tire": .4}, "airplane": {"airplane": .6, "plane": .4},
+    "jacket": {"jacket": .75, "coat": .25}, "coat": {"coat": .7, "jacket": .3},
+    "table": {"table": .9, "desk": .1}, "desk": {"desk": .75, "table": .25}, "counter": {"counter": .8, "table": .2},
+    "pant": {"pant": .8, "jean": .2}, "jean": {"jean": .7, "pant": .3},
+    "shoe": {"shoe": .75, "sneaker": .25}, "sneaker": {"sneaker": .6, "shoe": .4}, "boot": {"boot": .7, "shoe": .3},
+    "hat": {"hat": .8, "cap": .2}, "cap": {"cap": .7, "hat": .3}, "helmet": {"helmet": .85, "hat": .15},
+    "letter": {"letter": .6, "number": .4}, "orange": {"orange": .75, "fruit": .25},
+    "banana": {"banana": .75, "fruit": .25}, "pizza": {"pizza": .8, "food": .2},
+    "bike": {"bike": .9, "motorcycle": .1}, "motorcycle": {"motorcycle": .85, "bike": .15},
+    "sheep": {"sheep": .9, "animal": .1}, "cow": {"cow": .9, "animal": .1}, "bear": {"bear": .9, "animal": .1},
+}
+# The annotator of the VG-shaped data: true predicate (or (true predicate, subject class)) ->
+# (probability the relation is written down at all, {predicate written: weight}). Every written predicate is
+# one of VG150's 50: where many fit one pair (a man "sitting on" a bench is also "on" it), annotators pick
+# one, mostly the generic one, and the rare ones ("mounted on", "painted on", "growing on", "and") are
+# written for the same truths as their common neighbours, which is what makes VG's tail long and FREQ-proof.
+VG_ANNOTATOR = {
+    "on": (0.65, {"on": 1}),
+    ("on", "window"): (0.4, {"on": .55, "of": .2, "in": .12, "part of": .06, "to": .02}),
+    ("on", "door"): (0.4, {"on": .5, "of": .3, "part of": .1, "to": .1}),
+    ("on", "letter"): (0.5, {"on": .6, "painted on": .25, "part of": .15}),
+    ("on", "sign"): (0.55, {"on": .55, "attached to": .2, "mounted on": .1, "hanging from": .08, "for": .07}),
+    ("on", "light"): (0.45, {"on": .6, "attached to": .15, "mounted on": .1, "hanging from": .15}),
+    ("on", "clock"): (0.55, {"on": .6, "mounted on": .2, "attached to": .2}),
+    ("on", "leaf"): (0.5, {"on": .45, "of": .3, "growing on": .25}),
+    "has": (0.2, {"has": .88, "with": .1, "made of": .02}),
+    "wearing": (0.7, {"wearing": .52, "has": .22, "wears": .2, "in": .06}),
+    "of": (0.28, {"of": .85, "on": .11, "part of": .02, "from": .02}),
+    "in": (0.6, {"in": .85, "on": .15}),
+    "near": (0.2, {"near": .86, "with": .06, "and": .03, "between": .03, "to": .02}),
+    "next to": (0.35, {"near": .78, "with": .1, "against": .04, "between": .04, "and": .04}),
+    "behind": (0.45, {"behind": .8, "near": .2}),
+    "in front of": (0.4, {"in front of": .65, "near": .35}),
+    "holding": (0.65, {"holding": .55, "has": .35, "with": .1}),
+    "sitting on": (0.8, {"sitting on": .4, "on": .5, "in": .1}),
+    "standing on": (0.45, {"standing on": .35, "on": .55, "in": .1}),
+    "riding": (0.85, {"riding": .45, "on": .45, "sitting on": .1}),
+    "under": (0.6, {"under": .65, "near": .35}),
+    "walking on": (0.45, {"walking on": .35, "on": .4, "walking in": .12, "in": .08, "across": .05}),
+    "looking at": (0.4, {"looking at": .45, "near": .35, "watching": .2}),
+    "parked on": (0.6, {"parked on": .4, "on": .5, "in": .1}),
+    "carrying": (0.55, {"carrying": .45, "holding": .35, "has": .2}),
+    "lying on": (0.7, {"lying on": .3, "laying on": .25, "on": .45}),
+    "eating": (0.6, {"eating": .6, "near": .2, "has": .2}),
+    "above": (0.5, {"above": .45, "over": .25, "near": .3}),
+    "using": (0.6, {"using": .5, "holding": .4, "with": .1}),
+    "playing with": (0.5, {"playing": .35, "with": .3, "near": .35}),
+    "flying over": (0.6, {"above": .4, "over": .3, "flying in": .3}),
+    "hanging from": (0.6, {"hanging from": .45, "on": .5, "from": .05}),
+    "on back of": (0.4, {"on": .5, "on back of": .3, "belonging to": .2}),
+    "says": (0.45, {"says": .3, "has": .7}),
+    "at": (0.5, {"at": .3, "near": .45, "in front of": .25}),
+    "flying": (0.6, {"holding": .5, "with": .3, "has": .2}),
+    "along": (0.5, {"along": .3, "on": .45, "near": .25}),
+    "covered in": (0.6, {"covered in": .3, "with": .3, "has": .4}),
+    "covering": (0.6, {"covering": .35, "on": .65}),
+}
+VG_PREDICATES = sorted({p for _, choices in VG_ANNOTATOR.values() for p in choices})
+VG_GROUPS = {"person": (_g_person, 10, 0, 0.6), "seat": (_g_seat, 3.5, 0, 1.1), "ride": (_g_ride, 2, 0, 1.2),
+             "table": (_g_table, 2.5, 0, 1.0), "desk": (_g_desk, 2, 0, 1.1), "animal": (_g_animal, 4, 0, 0.9),
+             "bed": (_g_bed, 0.8, 0, 1.2), "car": (_g_car, 3, 0, 1.5), "tree": (_g_tree, 2.5, 0, 0.7),
+             "bird": (_g_bird, 1, 1, 0.3), "boat": (_g_boat, 0, 6, 1.2), "building": (_g_building, 2.5, 0, 1.2),
+             "pole": (_g_pole, 2, 0, 0.4), "sky": (_g_sky, 0.8, 0, 0.9)}
+VG_CLASSES = sorted(set(CLASS_COLORS) | set(VG_COLORS) | {n for names in VG_NAMES.values() for n in names})
+
+# The built-in datasets: one generator, one set of parameters each. "synthetic" is the small data the study
+# in results/ ran on (its files must never change: bump its version if they do); "vgshape" has VG150's shape.
+BUILTIN = {
+    "synthetic": dict(
+        version=SYNTHETIC_VERSION, num_train=SYNTHETIC_NUM_TRAIN, num_test=SYNTHETIC_NUM_TEST,
+        num_val=SYNTHETIC_NUM_VAL, size_range=SYNTHETIC_SIZE_RANGE, max_objects=MAX_OBJECTS,
+        grounds={"none": .3, "grass": .32, "street": .28, "water": .1}, groups=GROUPS,
+        num_groups={1: .2, 2: .45, 3: .35}, group_px=45, scale=(0.5, 0.6), min_scale=MIN_SCALE,
+        classes=SYNTHETIC_CLASSES, predicates=SYNTHETIC_PREDICATES, vg=False),
+    "vgshape": dict(
+        version=1, num_train=8500, num_test=4300, num_val=1500, size_range=(160, 224), max_objects=20,
+        grounds={"none": .12, "grass": .25, "street": .22, "sidewalk": .12, "water": .07, "snow": .1, "beach": .12},
+        groups=VG_GROUPS, num_groups={2: .4, 3: .3, 4: .2, 5: .1}, group_px=40, scale=(0.36, 0.46),
+        min_scale=0.26, classes=VG_CLASSES, predicates=VG_PREDICATES, vg=True),
+}
+
+
+def _annotate_vg(sc):
+    """The VG-shaped annotator (VG_ANNOTATOR): true relations -> [(subject, object, VG150 predicate)]. When it
+    writes a generic predicate for a specific truth it sometimes writes the specific one too (VG has both)."""
+    rng, out = sc.rng, []
+    for s, o, pred in sc.rels:
+        p_write, choices = VG_ANNOTATOR.get((pred, sc.objs[s]["cls"]), VG_ANNOTATOR[pred])
+        if rng.random() >= p_write:
+            continue
+        written = _pick(rng, choices)
+        out.append((s, o, written))
+        if written != pred and pred in choices and rng.random() < DUPLICATE_P:
+            out.append((s, o, pred))
+    return out
 
 
 def _incidental(sc):
@@ -970,35 +1365,41 @@ def _incidental(sc):
                     sc.rel(a, b, "looking at")
 
 
-def _make_scene(rng, W, H):
-    """Compose one image: optional ground band, 1..3 groups at different depths, incidental relations."""
-    sc = _Scene(rng, W, H)
+def _make_scene(rng, W, H, cfg=None):
+    """Compose one image: optional ground band, a few groups at different depths, incidental relations.
+    cfg: the dataset's parameters (BUILTIN[name]; default the small synthetic data's)."""
+    sc = _Scene(rng, W, H, cfg)
+    cfg = sc.cfg
     gy = H * rng.uniform(0.8, 0.9)
-    ground = rng.choice(["none", "grass", "street", "water"], p=[.3, .32, .28, .1])
+    ground = rng.choice(list(cfg["grounds"]), p=list(cfg["grounds"].values()))
     if ground != "none":
         sc.ground = sc.add(ground, [0, gy - 0.08 * H, W - 1, H - 1])
-    names = list(GROUPS)
-    weights = np.array([GROUPS[n][2 if ground == "water" else 1] for n in names], dtype=float)
-    widths = np.array([GROUPS[n][3] for n in names])
-    n_groups = min(rng.choice([1, 2, 3], p=[.2, .45, .35]), max(1, int(W // 45)))
+    if sc.vg:
+        _vg_backdrop(sc, gy)
+    groups = cfg["groups"]
+    names = list(groups)
+    weights = np.array([groups[n][2 if ground == "water" else 1] for n in names], dtype=float)
+    widths = np.array([groups[n][3] for n in names])
+    n_groups = min(rng.choice(list(cfg["num_groups"]), p=list(cfg["num_groups"].values())),
+                   max(1, int(W // cfg["group_px"])))
     edges = np.concatenate([[0], np.cumsum(rng.dirichlet([4] * n_groups))]) * W
     # far groups first (drawn first, smaller, feet higher): depth order = drawing order
     order = rng.permutation(n_groups)
     for rank, k in enumerate(order):
         far = (n_groups - 1 - rank) / max(n_groups - 1, 1)          # 1 = farthest, 0 = nearest
         slot_w = edges[k + 1] - edges[k]
-        U = H * rng.uniform(0.5, 0.6) * (1 - 0.15 * far)
+        U = H * rng.uniform(*cfg["scale"]) * (1 - 0.15 * far)
         # Each template about fits its slot (neighbours may overlap a bit: occlusion, "behind"); one that
         # would have to shrink below MIN_SCALE is not picked here.
         fit_U = np.minimum(U, 1.35 * slot_w / widths)
-        w_k = np.where(fit_U >= MIN_SCALE * H, weights, 0)
+        w_k = np.where(fit_U >= cfg["min_scale"] * H, weights, 0)
         if w_k.sum() == 0:
             continue
         name = rng.choice(names, p=w_k / w_k.sum())
         cx = (edges[k] + edges[k + 1]) / 2 + rng.uniform(-0.18, 0.18) * slot_w
         n_before = len(sc.objs)
-        mains = GROUPS[name][0](sc, cx, gy - 0.05 * H * far, fit_U[names.index(name)])
-        if len(sc.objs) > MAX_OBJECTS:       # too many objects: drop the whole group
+        mains = groups[name][0](sc, cx, gy - 0.05 * H * far, fit_U[names.index(name)])
+        if len(sc.objs) > cfg["max_objects"]:   # too many objects: drop the whole group
             sc.rels = [r for r in sc.rels if r[0] < n_before and r[1] < n_before]
             del sc.objs[n_before:]
             continue
@@ -1010,6 +1411,8 @@ def _make_scene(rng, W, H):
 def _annotate(sc):
     """The biased, incomplete annotator: true relations -> list of (subject, object, predicate name)."""
     rng, out = sc.rng, []
+    if sc.vg:
+        return _annotate_vg(sc)
     for s, o, pred in sc.rels:
         p_write, generic, p_generic = ANNOTATOR[pred]
         if rng.random() >= p_write:
@@ -1040,6 +1443,8 @@ def _draw_object(d, o):
     X = lambda t: (x1 + t * w) if f > 0 else (x2 - t * w)   # t measured along the facing direction
     Y = lambda t: y1 + t * h
     P = lambda *pts: [(x * SS, y * SS) for x, y in pts]
+    if o.get("part"):
+        return   # drawn by the thing it is part of (a car's window, a person's hair or trousers)
 
     def rect(a, b, cc, e, fill, outline=None, width=1, radius=0):
         xy = [min(a, cc) * SS, min(b, e) * SS, max(a, cc) * SS, max(b, e) * SS]
@@ -1061,6 +1466,8 @@ def _draw_object(d, o):
         h0, r, (hx, hy), t = g["h0"], g["r"], g["head"], g["torso"]
         lw = 0.08 * h0
         leg = c if cls != "woman" else CLASS_COLORS["head"]
+        if o.get("legwear"):
+            leg = o["legwear"][1] if o["legwear"][0] != "short" else CLASS_COLORS["head"]
         hip = ((t[0] + t[2]) / 2, t[3] - 0.02 * h0)
         if pose == "standing":
             for dx in (-0.06, 0.06):
@@ -1074,6 +1481,9 @@ def _draw_object(d, o):
             line([knee, (knee[0], y2)], _dark(leg, 0.8), lw)
         elif pose == "lying":
             line([(X(0.5), Y(0.5)), (X(0.0), Y(0.6))], _dark(leg, 0.8), lw)
+        if o.get("legwear", ("",))[0] == "short":
+            rect(hip[0] - 0.1 * h0, hip[1] - 0.02 * h0, hip[0] + 0.1 * h0, hip[1] + 0.45 * (y2 - hip[1]),
+                 fill=o["legwear"][1])
         rect(*t, fill=c, outline=_dark(c), radius=0.05 * h0)
         if cls == "woman" and pose != "in_vehicle":
             line([(t[0], t[3]), (t[2], t[3])], _dark(c, 0.8), 0.12 * h0)
@@ -1081,19 +1491,39 @@ def _draw_object(d, o):
             sh = ((t[0] + t[2]) / 2, t[1] + 0.05 * h0)
             line([sh, g["hand"]], _dark(c, 0.8), 0.06 * h0)
         ell(hx - r, hy - r, hx + r, hy + r, fill=CLASS_COLORS["head"], outline=_dark(CLASS_COLORS["head"]))
-        if cls == "woman":   # long hair on the back of the head
+        if cls == "woman" or o.get("girl"):   # long hair on the back of the head
             line([(hx - f * 0.8 * r, hy - 0.6 * r), (hx - f * 1.0 * r, hy + 1.2 * r)], (60, 40, 20), 0.35 * r)
         ex = hx + f * 0.5 * r
         ell(ex - 0.18 * r, hy - 0.3 * r, ex + 0.18 * r, hy + 0.05 * r, fill=(20, 20, 20))
-    elif cls in ("dog", "cat", "horse", "elephant"):
+    elif cls in ("dog", "cat", "horse", "elephant", "sheep", "cow", "zebra", "giraffe", "bear"):
         lying = o.get("pose") == "lying"
         by0, by1 = (Y(0.35), Y(1.0)) if lying else (Y(0.25), Y(0.68))
+        if cls == "giraffe":
+            by0, by1 = Y(0.4), Y(0.72)
         if not lying:
             for t_ in (0.15, 0.3, 0.55, 0.7):
                 line([(X(t_), Y(0.5)), (X(t_), y2)], _dark(c, 0.75), 0.07 * h)
         ell(X(0.02), by0, X(0.78), by1, fill=c, outline=_dark(c))
+        if cls == "zebra":          # stripes tell a zebra from a white horse
+            for t_ in (0.15, 0.27, 0.39, 0.51, 0.63):
+                line([(X(t_), by0 + 0.1 * (by1 - by0)), (X(t_ + 0.04), by1)], (20, 20, 20), 0.05 * w)
+        elif cls in ("cow", "giraffe"):   # spots
+            spot = (30, 30, 30) if cls == "cow" else (140, 80, 30)
+            for tx, ty in ((0.2, 0.35), (0.45, 0.6), (0.6, 0.3)):
+                ell(X(tx - 0.06), by0 + (ty - 0.15) * (by1 - by0), X(tx + 0.06), by0 + (ty + 0.15) * (by1 - by0),
+                    fill=spot)
+        elif cls == "sheep":        # fleece
+            for tx in (0.15, 0.35, 0.55):
+                ell(X(tx - 0.1), by0 - 0.05 * h, X(tx + 0.12), by0 + 0.2 * h, fill=_dark(c, 0.93))
+        if o.get("vg_tail"):
+            line([(X(0.03), Y(0.3)), (X(-0.04), Y(0.5))], _dark(c, 0.7), 0.05 * h)
         hr = 0.2 * (h / (0.5 if lying else 1.0))
         hcx, hcy = X(0.82), (Y(0.3) if lying else Y(0.22))
+        if o.get("grazing"):        # head down to the grass
+            hcy = Y(0.75)
+        if cls == "giraffe":        # the long neck
+            line([(X(0.65), Y(0.45)), (X(0.86), Y(0.1))], c, 0.12 * w)
+            hcx, hcy = X(0.86), Y(0.1)
         if cls == "horse":
             d.polygon(P((X(0.6), Y(0.3)), (X(0.72), Y(0.05)), (X(0.85), Y(0.05)), (X(0.75), Y(0.45))), fill=c)
             hcx, hcy = X(0.86), Y(0.1)
@@ -1135,6 +1565,15 @@ def _draw_object(d, o):
     elif cls == "hat":
         rect(x1, Y(0.72), x2, y2, fill=_dark(c, 0.8))
         rect(X(0.2), y1, X(0.8), Y(0.75), fill=c, radius=0.1 * w)
+    elif cls == "cap":              # a brim to the front only
+        rect(X(0.5), Y(0.75), X(1.0), y2, fill=_dark(c, 0.8))
+        rect(X(0.15), Y(0.2), X(0.75), Y(0.8), fill=c, radius=0.2 * w)
+    elif cls == "helmet":           # a round shell
+        d.pieslice([x1 * SS, y1 * SS, x2 * SS, (y2 + 0.8 * h) * SS], 180, 360, fill=c, outline=_dark(c))
+    elif cls in ("jacket", "coat"):  # open at the front, with a collar
+        rect(x1, y1, x2, y2, fill=c, outline=_dark(c, 0.7))
+        line([((x1 + x2) / 2, y1), ((x1 + x2) / 2, y2)], _dark(c, 0.5), 0.08 * w)
+        d.polygon(P((x1, y1), ((x1 + x2) / 2, Y(0.25)), (x2, y1)), fill=_dark(c, 0.8))
     elif cls == "shirt":
         rect(x1, y1, x2, y2, fill=c, outline=_dark(c, 0.7))
         for k in range(o.get("stripes", 2)):
@@ -1158,6 +1597,13 @@ def _draw_object(d, o):
                 rect(x1 + 0.05 * w, Y(yy), x2 - 0.05 * w, Y(yy + 0.1), fill=_dark(c, 0.9))
             for t_ in (0.1, 0.9):
                 line([(X(t_), y1), (X(t_), Y(seat))], _dark(c, 0.8), 0.05 * h)
+    elif cls == "desk":             # a table with a drawer block
+        rect(x1, y1, x2, Y(0.16), fill=c, outline=_dark(c))
+        rect(X(0.6), Y(0.16), X(0.95), y2, fill=_dark(c, 0.85), outline=_dark(c, 0.6))
+        line([(X(0.06), Y(0.16)), (X(0.06), y2)], _dark(c, 0.8), 0.06 * w)
+    elif cls == "counter":          # a solid block
+        rect(x1, y1, x2, y2, fill=c, outline=_dark(c, 0.7))
+        rect(x1, y1, x2, Y(0.12), fill=_dark(c, 0.8))
     elif cls == "table":
         rect(x1, y1, x2, Y(0.16), fill=c, outline=_dark(c))
         for t_ in (0.06, 0.94):
@@ -1167,12 +1613,25 @@ def _draw_object(d, o):
         rect(X(0.05), Y(0.2), X(1.0), Y(0.85), fill=c, outline=_dark(c, 0.8))
         ell(X(0.1), Y(0.25), X(0.3), Y(0.5), fill=(250, 250, 250), outline=(180, 180, 190))
         line([(X(0.97), Y(0.8)), (X(0.97), y2)], (140, 90, 60), 0.06 * h)
+    elif cls == "bus":              # tall and boxy, a row of windows
+        rect(x1, y1, x2, Y(0.85), fill=c, outline=_dark(c), radius=0.05 * h)
+        for t_ in (0.05, 0.27, 0.49, 0.71):
+            rect(X(t_), Y(0.12), X(t_ + 0.15), Y(0.4), fill=ALL_COLORS["window"])
+        rect(X(0.82), Y(0.12), X(0.97), Y(0.4), fill=ALL_COLORS["window"])
+        ell(X(0.94), Y(0.5), X(1.0), Y(0.62), fill=ALL_COLORS["light"])
+    elif cls == "truck":            # a cab and a cargo box
+        rect(X(0.0), y1, X(0.7), Y(0.85), fill=_dark(c, 0.7), outline=_dark(c, 0.5))
+        rect(X(0.72), Y(0.25), X(1.0), Y(0.85), fill=c, outline=_dark(c), radius=0.05 * h)
+        rect(X(0.78), Y(0.3), X(0.95), Y(0.5), fill=ALL_COLORS["window"])
+        ell(X(0.93), Y(0.5), X(1.0), Y(0.62), fill=ALL_COLORS["light"])
     elif cls == "car":
         d.polygon(P((X(0.18), Y(0.42)), (X(0.3), y1), (X(0.72), y1), (X(0.85), Y(0.42))), fill=_dark(c, 0.85))
         rect(X(0.33), Y(0.08), X(0.69), Y(0.38), fill=(170, 210, 235))
         rect(x1, Y(0.4), x2, Y(0.85), fill=c, outline=_dark(c), radius=0.08 * h)
         ell(X(0.93), Y(0.5), X(1.0), Y(0.62), fill=(250, 240, 150))
-    elif cls == "bike":
+    elif cls in ("bike", "motorcycle"):
+        if cls == "motorcycle":     # an engine block and a thicker frame
+            rect(X(0.35), Y(0.35), X(0.65), Y(0.7), fill=_dark(c, 0.7))
         wr = 0.38 * h
         back, front = (X(0.0) + X(0.0 + 2 * wr / w)) / 2, (X(1.0) + X(1.0 - 2 * wr / w)) / 2
         seat = (X(0.4), Y(0.15))
@@ -1210,6 +1669,8 @@ def _draw_object(d, o):
         rect(X(0.42), Y(0.5), X(0.58), y2, fill=(110, 70, 35))
         ell(x1, y1, x2, Y(0.65), fill=c, outline=_dark(c))
         ell(X(0.2), Y(0.1), X(0.55), Y(0.4), fill=_dark(c, 0.8))
+        if o.get("snowy"):
+            ell(X(0.15), y1, X(0.85), Y(0.25), fill=(245, 248, 252))
     elif cls == "grass":
         rect(x1, y1, x2, y2, fill=c)
         for k in range(int(w / 6)):
@@ -1227,6 +1688,69 @@ def _draw_object(d, o):
                 xx, yy = x1 + 12 * k + (6 if row > 0.5 else 0), y1 + row * h
                 d.arc([xx * SS, (yy - 2) * SS, (xx + 8) * SS, (yy + 2) * SS], 180, 360, fill=(170, 200, 240),
                       width=SS)
+    elif cls in ("sidewalk", "snow", "beach"):
+        rect(x1, y1, x2, y2, fill=c)
+        step = {"sidewalk": 14, "snow": 9, "beach": 7}[cls]
+        for k in range(int(w / step) + 1):
+            xx = x1 + step * k
+            if cls == "sidewalk":
+                line([(xx, y1), (xx - 4, y2)], _dark(c, 0.8), 1)
+            else:
+                ell(xx, y1 + (0.2 + 0.3 * (k % 3)) * h, xx + 2, y1 + (0.2 + 0.3 * (k % 3)) * h + 2, fill=_dark(c, 0.9))
+    elif cls == "tail":
+        line([(X(0.9), y1), (X(0.1), y2)], c, 0.3 * w)
+    elif cls in ("hand", "orange", "leaf", "light", "flower"):
+        ell(x1, y1, x2, y2, fill=c, outline=_dark(c, 0.8))
+        if cls == "flower":
+            ell(x1 + 0.35 * w, y1 + 0.35 * h, x2 - 0.35 * w, y2 - 0.35 * h, fill=(250, 230, 60))
+    elif cls in ("shoe", "sneaker", "boot"):
+        rect(x1, y1, x2, y2, fill=c, outline=_dark(c, 0.6), radius=0.3 * h)
+    elif cls in ("building", "door", "pole", "book", "glass"):
+        rect(x1, y1, x2, y2, fill=c, outline=_dark(c, 0.75))
+        if cls == "building":
+            rect(x1, y1, x2, y1 + 0.06 * h, fill=_dark(c, 0.7))
+    elif cls == "window":
+        rect(x1, y1, x2, y2, fill=c, outline=(70, 60, 50), width=SS)
+        line([((x1 + x2) / 2, y1), ((x1 + x2) / 2, y2)], (70, 60, 50), 1)
+    elif cls == "clock":
+        ell(x1, y1, x2, y2, fill=c, outline=(30, 30, 30), width=SS)
+        line([((x1 + x2) / 2, (y1 + y2) / 2), ((x1 + x2) / 2, y1 + 0.2 * h), ((x1 + x2) / 2, (y1 + y2) / 2),
+              (x2 - 0.25 * w, (y1 + y2) / 2)], (30, 30, 30), 1)
+    elif cls == "sign":
+        rect(x1, y1, x2, y2, fill=c, outline=(240, 240, 240), width=SS)
+    elif cls == "letter":
+        for k in range(3):
+            xx = x1 + (k + 0.5) * w / 3
+            line([(xx - 0.1 * w, y2), (xx, y1), (xx + 0.1 * w, y2)], c, 0.06 * w)
+    elif cls == "flag":
+        rect(x1, y1, x2, y2, fill=c)
+        rect(x1, Y(0.4), x2, Y(0.6), fill=(245, 245, 245))
+    elif cls == "laptop":
+        rect(x1, y1, x2, Y(0.85), fill=c, outline=_dark(c, 0.6))
+        rect(x1 + 0.12 * w, y1 + 0.08 * h, x2 - 0.12 * w, Y(0.7), fill=ALL_COLORS["screen"])
+        rect(x1 - 0.05 * w, Y(0.85), x2 + 0.05 * w, y2, fill=_dark(c, 0.8))
+    elif cls in ("vase", "bowl"):
+        if cls == "vase":
+            ell(x1, Y(0.2), x2, y2, fill=c, outline=_dark(c))
+            rect(X(0.35), y1, X(0.65), Y(0.3), fill=c)
+        else:
+            d.pieslice([x1 * SS, (y1 - h) * SS, x2 * SS, y2 * SS], 0, 180, fill=c, outline=_dark(c))
+    elif cls == "banana":
+        d.arc([x1 * SS, (y1 - h) * SS, x2 * SS, y2 * SS], 20, 160, fill=c, width=max(1, int(0.35 * h * SS)))
+    elif cls == "airplane":
+        ell(x1, Y(0.35), x2, Y(0.75), fill=c, outline=_dark(c))
+        d.polygon(P((X(0.35), Y(0.5)), (X(0.55), y2), (X(0.62), Y(0.5))), fill=_dark(c, 0.85))
+        d.polygon(P((X(0.0), Y(0.5)), (X(0.05), y1), (X(0.15), Y(0.5))), fill=_dark(c, 0.85))
+    elif cls == "kite":
+        cxk, cyk = (x1 + x2) / 2, (y1 + y2) / 2
+        d.polygon(P((cxk, y1), (x2, cyk), (cxk, y2), (x1, cyk)), fill=c, outline=_dark(c))
+    elif cls == "mountain":
+        d.polygon(P((x1, y2), ((x1 + x2) / 2, y1), (x2, y2)), fill=c)
+        d.polygon(P((X(0.4), Y(0.2)), ((x1 + x2) / 2, y1), (X(0.6), Y(0.2))), fill=(245, 248, 252))
+    elif cls == "fence":
+        line([(x1, Y(0.3)), (x2, Y(0.3))], c, 0.1 * h)
+        for k in range(int(w / 7) + 1):
+            line([(x1 + 7 * k, y1), (x1 + 7 * k, y2)], c, 0.12 * h)
     else:
         raise ValueError(f"no glyph for class {cls!r}")
 
@@ -1277,18 +1801,23 @@ def _finalize(sc, annotated):
     keep = np.nonzero((boxes[:, 2] - boxes[:, 0] >= 2) & (boxes[:, 3] - boxes[:, 1] >= 2))[0]
     order = keep[rng.permutation(len(keep))]
     new = {int(old): k for k, old in enumerate(order)}
-    labels = np.array([SYNTHETIC_CLASSES.index(sc.objs[i]["cls"]) + 1 for i in order], dtype=np.int64)
-    rels = [(new[s], new[o], SYNTHETIC_PREDICATES.index(p) + 1) for s, o, p in annotated if s in new and o in new]
+    classes, predicates = sc.cfg["classes"], sc.cfg["predicates"]
+    labels = np.array([classes.index(sc.objs[i].get("name", sc.objs[i]["cls"])) + 1 for i in order], dtype=np.int64)
+    rels = [(new[s], new[o], predicates.index(p) + 1) for s, o, p in annotated if s in new and o in new]
     rels = np.array(rels, dtype=np.int64).reshape(-1, 3)[rng.permutation(len(rels))]
     return boxes[order], labels, rels
 
 
-def generate_synthetic(out_dir, seed=0, num_train=SYNTHETIC_NUM_TRAIN, num_test=SYNTHETIC_NUM_TEST, verbose=True):
-    """Generate the synthetic dataset into out_dir (VG-SGG.h5, VG-SGG-dicts.json, image_data.json, VG_100K/).
-    Deterministic: the same seed and sizes give byte-identical files."""
+def generate_synthetic(out_dir, seed=0, num_train=None, num_test=None, verbose=True, name="synthetic"):
+    """Generate the built-in dataset `name` (a key of BUILTIN) into out_dir (VG-SGG.h5, VG-SGG-dicts.json,
+    image_data.json, VG_100K/). num_train / num_test: images with the train / test flag (default the
+    dataset's). Deterministic: the same name, seed and sizes give byte-identical files."""
+    cfg = BUILTIN[name]
+    num_train = cfg["num_train"] if num_train is None else num_train
+    num_test = cfg["num_test"] if num_test is None else num_test
     rng = np.random.default_rng(seed)
     os.makedirs(os.path.join(out_dir, "VG_100K"), exist_ok=True)
-    lo, hi = SYNTHETIC_SIZE_RANGE
+    lo, hi = cfg["size_range"]
     n = num_train + num_test
     image_data, all_boxes, all_labels, all_rels, all_preds = [], [], [], [], []
     first_box, last_box, first_rel, last_rel = [], [], [], []
@@ -1297,9 +1826,9 @@ def generate_synthetic(out_dir, seed=0, num_train=SYNTHETIC_NUM_TRAIN, num_test=
     for k in range(n):
         W, H = (int(v) for v in rng.integers(lo, hi + 1, size=2))
         while True:
-            sc = _make_scene(rng, W, H)
+            sc = _make_scene(rng, W, H, cfg)
             boxes, labels, rels = _finalize(sc, _annotate(sc))
-            if 2 <= len(labels) <= MAX_OBJECTS:
+            if 2 <= len(labels) <= cfg["max_objects"]:
                 break
         image_id = next(ids)
         buf = io.BytesIO()
@@ -1307,7 +1836,7 @@ def generate_synthetic(out_dir, seed=0, num_train=SYNTHETIC_NUM_TRAIN, num_test=
         with open(os.path.join(out_dir, "VG_100K", f"{image_id}.jpg"), "wb") as f:
             f.write(buf.getvalue())
         image_data.append({"image_id": image_id, "width": W, "height": H,
-                           "url": f"synthetic://seed{seed}/{image_id}.jpg", "coco_id": None, "flickr_id": None})
+                           "url": f"{name}://seed{seed}/{image_id}.jpg", "coco_id": None, "flickr_id": None})
         all_boxes.append(boxes)
         all_labels.append(labels)
         first_box.append(n_boxes)
@@ -1323,7 +1852,7 @@ def generate_synthetic(out_dir, seed=0, num_train=SYNTHETIC_NUM_TRAIN, num_test=
         n_boxes += len(labels)
         n_rels += len(rels)
         if verbose and ((k + 1) % 250 == 0 or k + 1 == n):
-            print(f"\rgenerating synthetic scenes (seed {seed}): {k + 1}/{n} images | "
+            print(f"\rgenerating {name} scenes (seed {seed}): {k + 1}/{n} images | "
                   f"{time.time() - t0:.1f}s", end="\n" if k + 1 == n else "", file=sys.stderr, flush=True)
 
     # Each image's boxes are encoded against its own size, as VG's boxes_1024/boxes_512.
@@ -1345,12 +1874,13 @@ def generate_synthetic(out_dir, seed=0, num_train=SYNTHETIC_NUM_TRAIN, num_test=
         put("predicates", preds[:, None], np.int64)                                     # (num relations, 1)
     obj_count = Counter(np.concatenate(all_labels).tolist())
     pred_count = Counter(preds.tolist())
-    dicts = {"label_to_idx": {c: i + 1 for i, c in enumerate(SYNTHETIC_CLASSES)},
-             "idx_to_label": {str(i + 1): c for i, c in enumerate(SYNTHETIC_CLASSES)},
-             "predicate_to_idx": {p: i + 1 for i, p in enumerate(SYNTHETIC_PREDICATES)},
-             "idx_to_predicate": {str(i + 1): p for i, p in enumerate(SYNTHETIC_PREDICATES)},
-             "object_count": {c: obj_count[i + 1] for i, c in enumerate(SYNTHETIC_CLASSES)},
-             "predicate_count": {p: pred_count[i + 1] for i, p in enumerate(SYNTHETIC_PREDICATES)}}
+    classes, predicates = cfg["classes"], cfg["predicates"]
+    dicts = {"label_to_idx": {c: i + 1 for i, c in enumerate(classes)},
+             "idx_to_label": {str(i + 1): c for i, c in enumerate(classes)},
+             "predicate_to_idx": {p: i + 1 for i, p in enumerate(predicates)},
+             "idx_to_predicate": {str(i + 1): p for i, p in enumerate(predicates)},
+             "object_count": {c: obj_count[i + 1] for i, c in enumerate(classes)},
+             "predicate_count": {p: pred_count[i + 1] for i, p in enumerate(predicates)}}
     with open(os.path.join(out_dir, "VG-SGG-dicts.json"), "w") as f:
         json.dump(dicts, f, indent=1)
     with open(os.path.join(out_dir, "image_data.json"), "w") as f:
@@ -1362,21 +1892,24 @@ def default_cache_dir():
     return os.environ.get("SGG_ALIGN_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "sgg_align")
 
 
-def ensure_synthetic(cache_dir=None, seed=0):
-    """Root folder of the built-in synthetic dataset, generated on first use (seconds) and cached.
+def ensure_synthetic(cache_dir=None, seed=0, name="synthetic"):
+    """Root folder of the built-in dataset `name` (a key of BUILTIN), generated on first use and cached.
 
-    The folder ($SGG_ALIGN_CACHE or ~/.cache/sgg_align)/synthetic-v{version}-seed{seed} is written atomically:
+    The folder ($SGG_ALIGN_CACHE or ~/.cache/sgg_align)/{name}-v{version}-seed{seed} is written atomically:
     generated into a temporary sibling, then renamed, so an interrupted run never leaves a half dataset that
     later runs would trust, and two processes generating at once both end up reading one complete copy.
     """
     cache_dir = cache_dir or default_cache_dir()
-    root = os.path.join(cache_dir, f"synthetic-v{SYNTHETIC_VERSION}-seed{seed}")
+    if name not in BUILTIN:
+        raise ValueError(f"no built-in dataset {name!r}; the built-in ones are {', '.join(BUILTIN)}")
+    tag = f"{name}-v{BUILTIN[name]['version']}-seed{seed}"
+    root = os.path.join(cache_dir, tag)
     if os.path.isdir(root):
         return root
     os.makedirs(cache_dir, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".tmp-synthetic-v{SYNTHETIC_VERSION}-seed{seed}-", dir=cache_dir)
+    tmp = tempfile.mkdtemp(prefix=f".tmp-{tag}-", dir=cache_dir)
     try:
-        generate_synthetic(tmp, seed)
+        generate_synthetic(tmp, seed, name=name)
         os.rename(tmp, root)
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)   # our own temporary folder only
@@ -1427,15 +1960,15 @@ def frequency_order(counts):
     return [int(p) + 1 for p in np.argsort(-np.asarray(counts)[1:], kind="stable")]
 
 
-def annotation_statistics(seed=0, num_scenes=2000):
+def annotation_statistics(seed=0, num_scenes=2000, name="synthetic"):
     """How incomplete and biased the synthetic annotator is, measured on freshly composed scenes (no
     rendering): (fraction of true relations written down, fraction of written labels that are a generic
     predicate instead of the pair's true specific one)."""
-    rng = np.random.default_rng(seed)
+    rng, cfg = np.random.default_rng(seed), BUILTIN[name]
     num_true = num_written = num_generic = 0
     for _ in range(num_scenes):
-        W, H = (int(v) for v in rng.integers(SYNTHETIC_SIZE_RANGE[0], SYNTHETIC_SIZE_RANGE[1] + 1, size=2))
-        sc = _make_scene(rng, W, H)
+        W, H = (int(v) for v in rng.integers(cfg["size_range"][0], cfg["size_range"][1] + 1, size=2))
+        sc = _make_scene(rng, W, H, cfg)
         truth = defaultdict(set)
         for s, o, p in sc.rels:
             truth[(s, o)].add(p)
@@ -1453,7 +1986,6 @@ def print_statistics(root, num_val_im=SYNTHETIC_NUM_VAL):
     datasets = {s: VGSGGDataset(root, s, num_val_im=num_val_im) for s in SPLITS}
     train = datasets["train"]
     counts = predicate_counts(train)
-    print(f"data: {root}")
     for split, ds in datasets.items():
         st = split_statistics(ds)
         o, r = st["objects_per_image"], st["relations_per_image"]
@@ -1475,8 +2007,160 @@ def print_statistics(root, num_val_im=SYNTHETIC_NUM_VAL):
         print(f"  {train.idx_to_predicate[p]:>14s} {counts[p]:6d} {100 * counts[p] / counts.sum():5.1f}% {bar}")
 
 
-def draw_figures(root, out_dir, num_val_im=SYNTHETIC_NUM_VAL, num_examples=6):
-    """synthetic_examples.png (test scenes with their annotated triplets) and synthetic_predicates.png
+# The shape of a dataset beside VG150's (python data.py --data NAME)
+
+def frequency_prior(train):
+    """Neural Motifs' FREQ predictor: for every (subject class, object class), the training distribution of
+    the predicates, background (no relation: every unrelated ordered pair of objects) included, counted on
+    the raw annotations (build `train` with filter_duplicate_rels=False) -> float64 (C + 1, C + 1, P + 1)."""
+    C, P = train.num_classes, train.num_predicates
+    counts = np.zeros((C, C, P))
+    for lab, rel in zip(train.gt_labels, train.gt_relations):
+        unrelated = ~np.eye(len(lab), dtype=bool)                                     # (G, G)
+        unrelated[rel[:, 0], rel[:, 1]] = False
+        np.add.at(counts, (lab[rel[:, 0]], lab[rel[:, 1]], rel[:, 2]), 1)
+        np.add.at(counts, (*np.meshgrid(lab, lab, indexing="ij"), 0), unrelated)
+    return (counts + 1e-3) / (counts + 1e-3).sum(-1, keepdims=True)
+
+
+def freq_predcls_recall(prior, ds, ks=(20, 50, 100)):
+    """PredCls R@K and mR@K of a prior (C + 1, C + 1, P + 1) on the split ds, with the graph constraint,
+    as metrics.SGEvaluator computes them (a short copy so that this file stays a leaf: every ordered pair
+    of GT objects predicts its arg-max predicate with that probability as score; ties broken by subject,
+    object, predicate; a GT triplet is hit when the labels agree and both boxes have IoU >= 0.5; mR@K
+    averages over all P predicates) -> {"R@K": ..., "mR@K": ...}."""
+    P = ds.num_predicates - 1
+    recall = {k: [] for k in ks}
+    per_pred = {k: [[] for _ in range(P + 1)] for k in ks}
+    for i in range(len(ds)):
+        t = ds.get_groundtruth(i)
+        lab, rel, boxes = t["labels"].numpy(), t["relations"].numpy(), t["boxes"].numpy()
+        if not len(rel):
+            continue
+        s, o = np.nonzero(~np.eye(len(lab), dtype=bool))                  # (M,) every ordered pair
+        fg = prior[lab[s], lab[o], 1:]                                    # (M, P)
+        best, score = fg.argmax(1) + 1, fg.max(1)                         # (M,) each
+        top = np.lexsort((best, o, s, -score))[:max(ks)]                 # (T,) ranked pairs
+        same = (_box_iou_inclusive(boxes, boxes) >= 0.5) & (lab[:, None] == lab[None, :])    # (G, G)
+        hit = same[s[top]][:, rel[:, 0]] & same[o[top]][:, rel[:, 1]] & (best[top][:, None] == rel[None, :, 2])  # (T, R)
+        for k in ks:
+            h = hit[:k].any(0)                                            # (R,)
+            recall[k].append(h.mean())
+            for p in np.unique(rel[:, 2]):
+                per_pred[k][p].append(h[rel[:, 2] == p].mean())
+    out = {}
+    for k in ks:
+        out[f"R@{k}"] = float(np.mean(recall[k])) if recall[k] else 0.0
+        out[f"mR@{k}"] = float(sum(np.mean(v) for v in per_pred[k][1:] if v) / P)
+    return out
+
+
+# VG150's values (Xu et al. 2017's split as Scene-Graph-Benchmark loads it; Tang et al. 2020, Table 1, SGB's
+# re-run of FREQ and Motifs; REL_PROP in SGB's config/defaults.py for the predicate shares), and the band the
+# built-in VG-shaped data must fall in (issue 20).
+VG150 = {
+    "predicates": ("50", lambda v: v == 50), "object classes": ("150", lambda v: v >= 75),
+    "objects per image": ("about 11", lambda v: 9 <= v <= 13),
+    "relations per image": ("about 6", lambda v: 4.5 <= v <= 7.5),
+    "ordered object pairs related": ("about 5 %", lambda v: 0.03 <= v <= 0.08),
+    "top-5 predicates' share": ("73 %", lambda v: 0.65 <= v <= 0.80),
+    "top-10 predicates' share": ("89 %", lambda v: 0.82 <= v <= 0.93),
+    "most / least frequent": ("thousands to one", lambda v: v >= 1000),
+    "every predicate in train, val, test": ("yes", lambda v: v),
+    "FREQ PredCls R@100 - R@50": ("62.2 - 60.6 = 1.6", lambda v: v >= 0.01),
+    "FREQ PredCls mR@50 / R@50": ("13.0 / 60.6 = 0.21", lambda v: v <= 0.35),
+    "Motifs PredCls mR@50 / R@50": ("14.6 / 66.0 = 0.22", lambda v: v <= 0.40),
+    "Motifs SGCls R@50 / PredCls R@50": ("39.1 / 66.0 = 0.59", lambda v: v <= 0.75),
+    "Motifs SGDet R@50 / PredCls R@50": ("32.1 / 66.0 = 0.49", lambda v: v <= 0.65),
+    "test images": ("26,446", lambda v: v >= 4000), "val images": ("5,000", lambda v: v >= 1000),
+}
+BANDS = {"object classes": ">= 75", "objects per image": "9-13", "relations per image": "4.5-7.5",
+         "ordered object pairs related": "3-8 %", "top-5 predicates' share": "65-80 %",
+         "top-10 predicates' share": "82-93 %", "most / least frequent": ">= 1000", "predicates": "50",
+         "every predicate in train, val, test": "yes", "FREQ PredCls R@100 - R@50": ">= 0.01",
+         "FREQ PredCls mR@50 / R@50": "<= 0.35", "Motifs PredCls mR@50 / R@50": "<= 0.40",
+         "Motifs SGCls R@50 / PredCls R@50": "<= 0.75", "Motifs SGDet R@50 / PredCls R@50": "<= 0.65",
+         "test images": ">= 4000", "val images": ">= 1000"}
+# The Motifs baseline's test numbers on the built-in data (motifs_align.py --no-align, seed 0, the default
+# schedule), measured by the commands in docs/data.md: {name: {mode: {"R@50": .., "mR@50": ..}}}. The model
+# scripts cannot run from here, so the table reads their recorded results.
+MOTIFS_MEASURED = {}
+
+
+def shape_statistics(root, num_val_im, name=None):
+    """Every quantity of the VG150 table for the data in root, each on its own split -> {quantity: value},
+    with per-split values as {split: value}."""
+    raw = {s: VGSGGDataset(root, s, num_val_im=num_val_im, filter_duplicate_rels=False) for s in SPLITS}
+    out = {"predicates": raw["train"].num_predicates - 1, "object classes": raw["train"].num_classes - 1}
+    per = defaultdict(dict)
+    for s, ds in raw.items():
+        n_obj = np.array([len(l) for l in ds.gt_labels])
+        per["objects per image"][s] = float(n_obj.mean())
+        per["relations per image"][s] = float(np.mean([len(r) for r in ds.gt_relations]))
+        related = sum(len({(a, b) for a, b, _ in r.tolist()}) for r in ds.gt_relations)
+        per["ordered object pairs related"][s] = related / float((n_obj * (n_obj - 1)).sum())
+    out.update(per)
+    counts = predicate_counts(VGSGGDataset(root, "train", num_val_im=num_val_im))[1:]   # as trained on
+    share = np.sort(counts)[::-1] / counts.sum()
+    out["top-5 predicates' share"], out["top-10 predicates' share"] = float(share[:5].sum()), float(share[:10].sum())
+    out["most / least frequent"] = float(counts.max() / counts.min()) if counts.min() > 0 else float("inf")
+    present = [split_statistics(ds)["predicate_counts"][1:] > 0 for ds in raw.values()]
+    out["every predicate in train, val, test"] = bool(np.all(present))
+    out["missing"] = {s: [ds.idx_to_predicate[p + 1] for p in np.nonzero(~m)[0]] for (s, ds), m in zip(raw.items(), present)}
+    freq = freq_predcls_recall(frequency_prior(raw["train"]), raw["test"])
+    out["freq"] = freq
+    out["FREQ PredCls R@100 - R@50"] = freq["R@100"] - freq["R@50"]
+    out["FREQ PredCls mR@50 / R@50"] = freq["mR@50"] / freq["R@50"]
+    m = MOTIFS_MEASURED.get(name, {})
+    if "predcls" in m:
+        out["Motifs PredCls mR@50 / R@50"] = m["predcls"]["mR@50"] / m["predcls"]["R@50"]
+        for mode in ("sgcls", "sgdet"):
+            if mode in m:
+                out[f"Motifs {mode[:2].upper() + mode[2:]} R@50 / PredCls R@50"] = m[mode]["R@50"] / m["predcls"]["R@50"]
+    out["test images"], out["val images"] = len(raw["test"]), len(raw["val"])
+    return out
+
+
+def _fmt(key, v):
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if "share" in key or "related" in key:
+        return f"{100 * v:.1f} %"
+    if key.endswith("frequent"):
+        return f"{v:,.0f} to one"
+    if isinstance(v, int):
+        return f"{v:,}"
+    return f"{v:.2f}" if "per image" in key else f"{v:.3f}"
+
+
+def print_shape_table(root, num_val_im, name=None):
+    """The table of issue 20: each quantity, VG150's value, ours (per split where it is one), the band,
+    and whether ours is in it."""
+    st = shape_statistics(root, num_val_im, name)
+    print(f"{'':38s} {'VG150':22s} {'ours (train / val / test where per split)':44s} {'band':9s} met")
+    for key, (vg, ok) in VG150.items():
+        v = st.get(key)
+        if v is None:
+            ours, met = "not measured (see docs/data.md)", "-"
+        elif isinstance(v, dict):
+            ours, met = " / ".join(_fmt(key, v[s]) for s in SPLITS), "yes" if all(ok(x) for x in v.values()) else "NO"
+        else:
+            ours, met = _fmt(key, v), "yes" if ok(v) else "NO"
+        print(f"{key:38s} {vg:22s} {ours:44s} {BANDS[key]:9s} {met}")
+    f = st["freq"]
+    print(f"FREQ PredCls on test: R@20/50/100 {100 * f['R@20']:.1f} / {100 * f['R@50']:.1f} / {100 * f['R@100']:.1f}, "
+          f"mR@20/50/100 {100 * f['mR@20']:.1f} / {100 * f['mR@50']:.1f} / {100 * f['mR@100']:.1f} "
+          f"(VG150: 53.6 / 60.6 / 62.2, mR@50 13.0)")
+    missing = {s: m for s, m in st["missing"].items() if m}
+    if missing:
+        print("predicates missing: " + "; ".join(f"{s}: {', '.join(m)}" for s, m in missing.items()))
+    print("sources: VG150 = Xu et al. 2017's split as Scene-Graph-Benchmark loads it; FREQ and Motifs: Tang et al. "
+          "2020, Table 1 (SGB's re-run); predicate shares: REL_PROP in SGB's config/defaults.py")
+    return st
+
+
+def draw_figures(root, out_dir, num_val_im=SYNTHETIC_NUM_VAL, num_examples=6, name="synthetic"):
+    """{name}_examples.png (test scenes with their annotated triplets) and {name}_predicates.png
     (training frequency of the predicates, predicate_counts, most frequent first, log scale) in out_dir."""
     import matplotlib
     matplotlib.use("Agg")
@@ -1504,53 +2188,56 @@ def draw_figures(root, out_dir, num_val_im=SYNTHETIC_NUM_VAL, num_examples=6):
         text.text(0.02, 1.0, "\n".join(lines[:8] + (["..."] if len(lines) > 8 else [])), fontsize=7,
                   va="top", family="monospace", transform=text.transAxes)
         text.axis("off")
-    fig.suptitle("Synthetic scenes (test split) with their annotated relations: incomplete, and biased to "
+    fig.suptitle(f"{name}: scenes of the test split with their annotated relations: incomplete, and biased to "
                  "generic predicates", fontsize=9)
-    fig.savefig(os.path.join(out_dir, "synthetic_examples.png"), dpi=110)
+    fig.savefig(os.path.join(out_dir, f"{name}_examples.png"), dpi=110)
     plt.close(fig)
 
     train = VGSGGDataset(root, "train", num_val_im=num_val_im)
     counts = predicate_counts(train)
     order = frequency_order(counts)
-    fig, ax = plt.subplots(figsize=(9, 3.6))
+    fig, ax = plt.subplots(figsize=(9 if len(order) <= 25 else 14, 3.6))
     ax.bar(range(len(order)), counts[order], color="C0")
     ax.set_yscale("log")
     ax.set_xticks(range(len(order)))
     ax.set_xticklabels([train.idx_to_predicate[p] for p in order], rotation=70, ha="right", fontsize=8)
     ax.set_ylabel("count (log scale)")
-    ax.set_title(f"Synthetic data: training frequency of the predicates (log scale)\n{len(train)} train images, "
+    ax.set_title(f"{name}: training frequency of the predicates (log scale)\n{len(train)} train images, "
                  f"{counts.sum()} relations as trained on (one predicate per annotated pair)", fontsize=9)
     fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "synthetic_predicates.png"), dpi=110)
+    fig.savefig(os.path.join(out_dir, f"{name}_predicates.png"), dpi=110)
     plt.close(fig)
 
 
 def main():
-    parser = argparse.ArgumentParser(description="Generate (or find) the built-in synthetic scene-graph data "
-                                     "and print its statistics; or inspect a VG-SGG folder.", epilog=LAYOUT,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default="synthetic", help="'synthetic' or the path of a VG-SGG folder")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic data")
+    parser = argparse.ArgumentParser(description="Generate (or find) a built-in scene-graph dataset, or inspect a "
+                                     "VG-SGG folder: print where it is, its shape beside VG150's and its "
+                                     "statistics.", epilog=LAYOUT, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default="synthetic",
+                        help=f"a built-in dataset ({', '.join(BUILTIN)}) or the path of a VG-SGG folder")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the built-in data")
     parser.add_argument("--cache-dir", default=None, help="default: $SGG_ALIGN_CACHE or ~/.cache/sgg_align")
     parser.add_argument("--num-val-im", type=int, default=None,
-                        help=f"val images carved from train (default {SYNTHETIC_NUM_VAL} synthetic, 5000 VG)")
+                        help="val images carved from train (default: the built-in data's, 5000 on VG)")
     parser.add_argument("--figures", metavar="DIR", default=None, help="also write the two figures into DIR")
     args = parser.parse_args()
     if args.num_val_im is not None and args.num_val_im < 1:
         sys.exit(f"error: --num-val-im must be at least 1 (val is the first images of train), got {args.num_val_im}")
-    synthetic = args.data == "synthetic"
-    root = ensure_synthetic(args.cache_dir, args.seed) if synthetic else args.data
-    num_val_im = args.num_val_im if args.num_val_im is not None else (SYNTHETIC_NUM_VAL if synthetic else 5000)
+    builtin = args.data in BUILTIN
+    root = ensure_synthetic(args.cache_dir, args.seed, args.data) if builtin else args.data
+    num_val_im = args.num_val_im if args.num_val_im is not None else (BUILTIN[args.data]["num_val"] if builtin else 5000)
     try:
+        print(f"folder: {root}")
+        print_shape_table(root, num_val_im, args.data if builtin else None)
         print_statistics(root, num_val_im)
-        if synthetic:
-            written, generic = annotation_statistics(args.seed)
+        if builtin:
+            written, generic = annotation_statistics(args.seed, name=args.data)
             print(f"annotator (2000 fresh scenes): {100 * written:.0f}% of the true relations are written down; "
-                  f"{100 * generic:.0f}% of the written labels are a generic predicate instead of the true "
-                  f"specific one")
+                  f"{100 * generic:.0f}% of the written labels are another predicate than the true one")
         if args.figures:
-            draw_figures(root, args.figures, num_val_im)
-            print(f"wrote {args.figures}/synthetic_examples.png and synthetic_predicates.png")
+            name = args.data if builtin else "data"
+            draw_figures(root, args.figures, num_val_im, name=name)
+            print(f"wrote {args.figures}/{name}_examples.png and {name}_predicates.png")
     except DataError as e:   # the user's data: one line, no traceback (STYLE.md 7)
         sys.exit(f"error: {e}")
 
