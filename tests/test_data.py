@@ -1,5 +1,6 @@
 """Tests of data.py: the VG-SGG reader on a tiny VG-format folder written here with the real format's quirks,
-the synthetic generator (determinism, atomic caching, statistics), collate and the samplers."""
+the built-in data (scenes.py: determinism, atomic caching, statistics, the VG-shaped bands), collate and the
+samplers."""
 import hashlib
 import itertools
 import json
@@ -16,6 +17,7 @@ import torch
 from PIL import Image
 
 import data
+import scenes
 
 # ----------------------------------------------------------------------------------------------------------
 # A tiny VG-SGG folder, written by hand (not by data.py's writer, so the reader is checked independently)
@@ -450,20 +452,20 @@ def synthetic():
 
 def test_synthetic_sizes_and_vocabulary(synthetic):
     train, val, test = synthetic["train"], synthetic["val"], synthetic["test"]
-    assert train.num_classes - 1 == len(data.CLASS_COLORS) == 31
-    assert train.num_predicates - 1 == len(data.ANNOTATOR) == 25
+    assert train.num_classes - 1 == len(scenes.CLASS_COLORS) == 31
+    assert train.num_predicates - 1 == len(scenes.ANNOTATOR) == 25
     assert len(val) == data.SYNTHETIC_NUM_VAL
     # images without any annotated relation are dropped, as in VG: most survive
-    assert 0.85 * (data.SYNTHETIC_NUM_TRAIN - data.SYNTHETIC_NUM_VAL) < len(train) < data.SYNTHETIC_NUM_TRAIN
-    assert 0.85 * data.SYNTHETIC_NUM_TEST < len(test) <= data.SYNTHETIC_NUM_TEST
+    assert 0.85 * (scenes.SYNTHETIC_NUM_TRAIN - data.SYNTHETIC_NUM_VAL) < len(train) < scenes.SYNTHETIC_NUM_TRAIN
+    assert 0.85 * scenes.SYNTHETIC_NUM_TEST < len(test) <= scenes.SYNTHETIC_NUM_TEST
     assert not set(train.image_ids) & set(test.image_ids) and not set(train.image_ids) & set(val.image_ids)
-    lo, hi = data.SYNTHETIC_SIZE_RANGE
+    lo, hi = scenes.SYNTHETIC_SIZE_RANGE
     for ds in (train, test):
         for i in range(0, len(ds), 7):
             t = ds.get_groundtruth(i)
             H, W = t["size"]
             assert lo <= H <= hi and lo <= W <= hi
-            assert 2 <= len(t["labels"]) <= data.MAX_OBJECTS
+            assert 2 <= len(t["labels"]) <= scenes.MAX_OBJECTS
             b = t["boxes"]
             assert (b[:, 2] > b[:, 0]).all() and (b[:, 3] > b[:, 1]).all()
             assert (b >= 0).all() and (b[:, 2] <= W - 1).all() and (b[:, 3] <= H - 1).all()
@@ -516,7 +518,7 @@ def test_synthetic_predicates_follow_geometry(synthetic):
 
 
 def test_synthetic_annotator_is_incomplete_and_biased():
-    written, generic = data.annotation_statistics(seed=1, num_scenes=300)
+    written, generic = scenes.annotation_statistics(seed=1, num_scenes=300)
     assert 0.3 < written < 0.7, written     # many true relations are never written down
     assert 0.15 < generic < 0.45, generic   # and many written ones are the generic parent predicate
 
@@ -708,14 +710,14 @@ def _digest(root):
 def test_small_synthetic_data_is_byte_identical_to_the_studys(tmp_path):
     # Every results/*/command.txt ran on the small data: its files must never change (a change needs a new
     # SYNTHETIC_VERSION and a new study). The digest was taken with the generator as the study ran it.
-    root = data.generate_synthetic(str(tmp_path / "s"), seed=3, num_train=24, num_test=8, verbose=False)
+    root = scenes.generate(str(tmp_path / "s"), seed=3, num_train=24, num_test=8, verbose=False)
     assert _digest(root) == "905853efe02dd2154738d73d0b84b734835a44fbaa935c515fc208700aa8f250"
-    assert data.BUILTIN["synthetic"]["version"] == data.SYNTHETIC_VERSION == 6
+    assert data.BUILTIN["synthetic"]["version"] == scenes.SYNTHETIC_VERSION == 6
 
 
 def test_vgshape_generation_is_deterministic(tmp_path):
-    gen = lambda d, seed: data.generate_synthetic(str(tmp_path / d), seed=seed, num_train=10, num_test=4,
-                                                  verbose=False, name="vgshape")
+    gen = lambda d, seed: scenes.generate(str(tmp_path / d), seed=seed, num_train=10, num_test=4, verbose=False,
+                                          name="vgshape")
     a, b, c = _files(gen("a", 3)), _files(gen("b", 3)), _files(gen("c", 4))
     assert len([k for k in a if k.endswith(".jpg")]) == 14
     assert a == b                                  # byte-identical h5, json and jpgs
@@ -729,13 +731,13 @@ class _Scenes:
     annotations; rendering would cost 10 ms an image), with the VGSGGDataset attributes the statistics use."""
 
     def __init__(self, name, seed, n):
-        cfg, rng = data.BUILTIN[name], np.random.default_rng(seed)
+        cfg, rng = scenes.DATASETS[name], np.random.default_rng(seed)
         self.num_classes, self.num_predicates = len(cfg["classes"]) + 1, len(cfg["predicates"]) + 1
         self.gt_boxes, self.gt_labels, self.gt_relations = [], [], []
         while len(self.gt_labels) < n:
             W, H = (int(v) for v in rng.integers(cfg["size_range"][0], cfg["size_range"][1] + 1, size=2))
-            sc = data._make_scene(rng, W, H, cfg)
-            boxes, labels, rels = data._finalize(sc, data._annotate(sc))
+            sc = scenes._make_scene(rng, W, H, cfg)
+            boxes, labels, rels = scenes._finalize(sc, scenes._annotate(sc))
             if len(rels) and len(labels) <= cfg["max_objects"]:     # as filter_empty_rels
                 self.gt_boxes.append(boxes)
                 self.gt_labels.append(labels)
@@ -755,7 +757,7 @@ def vgshape_sample():
 
 
 def test_vgshape_vocabulary_is_vg150s():
-    cfg = data.BUILTIN["vgshape"]
+    cfg = scenes.DATASETS["vgshape"]
     assert cfg["predicates"] == sorted(VG150_PREDICATES) and len(cfg["predicates"]) == 50
     assert len(cfg["classes"]) >= 75
     # confusable groups, as VG names them: one drawn man is a "man", "person", "guy" or "player"
