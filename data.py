@@ -1,4 +1,4 @@
-"""Scene-graph data: the Visual Genome "VG-SGG" format, a built-in synthetic dataset in that format, batching.
+"""Scene-graph data: the Visual Genome "VG-SGG" format, the built-in datasets in that format, batching.
 
 Every scene graph generation (SGG) paper since Xu et al. 2017 ("Scene Graph Generation by Iterative Message
 Passing") trains and tests on the same preprocessed split of Visual Genome (VG150: 150 object classes, 50
@@ -7,16 +7,16 @@ reference loaders do (Scene-Graph-Benchmark.pytorch `maskrcnn_benchmark/data/dat
 neural-motifs `dataloaders/visual_genome.py`), with their quirks, so that numbers computed on it are
 comparable with published ones. The code is our own; where it follows a convention the comment says so.
 
-No real dataset can be downloaded on a laptop in seconds, so the file also *generates* a small synthetic
-scene-graph dataset of rendered images, written as the very same h5/json/jpg files and read back through the
-same `VGSGGDataset`. It is the default data of both model scripts. See "Synthetic scenes" below for what it
-contains and why it is hard in the ways the paper cares about. In numbers (seed 0, `python data.py`):
-4,000 images of 96..160 px per side (3,000 with the train flag, of which the first SYNTHETIC_NUM_VAL = 500
-kept ones are val, and 1,000 test); images without any annotated relation are dropped as in VG, leaving about
-2,290 train / 500 val / 930 test images; 2..10 objects (6.0 on average) and 3.5 relations per image;
-31 object classes, 25 predicates whose training frequency (predicate_counts) goes from about 2,400 ("on") down
-to about 10 ("hanging from"). The frequency prior alone (Neural Motifs' FREQ) reaches PredCls R@50 = 0.63 and
-mR@50 = 0.35 on its test split (on VG: R@50 ≈ 0.60). Generation takes about 15 s on one CPU core.
+No real dataset can be downloaded on a laptop in seconds, so the project also *generates* scene-graph
+datasets of rendered images (scenes.py, run on first use and cached; BUILTIN names them), written through
+`write_vgsgg` as the very same h5/json/jpg files and read back through the same `VGSGGDataset`:
+  synthetic  the default of both model scripts, small (the study in results/ ran on it): 4,000 images of
+             96..160 px (about 2,290 train / 500 val / 930 test kept), 6.0 objects and 3.5 relations per
+             image, 31 classes, 25 predicates; FREQ PredCls R@50 = 0.63, mR@50 = 0.35; about 15 s to generate.
+  vgshape    VG150's shape (`--data vgshape`): 12,800 images of 160..224 px (6,945 train / 1,500 val / 4,275
+             test), 11.5 objects and 7.2 relations per image, 94 classes, VG150's 50 predicates with a tail
+             of 1,192 to one; FREQ PredCls R@50 = 0.65, mR@50 = 0.18; about 2.5 min to generate on one core.
+`python data.py --data NAME` prints where the data is and its shape beside VG150's (docs/data.md).
 
 Layout of a data folder (`root`):
     root/VG-SGG-with-attri.h5          (or VG-SGG.h5)          boxes, labels, relations, split flags
@@ -26,22 +26,26 @@ Layout of a data folder (`root`):
 
 Public API:
     VGSGGDataset(root, split, num_val_im=5000, ...)   ds[i] -> (image, target); ds.get_groundtruth(i) -> target
-    ensure_synthetic(cache_dir=None, seed=0) -> root  the built-in synthetic data (generated once, then cached)
-    SYNTHETIC_NUM_VAL                                 the num_val_im to use on the synthetic data
+    ensure_synthetic(cache_dir=None, seed=0, name="synthetic") -> root   a built-in dataset (generated once by
+                                                      scenes.py, then cached); BUILTIN[name]["num_val"] its val
+    SYNTHETIC_NUM_VAL                                 the num_val_im to use on the small synthetic data
+    write_vgsgg(out_dir, ...)                         write boxes, labels, relations as a VG-SGG folder
     collate(batch) -> (images, targets)               for torch's DataLoader
     TrainingSampler(size, ..., start=0)               infinite shuffled stream, DDP-aware; start resumes it
     InferenceSampler(size)                            sharded sequential, DDP-aware
     predicate_counts(ds) -> (P + 1,)                  training frequency: predicates of the triplets a model
                                                       trains on (as get_groundtruth yields them)
     frequency_order(counts) -> [predicate ids]        most frequent first, ties by id
+    print_shape_table(root, num_val_im)               the data's shape beside VG150's (FREQ included)
     DataError                                         raised for every problem with the data files: one line
                                                       naming the file and what was expected (a ValueError)
 
 Shapes: B images in a batch, G ground-truth objects of an image, R ground-truth relations of an image,
 C object classes and P predicates (both without the background class at index 0), H x W image height/width.
 
-Run `python data.py` to generate (or find) the synthetic data and print its statistics;
-`python data.py --figures docs/` also draws example scenes and the training frequency of the predicates.
+Run `python data.py [--data vgshape]` to generate (or find) a built-in dataset (or read a VG-SGG folder) and
+print its shape beside VG150's and its statistics; `--figures docs/` also draws example scenes and the
+training frequency of the predicates.
 """
 import argparse
 import itertools

@@ -48,6 +48,22 @@ import data
 #   * The train split is small (SYNTHETIC_NUM_TRAIN images), so tail predicates have 10 to 50 examples.
 # Images are 96..160 px per side, 2..10 objects each. Every drawn object is annotated; only the relations
 # are incomplete.
+#
+# The VG-shaped data ("vgshape") is the same generator with other parameters (DATASETS) and the extras that
+# are switched on by its `vg` flag, each one of the things that make VG hard:
+#   * crowded scenes: 2..5 groups on larger images, a backdrop (mountain, fence) behind them, buildings with
+#     windows, poles with signs and lights, desks with laptops and vases: about 11 objects an image, so an
+#     image has over 100 ordered pairs of which about 5 % are related (R@100 > R@50);
+#   * parts and clothes as VG annotates them (hand, hair, trousers, shoes, an animal's head and tail, a car's
+#     window and light): small boxes inside bigger ones, hard to detect (SGDet);
+#   * names that VG's annotators choose among (VG_NAMES: one man is a "man", "person", "guy" or "player"; a
+#     wheel a "tire"): classes that look alike or the same, hard to classify (SGCls);
+#   * VG150's 50 predicates, written by an annotator (VG_ANNOTATOR) that picks one of the several that fit
+#     a pair, mostly the generic one ("on" for "sitting on"), so the rare ones ("mounted on", "painted on",
+#     "laying on", "watching") are never the class pair's most frequent predicate: FREQ misses them, and
+#     the tail is 1,000 to one;
+#   * things that need the image: a grazing animal's lowered head (eating), a girl's hair (girl or boy), snow on
+#     a tree (covered in), on top of the small data's poses and facing directions.
 
 SYNTHETIC_VERSION = data.BUILTIN["synthetic"]["version"]   # bump it there whenever the output changes
 SYNTHETIC_NUM_TRAIN = 3000       # images with split flag 0 (train + val)
