@@ -1057,8 +1057,6 @@ def _draw_object(d, o):
         elif cls == "sheep":        # fleece
             for tx in (0.15, 0.35, 0.55):
                 ell(X(tx - 0.1), by0 - 0.05 * h, X(tx + 0.12), by0 + 0.2 * h, fill=_dark(c, 0.93))
-        if o.get("vg_tail"):
-            line([(X(0.03), Y(0.3)), (X(-0.04), Y(0.5))], _dark(c, 0.7), 0.05 * h)
         hr = 0.2 * (h / (0.5 if lying else 1.0))
         hcx, hcy = X(0.82), (Y(0.3) if lying else Y(0.22))
         if o.get("grazing"):        # head down to the grass
