@@ -813,9 +813,9 @@ def shape_statistics(root, num_val_im, name=None):
     m = MOTIFS_MEASURED.get(name, {})
     if "predcls" in m:
         out["Motifs PredCls mR@50 / R@50"] = m["predcls"]["mR@50"] / m["predcls"]["R@50"]
-        for mode in ("sgcls", "sgdet"):
+        for mode, title in (("sgcls", "SGCls"), ("sgdet", "SGDet")):
             if mode in m:
-                out[f"Motifs {mode[:2].upper() + mode[2:]} R@50 / PredCls R@50"] = m[mode]["R@50"] / m["predcls"]["R@50"]
+                out[f"Motifs {title} R@50 / PredCls R@50"] = m[mode]["R@50"] / m["predcls"]["R@50"]
     out["test images"], out["val images"] = len(raw["test"]), len(raw["val"])
     return out
 
@@ -938,7 +938,7 @@ def main():
         if args.figures:
             name = args.data if builtin else "data"
             draw_figures(root, args.figures, num_val_im, name=name)
-            print(f"wrote {args.figures}/{name}_examples.png and {name}_predicates.png")
+            print(f"wrote {os.path.join(args.figures, name + '_examples.png')} and {name}_predicates.png")
     except DataError as e:   # the user's data: one line, no traceback (STYLE.md 7)
         sys.exit(f"error: {e}")
 
