@@ -828,6 +828,18 @@ def test_shape_table_names_the_small_datas_misses(synthetic, capsys):
     assert "not measured" in lines["Motifs SGDet R@50 / PredCls R@50"]
 
 
+def test_model_scripts_take_a_builtin_name(synthetic, monkeypatch):
+    # --data vgshape reaches data.ensure_synthetic(name="vgshape") and carves vgshape's val; the small data
+    # stands in for it here (generating vgshape takes minutes), so only the wiring is checked.
+    import motifs_align
+    import sgtr_align
+    root, names = data.ensure_synthetic(), []
+    monkeypatch.setattr(data, "ensure_synthetic", lambda cache_dir=None, seed=0, name="synthetic": names.append(name) or root)
+    _, ds = motifs_align.load_datasets(motifs_align.parse_config(["--data", "vgshape"]), 0)
+    _, val, _ = sgtr_align.load_datasets(sgtr_align.parse_config(["--data", "vgshape"]))
+    assert len(ds["val"]) == len(val) == data.BUILTIN["vgshape"]["num_val"] != data.SYNTHETIC_NUM_VAL
+    assert set(names) == {"vgshape"}
+
 VG150_PREDICATES = [
     "above", "across", "against", "along", "and", "at", "attached to", "behind", "belonging to", "between",
     "carrying", "covered in", "covering", "eating", "flying in", "for", "from", "growing on", "hanging from", "has",
