@@ -15,7 +15,7 @@ datasets of rendered images (scenes.py, run on first use and cached; BUILTIN nam
              image, 31 classes, 25 predicates; FREQ PredCls R@50 = 0.63, mR@50 = 0.35; about 15 s to generate.
   vgshape    VG150's shape (`--data vgshape`): 12,800 images of 160..224 px (6,945 train / 1,500 val / 4,275
              test), 11.5 objects and 7.2 relations per image, 94 classes, VG150's 50 predicates with a tail
-             of 1,192 to one; FREQ PredCls R@50 = 0.65, mR@50 = 0.18; about 2.5 min to generate on one core.
+             of 1,192 to one; FREQ PredCls R@50 = 0.65, mR@50 = 0.18; 75 s to 2.5 min to generate on one core.
 `python data.py --data NAME` prints where the data is and its shape beside VG150's (docs/data.md).
 
 Layout of a data folder (`root`):
