@@ -207,7 +207,7 @@ class Config:
     mode: str = "predcls"
     """predcls (GT boxes and labels), sgcls (GT boxes) or sgdet (detected boxes)"""
     data: str = "synthetic"
-    """'synthetic' = the built-in data (data.ensure_synthetic()), else a Visual Genome folder"""
+    """built-in data, generated on first use: 'synthetic' (small) or 'vgshape' (VG150's shape); else a VG folder"""
     out: str = ""
     """run folder; default runs/motifs_align-<mode>-<align|noalign>-seed<s>"""
     preset: str = ""
@@ -1920,16 +1920,16 @@ def cache_dir():
 def load_datasets(cfg, rank):
     """-> (data root, the splits train, val, test, and 'statistics': the train split as the frequency
     bias counts it, see predicate_statistics)."""
-    if cfg.data == "synthetic":
+    if cfg.data in data.BUILTIN:
         if rank == 0:          # generate once; the other ranks wait and then read the same files
-            data.ensure_synthetic()
+            data.ensure_synthetic(name=cfg.data)
         barrier()
-        root, num_val = data.ensure_synthetic(), data.SYNTHETIC_NUM_VAL
+        root, num_val = data.ensure_synthetic(name=cfg.data), data.BUILTIN[cfg.data]["num_val"]
     else:
         root, num_val = cfg.data, 5000   # the standard VG-SGG split: 5000 val images carved from train
         if not os.path.isdir(root):
             fail(f"--data {root}: no such folder (expected a folder with the VG-SGG files, "
-                 f"or --data synthetic)")
+                 f"or --data {' / '.join(data.BUILTIN)})")
     kw = dict(num_val_im=cfg.num_val_im or num_val, max_size=cfg.max_size or None)
     ds = {s: data.VGSGGDataset(root, s, **kw) for s in ("train", "val", "test")}
     # SGB's get_VG_statistics (and neural-motifs' get_counts) build the train split with

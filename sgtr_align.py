@@ -219,7 +219,7 @@ def train_step(model, images, targets, cfg):
 class Config:
     # run
     data: str = "synthetic"
-    """'synthetic' (built-in, generated on first use) or a Visual Genome folder"""
+    """built-in data, generated on first use: 'synthetic' (small) or 'vgshape' (VG150's shape); else a VG folder"""
     out: str = ""
     """run folder; default runs/sgtr_align-sgdet-<align|noalign>-seed<s>"""
     device: str = "auto"
@@ -1913,8 +1913,9 @@ def default_out(cfg):
 def load_datasets(cfg):
     """train / val / test; a problem in the data folder ends in one error line naming the file."""
     try:
-        root = data.ensure_synthetic() if cfg.data == "synthetic" else cfg.data
-        num_val = data.SYNTHETIC_NUM_VAL if cfg.data == "synthetic" else 5000  # val is carved from train
+        builtin = cfg.data in data.BUILTIN
+        root = data.ensure_synthetic(name=cfg.data) if builtin else cfg.data
+        num_val = data.BUILTIN[cfg.data]["num_val"] if builtin else 5000  # val is carved from train
         kw = dict(num_val_im=cfg.num_val_im or num_val, max_size=cfg.max_size or None)
         return (data.VGSGGDataset(root, "train", **kw), data.VGSGGDataset(root, "val", **kw),
                 data.VGSGGDataset(root, "test", **kw))

@@ -1,5 +1,7 @@
 """Tests of data.py: the VG-SGG reader on a tiny VG-format folder written here with the real format's quirks,
-the synthetic generator (determinism, atomic caching, statistics), collate and the samplers."""
+the built-in data (scenes.py: determinism, atomic caching, statistics, the VG-shaped bands), collate and the
+samplers."""
+import hashlib
 import itertools
 import json
 import os
@@ -15,6 +17,7 @@ import torch
 from PIL import Image
 
 import data
+import scenes
 
 # ----------------------------------------------------------------------------------------------------------
 # A tiny VG-SGG folder, written by hand (not by data.py's writer, so the reader is checked independently)
@@ -449,20 +452,20 @@ def synthetic():
 
 def test_synthetic_sizes_and_vocabulary(synthetic):
     train, val, test = synthetic["train"], synthetic["val"], synthetic["test"]
-    assert train.num_classes - 1 == len(data.CLASS_COLORS) == 31
-    assert train.num_predicates - 1 == len(data.ANNOTATOR) == 25
+    assert train.num_classes - 1 == len(scenes.CLASS_COLORS) == 31
+    assert train.num_predicates - 1 == len(scenes.ANNOTATOR) == 25
     assert len(val) == data.SYNTHETIC_NUM_VAL
     # images without any annotated relation are dropped, as in VG: most survive
-    assert 0.85 * (data.SYNTHETIC_NUM_TRAIN - data.SYNTHETIC_NUM_VAL) < len(train) < data.SYNTHETIC_NUM_TRAIN
-    assert 0.85 * data.SYNTHETIC_NUM_TEST < len(test) <= data.SYNTHETIC_NUM_TEST
+    assert 0.85 * (scenes.SYNTHETIC_NUM_TRAIN - data.SYNTHETIC_NUM_VAL) < len(train) < scenes.SYNTHETIC_NUM_TRAIN
+    assert 0.85 * scenes.SYNTHETIC_NUM_TEST < len(test) <= scenes.SYNTHETIC_NUM_TEST
     assert not set(train.image_ids) & set(test.image_ids) and not set(train.image_ids) & set(val.image_ids)
-    lo, hi = data.SYNTHETIC_SIZE_RANGE
+    lo, hi = scenes.SYNTHETIC_SIZE_RANGE
     for ds in (train, test):
         for i in range(0, len(ds), 7):
             t = ds.get_groundtruth(i)
             H, W = t["size"]
             assert lo <= H <= hi and lo <= W <= hi
-            assert 2 <= len(t["labels"]) <= data.MAX_OBJECTS
+            assert 2 <= len(t["labels"]) <= scenes.MAX_OBJECTS
             b = t["boxes"]
             assert (b[:, 2] > b[:, 0]).all() and (b[:, 3] > b[:, 1]).all()
             assert (b >= 0).all() and (b[:, 2] <= W - 1).all() and (b[:, 3] <= H - 1).all()
@@ -515,7 +518,7 @@ def test_synthetic_predicates_follow_geometry(synthetic):
 
 
 def test_synthetic_annotator_is_incomplete_and_biased():
-    written, generic = data.annotation_statistics(seed=1, num_scenes=300)
+    written, generic = scenes.annotation_statistics(seed=1, num_scenes=300)
     assert 0.3 < written < 0.7, written     # many true relations are never written down
     assert 0.15 < generic < 0.45, generic   # and many written ones are the generic parent predicate
 
@@ -688,3 +691,158 @@ def test_dataloader_with_our_and_torch_samplers(vg):
     ids = [t["image_id"] for _, ts in torch.utils.data.DataLoader(ds, batch_size=2, sampler=dist,
                                                                   collate_fn=data.collate) for t in ts]
     assert ids == [ds.image_ids[i] for i in list(dist)]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The built-in datasets: the small data stays as it was; the VG-shaped data has VG150's shape
+
+def _digest(root):
+    h = hashlib.sha256()
+    for dirpath, _, names in sorted(os.walk(root)):
+        for n in sorted(names):
+            path = os.path.join(dirpath, n)
+            h.update(os.path.relpath(path, root).encode())
+            with open(path, "rb") as f:
+                h.update(hashlib.sha256(f.read()).digest())
+    return h.hexdigest()
+
+
+def test_small_synthetic_data_is_byte_identical_to_the_studys(tmp_path):
+    # Every results/*/command.txt ran on the small data: its files must never change (a change needs a new
+    # SYNTHETIC_VERSION and a new study). The digest was taken with the generator as the study ran it.
+    root = scenes.generate(str(tmp_path / "s"), seed=3, num_train=24, num_test=8, verbose=False)
+    assert _digest(root) == "905853efe02dd2154738d73d0b84b734835a44fbaa935c515fc208700aa8f250"
+    assert data.BUILTIN["synthetic"]["version"] == scenes.SYNTHETIC_VERSION == 6
+
+
+def test_vgshape_generation_is_deterministic(tmp_path):
+    gen = lambda d, seed: scenes.generate(str(tmp_path / d), seed=seed, num_train=10, num_test=4, verbose=False,
+                                          name="vgshape")
+    a, b, c = _files(gen("a", 3)), _files(gen("b", 3)), _files(gen("c", 4))
+    assert len([k for k in a if k.endswith(".jpg")]) == 14
+    assert a == b                                  # byte-identical h5, json and jpgs
+    assert a["VG-SGG.h5"] != c["VG-SGG.h5"]
+    with pytest.raises(ValueError, match="no built-in dataset"):
+        data.ensure_synthetic(str(tmp_path / "cache"), name="vg")
+
+
+class _Scenes:
+    """Scenes of a built-in dataset, composed and annotated but not rendered (the bands below are about the
+    annotations; rendering would cost 10 ms an image), with the VGSGGDataset attributes the statistics use."""
+
+    def __init__(self, name, seed, n):
+        cfg, rng = scenes.DATASETS[name], np.random.default_rng(seed)
+        self.num_classes, self.num_predicates = len(cfg["classes"]) + 1, len(cfg["predicates"]) + 1
+        self.gt_boxes, self.gt_labels, self.gt_relations = [], [], []
+        while len(self.gt_labels) < n:
+            W, H = (int(v) for v in rng.integers(cfg["size_range"][0], cfg["size_range"][1] + 1, size=2))
+            sc = scenes._make_scene(rng, W, H, cfg)
+            boxes, labels, rels = scenes._finalize(sc, scenes._annotate(sc))
+            if len(rels) and len(labels) <= cfg["max_objects"]:     # as filter_empty_rels
+                self.gt_boxes.append(boxes)
+                self.gt_labels.append(labels)
+                self.gt_relations.append(rels)
+
+    def __len__(self):
+        return len(self.gt_labels)
+
+    def get_groundtruth(self, i):
+        return {"boxes": torch.as_tensor(self.gt_boxes[i]), "labels": torch.as_tensor(self.gt_labels[i]),
+                "relations": torch.as_tensor(self.gt_relations[i])}
+
+
+@pytest.fixture(scope="module")
+def vgshape_sample():
+    return _Scenes("vgshape", 0, 1200), _Scenes("vgshape", 1, 400)
+
+
+def test_vgshape_vocabulary_is_vg150s():
+    cfg = scenes.DATASETS["vgshape"]
+    assert cfg["predicates"] == sorted(VG150_PREDICATES) and len(cfg["predicates"]) == 50
+    assert len(cfg["classes"]) >= 75
+    # confusable groups, as VG names them: one drawn man is a "man", "person", "guy" or "player"
+    for group in (("man", "woman", "person", "boy", "girl", "guy", "lady", "kid", "child"), ("shirt", "jacket", "coat"),
+                  ("table", "desk", "counter"), ("wheel", "tire"), ("shoe", "sneaker", "boot"), ("hat", "cap", "helmet")):
+        assert set(group) <= set(cfg["classes"]), group
+    assert cfg["num_val"] >= 1000 and cfg["num_test"] >= 4000
+
+
+def test_vgshape_scenes_are_crowded_and_sparsely_related(vgshape_sample):
+    for ds in vgshape_sample:
+        n_obj = np.array([len(l) for l in ds.gt_labels])
+        n_rel = np.array([len(r) for r in ds.gt_relations])
+        related = sum(len({(s, o) for s, o, _ in r.tolist()}) for r in ds.gt_relations)
+        assert 9 <= n_obj.mean() <= 13, n_obj.mean()
+        assert 4.5 <= n_rel.mean() <= 7.5, n_rel.mean()
+        assert 0.03 <= related / (n_obj * (n_obj - 1)).sum() <= 0.08
+        assert n_obj.max() > 12            # some scenes have more than 100 ordered pairs: R@100 > R@50 possible
+
+
+def test_vgshape_head_predicates_take_vg150s_share(vgshape_sample):
+    train = vgshape_sample[0]
+    counts = np.zeros(train.num_predicates, np.int64)
+    for r in train.gt_relations:                                    # one predicate per pair, as trained on
+        counts += np.bincount(np.array(list({(s, o): p for s, o, p in r.tolist()}.values())),
+                              minlength=train.num_predicates)
+    share = np.sort(counts[1:])[::-1] / counts.sum()
+    assert 0.65 <= share[:5].sum() <= 0.80 and 0.82 <= share[:10].sum() <= 0.93, (share[:5].sum(), share[:10].sum())
+    # the tail: on 1,200 images the rarest predicates have a handful of examples or none
+    assert counts[1:].max() / max(counts[1:].min(), 1) >= 300
+
+
+def test_vgshape_tail_predicates_need_more_than_the_class_pair(vgshape_sample):
+    # FREQ (the class pair's most frequent predicate) gets the head right and the tail wrong, as on VG:
+    # mR@50 / R@50 <= 0.35, and crowded scenes leave triplets beyond the 50 top pairs.
+    train, test = vgshape_sample
+    r = data.freq_predcls_recall(data.frequency_prior(train), test)
+    assert r["mR@50"] / r["R@50"] <= 0.35, r
+    assert r["R@100"] >= r["R@50"] + 0.005, r
+    assert 0.5 < r["R@50"] < 0.8, r
+
+
+def test_freq_recall_matches_the_metrics_evaluator(synthetic):
+    # data.freq_predcls_recall is a short copy of metrics.SGEvaluator's PredCls protocol (data.py imports
+    # nothing of the project); on the small data's test split both must give the same numbers.
+    import metrics
+    train, test = synthetic["train"], synthetic["test"]
+    prior = data.frequency_prior(train)
+    ours = data.freq_predcls_recall(prior, test)
+    ev = metrics.SGEvaluator("predcls", test.num_predicates - 1)
+    for i in range(len(test)):
+        t = test.get_groundtruth(i)
+        lab = t["labels"].numpy()
+        s, o = np.nonzero(~np.eye(len(lab), dtype=bool))
+        ev.add(t, {"rel_pairs": np.stack([s, o], 1), "rel_scores": prior[lab[s], lab[o]]})
+    ref = ev.summary()
+    for k in ("R@20", "R@50", "R@100", "mR@20", "mR@50", "mR@100"):
+        assert ours[k] == pytest.approx(ref[k], abs=1e-9), k
+
+
+def test_shape_table_names_the_small_datas_misses(synthetic, capsys):
+    st = data.print_shape_table(data.ensure_synthetic(), data.SYNTHETIC_NUM_VAL, "synthetic")
+    out = capsys.readouterr().out
+    assert st["predicates"] == 25 and st["object classes"] == 31
+    lines = {line[:38].strip(): line for line in out.splitlines()}
+    assert lines["objects per image"].rstrip().endswith("NO")                  # 5.9 objects per image
+    assert lines["top-5 predicates' share"].rstrip().endswith("yes")
+    assert "not measured" in lines["Motifs SGDet R@50 / PredCls R@50"]
+
+
+def test_model_scripts_take_a_builtin_name(synthetic, monkeypatch):
+    # --data vgshape reaches data.ensure_synthetic(name="vgshape") and carves vgshape's val; the small data
+    # stands in for it here (generating vgshape takes minutes), so only the wiring is checked.
+    import motifs_align
+    import sgtr_align
+    root, names = data.ensure_synthetic(), []
+    monkeypatch.setattr(data, "ensure_synthetic", lambda cache_dir=None, seed=0, name="synthetic": names.append(name) or root)
+    _, ds = motifs_align.load_datasets(motifs_align.parse_config(["--data", "vgshape"]), 0)
+    _, val, _ = sgtr_align.load_datasets(sgtr_align.parse_config(["--data", "vgshape"]))
+    assert len(ds["val"]) == len(val) == data.BUILTIN["vgshape"]["num_val"] != data.SYNTHETIC_NUM_VAL
+    assert set(names) == {"vgshape"}
+
+VG150_PREDICATES = [
+    "above", "across", "against", "along", "and", "at", "attached to", "behind", "belonging to", "between",
+    "carrying", "covered in", "covering", "eating", "flying in", "for", "from", "growing on", "hanging from", "has",
+    "holding", "in", "in front of", "laying on", "looking at", "lying on", "made of", "mounted on", "near", "of", "on",
+    "on back of", "over", "painted on", "parked on", "part of", "playing", "riding", "says", "sitting on",
+    "standing on", "to", "under", "using", "walking in", "walking on", "watching", "wearing", "wears", "with"]
