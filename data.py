@@ -755,7 +755,7 @@ def freq_predcls_recall(prior, ds, ks=(20, 50, 100)):
 
 # VG150's values (Xu et al. 2017's split as Scene-Graph-Benchmark loads it; Tang et al. 2020, Table 1, SGB's
 # re-run of FREQ and Motifs; REL_PROP in SGB's config/defaults.py for the predicate shares), and the band the
-# built-in VG-shaped data must fall in (issue 20).
+# built-in VG-shaped data was built to fall in.
 VG150 = {
     "predicates": ("50", lambda v: v == 50), "object classes": ("150", lambda v: v >= 75),
     "objects per image": ("about 11", lambda v: 9 <= v <= 13),
@@ -833,7 +833,7 @@ def _fmt(key, v):
 
 
 def print_shape_table(root, num_val_im, name=None):
-    """The table of issue 20: each quantity, VG150's value, ours (per split where it is one), the band,
+    """The shape table: each quantity, VG150's value, ours (per split where it is one), the band,
     and whether ours is in it."""
     st = shape_statistics(root, num_val_im, name)
     print(f"{'':38s} {'VG150':22s} {'ours (train / val / test where per split)':44s} {'band':9s} met")
@@ -852,10 +852,9 @@ def print_shape_table(root, num_val_im, name=None):
           f"(VG150: 53.6 / 60.6 / 62.2, mR@50 13.0)")
     measured = MOTIFS_MEASURED.get(name, {})
     if measured:
-        print("Motifs baseline on test (recorded: motifs_align.py --<mode> --no-align --seed 0 --data " + str(name) + ", "
-              "docs/data.md): " + "; ".join(f"{mode} R@50 {100 * m['R@50']:.1f} mR@50 {100 * m['mR@50']:.1f}"
-                                            for mode, m in measured.items()) + " (VG150: PredCls 66.0 / 14.6, SGCls "
-              "39.1, SGDet 32.1)")
+        runs = "; ".join(f"{mode} R@50 {100 * m['R@50']:.1f} mR@50 {100 * m['mR@50']:.1f}" for mode, m in measured.items())
+        print(f"Motifs baseline on test (recorded: motifs_align.py --<mode> --no-align --seed 0 --data {name} "
+              f"--feature-cache-gb 0, docs/data.md): {runs} (VG150: PredCls 66.0 / 14.6, SGCls 39.1, SGDet 32.1)")
     missing = {s: m for s, m in st["missing"].items() if m}
     if missing:
         print("predicates missing: " + "; ".join(f"{s}: {', '.join(m)}" for s, m in missing.items()))

@@ -9,8 +9,8 @@ import re
 import numpy as np
 import pytest
 
-import data
 import motifs_align as M
+import scenes
 import sgtr_align as S
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -62,7 +62,7 @@ def test_install_gives_each_machine_its_own_block():
 
 
 def test_the_docs_count_the_synthetic_classes_right():
-    n = len(data.SYNTHETIC_CLASSES)
+    n = len(scenes.SYNTHETIC_CLASSES)   # the small default data's classes
     assert f"its {n} drawn classes" in read("docs/running.md")
     assert f"synthetic scenes have {n} object classes" in read("docs/motifs.md")
     assert f"**{n} object classes**" in read("docs/data.md")
