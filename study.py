@@ -612,8 +612,10 @@ def say_machine(name, then):
     """Exact numbers need the run's instruction set, torch version and thread count: say whether this machine
     has them (runs before the record existed: the small-data study ran with AVX2, one thread)."""
     import torch
+    sys.path.insert(0, ROOT)
+    import motifs_align   # machine() is what every run folder records (sgtr_align's is the same)
     torch.set_num_threads(1)   # as command.txt runs it
-    now = {"isa": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__, "threads": 1}
+    now = motifs_align.machine()
     if then is None:
         print(f"{name}: its args.json predates the machine record (the small-data study: AVX2, one thread); "
               f"this machine: {now}")
