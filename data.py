@@ -10,7 +10,7 @@ comparable with published ones. The code is our own; where it follows a conventi
 No real dataset can be downloaded on a laptop in seconds, so the project also *generates* scene-graph
 datasets of rendered images (scenes.py, run on first use and cached; BUILTIN names them), written through
 `write_vgsgg` as the very same h5/json/jpg files and read back through the same `VGSGGDataset`:
-  synthetic  the default of both model scripts, small (the study in results/ ran on it): 4,000 images of
+  synthetic  the default of both model scripts, small (the study in results/synthetic/ ran on it): 4,000 images of
              96..160 px (about 2,290 train / 500 val / 930 test kept), 6.0 objects and 3.5 relations per
              image, 31 classes, 25 predicates; FREQ PredCls R@50 = 0.63, mR@50 = 0.35; about 15 s to generate.
   vgshape    VG150's shape (`--data vgshape`): 12,800 images of 160..224 px (6,945 train / 1,500 val / 4,275
@@ -586,7 +586,7 @@ def write_vgsgg(out_dir, split, image_data, boxes, labels, relations, classes, p
 
 # name -> the version of its files (the cache folder is per version: bump it whenever the output changes) and
 # the val images to carve from its train split. What each is and how it is made: scenes.py, docs/data.md.
-BUILTIN = {"synthetic": dict(version=6, num_val=500),    # small: the study in results/ ran on it; the default
+BUILTIN = {"synthetic": dict(version=6, num_val=500),    # small: the study in results/synthetic/ ran on it; the default
            "vgshape": dict(version=1, num_val=1500)}     # VG150's shape (python data.py --data vgshape)
 SYNTHETIC_NUM_VAL = BUILTIN["synthetic"]["num_val"]      # the num_val_im to pass to VGSGGDataset on it
 SCENES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "scenes.py")

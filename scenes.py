@@ -3,7 +3,7 @@
 No real dataset can be downloaded on a laptop in seconds, so the project generates its own, deterministically
 from a seed, and writes it through data.py in exactly the VG-SGG format (data.write_vgsgg), where the same
 reader as for Visual Genome reads it back. One generator, one set of parameters per dataset (DATASETS):
-    synthetic  the small data the study in results/ ran on: 4,000 images of 96..160 px, 2..10 objects,
+    synthetic  the small data the study in results/synthetic/ ran on: 4,000 images of 96..160 px, 2..10 objects,
                31 classes, 25 predicates. Its files never change (tests pin them byte for byte).
     vgshape    a dataset with VG150's shape: VG150's 50 predicates, 94 classes with VG's confusable names,
                12,800 images of 160..224 px with about 11 objects and 7 relations each, a predicate tail of
@@ -841,7 +841,7 @@ VG_GROUPS = {"person": (_g_person, 10, 0, 0.6), "seat": (_g_seat, 3.5, 0, 1.1), 
 VG_CLASSES = sorted(set(CLASS_COLORS) | set(VG_COLORS) | {n for names in VG_NAMES.values() for n in names})
 
 # The built-in datasets: one generator, one set of parameters each. "synthetic" is the small data the study
-# in results/ ran on (its files must never change: bump its version if they do); "vgshape" has VG150's shape.
+# in results/synthetic/ ran on (its files must never change: bump its version if they do); "vgshape" has VG150's shape.
 DATASETS = {
     "synthetic": dict(
         **data.BUILTIN["synthetic"], num_train=SYNTHETIC_NUM_TRAIN, num_test=SYNTHETIC_NUM_TEST,

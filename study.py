@@ -11,6 +11,7 @@ only launches it, keeps its results and writes down the command.
     python study.py verify RUN             # rerun one finished run and check its metrics.json is identical
     python study.py bench motifs|sgtr      # a training step with and without the alignment and the feature cache
     python study.py variance motifs|sgtr   # docs/variance.md's tables: where the spread between seeds comes from
+    python study.py spread motifs|sgtr     # before any aligned run: the noise a paired difference will have
 
 WHAT is a table (table1 ... table5), a run name, or a pattern over run names ('motifs-predcls-*').
 
@@ -48,6 +49,21 @@ import numpy as np
 ROOT = os.path.dirname(os.path.abspath(__file__))
 SEEDS = (0, 1, 2, 3)
 
+# The two studies, one per built-in dataset (docs/data.md). Each keeps its finished runs in its own folder of
+# results/ and trains in its own runs folder; every run of the VG-shaped study adds `--data vgshape` and the
+# protocol flags of docs/variance.md to its model file's command.
+STUDIES = {
+    # its frozen detectors' outputs take 4.1 GB (Motifs PredCls), over the model files' default cap of 4;
+    # SGTR's DETR pretrained for the default 750 iterations finds little on these crowded scenes (test
+    # mAP@0.5 0.027, against 0.32 on the small data): docs/variance.md
+    "vgshape": dict(results="results/vgshape", runs_dir="runs/study-vgshape",
+                    flags=["--data", "vgshape", "--feature-cache-gb", "8"], sgtr_flags=["--det-iters", "3000"],
+                    title="the VG-shaped data (--data vgshape)", tables=("table1", "table2", "table3")),
+    "synthetic": dict(results="results/synthetic", runs_dir="runs/study", flags=[],
+                      title="the small built-in data (--data synthetic)",
+                      tables=("table1", "table2", "table3", "table4", "table5")),
+}
+
 # ----------------------------------------------------------------------------------------------
 # The paper's numbers (Visual Genome), for the tables' "paper" rows
 
@@ -79,15 +95,19 @@ PAPER = {
 # The study: every run, named
 
 
-def study_runs(seeds=SEEDS):
+def study_runs(seeds=SEEDS, study="synthetic"):
     """-> list of run dicts: name, script, args (the model file's flags), tables, arm, mode, seed."""
-    runs = []
+    runs, tables_here = [], STUDIES[study]["tables"]
 
     def add(name, model, mode, arm, seed, args, tables):
+        tables = [t for t in tables if t in tables_here]
+        if not tables:
+            return
         script = "motifs_align.py" if model == "motifs" else "sgtr_align.py"
+        flags = STUDIES[study]["flags"] + STUDIES[study].get(f"{model}_flags", [])
         seed_args = [] if seed is None else ["--seed", str(seed)]
-        runs.append(dict(name=name, model=model, script=script, args=args + seed_args, tables=tables, arm=arm,
-                         mode=mode, seed=seed))
+        runs.append(dict(name=name, model=model, script=script, args=args + flags + seed_args, tables=tables,
+                         arm=arm, mode=mode, seed=seed))
 
     for mode in ("predcls", "sgcls", "sgdet"):   # Table 2, with the frequency prior alone as a floor
         add(f"motifs-{mode}-freq", "motifs", mode, "FREQ", None, [f"--{mode}", "--freq-baseline"], ["table2"])
@@ -312,18 +332,38 @@ def arm_table(lines, res, model, mode, arms, keys, paper=None, best=None, betwee
     lines.append("")
 
 
-def report(results):
+def report_all():
+    """python study.py report: each study's README.md and figures, then results/README.md, which points to
+    them (the VG-shaped study first)."""
+    lines = ["# The reproduction studies", "",
+             "Two studies, the same runs of the paper's tables on two built-in datasets (docs/data.md), each in",
+             "its own folder, written by `python study.py report`:", ""]
+    for study, s in STUDIES.items():
+        folder = os.path.join(ROOT, s["results"])
+        if not os.path.isdir(folder):
+            continue
+        n = report(folder, study)
+        lines.append(f"- [{os.path.basename(folder)}/]({os.path.basename(folder)}/README.md): {s['title']}, "
+                     f"{n} runs")
+    lines += ["", "[docs/results.md](../docs/results.md) reads them; [docs/variance.md](../docs/variance.md) "
+              "gives each study's protocol.", ""]
+    with open(os.path.join(ROOT, "results", "README.md"), "w", encoding="utf-8") as f:
+        f.write("\n".join(lines))
+
+
+def report(results, study):
     res, best, records = load_results(results)
     if not records:
         raise SystemExit(f"error: {results} holds no finished run; run some first (python study.py run table2)")
     cpu = sum(r["cpu_seconds"] or 0 for r in records)
     untimed = sum(r["cpu_seconds"] is None for r in records)
-    lines = ["# The reproduction study on the built-in synthetic data", "",
+    tables = STUDIES[study]["tables"]
+    lines = [f"# The reproduction study on {STUDIES[study]['title']}", "",
              "Written by `python study.py report` from the run folders beside this file; each folder's",
              "`command.txt` is the command that reproduces its `metrics.json` exactly. Mean ± sample std over",
              "seeds; a paired difference is the mean over seeds of (arm − baseline) with its standard error.",
              "Every number is of the weights of the last training iteration, in both arms (the protocol that",
-             "[docs/variance.md](../docs/variance.md) chooses); the paper tests the checkpoint with the best",
+             "[docs/variance.md](../../docs/variance.md) chooses); the paper tests the checkpoint with the best",
              "validation mR@50, and the rows 'best-validation checkpoints' give that selection's differences.",
              f"{len(records)} runs, {cpu / 3600:.1f} CPU hours in all"
              + (f" ({untimed} of them collected without a measured time)." if untimed else "."), ""]
@@ -346,12 +386,14 @@ def report(results):
         f"{k} {v[0]}/{v[1]} mR@50/100" for k, v in PAPER["table3"].items()), ""]
     for tab, arms, what in (("table4", ["p = 0.05", "align", "p = 0.2", "p = 0.3"], "the masking ratio p"),
                             ("table5", ["λ = 1", "λ = 5", "align", "λ = 20"], "the loss weight λ")):
+        if tab not in tables:
+            continue
         lines += [f"## Table {tab[-1]}: {what}, Motifs PredCls (validation mR@50, then test, %)", "",
                   "`align` is p = 0.1, λ = 10.", ""]
         arm_table(lines, res, "motifs", "predcls", ["baseline"] + arms, t3)
         lines += ["Paper (validation, one run, mR@50/100): " + "; ".join(
             f"{k} {v[0]}/{v[1]}" for k, v in PAPER[tab].items()), ""]
-    figures = per_predicate_figures(res, results)
+    figures = per_predicate_figures(res, results, study)
     lines += ["## Figure 5: per-predicate test R@100, aligned − baseline, training-frequency order", ""]
     lines += [f"![{f}]({f})" for f in figures] + [""]
     if os.path.isfile(os.path.join(results, "figure4_masking.png")):   # python study.py figure4 --ckpt ...
@@ -364,6 +406,7 @@ def report(results):
     # What changed and where it went, not the file itself (it is long: open it, or read the diff)
     print(f"{path}: {len(records)} runs, {cpu / 3600:.1f} CPU hours; " + report_changes(old, "\n".join(lines)))
     print(f"wrote {path}" + (f" and {', '.join(os.path.join(results, f) for f in figures)}" if figures else ""))
+    return len(records)
 
 
 def report_changes(old, new):
@@ -386,15 +429,15 @@ def report_changes(old, new):
     return f"{len(changed)} of {len(after)} sections changed:\n" + "\n".join(f"  {t}" for t in changed)
 
 
-def dataset_info(results):
-    """Predicate names and training counts of the built-in data (results/dataset.json, written once)."""
+def dataset_info(results, study):
+    """Predicate names and training counts of a study's built-in data (<results>/dataset.json, written once)."""
     path = os.path.join(results, "dataset.json")
     if not os.path.isfile(path):
         sys.path.insert(0, ROOT)
         import data
         import metrics
-        root = data.ensure_synthetic()
-        ds = data.VGSGGDataset(root, "train", num_val_im=data.SYNTHETIC_NUM_VAL)
+        root = data.ensure_synthetic(name=study)
+        ds = data.VGSGGDataset(root, "train", num_val_im=data.BUILTIN[study]["num_val"])
         counts = data.predicate_counts(ds)
         groups = metrics.default_predicate_groups(ds.idx_to_predicate, counts)
         info = {"idx_to_predicate": list(ds.idx_to_predicate), "train_counts": counts.tolist(),
@@ -405,12 +448,24 @@ def dataset_info(results):
     return read_json(path)
 
 
-def per_predicate_figures(res, results):
+def per_predicate_difference(base, arm, seeds, key="per_predicate_R@100"):
+    """Figure 5's bars: each predicate's paired difference arm − baseline, mean over seeds (P,), and its
+    standard error over seeds (P,), None for one seed. A predicate absent from the test split is NaN in
+    every seed, and drawn as no bar."""
+    per_seed = np.array([np.array(arm[s][key], dtype=float) - np.array(base[s][key], dtype=float)
+                         for s in seeds])                                                   # (seeds, P)
+    with np.errstate(invalid="ignore"):
+        mean = per_seed.mean(axis=0)
+        se = per_seed.std(axis=0, ddof=1) / np.sqrt(len(seeds)) if len(seeds) > 1 else None
+    return mean, se
+
+
+def per_predicate_figures(res, results, study):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch   # legend handles: empty bars would lose their colour in the legend
-    info, written = dataset_info(results), []
+    info, written = dataset_info(results, study), []
     colours = {"head": "tab:blue", "body": "tab:orange", "tail": "tab:green"}
     for model, mode, title in (("motifs", "predcls", "Align-Motifs − Motifs, PredCls"),
                                ("motifs", "sgcls", "Align-Motifs − Motifs, SGCls"),
@@ -420,19 +475,21 @@ def per_predicate_figures(res, results):
         seeds = sorted(set(base) & set(arm))
         if not seeds:
             continue
-        diff = np.nanmean([np.array(arm[s]["per_predicate_R@100"], dtype=float)
-                           - np.array(base[s]["per_predicate_R@100"], dtype=float) for s in seeds], axis=0)  # (P,)
+        diff, se = per_predicate_difference(base, arm, seeds)
         order = info["order"]
         group_of = {p: g for g, ps in info["groups"].items() for p in ps}
         fig, ax = plt.subplots(figsize=(max(8, 0.32 * len(order)), 4))
         ax.bar(range(len(order)), [100 * np.nan_to_num(diff[p - 1]) for p in order],
+               yerr=None if se is None else [100 * np.nan_to_num(se[p - 1]) for p in order],
+               error_kw=dict(lw=0.8, capsize=2, ecolor="black"),
                color=[colours.get(group_of.get(p), "grey") for p in order])
         ax.set_xticks(range(len(order)), [info["idx_to_predicate"][p] for p in order], rotation=90, fontsize=8)
         ax.axhline(0, color="black", lw=0.8)
         ax.set_ylabel("R@100 difference (points)")
         better = int(np.sum(diff > 0))
-        ax.set_title(f"{title}: per-predicate test R@100, mean over {len(seeds)} paired seed(s)\n"
-                     f"better on {better} of {len(order)} predicates", fontsize=10)
+        ax.set_title(f"{title}: per-predicate test R@100, mean over {len(seeds)} paired seed(s)"
+                     + ("" if se is None else " ± SE over seeds")
+                     + f"\nbetter on {better} of {len(order)} predicates", fontsize=10)
         ax.legend(handles=[Patch(color=c, label=g) for g, c in colours.items()], fontsize=8)
         fig.tight_layout()
         name = f"figure5_{model}_{mode}.png"
@@ -537,16 +594,20 @@ def figure4(ckpt, out, image_index=0, head=0):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("command", choices=["list", "run", "report", "verify", "bench", "figure4", "variance"])
+    ap.add_argument("command", choices=["list", "run", "report", "verify", "bench", "figure4", "variance", "spread"])
     ap.add_argument("what", nargs="*", help="tables (table1..table5), run names or patterns; bench and "
                                             "variance: motifs|sgtr")
     ap.add_argument("--seeds", default=",".join(map(str, SEEDS)), help="comma-separated seeds (default 0,1,2,3)")
+    ap.add_argument("--data", choices=list(STUDIES), default=None,
+                    help="which study: vgshape (the default) or synthetic; report without it writes both")
     ap.add_argument("--jobs", type=int, default=1, choices=[1, 2], help="runs at once, each on its own core")
-    ap.add_argument("--results", default=os.path.join(ROOT, "results"), help="where finished runs are kept")
-    ap.add_argument("--runs-dir", default="runs/study", help="where runs train (checkpoints), relative to the repo")
+    ap.add_argument("--results", default="", help="where finished runs are kept (default results/<data>)")
+    ap.add_argument("--runs-dir", default="", help="where runs train (checkpoints), relative to the repo "
+                                                   "(default runs/study-vgshape; runs/study for synthetic)")
     ap.add_argument("--extra", default="", help="flags appended to every run's command (e.g. a smoke budget)")
     ap.add_argument("--threads", type=int, default=1, help="bench: torch CPU threads")
-    ap.add_argument("--mode", default="predcls", choices=["predcls", "sgcls", "sgdet"], help="bench motifs: protocol")
+    ap.add_argument("--mode", default="predcls", choices=["predcls", "sgcls", "sgdet"],
+                    help="bench and spread motifs: the protocol")
     ap.add_argument("--detector", default="", help="bench motifs: a trained detector file (its cache) for sgdet")
     ap.add_argument("--ckpt", default="", help="figure4: an SGTR checkpoint (a run's ckpt_best.pt)")
     a = ap.parse_args(argv)
@@ -555,14 +616,23 @@ def main(argv=None):
     except ValueError:
         raise SystemExit(f"error: --seeds must be comma-separated integers like 0,1,2, got {a.seeds!r}")
     extra = shlex.split(a.extra)
-    runs = study_runs(seeds)
+    if a.command == "report" and a.data is None and not a.results:
+        return report_all()
+    study = a.data or "vgshape"
+    a.results = a.results or os.path.join(ROOT, STUDIES[study]["results"])
+    a.runs_dir = a.runs_dir or STUDIES[study]["runs_dir"]
+    runs = study_runs(seeds, study)
     if a.command == "report":
-        return report(a.results)
+        return report(a.results, study)
     if a.command == "figure4":
         if not a.ckpt:
             raise SystemExit("error: figure4 needs --ckpt PATH (an SGTR run's ckpt_best.pt)")
         os.makedirs(a.results, exist_ok=True)
         return figure4(a.ckpt, os.path.join(a.results, "figure4_masking.png"))
+    if a.command == "spread":
+        if len(a.what) != 1 or a.what[0] not in ("motifs", "sgtr"):
+            raise SystemExit("error: spread takes one model: python study.py spread motifs|sgtr [--mode M]")
+        return print(spread(a.results, a.runs_dir, a.what[0], a.mode if a.what[0] == "motifs" else "sgdet"))
     if a.command == "variance":
         if len(a.what) != 1 or a.what[0] not in ("motifs", "sgtr"):
             raise SystemExit("error: variance takes one model: python study.py variance motifs|sgtr")
@@ -722,7 +792,10 @@ def weighted_recalls(e, w, num_predicates):
 
 # Half the mR@50 gain the paper reports (Motifs PredCls 19.8 -> 21.7, SGTR SGDet 12.0 -> 12.7): the standard
 # error a comparison needs to tell an effect of the paper's size from none.
-TARGET_SE = {"motifs": 0.95, "sgtr": 0.35}
+TARGET_SE = {"motifs": 0.95, "sgtr": 0.35,
+             # the VG-shaped study's targets, half the paper's gain in each (Table 2: SGCls 8.9 -> 10.5,
+             # SGDet 5.9 -> 6.4; PredCls and SGTR as above)
+             "motifs-predcls": 0.95, "motifs-sgcls": 0.8, "motifs-sgdet": 0.25}
 
 
 def variance(results, runs_dir, model, mode, boot=2000, draws=200):
@@ -804,6 +877,69 @@ def variance(results, runs_dir, model, mode, boot=2000, draws=200):
         i = int(key == "mR@50")
         one = np.sqrt(np.mean([np.var(100 * weighted_recalls(e, w_boot, P)[i], ddof=1) for e in ent.values()]))
         lines += ["", f"One run's test {key}, bootstrap SD (root mean square over the runs): {one:.2f}", ""]
+    return "\n".join(lines)
+
+
+def val_curve(log_file):
+    """[(iteration, validation mR@50 as a fraction)] from a run's log.txt (SGTR prints percent)."""
+    import re
+    curve = []
+    for line in open(log_file, encoding="utf-8"):
+        m = re.match(r"val it (\d+) \| mR@50 ([\d.]+)", line)
+        if m:
+            v = float(m.group(2))
+            curve.append((int(m.group(1)), v / 100 if v > 1 else v))
+    return curve
+
+
+def spread(results, runs_dir, model, mode, boot=2000):
+    """A study's protocol before any aligned run exists (docs/variance.md): from baseline runs alone, the
+    noise a paired difference will have. Two baselines of different seeds differ by what an aligned run and
+    its baseline differ by when the method does nothing: another seed's training and the same test images.
+    So their difference, seed against seed, estimates the SD of the paired difference, and a paired
+    bootstrap over test images gives the part of it that the test sample makes (which more seeds do not
+    remove). Also each run's validation curve, for the schedule. -> markdown text."""
+    _, res, _ = load_results(results)
+    base = res.get((model, mode, "baseline"), {})
+    seeds = sorted(base)
+    if len(seeds) < 2:
+        raise SystemExit(f"error: spread needs >= 2 seeds of the {model} {mode} baseline in {results}")
+    target = TARGET_SE[model if model == "sgtr" else f"motifs-{mode}"]
+    lines = [f"{model} {mode}: {len(seeds)} baseline seeds ({', '.join(map(str, seeds))}). Points of %.", "",
+             "Validation mR@50 (log.txt) at each check:", "",
+             "| seed | " + " | ".join(f"it {i}" for i, _ in val_curve(os.path.join(results, f"{model}-{mode}-baseline-seed{seeds[0]}", "log.txt"))) + " |"]
+    lines.append("|---" * (len(lines[-1].split("|")) - 2) + "|")
+    for s in seeds:
+        curve = val_curve(os.path.join(results, f"{model}-{mode}-baseline-seed{s}", "log.txt"))
+        lines.append(f"| {s} | " + " | ".join(f"{100 * v:.2f}" for _, v in curve) + " |")
+    lines += ["", "| checkpoint | metric | per seed | SD over seeds | SD of a two-seed difference (√2 SD) "
+              "| its test-sample part (paired bootstrap) | pairs for SE <= " + f"{target} |", "|---" * 7 + "|"]
+    rng = np.random.default_rng(0)
+    for which in ("last", "best"):
+        ent = {}
+        for s in seeds:
+            recs, summ = test_records(f"{model}-{mode}-baseline-seed{s}", runs_dir, which)
+            m = base[s] if which == "best" else base[s].get("final", {})
+            for key in ("R@50", "mR@50"):   # the re-evaluation is the run's own test, to the last digit
+                if key in m and abs(m[key] - summ[key]) > 1e-12:
+                    raise SystemExit(f"error: {model}-{mode}-baseline-seed{s} {which}: re-evaluated {key} "
+                                     f"{summ[key]} != metrics.json's {m[key]}")
+            ent[s] = recall_entries(recs, 1)
+        I = len(ent[seeds[0]]["img_recall"])
+        P = len(base[seeds[0]]["per_predicate_num_gt"])
+        w = rng.multinomial(I, np.full(I, 1.0 / I), size=boot)   # (B, I): one resample for every run
+        for i, key in enumerate(("R@50", "mR@50")):
+            point = np.array([100 * (base[s] if which == "best" else base[s]["final"])[key] for s in seeds])
+            sd = point.std(ddof=1)
+            booted = np.stack([100 * weighted_recalls(ent[s], w, P)[i] for s in seeds])   # (seeds, B)
+            pairs = [(a, b) for a in range(len(seeds)) for b in range(a + 1, len(seeds))]
+            test_part = np.sqrt(np.mean([np.var(booted[a] - booted[b], ddof=1) for a, b in pairs]))
+            sd_diff = max(np.sqrt(2) * sd, test_part)
+            lines.append(f"| {which} | {key} | " + ", ".join(f"{v:.2f}" for v in point)
+                         + f" | {sd:.2f} | {np.sqrt(2) * sd:.2f} | {test_part:.2f} | "
+                         f"{max(2, int(np.ceil((sd_diff / target) ** 2)))} |")
+    lines += ["", f"The test split has {I} images with relations; {boot} bootstrap resamples. Pairs needed: "
+              "(max(√2 SD, test-sample part) / target)², at least 2.", ""]
     return "\n".join(lines)
 
 

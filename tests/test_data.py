@@ -708,7 +708,7 @@ def _digest(root):
 
 
 def test_small_synthetic_data_is_byte_identical_to_the_studys(tmp_path):
-    # Every results/*/command.txt ran on the small data: its files must never change (a change needs a new
+    # Every results/synthetic/*/command.txt ran on the small data: its files must never change (a change needs a new
     # SYNTHETIC_VERSION and a new study). The digest was taken with the generator as the study ran it.
     root = scenes.generate(str(tmp_path / "s"), seed=3, num_train=24, num_test=8, verbose=False)
     assert _digest(root) == "905853efe02dd2154738d73d0b84b734835a44fbaa935c515fc208700aa8f250"

@@ -27,16 +27,16 @@ def test_the_readme_reads_in_ten_minutes():
 
 def test_the_readmes_log_line_is_in_a_committed_log():
     line = re.search(r"`(it \d+/\d+ \| loss [^`]+)`", read("README.md")).group(1)
-    logs = glob.glob(os.path.join(ROOT, "results", "*", "log.txt")) + [os.path.join(ROOT, "docs", "quickstart", "log.txt")]
+    logs = glob.glob(os.path.join(ROOT, "results", "*", "*", "log.txt")) + [os.path.join(ROOT, "docs", "quickstart", "log.txt")]
     assert any(line in read(p) for p in logs), line
 
 
 def test_the_quick_start_numbers_are_its_committed_runs_and_the_spread_the_studys():
     """The README's quick-start numbers are docs/quickstart/metrics.json's (that command's run); the spread over
-    seeds is that of the study's runs of the same command, results/motifs-predcls-align-seed*."""
+    seeds is that of the study's runs of the same command, results/synthetic/motifs-predcls-align-seed*."""
     readme = read("README.md")
     quick = json.loads(read("docs/quickstart/metrics.json"))
-    runs = [json.loads(read(f"results/motifs-predcls-align-seed{s}/metrics.json")) for s in range(4)]
+    runs = [json.loads(read(f"results/synthetic/motifs-predcls-align-seed{s}/metrics.json")) for s in range(4)]
     said = re.search(r"\*\*PredCls R@20 ([\d.]+), R@50 ([\d.]+), R@100 ([\d.]+), mR@20 ([\d.]+), mR@50 ([\d.]+), "
                      r"mR@100 ([\d.]+), zsR@50 ([\d.]+)", " ".join(readme.split()))
     keys = ("R@20", "R@50", "R@100", "mR@20", "mR@50", "mR@100", "zsR@50")

@@ -40,6 +40,34 @@ def test_the_study_names_every_table_with_paired_arms():
         "sgtr-sgdet-baseline-seed1", "sgtr-sgdet-align-seed1", "sgtr-sgdet-sa-seed1", "sgtr-sgdet-ph-seed1"]
 
 
+def test_the_vg_shaped_study_is_the_same_runs_on_its_data_in_its_own_folders():
+    small, vg = study.study_runs(study="synthetic"), study.study_runs(study="vgshape")
+    # Tables 1-3 only (the p and lambda sweeps stay on the small data), each run the small study's run of the
+    # same name with the VG-shaped data's flags added before the seed
+    assert {t for r in vg for t in r["tables"]} == {"table1", "table2", "table3"}
+    same = {r["name"]: r for r in small}
+    for r in vg:
+        s, flags = same[r["name"]], study.STUDIES["vgshape"]["flags"] + study.STUDIES["vgshape"].get(
+            f"{r['model']}_flags", [])
+        assert r["args"] == s["args"][:-2] + flags + s["args"][-2:] or (
+            r["arm"] == "FREQ" and r["args"] == s["args"] + flags)
+    assert study.STUDIES["vgshape"]["flags"][:2] == ["--data", "vgshape"]
+    assert len({s["results"] for s in study.STUDIES.values()}) == len({s["runs_dir"] for s in study.STUDIES.values()}) == 2
+
+
+def test_figure5_bars_are_paired_means_with_their_standard_error_over_seeds():
+    base = {0: {"per_predicate_R@100": [0.5, 0.2, float("nan")]}, 1: {"per_predicate_R@100": [0.4, 0.2, float("nan")]},
+            2: {"per_predicate_R@100": [0.6, 0.1, float("nan")]}}
+    arm = {0: {"per_predicate_R@100": [0.6, 0.2, float("nan")]}, 1: {"per_predicate_R@100": [0.4, 0.5, float("nan")]},
+           2: {"per_predicate_R@100": [0.8, 0.1, float("nan")]}}
+    mean, se = study.per_predicate_difference(base, arm, [0, 1, 2])
+    d0 = np.array([0.1, 0.0, 0.2])   # predicate 1's paired differences; predicate 2's are 0, 0.3, 0
+    np.testing.assert_allclose(mean[:2], [0.1, 0.1])
+    np.testing.assert_allclose(se[:2], [d0.std(ddof=1) / np.sqrt(3), np.array([0, 0.3, 0]).std(ddof=1) / np.sqrt(3)])
+    assert np.isnan(mean[2]) and np.isnan(se[2])   # absent from the test split: no bar
+    assert study.per_predicate_difference(base, arm, [1])[1] is None
+
+
 def test_a_name_that_matches_nothing_is_one_line_error():
     r = cli("list", "motifs-predcls-nothing")
     assert r.returncode != 0 and r.stderr.strip().count("\n") == 0
@@ -94,12 +122,12 @@ def test_report_prints_what_changed_and_where_it_wrote_not_the_file(tmp_path, ca
                    "train_counts": [0] + list(range(25, 0, -1)), "order": list(range(1, 26)),
                    "groups": {"head": [1], "body": [2], "tail": list(range(3, 26))}}, f)
     readme = os.path.join(res, "README.md")
-    study.report(res)
+    study.report(res, "synthetic")
     first = capsys.readouterr().out
-    study.report(res)
+    study.report(res, "synthetic")
     again = capsys.readouterr().out
     fake(res, "a2", "motifs", "predcls", "align", 2, {"mR@50": 0.5, "R@50": 0.6})
-    study.report(res)
+    study.report(res, "synthetic")
     changed = capsys.readouterr().out
     for out in (first, again, changed):   # what changed and where it went, not the file's tables
         assert "| run |" not in out and out.splitlines()[-1].startswith(f"wrote {readme} and "), out
@@ -120,7 +148,7 @@ def test_a_run_without_the_last_iterations_metrics_is_one_line_error(tmp_path):
                    "wall_seconds": 1.0, "cpu_seconds": 1.0}, f)
     with open(tmp_path / "old" / "metrics.json", "w") as f:
         json.dump({"mR@50": 0.4}, f)
-    r = cli("report", "--results", str(tmp_path))
+    r = cli("report", "--results", str(tmp_path), "--data", "synthetic")
     assert r.returncode != 0 and r.stderr.strip().count("\n") == 0 and 'has no "final"' in r.stderr
 
 
@@ -166,7 +194,7 @@ def test_reweighted_recalls_are_the_evaluators_with_images_repeated():
 def test_run_collect_skip_verify_and_report(tmp_path):
     results, runs = str(tmp_path / "results"), str(tmp_path / "runs")
     env = {"SGG_ALIGN_CACHE": str(tmp_path / "cache")}
-    args = ["--seeds", "0", "--results", results, "--runs-dir", runs, "--extra", TINY]
+    args = ["--data", "synthetic", "--seeds", "0", "--results", results, "--runs-dir", runs, "--extra", TINY]
     killed = os.path.join(runs, "motifs-predcls-align-seed0")   # as left by a run killed before its 1st checkpoint
     os.makedirs(killed)
     with open(os.path.join(killed, "args.json"), "w") as f:
@@ -202,7 +230,7 @@ def test_run_collect_skip_verify_and_report(tmp_path):
         assert json.load(f)["cpu_seconds"] is None
     r = cli("verify", "motifs-predcls-align-seed0", *args, env=env)
     assert r.returncode == 0 and "metrics.json identical" in r.stdout, r.stdout + r.stderr
-    r = cli("report", "--results", results)
+    r = cli("report", "--results", results, "--data", "synthetic")
     assert r.returncode == 0, r.stderr
     with open(os.path.join(results, "motifs-predcls-align-seed0", "metrics.json")) as f:
         m = json.load(f)
