@@ -632,7 +632,7 @@ def main(argv=None):
     if a.command == "spread":
         if len(a.what) != 1 or a.what[0] not in ("motifs", "sgtr"):
             raise SystemExit("error: spread takes one model: python study.py spread motifs|sgtr [--mode M]")
-        return print(spread(a.results, a.runs_dir, a.what[0], a.mode if a.what[0] == "motifs" else "sgdet"))
+        return print(spread(a.results, a.what[0], a.mode if a.what[0] == "motifs" else "sgdet"))
     if a.command == "variance":
         if len(a.what) != 1 or a.what[0] not in ("motifs", "sgtr"):
             raise SystemExit("error: variance takes one model: python study.py variance motifs|sgtr")
@@ -884,7 +884,7 @@ def val_curve(log_file):
     """[(iteration, validation mR@50 as a fraction)] from a run's log.txt (SGTR prints percent)."""
     import re
     curve = []
-    for line in open(log_file, encoding="utf-8"):
+    for line in open(log_file, encoding="utf-8") if os.path.isfile(log_file) else []:
         m = re.match(r"val it (\d+) \| mR@50 ([\d.]+)", line)
         if m:
             v = float(m.group(2))
@@ -892,55 +892,38 @@ def val_curve(log_file):
     return curve
 
 
-def spread(results, runs_dir, model, mode, boot=2000):
+def spread(results, model, mode):
     """A study's protocol before any aligned run exists (docs/variance.md): from baseline runs alone, the
-    noise a paired difference will have. Two baselines of different seeds differ by what an aligned run and
-    its baseline differ by when the method does nothing: another seed's training and the same test images.
-    So their difference, seed against seed, estimates the SD of the paired difference, and a paired
-    bootstrap over test images gives the part of it that the test sample makes (which more seeds do not
-    remove). Also each run's validation curve, for the schedule. -> markdown text."""
-    _, res, _ = load_results(results)
+    noise a paired difference will have, and each baseline's validation curve, for the schedule. Two
+    baselines of different seeds differ by what an aligned run and its baseline differ by when the method
+    does nothing: another seed's training, tested on the same images. So the SD of the paired difference is
+    estimated by √2 times the SD of the baselines over seeds (with two seeds, by their difference; one
+    degree of freedom, a rough estimate). -> markdown text."""
+    res, _, _ = load_results(results)   # the last iteration's metrics
     base = res.get((model, mode, "baseline"), {})
     seeds = sorted(base)
     if len(seeds) < 2:
         raise SystemExit(f"error: spread needs >= 2 seeds of the {model} {mode} baseline in {results}")
     target = TARGET_SE[model if model == "sgtr" else f"motifs-{mode}"]
-    lines = [f"{model} {mode}: {len(seeds)} baseline seeds ({', '.join(map(str, seeds))}). Points of %.", "",
-             "Validation mR@50 (log.txt) at each check:", "",
-             "| seed | " + " | ".join(f"it {i}" for i, _ in val_curve(os.path.join(results, f"{model}-{mode}-baseline-seed{seeds[0]}", "log.txt"))) + " |"]
-    lines.append("|---" * (len(lines[-1].split("|")) - 2) + "|")
+    curves = {s: val_curve(os.path.join(results, f"{model}-{mode}-baseline-seed{s}", "log.txt")) for s in seeds}
+    its = sorted({i for c in curves.values() for i, _ in c})
+    lines = [f"{model} {mode}: {len(seeds)} baseline seeds. Points of %.", "",
+             "Validation mR@50 (each run's log.txt):", "", "| seed | " + " | ".join(f"it {i}" for i in its) + " |",
+             "|---" * (len(its) + 1) + "|"]
     for s in seeds:
-        curve = val_curve(os.path.join(results, f"{model}-{mode}-baseline-seed{s}", "log.txt"))
-        lines.append(f"| {s} | " + " | ".join(f"{100 * v:.2f}" for _, v in curve) + " |")
-    lines += ["", "| checkpoint | metric | per seed | SD over seeds | SD of a two-seed difference (√2 SD) "
-              "| its test-sample part (paired bootstrap) | pairs for SE <= " + f"{target} |", "|---" * 7 + "|"]
-    rng = np.random.default_rng(0)
-    for which in ("last", "best"):
-        ent = {}
-        for s in seeds:
-            recs, summ = test_records(f"{model}-{mode}-baseline-seed{s}", runs_dir, which)
-            m = base[s] if which == "best" else base[s].get("final", {})
-            for key in ("R@50", "mR@50"):   # the re-evaluation is the run's own test, to the last digit
-                if key in m and abs(m[key] - summ[key]) > 1e-12:
-                    raise SystemExit(f"error: {model}-{mode}-baseline-seed{s} {which}: re-evaluated {key} "
-                                     f"{summ[key]} != metrics.json's {m[key]}")
-            ent[s] = recall_entries(recs, 1)
-        I = len(ent[seeds[0]]["img_recall"])
-        P = len(base[seeds[0]]["per_predicate_num_gt"])
-        w = rng.multinomial(I, np.full(I, 1.0 / I), size=boot)   # (B, I): one resample for every run
-        for i, key in enumerate(("R@50", "mR@50")):
-            point = np.array([100 * (base[s] if which == "best" else base[s]["final"])[key] for s in seeds])
-            sd = point.std(ddof=1)
-            booted = np.stack([100 * weighted_recalls(ent[s], w, P)[i] for s in seeds])   # (seeds, B)
-            pairs = [(a, b) for a in range(len(seeds)) for b in range(a + 1, len(seeds))]
-            test_part = np.sqrt(np.mean([np.var(booted[a] - booted[b], ddof=1) for a, b in pairs]))
-            sd_diff = max(np.sqrt(2) * sd, test_part)
-            lines.append(f"| {which} | {key} | " + ", ".join(f"{v:.2f}" for v in point)
-                         + f" | {sd:.2f} | {np.sqrt(2) * sd:.2f} | {test_part:.2f} | "
-                         f"{max(2, int(np.ceil((sd_diff / target) ** 2)))} |")
-    lines += ["", f"The test split has {I} images with relations; {boot} bootstrap resamples. Pairs needed: "
-              "(max(√2 SD, test-sample part) / target)², at least 2.", ""]
-    return "\n".join(lines)
+        c = dict(curves[s])
+        lines.append(f"| {s} | " + " | ".join(f"{100 * c[i]:.2f}" if i in c else "-" for i in its) + " |")
+    lines += ["", "Last iteration's weights (the study's protocol):", "",
+              f"| metric | per seed | SD over seeds | SD of a paired difference (√2 SD) | pairs for SE <= {target} |",
+              "|---" * 5 + "|"]
+    for key in ("mR@50", "R@50", "val_mR@50"):
+        if not all(key in base[s] for s in seeds):
+            continue
+        v = np.array([100 * base[s][key] for s in seeds])
+        sd = v.std(ddof=1)
+        lines.append(f"| {key} | " + ", ".join(f"{x:.2f}" for x in v) + f" | {sd:.2f} | {np.sqrt(2) * sd:.2f} | "
+                     + f"{max(2, int(np.ceil((np.sqrt(2) * sd / target) ** 2)))} |")
+    return "\n".join(lines + [""])
 
 
 # ----------------------------------------------------------------------------------------------

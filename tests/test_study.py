@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -66,6 +67,20 @@ def test_figure5_bars_are_paired_means_with_their_standard_error_over_seeds():
     np.testing.assert_allclose(se[:2], [d0.std(ddof=1) / np.sqrt(3), np.array([0, 0.3, 0]).std(ddof=1) / np.sqrt(3)])
     assert np.isnan(mean[2]) and np.isnan(se[2])   # absent from the test split: no bar
     assert study.per_predicate_difference(base, arm, [1])[1] is None
+
+
+def test_spread_from_two_baselines_is_the_paired_difference_noise_and_the_seeds_it_needs(tmp_path):
+    res = str(tmp_path)
+    fake(res, "motifs-sgcls-baseline-seed0", "motifs", "sgcls", "baseline", 0, {"mR@50": 0.100, "R@50": 0.30})
+    fake(res, "motifs-sgcls-baseline-seed1", "motifs", "sgcls", "baseline", 1, {"mR@50": 0.115, "R@50": 0.31})
+    with open(os.path.join(res, "motifs-sgcls-baseline-seed1", "log.txt"), "w") as f:
+        f.write("val it 250 | mR@50 0.0900 | best 0.0900 (saved)\nval it 500 | mR@50 0.1100 | best 0.1100 (saved)\n")
+    text = study.spread(res, "motifs", "sgcls")
+    # two seeds 1.5 points apart: SD 1.06, a paired difference's SD 1.5, (1.5 / 0.8)^2 = 3.5 -> 4 pairs
+    assert "| mR@50 | 10.00, 11.50 | 1.06 | 1.50 | 4 |" in text
+    assert "| 1 | 9.00 | 11.00 |" in text and "| 0 | - | - |" in text   # seed 0 has no log: no curve
+    with pytest.raises(SystemExit, match="needs >= 2 seeds"):
+        study.spread(res, "motifs", "predcls")
 
 
 def test_a_name_that_matches_nothing_is_one_line_error():
