@@ -90,3 +90,27 @@ def test_the_example_errors_are_what_the_scripts_print():
         with pytest.raises(SystemExit) as e:
             S.parse_config(argv)
         assert str(e.value.code) in lines
+
+
+def test_the_readmes_results_tables_are_the_studies_paired_differences():
+    """Each row of the README's two results tables (the VG-shaped study's, then the small data's) is the paired
+    difference aligned − baseline that study.py computes from that study's committed run folders."""
+    import study
+    readme = read("README.md")
+    names = {"Motifs PredCls": ("motifs", "predcls"), "Motifs SGCls": ("motifs", "sgcls"),
+             "Motifs SGDet": ("motifs", "sgdet"), "SGTR SGDet": ("sgtr", "sgdet")}
+    tables = re.findall(r"(\| comparison \| pairs \|[^\n]*\n\|[-|]+\n(?:\|[^\n]*\n)+)", readme)
+    assert len(tables) == 2
+    for table, data in zip(tables, ("vgshape", "synthetic")):
+        res, _, _ = study.load_results(os.path.join(ROOT, "results", data))
+        rows = [[c.strip() for c in line.strip("|").split("|")] for line in table.strip().splitlines()]
+        keys = rows[0][2:]
+        for row in rows[2:]:
+            model, mode = names[row[0]]
+            base, align = res[(model, mode, "baseline")], res[(model, mode, "align")]
+            for key, cell in zip(keys, row[2:]):
+                if key.startswith("paper"):
+                    continue
+                want = study.paired(base, align, key)
+                assert want.endswith(f"(n = {row[1]})"), (data, row[0], want)
+                assert cell.replace("**", "").replace("−", "-") == want.rsplit(" (n =", 1)[0], (data, row[0], key)
