@@ -59,9 +59,14 @@ STUDIES = {
     "vgshape": dict(results="results/vgshape", runs_dir="runs/study-vgshape",
                     flags=["--data", "vgshape", "--feature-cache-gb", "8"], sgtr_flags=["--det-iters", "3000"],
                     motifs_flags=["--iters", "2000"],   # its baseline's validation mR@50 still rose at 1000
+                    note="Its protocol, fixed from baseline runs alone before the first aligned run: Motifs trains "
+                         "2,000 iterations, SGTR's detector 3,000, every run adds `--data vgshape "
+                         "--feature-cache-gb 8`, and each comparison gets at least 4 paired seeds.",
                     title="the VG-shaped data (--data vgshape)", tables=("table1", "table2", "table3")),
     "synthetic": dict(results="results/synthetic", runs_dir="runs/study", flags=[],
                       title="the small built-in data (--data synthetic)",
+                      note="Its runs rerun the frozen detector at every step (`--feature-cache-gb 0`), as the "
+                           "model files did before the feature cache.",
                       tables=("table1", "table2", "table3", "table4", "table5")),
 }
 
@@ -366,6 +371,7 @@ def report(results, study):
              "Every number is of the weights of the last training iteration, in both arms (the protocol that",
              "[docs/variance.md](../../docs/variance.md) chooses); the paper tests the checkpoint with the best",
              "validation mR@50, and the rows 'best-validation checkpoints' give that selection's differences.",
+             STUDIES[study]["note"],
              f"{len(records)} runs, {cpu / 3600:.1f} CPU hours in all"
              + (f" ({untimed} of them collected without a measured time)." if untimed else "."), ""]
     t1 = ["R@50", "R@100", "mR@50", "mR@100", "head_mR@100", "body_mR@100", "tail_mR@100", "F@100",
