@@ -27,6 +27,7 @@ import inspect
 import json
 import os
 import platform
+import re
 import shlex
 import shutil
 import subprocess
@@ -797,12 +798,14 @@ def weighted_recalls(e, w, num_predicates):
     return r, mr
 
 
-# Half the mR@50 gain the paper reports (Motifs PredCls 19.8 -> 21.7, SGTR SGDet 12.0 -> 12.7): the standard
-# error a comparison needs to tell an effect of the paper's size from none.
-TARGET_SE = {"motifs": 0.95, "sgtr": 0.35,
-             # the VG-shaped study's targets, half the paper's gain in each (Table 2: SGCls 8.9 -> 10.5,
-             # SGDet 5.9 -> 6.4; PredCls and SGTR as above)
-             "motifs-predcls": 0.95, "motifs-sgcls": 0.8, "motifs-sgdet": 0.25}
+# Half the mR@50 gain the paper reports (Motifs PredCls 19.8 -> 21.7, SGCls 8.9 -> 10.5, SGDet 5.9 -> 6.4;
+# SGTR SGDet 12.0 -> 12.7): the standard error a comparison needs to tell an effect of the paper's size from none.
+TARGET_SE = {"motifs-predcls": 0.95, "motifs-sgcls": 0.8, "motifs-sgdet": 0.25, "sgtr-sgdet": 0.35}
+
+
+def pairs_needed(sd, target):
+    """Paired seeds for a standard error sd / √n of at most target (at least 2, for an SE at all)."""
+    return max(2, int(np.ceil((sd / target) ** 2)))
 
 
 def variance(results, runs_dir, model, mode, boot=2000, draws=200):
@@ -869,7 +872,7 @@ def variance(results, runs_dir, model, mode, boot=2000, draws=200):
             lines.append(f"| {s} | " + " | ".join(cells) + " |")
         lines += ["", "| checkpoint | mean diff | SD over seeds | SE over seeds | SE from the test sample "
                   f"| SD over seeds, test split /4 | /2 | whole | x4 (fit) | pairs for SE over seeds <= "
-                  f"{TARGET_SE[model]} |",
+                  f"{TARGET_SE[f'{model}-{mode}']} |",
                   "|---" * 10 + "|"]
         for which in ("best", "last"):
             d = full[which][key][0]
@@ -880,7 +883,7 @@ def variance(results, runs_dir, model, mode, boot=2000, draws=200):
                                    np.array([sub[(which, z)][key] ** 2 for z in sizes]), rcond=None)[0]
             lines.append(f"| {which} | {d.mean():+.2f} | {sd:.2f} | {sd / np.sqrt(n):.2f} | {se_test:.2f} | "
                          + " | ".join(f"{sub[(which, z)][key]:.2f}" for z in sizes)
-                         + f" | {np.sqrt(max(a + b / (4 * I), 0)):.2f} | {max(2, int(np.ceil((sd / TARGET_SE[model]) ** 2)))} |")
+                         + f" | {np.sqrt(max(a + b / (4 * I), 0)):.2f} | {pairs_needed(sd, TARGET_SE[f'{model}-{mode}'])} |")
         i = int(key == "mR@50")
         one = np.sqrt(np.mean([np.var(100 * weighted_recalls(e, w_boot, P)[i], ddof=1) for e in ent.values()]))
         lines += ["", f"One run's test {key}, bootstrap SD (root mean square over the runs): {one:.2f}", ""]
@@ -889,7 +892,6 @@ def variance(results, runs_dir, model, mode, boot=2000, draws=200):
 
 def val_curve(log_file):
     """[(iteration, validation mR@50 as a fraction)] from a run's log.txt (SGTR prints percent)."""
-    import re
     curve = []
     for line in open(log_file, encoding="utf-8") if os.path.isfile(log_file) else []:
         m = re.match(r"val it (\d+) \| mR@50 ([\d.]+)", line)
@@ -911,7 +913,7 @@ def spread(results, model, mode):
     seeds = sorted(base)
     if len(seeds) < 2:
         raise SystemExit(f"error: spread needs >= 2 seeds of the {model} {mode} baseline in {results}")
-    target = TARGET_SE[model if model == "sgtr" else f"motifs-{mode}"]
+    target = TARGET_SE[f"{model}-{mode}"]
     curves = {s: val_curve(os.path.join(results, f"{model}-{mode}-baseline-seed{s}", "log.txt")) for s in seeds}
     its = sorted({i for c in curves.values() for i, _ in c})
     lines = [f"{model} {mode}: {len(seeds)} baseline seeds. Points of %.", "",
@@ -929,7 +931,7 @@ def spread(results, model, mode):
         v = np.array([100 * base[s][key] for s in seeds])
         sd = v.std(ddof=1)
         lines.append(f"| {key} | " + ", ".join(f"{x:.2f}" for x in v) + f" | {sd:.2f} | {np.sqrt(2) * sd:.2f} | "
-                     + f"{max(2, int(np.ceil((np.sqrt(2) * sd / target) ** 2)))} |")
+                     + f"{pairs_needed(np.sqrt(2) * sd, target)} |")
     return "\n".join(lines + [""])
 
 
