@@ -618,7 +618,8 @@ def main(argv=None):
                     help="bench and spread motifs: the protocol")
     ap.add_argument("--detector", default="", help="bench motifs: a trained detector file (its cache) for sgdet")
     ap.add_argument("--ckpt", default="", help="figure4: an SGTR checkpoint (a run's ckpt_best.pt)")
-    a = ap.parse_args(argv)
+    # intermixed: options may come before the names too (`run --data synthetic table1`), as the docs write it
+    a = ap.parse_intermixed_args(argv)
     try:
         seeds = [int(s) for s in a.seeds.split(",")]
     except ValueError:

@@ -89,6 +89,14 @@ def test_a_name_that_matches_nothing_is_one_line_error():
     assert "motifs-predcls-nothing names no run" in r.stderr
 
 
+def test_options_may_come_before_the_names():
+    # `study.py list --data synthetic table2`, as the docs write it, once failed: argparse had given the
+    # names' slot its empty list at `list` and then refused `table2` as unrecognized
+    before, after = cli("list", "--data", "synthetic", "table2"), cli("list", "table2", "--data", "synthetic")
+    assert before.returncode == 0, before.stderr
+    assert before.stdout == after.stdout and "motifs-sgcls-freq" in before.stdout
+
+
 def fake(results, name, model, mode, arm, seed, values, per_predicate=None):
     os.makedirs(os.path.join(results, name))
     with open(os.path.join(results, name, "run.json"), "w") as f:
