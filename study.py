@@ -340,8 +340,17 @@ def arm_table(lines, res, model, mode, arms, keys, paper=None, best=None, betwee
 
 
 def report_all():
-    """python study.py report: each study's README.md and figures, then results/README.md, which points to
-    them (the VG-shaped study first)."""
+    """python study.py report: each study's README.md and figures, then the index above them."""
+    for study, s in STUDIES.items():
+        folder = os.path.join(ROOT, s["results"])
+        if os.path.isdir(folder):
+            report(folder, study)
+    write_index()
+
+
+def write_index():
+    """results/README.md, which points to each study's folder (the VG-shaped study first) with its count of
+    finished runs. Every report of a study in its own folder rewrites it, so the count cannot go stale."""
     lines = ["# The reproduction studies", "",
              "Two studies, the same runs of the paper's tables on two built-in datasets (docs/data.md), each in",
              "its own folder, written by `python study.py report`:", ""]
@@ -349,7 +358,7 @@ def report_all():
         folder = os.path.join(ROOT, s["results"])
         if not os.path.isdir(folder):
             continue
-        n = report(folder, study)
+        n = sum(os.path.isfile(os.path.join(folder, name, "run.json")) for name in os.listdir(folder))
         lines.append(f"- [{os.path.basename(folder)}/]({os.path.basename(folder)}/README.md): {s['title']}, "
                      f"{n} runs")
     lines += ["", "[docs/results.md](../docs/results.md) reads them; [docs/variance.md](../docs/variance.md) "
@@ -607,7 +616,8 @@ def main(argv=None):
                                             "variance: motifs|sgtr")
     ap.add_argument("--seeds", default=",".join(map(str, SEEDS)), help="comma-separated seeds (default 0,1,2,3)")
     ap.add_argument("--data", choices=list(STUDIES), default=None,
-                    help="which study: vgshape (the default) or synthetic; report without it writes both")
+                    help="which study: vgshape (the default) or synthetic; report without it writes both, "
+                         "with it that study and the index results/README.md")
     ap.add_argument("--jobs", type=int, default=1, choices=[1, 2], help="runs at once, each on its own core")
     ap.add_argument("--results", default="", help="where finished runs are kept (default results/<data>)")
     ap.add_argument("--runs-dir", default="", help="where runs train (checkpoints), relative to the repo "
@@ -632,7 +642,10 @@ def main(argv=None):
     a.runs_dir = a.runs_dir or STUDIES[study]["runs_dir"]
     runs = study_runs(seeds, study)
     if a.command == "report":
-        return report(a.results, study)
+        report(a.results, study)
+        if os.path.abspath(a.results) == os.path.abspath(os.path.join(ROOT, STUDIES[study]["results"])):
+            write_index()   # its run count for this study changed too (a --results elsewhere leaves it)
+        return
     if a.command == "figure4":
         if not a.ckpt:
             raise SystemExit("error: figure4 needs --ckpt PATH (an SGTR run's ckpt_best.pt)")

@@ -2,6 +2,7 @@
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -162,6 +163,35 @@ def test_report_prints_what_changed_and_where_it_wrote_not_the_file(tmp_path, ca
     assert "5 runs" in lines[0] and f"{len(lines) - 2} of {len(titles) + 1} sections changed:" in lines[0], changed
     assert {t.strip() for t in lines[1:-1]} <= titles | {"(the introduction)"}
     assert "  Table 2: Motifs vs Align-Motifs, predcls (test, %)" in lines
+
+
+def test_reporting_one_study_rewrites_the_index_of_both(tmp_path, monkeypatch, capsys):
+    """results/README.md counts each study's runs; reporting one study alone must not leave it stale."""
+    monkeypatch.setattr(study, "ROOT", str(tmp_path))
+    syn, vgs = (str(tmp_path / study.STUDIES[s]["results"]) for s in ("synthetic", "vgshape"))
+    os.makedirs(vgs)
+    for s in range(3):   # the other study: counted, not reported
+        fake(vgs, f"v{s}", "motifs", "predcls", "baseline", s, {"mR@50": 0.3, "R@50": 0.6})
+    for s in range(2):
+        fake(syn, f"b{s}", "motifs", "predcls", "baseline", s, {"mR@50": 0.40 + s / 100, "R@50": 0.6})
+    with open(os.path.join(syn, "dataset.json"), "w") as f:   # the predicates, so no dataset is generated
+        json.dump({"idx_to_predicate": ["__background__"] + [f"p{i}" for i in range(1, 26)],
+                   "train_counts": [0] + list(range(25, 0, -1)), "order": list(range(1, 26)),
+                   "groups": {"head": [1], "body": [2], "tail": list(range(3, 26))}}, f)
+    index = tmp_path / "results" / "README.md"
+    study.main(["report", "--data", "synthetic"])
+    text = index.read_text()
+    assert "(--data synthetic), 2 runs" in text and "(--data vgshape), 3 runs" in text, text
+    assert text.index("vgshape/") < text.index("synthetic/")   # the VG-shaped study first
+    fake(syn, "a0", "motifs", "predcls", "align", 0, {"mR@50": 0.42, "R@50": 0.6})
+    study.main(["report", "--data", "synthetic"])
+    assert "(--data synthetic), 3 runs" in index.read_text()
+    elsewhere = str(tmp_path / "mine")   # a study of the user's own, outside results/: the index is left
+    fake(elsewhere, "a1", "motifs", "predcls", "align", 1, {"mR@50": 0.42, "R@50": 0.6})
+    shutil.copy(os.path.join(syn, "dataset.json"), elsewhere)
+    before = index.read_text()
+    study.main(["report", "--data", "synthetic", "--results", elsewhere])
+    assert index.read_text() == before and os.path.isfile(os.path.join(elsewhere, "README.md"))
 
 
 def test_a_run_without_the_last_iterations_metrics_is_one_line_error(tmp_path):
