@@ -141,7 +141,7 @@ class Mirror(nn.Module):
         if not self.tied:
             # PAPER: (sections 3.1.2, 3.2): untied projection heads for the mirror's relation, subject
             # and object distributions; --tied-head uses the original's (Table 3 "PH").
-            self.pred_class = nn.Linear(cfg.d_model, num_predicates)  # (.., P + 1)
+            self.pred_class = nn.Linear(cfg.d_model, predicate_outputs(cfg, num_predicates))  # (.., P + 1) or (.., P)
             self.sub_class = nn.Linear(cfg.d_model, num_classes)  # (.., C + 1)
             self.obj_class = nn.Linear(cfg.d_model, num_classes)  # (.., C + 1)
         # PAPER: (section 7): a fresh mask per cross-attention block, per layer and per step. The seeds
@@ -171,8 +171,9 @@ class Mirror(nn.Module):
 
 def alignment_loss(target, mirror, kind, tg=None, cfg=None):
     """L_align from one decoder layer's predictions: `target` the original's, `mirror` the mirror's,
-    each with pred_logits (B, Qp, P+1) and sub_logits / obj_logits (B, Qp, C+1). kind: 'kl' (the
-    paper) or 'supervised' (the ablation; it needs the targets tg and cfg's loss weights)."""
+    each with pred_logits (B, Qp, P+1), or (B, Qp, P) with the focal predicate head, and sub_logits /
+    obj_logits (B, Qp, C+1). kind: 'kl' (the paper) or 'supervised' (the ablation; it needs the targets
+    tg). cfg: the run's Config (its loss weights, and which predicate head it has)."""
     if kind == "supervised":
         # PAPER: (section 4.3, Table 3 "SA"): the same supervised SGTR loss on the mirror instead of KL.
         return predicate_loss(mirror, tg, cfg)
@@ -181,10 +182,27 @@ def alignment_loss(target, mirror, kind, tg=None, cfg=None):
     # (section 3.1.2), hence the detach.
     loss = 0.0
     for key in ("pred_logits", "sub_logits", "obj_logits"):
+        if key == "pred_logits" and cfg is not None and cfg.pred_loss == "focal":
+            # PAPER: Eq. (2) for the sigmoid predicate head (--pred-loss focal, SGTR's VG setting). The paper
+            # says P is "the probability distribution over possible relationships", not what it is for a head
+            # of P independent sigmoids. We take the distribution that head models, P independent Bernoullis,
+            # whose KL is the sum of the per-predicate Bernoulli KLs (KL adds over independent factors). A
+            # softmax over the P logits would ignore how sure a query is that there is any relation at all,
+            # which is what ranks the triplets (sigmoid x entity scores).
+            loss = loss + bernoulli_kl(target[key].detach(), mirror[key]).sum(-1).mean()
+            continue
         log_q = F.log_softmax(mirror[key], -1)  # (B, Qp, P+1 or C+1)
         p = F.softmax(target[key].detach(), -1)
         loss = loss + F.kl_div(log_q, p, reduction="none").sum(-1).mean()
     return loss
+
+
+def bernoulli_kl(target_logits, logits):
+    """KL(Bernoulli(sigmoid(target_logits)) || Bernoulli(sigmoid(logits))), elementwise, same shape out.
+    log p = logsigmoid(z) and log(1 - p) = logsigmoid(-z) keep it finite for saturated logits."""
+    p = target_logits.sigmoid()
+    return (p * (F.logsigmoid(target_logits) - F.logsigmoid(logits))
+            + (1 - p) * (F.logsigmoid(-target_logits) - F.logsigmoid(-logits)))
 
 
 def train_step(model, images, targets, cfg):
@@ -337,6 +355,10 @@ class Config:
     """box GIoU loss"""
     eos_coef: float = 0.1
     """weight of the background / no-relation class"""
+    pred_loss: str = "softmax"
+    """predicate classifier: 'softmax' (P+1 classes, 'no relation' weighted by eos_coef) or 'focal' (P sigmoids, SGTR's VG config)"""
+    post_process: str = "ours"
+    """test-time triplets: 'ours' (all predicates of each query's K x K entity pairs, one per pair) or 'sgtr' (SGTR's list, which its R@K counts)"""
 
 
 PRESETS = {
@@ -406,6 +428,10 @@ def check_config(cfg: Config):
         fail("--device cuda: this machine has no CUDA device (use --device cpu)")
     if cfg.entity_queries not in ("select", "anchors"):
         fail(f"--entity-queries must be select or anchors, not {cfg.entity_queries!r}")
+    if cfg.post_process not in ("ours", "sgtr"):
+        fail(f"--post-process must be ours or sgtr, not {cfg.post_process!r}")
+    if cfg.pred_loss not in ("softmax", "focal"):
+        fail(f"--pred-loss must be softmax or focal, not {cfg.pred_loss!r}")
     if cfg.align_loss not in ("kl", "supervised"):
         fail(f"--align-loss must be kl or supervised, not {cfg.align_loss!r}")
     if not 0.0 <= cfg.mask_p < 1.0:
@@ -681,6 +707,18 @@ DETECTOR_MODULES = ("backbone", "input_proj", "encoder", "ent_anchor", "ent_qpos
 DETECTOR_PARTS = tuple(m + "." for m in DETECTOR_MODULES)
 
 
+def predicate_outputs(cfg, num_predicates):
+    """Outputs of the predicate class heads: P + 1 with the softmax loss (column 0 = "no relation"), P with
+    the focal loss (SGTR's VG config: independent sigmoids, "no relation" is all of them low)."""
+    return num_predicates - 1 if cfg.pred_loss == "focal" else num_predicates
+
+
+def predicate_probs(logits, cfg):
+    """Predicate logits (.., P + 1) or (.., P) -> scores (.., P + 1), column 0 "no relation", as the
+    evaluator reads them: the softmax, or the P sigmoids after a column of zeros (SGTR's focal scoring)."""
+    return F.pad(logits.sigmoid(), (1, 0)) if cfg.pred_loss == "focal" else logits.softmax(-1)
+
+
 class SGTR(nn.Module):
     """SGTR for SGDet. With alignment, `self.mirror` is the mirrored structural predicate decoder
     (Mirror); only train_step runs it, on the decoder inputs that forward returns."""
@@ -728,7 +766,7 @@ class SGTR(nn.Module):
         # the structural predicate decoder and its heads (applied at every layer)
         self.pred_decoder = nn.ModuleList(StructuralDecoderLayer(d, h, f, p) for _ in range(cfg.pred_dec_layers))
         self.pred_norms = nn.ModuleList(nn.LayerNorm(d) for _ in range(3))
-        self.pred_class = nn.Linear(d, num_predicates)  # (.., P + 1)
+        self.pred_class = nn.Linear(d, predicate_outputs(cfg, num_predicates))  # (.., P + 1) or (.., P)
         self.rel_vec = MLP(d, d, 4, 3)  # the relation location: subject and object centres (SGTR's rel_vector)
         self.sub_class, self.obj_class = nn.Linear(d, num_classes), nn.Linear(d, num_classes)
         self.sub_box, self.obj_box = MLP(d, d, 4, 3), MLP(d, d, 4, 3)
@@ -1017,8 +1055,12 @@ def predicate_loss(out, tg, cfg):
     predicate class, its location (L1 between the predicted and the GT subject / object centres, SGTR's
     rel_vector), the subject / object classes and the subject / object boxes (SGTR's entity-aware matcher).
     """
-    B, Qp, P1 = out["pred_logits"].shape
+    B, Qp, _ = out["pred_logits"].shape
+    # The matching cost reads a distribution over the predicates, (B, Qp, P+1) with column 0 "no relation":
+    # the softmax, also for the focal head (SGTR's matcher softmaxes its P sigmoid logits too; column 0 zero).
     pp = out["pred_logits"].softmax(-1)
+    if cfg.pred_loss == "focal":
+        pp = F.pad(pp, (1, 0))
     sp, op = out["sub_logits"].softmax(-1), out["obj_logits"].softmax(-1)
     pred_target = torch.zeros(B, Qp, dtype=torch.long, device=pp.device)  # 0 = no relation
     sl, ol, slt, olt, sb, ob, sbt, obt, rv, rvt = [], [], [], [], [], [], [], [], [], []
@@ -1041,16 +1083,32 @@ def predicate_loss(out, tg, cfg):
         sb.append(out["sub_boxes"][b, qi]), ob.append(out["obj_boxes"][b, qi])
         sbt.append(s_box[gi]), obt.append(o_box[gi])
         rv.append(out["rel_vec"][b, qi]), rvt.append(loc[gi])
-    weight = torch.ones(P1, device=pp.device)
-    weight[0] = cfg.eos_coef
     n = num_normaliser(sum(len(t["rels"]) for t in tg), pp.device)
-    loss = cfg.w_cls * F.cross_entropy(out["pred_logits"].flatten(0, 1), pred_target.flatten(), weight)
+    if cfg.pred_loss == "focal":
+        loss = cfg.w_cls * sigmoid_focal_loss(out["pred_logits"], pred_target, n)
+    else:
+        weight = torch.ones(pp.shape[-1], device=pp.device)
+        weight[0] = cfg.eos_coef
+        loss = cfg.w_cls * F.cross_entropy(out["pred_logits"].flatten(0, 1), pred_target.flatten(), weight)
     for logits, labels in ((sl, slt), (ol, olt)):
         loss = loss + cfg.w_cls * F.cross_entropy(torch.cat(logits), torch.cat(labels), reduction="sum") / n
     for pred, gt in ((sb, sbt), (ob, obt)):
         l1, giou = box_losses(torch.cat(pred), torch.cat(gt))
         loss = loss + cfg.w_l1 * l1 / n + cfg.w_giou * giou / n
     return loss + cfg.w_l1 * F.l1_loss(torch.cat(rv), torch.cat(rvt), reduction="sum") / n
+
+
+def sigmoid_focal_loss(logits, target, n, alpha=0.25, gamma=2.0):
+    """SGTR's predicate loss in its VG config (REL_DETR.FOCAL_LOSS, alpha 0.25, gamma 2): the focal loss of
+    RetinaNet (Lin et al. 2017) on P independent sigmoids. logits (B, Qp, P); target (B, Qp) in 0..P, where
+    0 (an unmatched query) is a row of P zeros; n the GT relation count. Normalised as SGTR's
+    loss_labels_fl: the mean over the P classes, summed over the queries, / n, x Qp."""
+    y = F.one_hot(target, logits.shape[-1] + 1)[..., 1:].to(logits.dtype)  # (B, Qp, P)
+    p = logits.sigmoid()
+    p_t = p * y + (1 - p) * (1 - y)  # the probability given to the true value of each output
+    loss = F.binary_cross_entropy_with_logits(logits, y, reduction="none") * (1 - p_t) ** gamma
+    loss = loss * (alpha * y + (1 - alpha) * (1 - y))  # (B, Qp, P)
+    return loss.mean(-1).sum() / n * logits.shape[1]
 
 
 def supervised_loss(ent_out, pred_out, tg, cfg):
@@ -1064,17 +1122,19 @@ def supervised_loss(ent_out, pred_out, tg, cfg):
 # ----------------------------------------------------------------------------------------------
 # Graph assembling: predicates + entities -> scored triplets (SGDet output)
 
-def image_outputs(ent_out, pred_out, b):
-    """The last decoder layers' predictions for image b of the batch, as assemble_graph reads them."""
-    return dict(ent_logits=ent_out[-1]["logits"][b], ent_boxes=ent_out[-1]["boxes"][b],
-                **{k: v[b] for k, v in pred_out[-1].items()})
+def image_outputs(ent_out, pred_out, b, cfg):
+    """The last decoder layers' predictions for image b of the batch, as assemble_graph reads them: the
+    predicate logits become scores (Qp, P+1), column 0 "no relation" (predicate_probs)."""
+    out = {k: v[b] for k, v in pred_out[-1].items()}
+    out["pred_probs"] = predicate_probs(out.pop("pred_logits"), cfg)
+    return dict(ent_logits=ent_out[-1]["logits"][b], ent_boxes=ent_out[-1]["boxes"][b], **out)
 
 
 @torch.no_grad()
-def assemble_graph(out, size, topk=3, max_pairs=100):
+def assemble_graph(out, size, topk=3, max_pairs=100, post_process="ours"):
     """One image's predictions -> the evaluator's dict (pixel boxes, labels, pairs, rel scores).
 
-    out: ent logits (Qe, C+1) / boxes (Qe, 4); pred_logits (Qp, P+1); rel_vec (Qp, 4) the subject and
+    out: ent logits (Qe, C+1) / boxes (Qe, 4); pred_probs (Qp, P+1); rel_vec (Qp, 4) the subject and
     object centres; sub/obj logits (Qp, C+1) and boxes (Qp, 4); boxes and centres normalised cxcywh.
     size: (H, W) of the image.
     SGTR's graph assembling (its rel_detr_inference.get_matching_scores_entities_aware): each subject /
@@ -1085,6 +1145,7 @@ def assemble_graph(out, size, topk=3, max_pairs=100):
     rel_scores = predicate probability x subject match x object match (SGTR's entity-indexing ranking
     option); the evaluator multiplies in the subject and object confidences. A pair found by several
     predicate queries keeps, per predicate class, its best score.
+    post_process "sgtr": SGTR's own triplet list instead (sgtr_post_process).
     """
     H, W = size
     scale = torch.tensor([W, H, W, H], dtype=torch.float32, device=out["ent_boxes"].device)
@@ -1092,7 +1153,7 @@ def assemble_graph(out, size, topk=3, max_pairs=100):
     ent_score, ent_label = ent_prob.max(-1)  # (Qe,)
     ent_xyxy = box_cxcywh_to_xyxy(out["ent_boxes"])  # (Qe, 4)
     ent_centre = out["ent_boxes"][:, :2] * scale[:2]  # (Qe, 2) pixels
-    pred_prob = out["pred_logits"].softmax(-1)  # (Qp, P+1)
+    pred_prob = out["pred_probs"]  # (Qp, P+1)
     Qp, Qe, P1 = pred_prob.shape[0], ent_prob.shape[0], pred_prob.shape[1]
     k = min(topk, Qe)
     picks = []
@@ -1104,6 +1165,8 @@ def assemble_graph(out, size, topk=3, max_pairs=100):
         val, idx = match.topk(k, dim=-1)  # (Qp, K) the best-fitting entities
         picks.append((val, idx))
     (s_val, s_idx), (o_val, o_idx) = picks
+    if post_process == "sgtr":
+        return sgtr_post_process(pred_prob, s_idx, o_idx, ent_xyxy * scale, ent_label + 1, ent_score)
     sub = s_idx[:, :, None].expand(Qp, k, k).flatten()  # (Qp*K*K,) entity index of the subject
     obj = o_idx[:, None, :].expand(Qp, k, k).flatten()
     pair_w = (s_val[:, :, None] * o_val[:, None, :]).flatten()  # (Qp*K*K,)
@@ -1121,6 +1184,47 @@ def assemble_graph(out, size, topk=3, max_pairs=100):
     uniq, rel_scores = uniq[order], rel_scores[order]
     return dict(boxes=(ent_xyxy * scale).cpu(), labels=(ent_label + 1).cpu(), scores=ent_score.cpu(),
                 rel_pairs=torch.stack([uniq // Qe, uniq % Qe], 1).cpu(), rel_scores=rel_scores.cpu())
+
+
+def sgtr_post_process(pred_prob, s_idx, o_idx, ent_boxes, ent_labels, ent_score, max_triplets=300):
+    """SGTR's post-processing (rel_detr_inference.RelPostProcess with its VG config), whose list SGTR's published
+    R@K and mR@K count -> the evaluator's dict with ONE ROW PER TRIPLET: rel_pairs may repeat a pair with another
+    predicate, and each row of rel_scores has one non-zero predicate. The evaluator's R@K then counts the first K
+    rows by score, several predicates per pair allowed, as SGTR's evaluator counts its list.
+
+    pred_prob (Qp, P+1) column 0 "no relation"; s_idx / o_idx (Qp, K) each indicator's K best entities;
+    ent_boxes (Qe, 4) pixels, ent_labels / ent_score (Qe,).
+    1. the image's Qp best (query, predicate) scores, so a query gives 0, 1 or several predicates (SGTR's focal
+       branch; we use it for a softmax head too, where SGTR's other branch takes each query's best predicate);
+    2. each with its K best subjects and objects ZIPPED: the k-th subject with the k-th object (Qp x K triplets);
+    3. an entity never with itself, nor with a box of IoU >= 0.95 (SGTR: GIoU of boxes it converts once too
+       often; we take the IoU of the boxes themselves, here and in 5);
+    4. ranked by predicate score x subject confidence x object confidence (no match scores: SGTR's VG config);
+    5. a triplet is dropped if a better one has its predicate and its entities, or entities of its labels whose
+       boxes both overlap its own at IoU > 0.8 (rel_prediction_filtering); at most max_triplets are kept."""
+    Qp, P1 = pred_prob.shape
+    K = s_idx.shape[1]
+    score, flat = pred_prob[:, 1:].flatten().topk(Qp)  # (Qp,) the best (query, predicate) entries
+    query, pred = flat // (P1 - 1), flat % (P1 - 1) + 1  # (Qp,) each
+    sub, obj = s_idx[query].flatten(), o_idx[query].flatten()  # (Qp*K,) zipped
+    pred, score = pred.repeat_interleave(K), score.repeat_interleave(K)  # (Qp*K,)
+    iou = box_iou(ent_boxes, ent_boxes)[0]  # (Qe, Qe)
+    keep = (sub != obj) & (iou[sub, obj] < 0.95)
+    sub, obj, pred, score = sub[keep], obj[keep], pred[keep], score[keep]
+    order = (score * ent_score[sub] * ent_score[obj]).argsort(descending=True, stable=True)
+    sub, obj, pred, score = sub[order], obj[order], pred[order], score[order]
+    same = (sub[:, None] == sub[None]) & (obj[:, None] == obj[None])  # (T, T) the same entities ...
+    alike = ((ent_labels[sub][:, None] == ent_labels[sub][None]) & (ent_labels[obj][:, None] == ent_labels[obj][None])
+             & (iou[sub][:, sub] > 0.8) & (iou[obj][:, obj] > 0.8))  # ... or entities that look the same
+    dup = (same | alike) & (pred[:, None] == pred[None])  # (T, T) triplet j repeats triplet i
+    kept = torch.zeros(len(sub), dtype=torch.bool)
+    for j in range(len(sub)):  # greedy, best first: j survives unless a kept better one repeats it
+        kept[j] = not (dup[:j, j] & kept[:j]).any()
+    sub, obj, pred, score = (x[kept][:max_triplets] for x in (sub, obj, pred, score))
+    rel_scores = torch.zeros(len(sub), P1)
+    rel_scores[torch.arange(len(sub)), pred] = score
+    return dict(boxes=ent_boxes.cpu(), labels=ent_labels.cpu(), scores=ent_score.cpu(),
+                rel_pairs=torch.stack([sub, obj], 1).cpu(), rel_scores=rel_scores)
 
 
 def top_triplets(pred, k):
@@ -1518,7 +1622,8 @@ def evaluate(model, ds, cfg, device, groups, max_images=0, keep_examples=0, zero
         images = images.to(device)
         ent_out, pred_out, _ = model(images, pad_mask_for(images, targets))
         for b, t in enumerate(targets):
-            pred = assemble_graph(image_outputs(ent_out, pred_out, b), t["size"], cfg.ent_topk, max_pairs=100)
+            pred = assemble_graph(image_outputs(ent_out, pred_out, b, cfg), t["size"], cfg.ent_topk, max_pairs=100,
+                                  post_process=cfg.post_process)
             ev.add(dict(boxes=t["boxes"], labels=t["labels"], relations=t["relations"]), pred)
             if len(examples) < keep_examples:
                 h, w = t["size"]
@@ -1798,7 +1903,8 @@ def infer(cfg: Config):
     from PIL import Image
     ck = load_checkpoint(cfg.ckpt, ("model", "args", "vocab", "image_side"))
     try:
-        args = Config(**{**ck["args"], "no_align": True})
+        args = Config(**{"pred_loss": "softmax",   # checkpoints written before --pred-loss existed
+                         **ck["args"], "no_align": True})
     except TypeError as e:
         fail(f"{cfg.ckpt}: its settings are not those of this sgtr_align.py ({e})")
     names, predicates = ck["vocab"]["idx_to_label"], ck["vocab"]["idx_to_predicate"]
@@ -1835,7 +1941,8 @@ def infer(cfg: Config):
         x = torch.from_numpy(np.asarray(img.resize((w, h), Image.BILINEAR), dtype=np.float32) / 255)
         x = x.permute(2, 0, 1)[None].to(device)  # (1, 3, h, w)
         ent_out, pred_out, _ = model(x, torch.zeros(1, h, w, dtype=torch.bool, device=device))
-        pred = assemble_graph(image_outputs(ent_out, pred_out, 0), (h, w), args.ent_topk)
+        pred = assemble_graph(image_outputs(ent_out, pred_out, 0, args), (h, w), args.ent_topk,
+                              post_process=args.post_process)
         scale = torch.tensor([w / W, h / H, w / W, h / H])
         pred["boxes"] = torch.minimum((pred["boxes"] / scale).clamp(min=0), torch.tensor([W, H, W, H]))  # (Qe, 4)
         trip = top_triplets(pred, 10)

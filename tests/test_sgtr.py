@@ -17,6 +17,7 @@ import time
 import pytest
 import torch
 
+import metrics
 import sgtr_align as S
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -69,7 +70,7 @@ def test_graph_assembling_hand_made():
     ent_boxes = torch.tensor([[0.25, 0.25, 0.3, 0.3], [0.75, 0.25, 0.3, 0.3], [0.5, 0.8, 0.2, 0.2],
                               [0.5, 0.5, 0.1, 0.1]])
     out = dict(ent_logits=onehot_logits(C1, [1, 2, 3, 0]), ent_boxes=ent_boxes,
-               pred_logits=onehot_logits(P1, [2, 4]),
+               pred_probs=onehot_logits(P1, [2, 4]).softmax(-1),
                sub_logits=onehot_logits(C1, [1, 3]), sub_boxes=ent_boxes[[0, 2]] + 0.01,
                obj_logits=onehot_logits(C1, [2, 1]), obj_boxes=ent_boxes[[1, 0]] - 0.01,
                rel_vec=torch.cat([ent_boxes[[0, 2], :2], ent_boxes[[1, 0], :2]], 1) + 0.01)  # the centres
@@ -83,6 +84,28 @@ def test_graph_assembling_hand_made():
     best = {pairs[i]: int(g["rel_scores"][i, 1:].argmax()) + 1 for i in range(2)}
     assert best == {(0, 1): 2, (2, 0): 4}
     assert g["rel_scores"].shape == (len(pairs), P1) and g["rel_scores"].max() <= 1
+
+
+def test_sgtr_post_process_hand_made():
+    """SGTR's list: the image's Qp best (query, predicate) entries, K zipped pairs, near-duplicates dropped;
+    a pair may carry two predicates, and the evaluator then counts both, as SGTR's published R@K does."""
+    boxes = torch.tensor([[10.0, 10, 50, 50], [60, 10, 100, 50], [11, 11, 50, 51]])  # entity 2 ~ entity 0
+    labels, conf = torch.tensor([1, 2, 1]), torch.tensor([0.9, 0.8, 0.7])
+    prob = torch.tensor([[0.0, 0.9, 0.8, 0.0], [0.0, 0.0, 0.0, 0.5]])  # (Qp 2, P+1 4)
+    s_idx, o_idx = torch.tensor([[0, 2], [1, 0]]), torch.tensor([[1, 1], [0, 0]])  # (Qp, K 2), zipped
+    g = S.sgtr_post_process(prob, s_idx, o_idx, boxes, labels, conf)
+    # query 0's two predicates are the image's 2 best entries; (2 -> 1) repeats (0 -> 1) with a look-alike
+    # subject and is dropped; query 1's 0.5 is not among the 2 best
+    assert g["rel_pairs"].tolist() == [[0, 1], [0, 1]]
+    torch.testing.assert_close(g["rel_scores"], torch.tensor([[0.0, 0.9, 0.0, 0.0], [0.0, 0.0, 0.8, 0.0]]))
+    three = S.sgtr_post_process(torch.cat([prob, prob[1:] * 0.2]), torch.cat([s_idx, s_idx[1:]]),
+                                torch.cat([o_idx, o_idx[1:]]), boxes, labels, conf)
+    # with 3 entries query 1's (1 -> 0) comes in; its zipped second pair (0 -> 0) is an entity with itself
+    assert three["rel_pairs"].tolist() == [[0, 1], [0, 1], [1, 0]]
+    gt = dict(boxes=boxes[:2], labels=labels[:2], relations=torch.tensor([[0, 1, 1], [0, 1, 2]]))
+    one_row = dict(g, rel_pairs=g["rel_pairs"][:1], rel_scores=g["rel_scores"][:1] + g["rel_scores"][1:])
+    for pred, expected in ((g, 1.0), (one_row, 0.5)):   # one row per triplet: both count; one per pair: one
+        assert metrics.SGEvaluator("sgdet", 3).add(gt, pred)["R@20"] == expected
 
 
 # ----------------------------------------------------------------------------------------------

@@ -438,3 +438,82 @@ def test_inference_never_runs_the_mirror(monkeypatch):
     aligned.train()
     S.train_step(aligned, images, targets, aligned.cfg)
     assert calls and "mirror" in called and 1 in called  # (the hooks do fire in training: the check above can fail)
+
+
+# ----------------------------------------------------------------------------------------------
+# The focal predicate head (--pred-loss focal, SGTR's VG config): its loss, its scores, Eq. (2) for it
+
+def bernoulli_kl_by_hand(zp, zq):
+    """KL between two Bernoullis per element, from the probabilities themselves."""
+    p, q = zp.double().sigmoid(), zq.double().sigmoid()
+    return p * (p / q).log() + (1 - p) * ((1 - p) / (1 - q)).log()
+
+
+def test_focal_head_has_p_outputs_and_no_relation_column_in_the_mirror_too():
+    model = tiny(pred_loss="focal")
+    assert model.pred_class.out_features == P1 - 1 and model.mirror.pred_class.out_features == P1 - 1
+    assert model.sub_class.out_features == C1   # the indicators keep their softmax over C + 1
+    logits = torch.randn(4, P1 - 1)
+    probs = S.predicate_probs(logits, model.cfg)   # what the evaluator ranks
+    assert probs.shape == (4, P1) and probs[:, 0].abs().max() == 0
+    torch.testing.assert_close(probs[:, 1:], logits.sigmoid())
+    torch.testing.assert_close(S.predicate_probs(torch.randn(4, P1).clamp(-3, 3), tiny_cfg()).sum(-1), torch.ones(4))
+
+
+def test_sigmoid_focal_loss_by_hand():
+    """RetinaNet's focal loss on each (query, predicate) output, as SGTR's loss_labels_fl normalises it."""
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(2, 3, 4, generator=g) * 2                # B = 2 images, Qp = 3 queries, P = 4
+    target = torch.tensor([[2, 0, 4], [0, 0, 1]])                  # 0 = unmatched: every output's target is 0
+    total = 0.0
+    for b in range(2):
+        for q in range(3):
+            for c in range(4):
+                y = 1.0 if target[b, q] == c + 1 else 0.0
+                p = torch.sigmoid(logits[b, q, c]).item()
+                p_t = p if y else 1 - p
+                alpha_t = 0.25 if y else 0.75
+                total += alpha_t * (1 - p_t) ** 2 * -math.log(p_t) / 4   # mean over the P = 4 outputs
+    expected = total / 3 * 3   # / n (3 GT relations), x Qp (3)
+    torch.testing.assert_close(S.sigmoid_focal_loss(logits, target, 3.0), torch.tensor(expected, dtype=torch.float32))
+    # an unmatched query is pushed down on every output: its loss falls as its logits fall
+    low = logits.clone()
+    low[0, 1] -= 3
+    assert S.sigmoid_focal_loss(low, target, 3.0) < S.sigmoid_focal_loss(logits, target, 3.0)
+
+
+def test_focal_predicate_loss_runs_through_the_matcher():
+    model, inputs, step_batch, tg = setup(pred_loss="focal", no_align=True)
+    loss = S.train_step(model, *step_batch, model.cfg)["sup"]
+    assert torch.isfinite(loss) and loss > 0
+    loss.backward()
+    assert has_grad(model.pred_class.weight)
+
+
+def test_bernoulli_kl_is_a_kl():
+    g = torch.Generator().manual_seed(2)
+    zp, zq = torch.randn(50, 7, generator=g) * 4, torch.randn(50, 7, generator=g) * 4
+    kl = S.bernoulli_kl(zp, zq)
+    torch.testing.assert_close(kl.double(), bernoulli_kl_by_hand(zp, zq), atol=1e-5, rtol=1e-4)
+    assert kl.min() >= -1e-6 and S.bernoulli_kl(zp, zp).abs().max() < 1e-6
+    saturated = S.bernoulli_kl(torch.tensor([60.0, -60.0]), torch.tensor([-60.0, 60.0]))
+    assert torch.isfinite(saturated).all() and saturated.min() > 50   # logsigmoid, not log(sigmoid)
+
+
+def test_focal_alignment_is_bernoulli_kl_for_predicates_and_softmax_kl_for_the_indicators():
+    """Eq. (2) with the sigmoid head: the predicate term is the KL of P independent Bernoullis (summed over
+    the predicates, averaged over the queries); subject and object stay softmax distributions."""
+    model, inputs, step_batch, tg = setup(pred_loss="focal")
+    loss, seeds = align_with_seeds(model, step_batch)
+    with torch.no_grad():
+        target = decoder_by_hand(model, inputs, heads(model, mirror=False))[-1]
+        mirror = decoder_by_hand(model, inputs, heads(model, mirror=True), 0.3, seeds)[-1]
+        pred = bernoulli_kl_by_hand(target["pred_logits"], mirror["pred_logits"]).sum(-1).mean().float()
+        indicators = 0.0
+        for key in ("sub_logits", "obj_logits"):
+            p, log_q = target[key].softmax(-1), mirror[key].log_softmax(-1)
+            indicators = indicators + (p * (p.log() - log_q)).sum(-1).mean()
+        softmax_pred = (target["pred_logits"].softmax(-1) * (target["pred_logits"].log_softmax(-1)
+                                                              - mirror["pred_logits"].log_softmax(-1))).sum(-1).mean()
+        assert abs(pred - softmax_pred) > 1e-3   # (the softmax KL over the P logits is visibly another loss)
+    torch.testing.assert_close(loss, pred + indicators)
