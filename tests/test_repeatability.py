@@ -146,10 +146,10 @@ def test_motifs_cache_is_off_where_it_would_not_fit(synthetic):
 # ----------------------------------------------------------------------------------------------
 # SGTR: FeatureCache
 
-def tiny_sgtr(C1, P1):
+def tiny_sgtr(C1, P1, **kw):
     cfg = S.Config(d_model=32, nheads=2, ffn_dim=64, backbone_width=8, backbone_stride=8, enc_layers=1,
                    ent_dec_layers=2, rel_enc_layers=1, pred_dec_layers=1, num_ent_queries=5, num_pred_queries=7,
-                   eval_batch=4)
+                   eval_batch=4, **kw)
     torch.manual_seed(0)
     model = S.SGTR(cfg, C1, P1)
     model.freeze_detector()
@@ -180,6 +180,33 @@ def test_sgtr_cached_outputs_equal_recomputed_ones(synthetic):
             # the batch pads image i to the same canvas: the batched computation agrees within float tolerance
             torch.testing.assert_close(src[i, :S_i], batched_src[i, ~batched_kpm[i]], rtol=1e-4, atol=1e-4)
             torch.testing.assert_close(ent[-1]["boxes"][i], batched_ent[-1]["boxes"][i], rtol=1e-4, atol=1e-4)
+
+
+def test_sgtr_cache_filled_in_training_holds_the_dropout_free_detector(synthetic):
+    """The cache is filled while the model trains (SGTR.training on, dropout 0.5 here): what it keeps must be the
+    frozen detector without dropout, the eval-mode outputs, or one random dropout draw would be frozen into every
+    later step. The model is left in training mode."""
+    ds = synthetic["test"]
+    model = tiny_sgtr(ds.num_classes, ds.num_predicates, dropout=0.5)
+    images, targets = a_batch(ds)
+    mask = S.pad_mask_for(images, targets)
+    H, W = images.shape[-2:]
+    model.train()
+    with torch.no_grad():
+        model.feature_cache = S.FeatureCache(canvas=(H, W))
+        ent, src, _, _ = model.feature_cache(model, images, mask)
+        assert model.training
+        h, w = targets[0]["size"]
+        alone = F.pad(images[:1, :, :h, :w], (0, W - w, 0, H - h))
+        torch.manual_seed(1)
+        noisy = model.detect(alone, mask[:1])   # training mode: dropout in the detector's transformer
+        model.eval()
+        clean = model.detect(alone, mask[:1])
+    S_0 = int((~clean[3]).sum())
+    assert not torch.equal(noisy[0][-1]["feats"], clean[0][-1]["feats"])   # (the test can fail: dropout is on)
+    assert torch.equal(src[0, :S_0], clean[1][0, ~clean[3][0]])
+    for k in ("logits", "boxes", "feats"):
+        assert torch.equal(ent[-1][k][0], clean[0][-1][k][0])
 
 
 def test_sgtr_cold_and_warm_cache_give_the_same_evaluation(synthetic):
