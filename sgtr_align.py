@@ -1451,7 +1451,11 @@ def pretrain_detector(cfg, train_ds, device, log):
     """DETR alone: backbone, encoder, entity decoder and entity heads trained on the entity losses (all
     layers), from its own seed. -> the SGTR whose detector part is trained."""
     seed_everything(cfg.det_seed)
-    model = SGTR(dataclasses.replace(cfg, no_align=True), train_ds.num_classes, train_ds.num_predicates).to(device)
+    # Built as the softmax baseline whatever the run's settings: the size of the predicate head changes how many
+    # random numbers the construction draws, and the pretraining's dropout would inherit that; the detector
+    # (cached by its own settings alone) must come out the same for every run.
+    model = SGTR(dataclasses.replace(cfg, no_align=True, pred_loss="softmax"), train_ds.num_classes,
+                 train_ds.num_predicates).to(device)
     params = [p for _, p in model.detector_parameters()]
     opt = torch.optim.AdamW(params, lr=cfg.det_lr, weight_decay=cfg.weight_decay)
     warmup = min(cfg.warmup_iters, cfg.det_iters // 5)

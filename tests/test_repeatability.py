@@ -209,6 +209,19 @@ def test_sgtr_cache_filled_in_training_holds_the_dropout_free_detector(synthetic
         assert torch.equal(ent[-1][k][0], clean[0][-1][k][0])
 
 
+def test_sgtr_pretrained_detector_does_not_depend_on_the_predicate_head(synthetic):
+    """The detector is cached by its own settings alone, so every run must pretrain the very same one: the focal
+    head (P outputs, not P + 1) must not shift the random numbers its pretraining draws."""
+    small = dict(d_model=32, nheads=2, ffn_dim=64, backbone_width=8, backbone_stride=8, enc_layers=1, ent_dec_layers=1,
+                 rel_enc_layers=1, pred_dec_layers=1, num_ent_queries=5, num_pred_queries=7, det_iters=2, det_batch=2)
+    weights = [S.pretrain_detector(S.Config(**small, pred_loss=head), synthetic["train"], torch.device("cpu"),
+                                   lambda msg: None).state_dict() for head in ("softmax", "focal", "softmax")]
+    for name, w in weights[0].items():
+        if name.startswith(S.DETECTOR_MODULES):
+            assert torch.equal(w, weights[1][name]), name
+            assert torch.equal(w, weights[2][name]), name
+
+
 def test_sgtr_cold_and_warm_cache_give_the_same_evaluation(synthetic):
     """A cold cache and a warm one give identical metrics; with no canvas (each image its own size) and
     batches of one image, the cached and uncached evaluations are identical too."""
