@@ -268,7 +268,8 @@ def test_zero_shot_recall(tmp_path):
 
 
 def test_vg_preset_trains_and_evaluates_on_a_vg_folder(tmp_path):
-    """--preset vg builds SGTR's sizes (d 256, 6-layer encoders and decoders, 100 / 180 queries) and runs
+    """--preset vg builds SGTR's VG config (d 256, 6-layer DETR and decoders, 3-layer relation encoder, 100 / 180
+    queries, the focal head and SGTR's post-processing) and runs
     on data in the Visual Genome format (a tiny folder, as tests/test_data.py writes it; small images)."""
     from test_data import write_vg_folder
     vg = write_vg_folder(str(tmp_path / "vg"))
@@ -279,7 +280,8 @@ def test_vg_preset_trains_and_evaluates_on_a_vg_folder(tmp_path):
     with open(os.path.join(out, "args.json")) as f:
         args = json.load(f)
     assert (args["d_model"], args["enc_layers"], args["ent_dec_layers"], args["rel_enc_layers"],
-            args["pred_dec_layers"], args["num_ent_queries"], args["num_pred_queries"]) == (256, 6, 6, 6, 6, 100, 180)
+            args["pred_dec_layers"], args["num_ent_queries"], args["num_pred_queries"]) == (256, 6, 6, 3, 6, 100, 180)
+    assert (args["pred_loss"], args["post_process"], args["lr"], args["ent_topk"]) == ("focal", "sgtr", 8e-5, 3)
     assert re.search(r"^model: \d+\.\d+M parameters", log, re.M) and "1 iterations x 2 images" in log
     ck = torch.load(os.path.join(out, "ckpt_best.pt"), weights_only=True)
     assert ck["model"]["pred_query.weight"].shape == (180, 3 * 256) and len(ck["vocab"]["idx_to_predicate"]) > 1
