@@ -193,6 +193,9 @@ def alignment_loss(target, mirror, kind, tg=None, cfg=None):
             continue
         log_q = F.log_softmax(mirror[key], -1)  # (B, Qp, P+1 or C+1)
         p = F.softmax(target[key].detach(), -1)
+        # the KL summed over the classes, averaged over the B x Qp queries: motifs_align's
+        # F.kl_div(log_q, log_p, log_target=True, reduction="batchmean") over its R pairs, spelled with
+        # probabilities (equal up to float rounding; this spelling is the one the runs of results/ were made with)
         loss = loss + F.kl_div(log_q, p, reduction="none").sum(-1).mean()
     return loss
 
