@@ -1791,13 +1791,23 @@ def infer(cfg):
     """Scene graphs of the user's images with a trained run's ckpt_best.pt; writes, per image,
     <out>/<name>_sg.png and <out>/<name>_sg.json (out defaults to <checkpoint folder>/infer)."""
     from PIL import Image
+    photos, stems = [], set()
+    for path in cfg.infer:   # every image is read before anything is written (as sgtr_align.py, same words)
+        if not os.path.isfile(path):
+            fail(f"--infer {path}: no such file")
+        try:
+            with Image.open(path) as im:
+                photos.append((path, im.convert("RGB")))
+        except OSError as e:
+            fail(f"--infer {path}: not an image file ({e})")
+        stem = os.path.splitext(os.path.basename(path))[0]
+        if stem in stems:
+            fail(f"two images named {stem}.*: their {stem}_sg.png would overwrite each other; rename one")
+        stems.add(stem)
     ck = load_checkpoint(cfg.ckpt, "cpu")
     if not {"args", "vocab", "detector", "model"} <= set(ck):
         fail(f"--ckpt {cfg.ckpt} is not a ckpt_best.pt of motifs_align.py (use the run's "
              f"ckpt_best.pt: ckpt_last.pt holds no detector)")
-    missing = [p for p in cfg.infer if not os.path.isfile(p)]
-    if missing:
-        fail(f"--infer {missing[0]}: no such image file")
     known = {f.name for f in dataclasses.fields(Config)}   # (older runs' args hold flags since moved to study.py)
     args = Config(**{**{k: v for k, v in ck["args"].items() if k in known}, "no_align": True})   # never the mirror
     names, predicates = ck["vocab"]["idx_to_label"], ck["vocab"]["idx_to_predicate"]
@@ -1821,12 +1831,10 @@ def infer(cfg):
     # model were trained at that scale), or --max-size when given; boxes go back to the photo's pixels.
     side = cfg.max_size or ck.get("image_side") or 0
     out_dir = cfg.out or os.path.join(os.path.dirname(os.path.abspath(cfg.ckpt)), "infer")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        fail(f"--out {out_dir} is a file; expected a folder for the pictures")
     os.makedirs(out_dir, exist_ok=True)
-    for path in cfg.infer:
-        try:
-            photo = Image.open(path).convert("RGB")
-        except OSError as e:
-            fail(f"--infer {path} is not an image file ({e})")
+    for path, photo in photos:
         scale = side / max(photo.size) if side else 1.0
         img = photo.resize((max(1, round(photo.width * scale)), max(1, round(photo.height * scale))), Image.BILINEAR)
         image = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255).permute(2, 0, 1)   # (3, H, W)
@@ -1927,9 +1935,7 @@ def load_datasets(cfg, rank):
         root, num_val = data.ensure_synthetic(name=cfg.data), data.BUILTIN[cfg.data]["num_val"]
     else:
         root, num_val = cfg.data, 5000   # the standard VG-SGG split: 5000 val images carved from train
-        if not os.path.isdir(root):
-            fail(f"--data {root}: no such folder (expected a folder with the VG-SGG files, "
-                 f"or --data {' / '.join(data.BUILTIN)})")
+        check_data_path(cfg)
     kw = dict(num_val_im=cfg.num_val_im or num_val, max_size=cfg.max_size or None)
     ds = {s: data.VGSGGDataset(root, s, **kw) for s in ("train", "val", "test")}
     # SGB's get_VG_statistics (and neural-motifs' get_counts) build the train split with
@@ -1984,20 +1990,37 @@ NOT_RESULT_FIELDS = {"out", "resume", "log_every", "num_workers", "infer", "ckpt
 
 
 def existing_run(cfg, out_dir):
-    """-> None if out_dir holds no run, else (the settings that differ from cfg's, whether it finished)."""
+    """-> None if out_dir holds no run (it does not exist, or is an empty folder), else (the settings that
+    differ from cfg's, whether it finished). Anything else there (a file, a folder of other things, an
+    unreadable args.json) ends in one error line."""
     args_path = os.path.join(out_dir, "args.json")
     if not os.path.exists(args_path):
+        if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
+            fail(f"{out_dir} exists and is not a run folder (no args.json); pass --out NEW_FOLDER")
         return None
-    with open(args_path) as f:
-        old = json.load(f)
+    try:
+        with open(args_path) as f:
+            old = json.load(f)
+        assert isinstance(old, dict)
+    except (OSError, ValueError, AssertionError):
+        fail(f"{args_path} is not the JSON settings of a run; pass --out NEW_FOLDER")
     new = dataclasses.asdict(cfg)
     differ = sorted(k for k in set(old) | set(new) if k not in NOT_RESULT_FIELDS and old.get(k) != new.get(k))
     return differ, os.path.exists(os.path.join(out_dir, "metrics.json"))
 
 
+def check_data_path(cfg):
+    """--data names a built-in dataset or an existing folder: the cheapest check, made before the run folder's,
+    so that a mistyped path is named as such (and not as a clash with an earlier run's settings)."""
+    if cfg.data not in data.BUILTIN and not os.path.isdir(cfg.data):
+        fail(f"--data {cfg.data}: no such folder (expected a folder with the VG-SGG files, "
+             f"or --data {' / '.join(data.BUILTIN)})")
+
+
 def claim_run_dir(cfg, out_dir):
-    """Refuse, in one line, to write into a folder that holds another run, or a finished one. Called after
-    every input has been checked and before anything is written, so a refused run leaves no trace."""
+    """Refuse, in one line, to write into a folder that holds another run, or a finished one. Called before
+    anything is written (the data path alone is checked first), so a refused run leaves no trace."""
+    check_data_path(cfg)
     found = existing_run(cfg, out_dir)
     if found is None:
         if cfg.resume:
@@ -2009,7 +2032,8 @@ def claim_run_dir(cfg, out_dir):
              f"pass --out NEW_FOLDER")
     if cfg.resume:
         if not os.path.exists(os.path.join(out_dir, "ckpt_last.pt")):
-            fail(f"--resume: {out_dir} has no ckpt_last.pt; start it again with --out NEW_FOLDER")
+            fail(f"--resume: {out_dir} has no ckpt_last.pt (the run stopped before its first checkpoint); "
+                 f"pass --out NEW_FOLDER to start again")
     elif finished:
         fail(f"{out_dir} already holds a finished run with these settings; "
              f"pass --out NEW_FOLDER to run again")

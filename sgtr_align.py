@@ -1796,6 +1796,19 @@ def infer(cfg: Config):
     """For each image file: <out>/<stem>_sg.png (the picture) and <out>/<stem>_sg.json (the top
     triplets, boxes in the image's own pixels). Default out: <folder of the checkpoint>/infer."""
     from PIL import Image
+    images, stems = [], set()
+    for path in cfg.infer:  # every image is read before anything is written (as motifs_align.py, same words)
+        if not os.path.isfile(path):
+            fail(f"--infer {path}: no such file")
+        try:
+            with Image.open(path) as im:
+                images.append((path, im.convert("RGB")))
+        except OSError as e:
+            fail(f"--infer {path}: not an image file ({e})")
+        stem = os.path.splitext(os.path.basename(path))[0]
+        if stem in stems:
+            fail(f"two images named {stem}.*: their {stem}_sg.png would overwrite each other; rename one")
+        stems.add(stem)
     ck = load_checkpoint(cfg.ckpt, ("model", "args", "vocab", "image_side"))
     try:
         args = Config(**{**ck["args"], "no_align": True})
@@ -1809,17 +1822,6 @@ def infer(cfg: Config):
         model.load_state_dict(state)
     except RuntimeError as e:
         fail(f"{cfg.ckpt}: holds another model layout than its own settings describe ({str(e).splitlines()[0]})")
-    images, stems = [], set()
-    for path in cfg.infer:  # every image is read before anything is written
-        try:
-            with Image.open(path) as im:
-                images.append((path, im.convert("RGB")))
-        except OSError as e:
-            fail(f"{path}: not a readable image file ({e})")
-        stem = os.path.splitext(os.path.basename(path))[0]
-        if stem in stems:
-            fail(f"two images named {stem}.*: their {stem}_sg.png would overwrite each other; rename one")
-        stems.add(stem)
     side = cfg.max_size or ck["image_side"]
     out_dir = cfg.out or os.path.join(os.path.dirname(os.path.abspath(cfg.ckpt)), "infer")
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
@@ -1951,18 +1953,30 @@ def run_folder_state(cfg):
     return "finished" if os.path.exists(os.path.join(out, "metrics.json")) else "unfinished"
 
 
+def check_data_path(cfg):
+    """--data names a built-in dataset or an existing folder: the cheapest check, made before the run folder's,
+    so that a mistyped path is named as such (and not as a clash with an earlier run's settings)."""
+    if cfg.data not in data.BUILTIN and not os.path.isdir(cfg.data):
+        fail(f"--data {cfg.data}: no such folder (expected a folder with the VG-SGG files, "
+             f"or --data {' / '.join(data.BUILTIN)})")
+
+
 def claim_run_dir(cfg, last_path):
     """Refuse, in one line, to write into a folder that holds another run, or a finished one (without
-    --resume), or to resume a run that has no ckpt_last.pt. Reads, never writes."""
+    --resume), or to resume a run that has no ckpt_last.pt. Reads, never writes; the data path alone is
+    checked first."""
+    check_data_path(cfg)
     state = run_folder_state(cfg)
     if state == "finished" and not cfg.resume:
         fail(f"{cfg.out} already holds a finished run with these settings; pass --out NEW_FOLDER to run again")
     if state == "unfinished" and not cfg.resume:
         fail(f"{cfg.out} holds an unfinished run with these settings; add --resume to continue it, "
              f"or pass --out NEW_FOLDER")
+    if cfg.resume and state == "new":
+        fail(f"--resume: {cfg.out} holds no run (no args.json); start it without --resume")
     if cfg.resume and not os.path.isfile(last_path):
-        fail(f"--resume: {last_path} does not exist (the run stopped before its first checkpoint, or "
-             f"--out is not a run folder); pass --out NEW_FOLDER to start again")
+        fail(f"--resume: {cfg.out} has no ckpt_last.pt (the run stopped before its first checkpoint); "
+             f"pass --out NEW_FOLDER to start again")
 
 
 def open_run(cfg, out_dir):
