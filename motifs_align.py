@@ -1224,7 +1224,7 @@ def train(cfg, out_dir, rank, world, device):
         if done % cfg.ckpt_every == 0 or done % cfg.eval_every == 0 or done == cfg.iters:
             state["elapsed"] = time.time() - t_stage[0]
             save_checkpoint(last_path, cfg, model, opt, sched, state, rank, world)
-    log(f"stage 2 done ({clock(t_stage)}{'; CPU time since the resume' if cfg.resume else ''})")
+    log(f"training done ({clock(t_stage)}, validation included{'; CPU since the resume' if cfg.resume else ''})")
 
     # Test the checkpoint with the best validation mR@50 (the paper's model selection), and the last
     # iteration's weights too (metrics.json's "final"): docs/variance.md compares the two ways of choosing.
@@ -1465,14 +1465,19 @@ def save_checkpoint(path, cfg, model, opt, sched, state, rank, world, extra=None
     barrier()   # nobody reads a checkpoint before rank 0 has written it
 
 
+MODE_NAMES = {"predcls": "PredCls", "sgcls": "SGCls", "sgdet": "SGDet"}   # as the papers write them
+
+
 def finish(cfg, out_dir, summary, history, ds, counts, groups, log, rank, examples=None):
+    """The test lines (the best checkpoint's, then the last iteration's, as sgtr_align.py words them), then
+    (rank 0) metrics.json and the pictures."""
     keys = [f"{m}@{k}" for m in ("R", "mR", "zsR") for k in (20, 50, 100)]
-    log("test | " + " | ".join(f"{k} {100 * summary[k]:.2f}" for k in keys if k in summary))
-    log("test | " + " | ".join(f"{g}_mR@100 {100 * summary[f'{g}_mR@100']:.2f}" for g in groups
-                               if f"{g}_mR@100" in summary))
+    test = f"test {MODE_NAMES[cfg.mode]}"
+    log(f"{test} | " + " | ".join(f"{k} {100 * summary[k]:.2f}" for k in keys if k in summary)
+        + "".join(f" | {g}_mR@100 {100 * summary[f'{g}_mR@100']:.2f}" for g in groups if f"{g}_mR@100" in summary))
     if "final" in summary:   # the last iteration's weights (what the study compares, docs/variance.md)
-        log("test, last iteration | " + " | ".join(f"{k} {100 * summary['final'][k]:.2f}" for k in keys
-                                                   if k in summary["final"]))
+        log(f"{test}, last iteration | " + " | ".join(f"{k} {100 * summary['final'][k]:.2f}" for k in keys
+                                                      if k in summary["final"]))
     if rank != 0:
         return
     with open(os.path.join(out_dir, "metrics.json"), "w") as f:
@@ -1916,9 +1921,21 @@ def fmt_time(s):
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
+# (when it ended, its CPU seconds) of each child process this one waited for: scenes.py, which generates the
+# built-in data (data.ensure_synthetic runs it as a program), is one, and its CPU is not this process's
+CHILD_CPU = []
+
+
+def children_cpu():
+    t = os.times()
+    return t.children_user + t.children_system
+
+
 def clock(start):
-    """(wall, cpu) at a start -> 'wall 1m02s, CPU 1m01s' since then (CPU = this process, all threads)."""
-    return f"wall {fmt_time(time.time() - start[0])}, CPU {fmt_time(time.process_time() - start[1])}"
+    """(wall, cpu) at a start -> 'wall 1m02s, CPU 1m01s' since then (CPU = this process, all threads, and the
+    child processes that ended since then)."""
+    cpu = time.process_time() - start[1] + sum(c for ended, c in CHILD_CPU if ended >= start[0])
+    return f"wall {fmt_time(time.time() - start[0])}, CPU {fmt_time(cpu)}"
 
 
 def cache_dir():
@@ -1930,7 +1947,9 @@ def load_datasets(cfg, rank):
     bias counts it, see predicate_statistics)."""
     if cfg.data in data.BUILTIN:
         if rank == 0:          # generate once; the other ranks wait and then read the same files
+            before = children_cpu()
             data.ensure_synthetic(name=cfg.data)
+            CHILD_CPU.append((time.time(), children_cpu() - before))
         barrier()
         root, num_val = data.ensure_synthetic(name=cfg.data), data.BUILTIN[cfg.data]["num_val"]
     else:

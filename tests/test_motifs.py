@@ -3,10 +3,12 @@ entry point of the script with a tiny budget. The paper's method (section 3.3: t
 masking, L_align, lambda, the ablations) is tested in tests/test_motifs_method.py.
 """
 import dataclasses
+import glob
 import json
 import math
 import os
 import platform
+import re
 import signal
 import subprocess
 import sys
@@ -416,7 +418,11 @@ def test_smoke_predcls(predcls_run):
         assert differ == [] and "after the last iteration's weights" not in stdout
     else:
         assert "after the last iteration's weights (3)" in stdout
-    assert any(l.startswith("test, last iteration | R@20 ") for l in stdout.splitlines()), stdout
+    assert any(l.startswith("test PredCls, last iteration | R@20 ") for l in stdout.splitlines()), stdout
+    # the lines both scripts write alike (docs/running.md): the end of training, the test of the best checkpoint
+    assert re.search(r"^training done \(wall \d+m\d\ds, CPU \d+m\d\ds, validation included\)$", stdout, re.M), stdout
+    assert re.search(r"^test PredCls \| R@20 [\d.]+ \| R@50 [\d.]+ \| .* \| head_mR@100 [\d.]+ \| body_mR@100 [\d.]+ "
+                     r"\| tail_mR@100 [\d.]+$", stdout, re.M), stdout
 
 
 @pytest.mark.parametrize("mode", ["sgcls", "sgdet"])

@@ -185,6 +185,10 @@ def test_smoke_run_outputs(finished):
     else:
         assert "after the last iteration's weights (8)" in log
     assert re.search(r"^test SGDet, last iteration \| R@20 [\d.]+ \| R@50 ", log, re.M), log
+    # the lines both scripts write alike (docs/running.md): the end of training, the test of the best checkpoint
+    assert re.search(r"^training done \(wall \d+m\d\ds, validation included\)$", log, re.M), log
+    assert re.search(r"^test SGDet \| R@20 [\d.]+ \| R@50 [\d.]+ \| .* \| head_mR@100 [\d.]+ \| body_mR@100 [\d.]+ "
+                     r"\| tail_mR@100 [\d.]+$", log, re.M), log
     # the lines docs/running.md promises of both scripts: what the run is, what it wrote, its total time
     assert re.search(rf"^run {re.escape(out)} \| sgdet \| aligned \(p = 0.1, λ = 10, kl\), 8 iterations \| seed 0 \| "
                      r"detector: pretrained for 2 iterations, cached as .*sgtr-detector-\w+\.pt \| 1 process\(es\) "
