@@ -1739,9 +1739,20 @@ def triplet_lines(triplets, labels, names, predicates):
             + (f"   {sc:.2g}" if sc is not None else "") for s, o, p, sc in triplets]
 
 
+def found(triplets, pred, gt):
+    """Per (subject, object, predicate, score) triplet of pred: whether the evaluator counts it as found, i.e. a
+    ground-truth relation with that predicate whose subject and object each match a box of the triplet with the
+    same class and IoU >= 0.5 (metrics.SGEvaluator; in PredCls and SGCls the boxes are the ground truth's)."""
+    iou = metrics.box_iou_inclusive(pred["boxes"].numpy().astype(np.float64), gt["boxes"].numpy().astype(np.float64))
+    hit = (iou >= 0.5) & (pred["labels"].numpy()[:, None] == gt["labels"].numpy()[None, :])   # (N, G)
+    rels = gt["relations"].tolist()
+    return [any(p == gp and hit[s, gs] and hit[o, go] for gs, go, gp in rels) for s, o, p, _ in triplets]
+
+
 def plot_examples(examples, test_ds, mode, path, k=5):
-    """Like the paper's Figure 3: ground truth (left) and the top-k predicted triplets (right). In PredCls
-    and SGCls both panels show the same (ground-truth) boxes with the same indices and colours."""
+    """Like the paper's Figure 3: ground truth (left) and the top-k predicted triplets (right), each marked
+    '+' where the evaluator counts it as found, '-' where not (as sgtr_align.py marks them). In PredCls and
+    SGCls both panels show the same (ground-truth) boxes with the same indices and colours."""
     plt = _plt()
     fig, axes = plt.subplots(len(examples), 2, figsize=(10, 6.2 * len(examples)), squeeze=False)
     for row, (idx, pred) in enumerate(examples):
@@ -1755,10 +1766,14 @@ def plot_examples(examples, test_ds, mode, path, k=5):
         draw_scene(axes[row, 0], image, gt["boxes"], gt["labels"], same or used_gt, test_ds.idx_to_label)
         draw_scene(axes[row, 1], image, boxes_right, pred["labels"], same or used_pred, test_ds.idx_to_label)
         axes[row, 0].set_title(f"test image {gt['image_id']}: ground truth (first {k})", fontsize=11)
-        axes[row, 1].set_title(f"predicted top-{k} ({mode}; score = predicate x subject x object)", fontsize=11)
-        for ax, trip, labels in ((axes[row, 0], gt_trip, gt["labels"]), (axes[row, 1], pred_trip, pred["labels"])):
-            ax.set_xlabel("\n".join(triplet_lines(trip, labels, test_ds.idx_to_label, test_ds.idx_to_predicate)),
-                          fontsize=10, loc="left")
+        axes[row, 1].set_title(f"predicted top-{k} ({mode}; score = predicate x subject x object)\n"
+                               f"'+': the evaluator counts it as found", fontsize=11)
+        names, predicates = test_ds.idx_to_label, test_ds.idx_to_predicate
+        axes[row, 0].set_xlabel("\n".join(triplet_lines(gt_trip, gt["labels"], names, predicates)), fontsize=10,
+                                loc="left")
+        marks = ["+ " if ok else "- " for ok in found(pred_trip, pred, gt)]
+        axes[row, 1].set_xlabel("\n".join(m + line for m, line in zip(marks, triplet_lines(
+            pred_trip, pred["labels"], names, predicates))), fontsize=10, loc="left")
     save_figure(fig, path)
 
 
