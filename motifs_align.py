@@ -223,7 +223,7 @@ class Config:
     max_eval_images: int = 0
     """smoke runs: cap every evaluation (detector, validation, test) at this many images (0 = all)"""
     num_val_im: int = 0
-    """val images carved from the start of the train split (0 = the standard 5000 on VG, 500 on synthetic)"""
+    """the val split's size, carved from train (0 = 500 synthetic, 1500 vgshape, 5000 VG); not --val-images"""
     # -- the paper's alignment (section 3.3)
     no_align: bool = False
     """train the plain Motifs baseline (no mirror, no alignment loss)"""
@@ -294,7 +294,7 @@ class Config:
     neg_per_pos: int = 3
     """at most this many unrelated pairs per related pair in training"""
     val_images: int = 0
-    """validation images used for model selection (0 = the whole val split)"""
+    """val images each validation evaluates, for model selection (0 = all); the split's size: --num-val-im"""
     eval_batch: int = 8
     """images per evaluation batch"""
     num_workers: int = 0

@@ -243,7 +243,7 @@ class Config:
     max_eval_images: int = 0
     """cap on the val and test images, for smoke runs (0 = all)"""
     num_val_im: int = 0
-    """validation images carved from the train split (0 = 500 on the synthetic data, 5000 on VG)"""
+    """the val split's size, carved from train (0 = 500 synthetic, 1500 vgshape, 5000 VG); not --val-images"""
     # the other entry point
     infer: List[str] = dataclasses.field(default_factory=list)
     """image files: draw the scene graph that the model in --ckpt finds in each, then exit"""
@@ -327,7 +327,7 @@ class Config:
     grad_clip: float = 0.1
     """max gradient norm (DETR's 0.1)"""
     val_images: int = 300
-    """validation images used for model selection (0 = the whole val split)"""
+    """val images each validation evaluates, for model selection (0 = all); the split's size: --num-val-im"""
     # loss weights (DETR: class 1, L1 5, GIoU 2, background weight 0.1)
     w_cls: float = 1.0
     """entity / predicate / indicator class losses"""

@@ -114,3 +114,14 @@ def test_the_readmes_results_tables_are_the_studies_paired_differences():
                 want = study.paired(base, align, key)
                 assert want.endswith(f"(n = {row[1]})"), (data, row[0], want)
                 assert cell.replace("**", "").replace("−", "-") == want.rsplit(" (n =", 1)[0], (data, row[0], key)
+
+
+def test_the_two_val_flags_name_each_other(capsys):
+    """--val-images (how much of the val split a validation reads) and --num-val-im (the val split's size) were
+    easy to confuse: each one's help names the other, in both scripts."""
+    for parse in (M.parse_config, S.parse_config):
+        with pytest.raises(SystemExit):
+            parse(["--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        help_of = lambda flag: text.rsplit(flag, 1)[1].split("(default:", 1)[0]   # its help, after the usage
+        assert "--num-val-im" in help_of("--val-images VAL_IMAGES") and "--val-images" in help_of("--num-val-im NUM_VAL_IM")
