@@ -555,6 +555,9 @@ def test_torchrun_two_cpu_processes(tmp_path, predcls_run):
     assert r.returncode == 0, r.stdout + r.stderr
     assert "2 process(es)" in r.stdout
     check_run(str(tmp_path / "run"), "predcls")
+    # torchrun leaves an empty torchelastic_* folder per run in the temporary folder: conftest.py makes that a
+    # private one, removed at the end of the session
+    assert glob.glob(os.path.join(os.environ["TMPDIR"], "torchelastic_*")), "torchrun's leftovers went elsewhere"
     ck = torch.load(tmp_path / "run" / "ckpt_last.pt", weights_only=True)
     assert len(ck["rng"]) == 2 and not torch.equal(ck["rng"][0]["torch"], ck["rng"][1]["torch"])  # own streams
 
