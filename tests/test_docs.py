@@ -125,3 +125,16 @@ def test_the_two_val_flags_name_each_other(capsys):
         text = " ".join(capsys.readouterr().out.split())
         help_of = lambda flag: text.rsplit(flag, 1)[1].split("(default:", 1)[0]   # its help, after the usage
         assert "--num-val-im" in help_of("--val-images VAL_IMAGES") and "--val-images" in help_of("--num-val-im NUM_VAL_IM")
+
+
+def test_the_shape_tables_study_numbers_are_the_studys():
+    """data.py --data vgshape prints, beside its own FREQ and the early Motifs baseline, the study's (data.py reads
+    no results: data.STUDY_MEASURED holds them); they must be results/vgshape/'s."""
+    import data
+    import study
+    last, _, _ = study.load_results(os.path.join(ROOT, "results", "vgshape"))
+    for name, key in (("freq", ("motifs", "predcls", "FREQ")), ("predcls", ("motifs", "predcls", "baseline"))):
+        runs = last[key].values()
+        for k in ("R@50", "mR@50"):
+            assert data.STUDY_MEASURED["vgshape"][name][k] == round(float(np.mean([r[k] for r in runs])), 4), (name, k)
+    assert len(last[("motifs", "predcls", "baseline")]) == 4   # "the mean of 4 seeds", as the table says
