@@ -223,7 +223,7 @@ class Config:
     max_eval_images: int = 0
     """smoke runs: cap every evaluation (detector, validation, test) at this many images (0 = all)"""
     num_val_im: int = 0
-    """val images carved from the start of the train split (0 = the standard 5000 on VG, 500 on synthetic)"""
+    """the val split's size, carved from train (0 = 500 synthetic, 1500 vgshape, 5000 VG); not --val-images"""
     # -- the paper's alignment (section 3.3)
     no_align: bool = False
     """train the plain Motifs baseline (no mirror, no alignment loss)"""
@@ -294,7 +294,7 @@ class Config:
     neg_per_pos: int = 3
     """at most this many unrelated pairs per related pair in training"""
     val_images: int = 0
-    """validation images used for model selection (0 = the whole val split)"""
+    """val images each validation evaluates, for model selection (0 = all); the split's size: --num-val-im"""
     eval_batch: int = 8
     """images per evaluation batch"""
     num_workers: int = 0
@@ -1224,7 +1224,7 @@ def train(cfg, out_dir, rank, world, device):
         if done % cfg.ckpt_every == 0 or done % cfg.eval_every == 0 or done == cfg.iters:
             state["elapsed"] = time.time() - t_stage[0]
             save_checkpoint(last_path, cfg, model, opt, sched, state, rank, world)
-    log(f"stage 2 done ({clock(t_stage)}{'; CPU time since the resume' if cfg.resume else ''})")
+    log(f"training done ({clock(t_stage)}, validation included{'; CPU since the resume' if cfg.resume else ''})")
 
     # Test the checkpoint with the best validation mR@50 (the paper's model selection), and the last
     # iteration's weights too (metrics.json's "final"): docs/variance.md compares the two ways of choosing.
@@ -1465,14 +1465,19 @@ def save_checkpoint(path, cfg, model, opt, sched, state, rank, world, extra=None
     barrier()   # nobody reads a checkpoint before rank 0 has written it
 
 
+MODE_NAMES = {"predcls": "PredCls", "sgcls": "SGCls", "sgdet": "SGDet"}   # as the papers write them
+
+
 def finish(cfg, out_dir, summary, history, ds, counts, groups, log, rank, examples=None):
+    """The test lines (the best checkpoint's, then the last iteration's, as sgtr_align.py words them), then
+    (rank 0) metrics.json and the pictures."""
     keys = [f"{m}@{k}" for m in ("R", "mR", "zsR") for k in (20, 50, 100)]
-    log("test | " + " | ".join(f"{k} {100 * summary[k]:.2f}" for k in keys if k in summary))
-    log("test | " + " | ".join(f"{g}_mR@100 {100 * summary[f'{g}_mR@100']:.2f}" for g in groups
-                               if f"{g}_mR@100" in summary))
+    test = f"test {MODE_NAMES[cfg.mode]}"
+    log(f"{test} | " + " | ".join(f"{k} {100 * summary[k]:.2f}" for k in keys if k in summary)
+        + "".join(f" | {g}_mR@100 {100 * summary[f'{g}_mR@100']:.2f}" for g in groups if f"{g}_mR@100" in summary))
     if "final" in summary:   # the last iteration's weights (what the study compares, docs/variance.md)
-        log("test, last iteration | " + " | ".join(f"{k} {100 * summary['final'][k]:.2f}" for k in keys
-                                                   if k in summary["final"]))
+        log(f"{test}, last iteration | " + " | ".join(f"{k} {100 * summary['final'][k]:.2f}" for k in keys
+                                                      if k in summary["final"]))
     if rank != 0:
         return
     with open(os.path.join(out_dir, "metrics.json"), "w") as f:
@@ -1734,9 +1739,20 @@ def triplet_lines(triplets, labels, names, predicates):
             + (f"   {sc:.2g}" if sc is not None else "") for s, o, p, sc in triplets]
 
 
+def found(triplets, pred, gt):
+    """Per (subject, object, predicate, score) triplet of pred: whether the evaluator counts it as found, i.e. a
+    ground-truth relation with that predicate whose subject and object each match a box of the triplet with the
+    same class and IoU >= 0.5 (metrics.SGEvaluator; in PredCls and SGCls the boxes are the ground truth's)."""
+    iou = metrics.box_iou_inclusive(pred["boxes"].numpy().astype(np.float64), gt["boxes"].numpy().astype(np.float64))
+    hit = (iou >= 0.5) & (pred["labels"].numpy()[:, None] == gt["labels"].numpy()[None, :])   # (N, G)
+    rels = gt["relations"].tolist()
+    return [any(p == gp and hit[s, gs] and hit[o, go] for gs, go, gp in rels) for s, o, p, _ in triplets]
+
+
 def plot_examples(examples, test_ds, mode, path, k=5):
-    """Like the paper's Figure 3: ground truth (left) and the top-k predicted triplets (right). In PredCls
-    and SGCls both panels show the same (ground-truth) boxes with the same indices and colours."""
+    """Like the paper's Figure 3: ground truth (left) and the top-k predicted triplets (right), each marked
+    '+' where the evaluator counts it as found, '-' where not (as sgtr_align.py marks them). In PredCls and
+    SGCls both panels show the same (ground-truth) boxes with the same indices and colours."""
     plt = _plt()
     fig, axes = plt.subplots(len(examples), 2, figsize=(10, 6.2 * len(examples)), squeeze=False)
     for row, (idx, pred) in enumerate(examples):
@@ -1750,10 +1766,14 @@ def plot_examples(examples, test_ds, mode, path, k=5):
         draw_scene(axes[row, 0], image, gt["boxes"], gt["labels"], same or used_gt, test_ds.idx_to_label)
         draw_scene(axes[row, 1], image, boxes_right, pred["labels"], same or used_pred, test_ds.idx_to_label)
         axes[row, 0].set_title(f"test image {gt['image_id']}: ground truth (first {k})", fontsize=11)
-        axes[row, 1].set_title(f"predicted top-{k} ({mode}; score = predicate x subject x object)", fontsize=11)
-        for ax, trip, labels in ((axes[row, 0], gt_trip, gt["labels"]), (axes[row, 1], pred_trip, pred["labels"])):
-            ax.set_xlabel("\n".join(triplet_lines(trip, labels, test_ds.idx_to_label, test_ds.idx_to_predicate)),
-                          fontsize=10, loc="left")
+        axes[row, 1].set_title(f"predicted top-{k} ({mode}; score = predicate x subject x object)\n"
+                               f"'+': the evaluator counts it as found", fontsize=11)
+        names, predicates = test_ds.idx_to_label, test_ds.idx_to_predicate
+        axes[row, 0].set_xlabel("\n".join(triplet_lines(gt_trip, gt["labels"], names, predicates)), fontsize=10,
+                                loc="left")
+        marks = ["+ " if ok else "- " for ok in found(pred_trip, pred, gt)]
+        axes[row, 1].set_xlabel("\n".join(m + line for m, line in zip(marks, triplet_lines(
+            pred_trip, pred["labels"], names, predicates))), fontsize=10, loc="left")
     save_figure(fig, path)
 
 
@@ -1791,13 +1811,23 @@ def infer(cfg):
     """Scene graphs of the user's images with a trained run's ckpt_best.pt; writes, per image,
     <out>/<name>_sg.png and <out>/<name>_sg.json (out defaults to <checkpoint folder>/infer)."""
     from PIL import Image
+    photos, stems = [], set()
+    for path in cfg.infer:   # every image is read before anything is written (as sgtr_align.py, same words)
+        if not os.path.isfile(path):
+            fail(f"--infer {path}: no such file")
+        try:
+            with Image.open(path) as im:
+                photos.append((path, im.convert("RGB")))
+        except OSError as e:
+            fail(f"--infer {path}: not an image file ({e})")
+        stem = os.path.splitext(os.path.basename(path))[0]
+        if stem in stems:
+            fail(f"two images named {stem}.*: their {stem}_sg.png would overwrite each other; rename one")
+        stems.add(stem)
     ck = load_checkpoint(cfg.ckpt, "cpu")
     if not {"args", "vocab", "detector", "model"} <= set(ck):
         fail(f"--ckpt {cfg.ckpt} is not a ckpt_best.pt of motifs_align.py (use the run's "
              f"ckpt_best.pt: ckpt_last.pt holds no detector)")
-    missing = [p for p in cfg.infer if not os.path.isfile(p)]
-    if missing:
-        fail(f"--infer {missing[0]}: no such image file")
     known = {f.name for f in dataclasses.fields(Config)}   # (older runs' args hold flags since moved to study.py)
     args = Config(**{**{k: v for k, v in ck["args"].items() if k in known}, "no_align": True})   # never the mirror
     names, predicates = ck["vocab"]["idx_to_label"], ck["vocab"]["idx_to_predicate"]
@@ -1821,12 +1851,10 @@ def infer(cfg):
     # model were trained at that scale), or --max-size when given; boxes go back to the photo's pixels.
     side = cfg.max_size or ck.get("image_side") or 0
     out_dir = cfg.out or os.path.join(os.path.dirname(os.path.abspath(cfg.ckpt)), "infer")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        fail(f"--out {out_dir} is a file; expected a folder for the pictures")
     os.makedirs(out_dir, exist_ok=True)
-    for path in cfg.infer:
-        try:
-            photo = Image.open(path).convert("RGB")
-        except OSError as e:
-            fail(f"--infer {path} is not an image file ({e})")
+    for path, photo in photos:
         scale = side / max(photo.size) if side else 1.0
         img = photo.resize((max(1, round(photo.width * scale)), max(1, round(photo.height * scale))), Image.BILINEAR)
         image = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255).permute(2, 0, 1)   # (3, H, W)
@@ -1908,9 +1936,21 @@ def fmt_time(s):
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
+# (when it ended, its CPU seconds) of each child process this one waited for: scenes.py, which generates the
+# built-in data (data.ensure_synthetic runs it as a program), is one, and its CPU is not this process's
+CHILD_CPU = []
+
+
+def children_cpu():
+    t = os.times()
+    return t.children_user + t.children_system
+
+
 def clock(start):
-    """(wall, cpu) at a start -> 'wall 1m02s, CPU 1m01s' since then (CPU = this process, all threads)."""
-    return f"wall {fmt_time(time.time() - start[0])}, CPU {fmt_time(time.process_time() - start[1])}"
+    """(wall, cpu) at a start -> 'wall 1m02s, CPU 1m01s' since then (CPU = this process, all threads, and the
+    child processes that ended since then)."""
+    cpu = time.process_time() - start[1] + sum(c for ended, c in CHILD_CPU if ended >= start[0])
+    return f"wall {fmt_time(time.time() - start[0])}, CPU {fmt_time(cpu)}"
 
 
 def cache_dir():
@@ -1922,14 +1962,14 @@ def load_datasets(cfg, rank):
     bias counts it, see predicate_statistics)."""
     if cfg.data in data.BUILTIN:
         if rank == 0:          # generate once; the other ranks wait and then read the same files
+            before = children_cpu()
             data.ensure_synthetic(name=cfg.data)
+            CHILD_CPU.append((time.time(), children_cpu() - before))
         barrier()
         root, num_val = data.ensure_synthetic(name=cfg.data), data.BUILTIN[cfg.data]["num_val"]
     else:
         root, num_val = cfg.data, 5000   # the standard VG-SGG split: 5000 val images carved from train
-        if not os.path.isdir(root):
-            fail(f"--data {root}: no such folder (expected a folder with the VG-SGG files, "
-                 f"or --data {' / '.join(data.BUILTIN)})")
+        check_data_path(cfg)
     kw = dict(num_val_im=cfg.num_val_im or num_val, max_size=cfg.max_size or None)
     ds = {s: data.VGSGGDataset(root, s, **kw) for s in ("train", "val", "test")}
     # SGB's get_VG_statistics (and neural-motifs' get_counts) build the train split with
@@ -1984,20 +2024,37 @@ NOT_RESULT_FIELDS = {"out", "resume", "log_every", "num_workers", "infer", "ckpt
 
 
 def existing_run(cfg, out_dir):
-    """-> None if out_dir holds no run, else (the settings that differ from cfg's, whether it finished)."""
+    """-> None if out_dir holds no run (it does not exist, or is an empty folder), else (the settings that
+    differ from cfg's, whether it finished). Anything else there (a file, a folder of other things, an
+    unreadable args.json) ends in one error line."""
     args_path = os.path.join(out_dir, "args.json")
     if not os.path.exists(args_path):
+        if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
+            fail(f"{out_dir} exists and is not a run folder (no args.json); pass --out NEW_FOLDER")
         return None
-    with open(args_path) as f:
-        old = json.load(f)
+    try:
+        with open(args_path) as f:
+            old = json.load(f)
+        assert isinstance(old, dict)
+    except (OSError, ValueError, AssertionError):
+        fail(f"{args_path} is not the JSON settings of a run; pass --out NEW_FOLDER")
     new = dataclasses.asdict(cfg)
     differ = sorted(k for k in set(old) | set(new) if k not in NOT_RESULT_FIELDS and old.get(k) != new.get(k))
     return differ, os.path.exists(os.path.join(out_dir, "metrics.json"))
 
 
+def check_data_path(cfg):
+    """--data names a built-in dataset or an existing folder: the cheapest check, made before the run folder's,
+    so that a mistyped path is named as such (and not as a clash with an earlier run's settings)."""
+    if cfg.data not in data.BUILTIN and not os.path.isdir(cfg.data):
+        fail(f"--data {cfg.data}: no such folder (expected a folder with the VG-SGG files, "
+             f"or --data {' / '.join(data.BUILTIN)})")
+
+
 def claim_run_dir(cfg, out_dir):
-    """Refuse, in one line, to write into a folder that holds another run, or a finished one. Called after
-    every input has been checked and before anything is written, so a refused run leaves no trace."""
+    """Refuse, in one line, to write into a folder that holds another run, or a finished one. Called before
+    anything is written (the data path alone is checked first), so a refused run leaves no trace."""
+    check_data_path(cfg)
     found = existing_run(cfg, out_dir)
     if found is None:
         if cfg.resume:
@@ -2009,7 +2066,8 @@ def claim_run_dir(cfg, out_dir):
              f"pass --out NEW_FOLDER")
     if cfg.resume:
         if not os.path.exists(os.path.join(out_dir, "ckpt_last.pt")):
-            fail(f"--resume: {out_dir} has no ckpt_last.pt; start it again with --out NEW_FOLDER")
+            fail(f"--resume: {out_dir} has no ckpt_last.pt (the run stopped before its first checkpoint); "
+                 f"pass --out NEW_FOLDER to start again")
     elif finished:
         fail(f"{out_dir} already holds a finished run with these settings; "
              f"pass --out NEW_FOLDER to run again")

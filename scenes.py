@@ -1360,8 +1360,11 @@ def generate(out_dir, seed=0, num_train=None, num_test=None, verbose=True, name=
         all_labels.append(labels)
         all_rels.append(rels)
         if verbose and ((k + 1) % 250 == 0 or k + 1 == n):
-            print(f"\rgenerating {name} scenes (seed {seed}): {k + 1}/{n} images | "
-                  f"{time.time() - t0:.1f}s", end="\n" if k + 1 == n else "", file=sys.stderr, flush=True)
+            line = f"generating {name} scenes (seed {seed}): {k + 1}/{n} images | {time.time() - t0:.1f}s"
+            if sys.stderr.isatty():   # on a terminal the line rewrites itself
+                print("\r" + line, end="\n" if k + 1 == n else "", file=sys.stderr, flush=True)
+            else:                     # a log file gets plain lines, one per update
+                print(line, file=sys.stderr, flush=True)
     data.write_vgsgg(out_dir, [0] * num_train + [2] * num_test, image_data, all_boxes, all_labels, all_rels,
                      cfg["classes"], cfg["predicates"])
     return out_dir

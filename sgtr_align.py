@@ -264,7 +264,7 @@ class Config:
     max_eval_images: int = 0
     """cap on the val and test images, for smoke runs (0 = all)"""
     num_val_im: int = 0
-    """validation images carved from the train split (0 = 500 on the synthetic data, 5000 on VG)"""
+    """the val split's size, carved from train (0 = 500 synthetic, 1500 vgshape, 5000 VG); not --val-images"""
     # the other entry point
     infer: List[str] = dataclasses.field(default_factory=list)
     """image files: draw the scene graph that the model in --ckpt finds in each, then exit"""
@@ -348,7 +348,7 @@ class Config:
     grad_clip: float = 0.1
     """max gradient norm (DETR's 0.1)"""
     val_images: int = 300
-    """validation images used for model selection (0 = the whole val split)"""
+    """val images each validation evaluates, for model selection (0 = all); the split's size: --num-val-im"""
     # loss weights (DETR: class 1, L1 5, GIoU 2, background weight 0.1)
     w_cls: float = 1.0
     """entity / predicate / indicator class losses"""
@@ -1339,7 +1339,7 @@ def train(cfg: Config, device) -> dict:
             state["train_seconds"] = time.time() - t_start
             save_checkpoint(last_path, cfg, model, opt, sched, state, device, for_infer)
     train_seconds = time.time() - t_start
-    log(f"training done in {fmt_time(train_seconds)} (validation included)")
+    log(f"training done (wall {fmt_time(train_seconds)}, validation included)")
 
     # Test the best validation checkpoint (the paper's model selection), and the last iteration's weights
     # too (metrics.json's "final"): docs/variance.md compares the two ways of choosing. Rank 0 may have
@@ -1589,9 +1589,9 @@ def save_checkpoint(path, cfg, model, opt, sched, state, device, for_infer):
 def finish(cfg, out_dir, summary, timing, examples, train_ds, test_ds, counts, groups, log):
     """The test lines (the best checkpoint's, then the last iteration's), then (main process) metrics.json,
     timing.json and the pictures."""
-    keys = ("R@20", "R@50", "R@100", "mR@20", "mR@50", "mR@100", "zsR@50", "zsR@100")
+    keys = [f"{m}@{k}" for m in ("R", "mR", "zsR") for k in (20, 50, 100)]   # the lines motifs_align.py writes
     log("test SGDet | " + " | ".join(f"{k} {100 * summary[k]:.2f}" for k in keys if k in summary)
-        + " | " + " | ".join(f"{g} mR@100 {100 * summary[f'{g}_mR@100']:.2f}" for g in groups))
+        + "".join(f" | {g}_mR@100 {100 * summary[f'{g}_mR@100']:.2f}" for g in groups if f"{g}_mR@100" in summary))
     if "final" in summary:   # the last iteration's weights (what the study compares, docs/variance.md)
         log("test SGDet, last iteration | " + " | ".join(f"{k} {100 * summary['final'][k]:.2f}" for k in keys
                                                          if k in summary["final"]))
@@ -1913,6 +1913,19 @@ def infer(cfg: Config):
     """For each image file: <out>/<stem>_sg.png (the picture) and <out>/<stem>_sg.json (the top
     triplets, boxes in the image's own pixels). Default out: <folder of the checkpoint>/infer."""
     from PIL import Image
+    images, stems = [], set()
+    for path in cfg.infer:  # every image is read before anything is written (as motifs_align.py, same words)
+        if not os.path.isfile(path):
+            fail(f"--infer {path}: no such file")
+        try:
+            with Image.open(path) as im:
+                images.append((path, im.convert("RGB")))
+        except OSError as e:
+            fail(f"--infer {path}: not an image file ({e})")
+        stem = os.path.splitext(os.path.basename(path))[0]
+        if stem in stems:
+            fail(f"two images named {stem}.*: their {stem}_sg.png would overwrite each other; rename one")
+        stems.add(stem)
     ck = load_checkpoint(cfg.ckpt, ("model", "args", "vocab", "image_side"))
     try:
         args = Config(**{"pred_loss": "softmax",   # checkpoints written before --pred-loss existed
@@ -1927,17 +1940,6 @@ def infer(cfg: Config):
         model.load_state_dict(state)
     except RuntimeError as e:
         fail(f"{cfg.ckpt}: holds another model layout than its own settings describe ({str(e).splitlines()[0]})")
-    images, stems = [], set()
-    for path in cfg.infer:  # every image is read before anything is written
-        try:
-            with Image.open(path) as im:
-                images.append((path, im.convert("RGB")))
-        except OSError as e:
-            fail(f"{path}: not a readable image file ({e})")
-        stem = os.path.splitext(os.path.basename(path))[0]
-        if stem in stems:
-            fail(f"two images named {stem}.*: their {stem}_sg.png would overwrite each other; rename one")
-        stems.add(stem)
     side = cfg.max_size or ck["image_side"]
     out_dir = cfg.out or os.path.join(os.path.dirname(os.path.abspath(cfg.ckpt)), "infer")
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
@@ -2020,9 +2022,21 @@ def fmt_time(s):
     return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
+# (when it ended, its CPU seconds) of each child process this one waited for: scenes.py, which generates the
+# built-in data (data.ensure_synthetic runs it as a program), is one, and its CPU is not this process's
+CHILD_CPU = []
+
+
+def children_cpu():
+    t = os.times()
+    return t.children_user + t.children_system
+
+
 def clock(start):
-    """(wall, cpu) at a start -> 'wall 1m02s, CPU 1m01s' since then (CPU = this process, all threads)."""
-    return f"wall {fmt_time(time.time() - start[0])}, CPU {fmt_time(time.process_time() - start[1])}"
+    """(wall, cpu) at a start -> 'wall 1m02s, CPU 1m01s' since then (CPU = this process, all threads, and the
+    child processes that ended since then)."""
+    cpu = time.process_time() - start[1] + sum(c for ended, c in CHILD_CPU if ended >= start[0])
+    return f"wall {fmt_time(time.time() - start[0])}, CPU {fmt_time(cpu)}"
 
 
 def default_out(cfg):
@@ -2033,7 +2047,9 @@ def load_datasets(cfg):
     """train / val / test; a problem in the data folder ends in one error line naming the file."""
     try:
         builtin = cfg.data in data.BUILTIN
+        before = children_cpu()
         root = data.ensure_synthetic(name=cfg.data) if builtin else cfg.data
+        CHILD_CPU.append((time.time(), children_cpu() - before))
         num_val = data.BUILTIN[cfg.data]["num_val"] if builtin else 5000  # val is carved from train
         kw = dict(num_val_im=cfg.num_val_im or num_val, max_size=cfg.max_size or None)
         return (data.VGSGGDataset(root, "train", **kw), data.VGSGGDataset(root, "val", **kw),
@@ -2070,18 +2086,30 @@ def run_folder_state(cfg):
     return "finished" if os.path.exists(os.path.join(out, "metrics.json")) else "unfinished"
 
 
+def check_data_path(cfg):
+    """--data names a built-in dataset or an existing folder: the cheapest check, made before the run folder's,
+    so that a mistyped path is named as such (and not as a clash with an earlier run's settings)."""
+    if cfg.data not in data.BUILTIN and not os.path.isdir(cfg.data):
+        fail(f"--data {cfg.data}: no such folder (expected a folder with the VG-SGG files, "
+             f"or --data {' / '.join(data.BUILTIN)})")
+
+
 def claim_run_dir(cfg, last_path):
     """Refuse, in one line, to write into a folder that holds another run, or a finished one (without
-    --resume), or to resume a run that has no ckpt_last.pt. Reads, never writes."""
+    --resume), or to resume a run that has no ckpt_last.pt. Reads, never writes; the data path alone is
+    checked first."""
+    check_data_path(cfg)
     state = run_folder_state(cfg)
     if state == "finished" and not cfg.resume:
         fail(f"{cfg.out} already holds a finished run with these settings; pass --out NEW_FOLDER to run again")
     if state == "unfinished" and not cfg.resume:
         fail(f"{cfg.out} holds an unfinished run with these settings; add --resume to continue it, "
              f"or pass --out NEW_FOLDER")
+    if cfg.resume and state == "new":
+        fail(f"--resume: {cfg.out} holds no run (no args.json); start it without --resume")
     if cfg.resume and not os.path.isfile(last_path):
-        fail(f"--resume: {last_path} does not exist (the run stopped before its first checkpoint, or "
-             f"--out is not a run folder); pass --out NEW_FOLDER to start again")
+        fail(f"--resume: {cfg.out} has no ckpt_last.pt (the run stopped before its first checkpoint); "
+             f"pass --out NEW_FOLDER to start again")
 
 
 def open_run(cfg, out_dir):

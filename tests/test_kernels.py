@@ -288,6 +288,8 @@ def test_torch_path_empty_rows_give_zeros_and_zero_grads():
     assert all((t == 0).all() for t in (out,) + grads)
 
 
+# Triton 3.9 warns here unless TRITON_DEFAULT_FP_FUSION is set, which conftest.py does (to Triton 3.9's default)
+@pytest.mark.filterwarnings("error:TRITON_DEFAULT_FP_FUSION is unset")
 def test_compiles_for_h100_without_a_gpu():
     """Triton compiles the CUDA kernels to sm_90 machine code on any machine (ptxas ships with it):
     catches errors that only the GPU compiler sees (shapes, types, register spills)."""

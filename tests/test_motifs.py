@@ -3,10 +3,12 @@ entry point of the script with a tiny budget. The paper's method (section 3.3: t
 masking, L_align, lambda, the ablations) is tested in tests/test_motifs_method.py.
 """
 import dataclasses
+import glob
 import json
 import math
 import os
 import platform
+import re
 import signal
 import subprocess
 import sys
@@ -416,7 +418,11 @@ def test_smoke_predcls(predcls_run):
         assert differ == [] and "after the last iteration's weights" not in stdout
     else:
         assert "after the last iteration's weights (3)" in stdout
-    assert any(l.startswith("test, last iteration | R@20 ") for l in stdout.splitlines()), stdout
+    assert any(l.startswith("test PredCls, last iteration | R@20 ") for l in stdout.splitlines()), stdout
+    # the lines both scripts write alike (docs/running.md): the end of training, the test of the best checkpoint
+    assert re.search(r"^training done \(wall \d+m\d\ds, CPU \d+m\d\ds, validation included\)$", stdout, re.M), stdout
+    assert re.search(r"^test PredCls \| R@20 [\d.]+ \| R@50 [\d.]+ \| .* \| head_mR@100 [\d.]+ \| body_mR@100 [\d.]+ "
+                     r"\| tail_mR@100 [\d.]+$", stdout, re.M), stdout
 
 
 @pytest.mark.parametrize("mode", ["sgcls", "sgdet"])
@@ -549,6 +555,9 @@ def test_torchrun_two_cpu_processes(tmp_path, predcls_run):
     assert r.returncode == 0, r.stdout + r.stderr
     assert "2 process(es)" in r.stdout
     check_run(str(tmp_path / "run"), "predcls")
+    # torchrun leaves an empty torchelastic_* folder per run in the temporary folder: conftest.py makes that a
+    # private one, removed at the end of the session
+    assert glob.glob(os.path.join(os.environ["TMPDIR"], "torchelastic_*")), "torchrun's leftovers went elsewhere"
     ck = torch.load(tmp_path / "run" / "ckpt_last.pt", weights_only=True)
     assert len(ck["rng"]) == 2 and not torch.equal(ck["rng"][0]["torch"], ck["rng"][1]["torch"])  # own streams
 
@@ -640,3 +649,32 @@ def test_every_tag_touches_its_own_box_and_no_other_tag():
                 ra, rb = rects[a], rects[b]
                 assert a == b or min(ra[2], rb[2]) - max(ra[0], rb[0]) < 0.5 or min(ra[3], rb[3]) - max(ra[1], rb[1]) < 0.5
     plt.close(fig)
+
+
+def test_examples_mark_the_triplets_the_evaluator_counts_as_found(monkeypatch, tmp_path):
+    """examples.png lists the top predicted triplets, '+' where the evaluator counts one as found (a GT
+    relation with its predicate between boxes of the same class, IoU >= 0.5), '-' where not, as SGTR's does."""
+    boxes = torch.tensor([[0.0, 0, 40, 40], [50, 50, 90, 90], [0, 50, 40, 90]])
+    gt = {"boxes": boxes, "labels": torch.tensor([1, 2, 3]), "relations": torch.tensor([[0, 1, 2], [2, 1, 1]]),
+          "image_id": 7, "size": (100, 100)}
+    # predicted, best first: the right triplet; a related pair with its predicate, but box 2 of another class;
+    # a pair the ground truth does not relate
+    pred = {"boxes": boxes, "labels": torch.tensor([1, 2, 4]), "scores": torch.ones(3),
+            "rel_pairs": torch.tensor([[0, 1], [2, 1], [1, 0]]),
+            "rel_scores": torch.tensor([[0.0, 0.1, 0.9], [0.0, 0.8, 0.2], [0.0, 0.7, 0.3]])}
+    trip = M.top_triplets(pred, 5)
+    assert [t[:3] for t in trip] == [(0, 1, 2), (2, 1, 1), (1, 0, 1)]
+    assert M.found(trip, pred, gt) == [True, False, False]
+
+    class Test:   # the parts of a test split that plot_examples reads
+        idx_to_label = ["__background__", "man", "horse", "hat", "dog"]
+        idx_to_predicate = ["__no_relation__", "near", "riding"]
+
+        def __getitem__(self, i):
+            return torch.rand(3, 100, 100), gt
+    figures = []
+    monkeypatch.setattr(M, "save_figure", lambda fig, path, tight=True: figures.append(fig))
+    M.plot_examples([(0, pred)], Test(), "predcls", str(tmp_path / "examples.png"))
+    listed = figures[0].axes[1].get_xlabel().splitlines()
+    assert [line[:2] for line in listed] == ["+ ", "- ", "- "], listed
+    assert listed[0].startswith("+ 0:man  riding  1:horse")

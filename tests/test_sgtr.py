@@ -208,6 +208,10 @@ def test_smoke_run_outputs(finished):
     else:
         assert "after the last iteration's weights (8)" in log
     assert re.search(r"^test SGDet, last iteration \| R@20 [\d.]+ \| R@50 ", log, re.M), log
+    # the lines both scripts write alike (docs/running.md): the end of training, the test of the best checkpoint
+    assert re.search(r"^training done \(wall \d+m\d\ds, validation included\)$", log, re.M), log
+    assert re.search(r"^test SGDet \| R@20 [\d.]+ \| R@50 [\d.]+ \| .* \| head_mR@100 [\d.]+ \| body_mR@100 [\d.]+ "
+                     r"\| tail_mR@100 [\d.]+$", log, re.M), log
     # the lines docs/running.md promises of both scripts: what the run is, what it wrote, its total time
     assert re.search(rf"^run {re.escape(out)} \| sgdet \| aligned \(p = 0.1, λ = 10, kl\), 8 iterations \| seed 0 \| "
                      r"detector: pretrained for 2 iterations, cached as .*sgtr-detector-\w+\.pt \| 1 process\(es\) "
@@ -358,12 +362,14 @@ def test_user_mistakes_end_in_one_error_line(finished, tmp_path, monkeypatch):
     assert folder_state(out) == before
     with monkeypatch.context() as m:   # the run folder is checked first: nothing is generated for a refused run
         m.setenv("SGG_ALIGN_CACHE", str(tmp_path / "cache"))
-        assert "ckpt_last.pt does not exist" in user_error(RUN + ["--out", str(tmp_path / "new"), "--resume"])
+        assert "holds no run" in user_error(RUN + ["--out", str(tmp_path / "new"), "--resume"])
     assert not os.path.exists(tmp_path / "new") and not os.path.exists(tmp_path / "cache")
     assert "--mask-p" in user_error(SMOKE + ["--mask-p", "1.5"])
     assert "--iters" in user_error(SMOKE + ["--iters", "ten"])
     not_ckpt = os.path.join(out, "args.json")
-    assert not_ckpt in user_error(["--infer", "x.png", "--ckpt", not_ckpt])
+    from PIL import Image
+    Image.new("RGB", (40, 30)).save(tmp_path / "x.png")
+    assert not_ckpt in user_error(["--infer", str(tmp_path / "x.png"), "--ckpt", not_ckpt])
     assert "no_such.png" in user_error(["--infer", str(tmp_path / "no_such.png"), "--ckpt",
                                         os.path.join(out, "ckpt_best.pt")])
 
@@ -397,6 +403,55 @@ def test_both_scripts_word_the_same_mistake_alike():
                 parse(["--predcls"] + argv if parse is M.parse_config else argv)
             said.append(str(e.value.code))
         assert said[0] == said[1], said
+
+
+def test_both_scripts_word_the_run_folder_and_infer_mistakes_alike(tmp_path):
+    """The same mistake, the same line from both scripts (each checks before anything is written)."""
+    import dataclasses
+
+    import motifs_align as M
+    from PIL import Image
+    (tmp_path / "file").write_text("not a folder")
+    (tmp_path / "notes.jpg").write_text("a text file named like a photo")
+    Image.new("RGB", (40, 30)).save(tmp_path / "a.png")
+    os.makedirs(tmp_path / "sub")
+    Image.new("RGB", (40, 30)).save(tmp_path / "sub" / "a.jpg")
+    other = tmp_path / "other"   # a run with other settings, where a mistyped --data must still be named first
+    other.mkdir()
+    (other / "args.json").write_text(json.dumps({"data": "synthetic", "seed": 7}))
+    mistakes = {
+        "--resume of nothing": ["--out", str(tmp_path / "none"), "--resume"],
+        "--out is a file": ["--out", str(tmp_path / "file")],
+        "--data mistyped": ["--data", str(tmp_path / "VGG"), "--out", str(other)],
+        "--infer of a missing file": ["--infer", str(tmp_path / "missing.jpg"), "--ckpt", "none.pt"],
+        "--infer of a non-image": ["--infer", str(tmp_path / "notes.jpg"), "--ckpt", "none.pt"],
+        "--infer of two a.*": ["--infer", str(tmp_path / "a.png"), str(tmp_path / "sub" / "a.jpg"), "--ckpt", "none.pt"],
+    }
+    for model in ("motifs", "sgtr"):   # --resume of a run that stopped before its first checkpoint
+        folder = tmp_path / f"started-{model}"
+        folder.mkdir()
+        script = M if model == "motifs" else S
+        cfg = script.parse_config(["--out", str(folder)])
+        (folder / "args.json").write_text(json.dumps(dataclasses.asdict(cfg)))
+    said = {}
+    for name, argv in mistakes.items():
+        for script in (M, S):
+            with pytest.raises(SystemExit) as e:
+                script.main(argv)
+            said.setdefault(name, []).append(str(e.value.code))
+    for model, script in (("motifs", M), ("sgtr", S)):
+        with pytest.raises(SystemExit) as e:
+            script.main(["--out", str(tmp_path / f"started-{model}"), "--resume"])
+        said.setdefault("--resume before a checkpoint", []).append(
+            str(e.value.code).replace(f"started-{model}", "started"))
+    for name, (motifs, sgtr) in said.items():
+        assert motifs == sgtr and motifs.startswith("error: ") and "\n" not in motifs, (name, motifs, sgtr)
+    assert said["--data mistyped"][0].startswith(f"error: --data {tmp_path / 'VGG'}: no such folder")
+    assert said["--infer of a missing file"][0] == f"error: --infer {tmp_path / 'missing.jpg'}: no such file"
+    assert said["--infer of a non-image"][0].startswith(f"error: --infer {tmp_path / 'notes.jpg'}: not an image file")
+    assert said["--out is a file"][0].endswith("exists and is not a run folder (no args.json); pass --out NEW_FOLDER")
+    assert "has no ckpt_last.pt" in said["--resume before a checkpoint"][0]
+    assert not os.path.exists(tmp_path / "none") and not os.listdir(tmp_path / "started-sgtr")[1:]   # nothing written
 
 
 # A crowded scene like the one where a tag ended inside another object's box: a person, and near its top a
