@@ -40,13 +40,18 @@ def test_the_study_names_every_table_with_paired_arms():
     assert lam["args"] == ["--predcls", "--align-weight", "5", "--seed", "0"] and lam["tables"] == ["table5"]
     assert [r["name"] for r in study.select(runs, ["sgtr-sgdet-*-seed1"])] == [
         "sgtr-sgdet-baseline-seed1", "sgtr-sgdet-align-seed1", "sgtr-sgdet-sa-seed1", "sgtr-sgdet-ph-seed1"]
+    # the first SGTR, a record: the same four arms with the settings that were the defaults when it ran
+    record = study.select(runs, ["record"])
+    assert [r["name"] for r in record if r["seed"] == 1] == [
+        "sgtr600-sgdet-baseline-seed1", "sgtr600-sgdet-align-seed1", "sgtr600-sgdet-sa-seed1", "sgtr600-sgdet-ph-seed1"]
+    assert all(r["args"][-len(study.FIRST_SGTR) - 2:-2] == study.FIRST_SGTR for r in record)
 
 
 def test_the_vg_shaped_study_is_the_same_runs_on_its_data_in_its_own_folders():
     small, vg = study.study_runs(study="synthetic"), study.study_runs(study="vgshape")
     # Tables 1-3 only (the p and lambda sweeps stay on the small data), each run the small study's run of the
     # same name with the VG-shaped data's flags added before the seed
-    assert {t for r in vg for t in r["tables"]} == {"table1", "table2", "table3"}
+    assert {t for r in vg for t in r["tables"]} == {"table1", "table2", "table3", "record"}
     same = {r["name"]: r for r in small}
     for r in vg:
         s, flags = same[r["name"]], study.STUDIES["vgshape"]["flags"] + study.STUDIES["vgshape"].get(
