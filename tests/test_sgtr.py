@@ -93,15 +93,19 @@ def test_sgtr_post_process_hand_made():
     labels, conf = torch.tensor([1, 2, 1]), torch.tensor([0.9, 0.8, 0.7])
     prob = torch.tensor([[0.0, 0.9, 0.8, 0.0], [0.0, 0.0, 0.0, 0.5]])  # (Qp 2, P+1 4)
     s_idx, o_idx = torch.tensor([[0, 2], [1, 0]]), torch.tensor([[1, 1], [0, 0]])  # (Qp, K 2), zipped
-    g = S.sgtr_post_process(prob, s_idx, o_idx, boxes, labels, conf)
+    g = S.sgtr_post_process(prob, s_idx, o_idx, boxes, labels, conf, sigmoid=True)
     # query 0's two predicates are the image's 2 best entries; (2 -> 1) repeats (0 -> 1) with a look-alike
     # subject and is dropped; query 1's 0.5 is not among the 2 best
     assert g["rel_pairs"].tolist() == [[0, 1], [0, 1]]
     torch.testing.assert_close(g["rel_scores"], torch.tensor([[0.0, 0.9, 0.0, 0.0], [0.0, 0.0, 0.8, 0.0]]))
     three = S.sgtr_post_process(torch.cat([prob, prob[1:] * 0.2]), torch.cat([s_idx, s_idx[1:]]),
-                                torch.cat([o_idx, o_idx[1:]]), boxes, labels, conf)
+                                torch.cat([o_idx, o_idx[1:]]), boxes, labels, conf, sigmoid=True)
     # with 3 entries query 1's (1 -> 0) comes in; its zipped second pair (0 -> 0) is an entity with itself
     assert three["rel_pairs"].tolist() == [[0, 1], [0, 1], [1, 0]]
+    # a softmax head: each query's best predicate, so query 1's (1 -> 0) comes in and query 0 gives one
+    best = S.sgtr_post_process(prob, s_idx, o_idx, boxes, labels, conf, sigmoid=False)
+    assert best["rel_pairs"].tolist() == [[0, 1], [1, 0]]
+    torch.testing.assert_close(best["rel_scores"], torch.tensor([[0.0, 0.9, 0.0, 0.0], [0.0, 0.0, 0.0, 0.5]]))
     gt = dict(boxes=boxes[:2], labels=labels[:2], relations=torch.tensor([[0, 1, 1], [0, 1, 2]]))
     one_row = dict(g, rel_pairs=g["rel_pairs"][:1], rel_scores=g["rel_scores"][:1] + g["rel_scores"][1:])
     for pred, expected in ((g, 1.0), (one_row, 0.5)):   # one row per triplet: both count; one per pair: one
