@@ -673,12 +673,12 @@ def main(argv=None):
         os.makedirs(a.results, exist_ok=True)
         return figure4(a.ckpt, os.path.join(a.results, "figure4_masking.png"))
     if a.command == "spread":
-        if len(a.what) != 1 or a.what[0] not in ("motifs", "sgtr"):
-            raise SystemExit("error: spread takes one model: python study.py spread motifs|sgtr [--mode M]")
+        if len(a.what) != 1 or a.what[0] not in ("motifs", "sgtr", "sgtr600"):
+            raise SystemExit("error: spread takes one model: python study.py spread motifs|sgtr|sgtr600 [--mode M]")
         return print(spread(a.results, a.what[0], a.mode if a.what[0] == "motifs" else "sgdet"))
     if a.command == "variance":
-        if len(a.what) != 1 or a.what[0] not in ("motifs", "sgtr"):
-            raise SystemExit("error: variance takes one model: python study.py variance motifs|sgtr")
+        if len(a.what) != 1 or a.what[0] not in ("motifs", "sgtr", "sgtr600"):
+            raise SystemExit("error: variance takes one model: python study.py variance motifs|sgtr|sgtr600")
         return print(variance(a.results, a.runs_dir, a.what[0], "predcls" if a.what[0] == "motifs" else "sgdet"))
     if a.command == "bench":
         import torch
@@ -835,7 +835,7 @@ def weighted_recalls(e, w, num_predicates):
 
 # Half the mR@50 gain the paper reports (Motifs PredCls 19.8 -> 21.7, SGCls 8.9 -> 10.5, SGDet 5.9 -> 6.4;
 # SGTR SGDet 12.0 -> 12.7): the standard error a comparison needs to tell an effect of the paper's size from none.
-TARGET_SE = {"motifs-predcls": 0.95, "motifs-sgcls": 0.8, "motifs-sgdet": 0.25, "sgtr-sgdet": 0.35}
+TARGET_SE = {"motifs-predcls": 0.95, "motifs-sgcls": 0.8, "motifs-sgdet": 0.25, "sgtr-sgdet": 0.35, "sgtr600-sgdet": 0.35}
 
 
 def pairs_needed(sd, target):
