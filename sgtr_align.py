@@ -38,7 +38,7 @@ How to run
     python sgtr_align.py --det-iters 50 --iters 50 --val-images 50 --out runs/quick   # a shorter run
     python sgtr_align.py --infer a.jpg b.png --ckpt runs/sgtr_align-sgdet-align-seed0/ckpt_best.pt
                                               # scene graphs of your own images: <ckpt folder>/infer/
-    python sgtr_align.py --preset vg --data /path/to/vg   # SGTR's own sizes on Visual Genome (GPU)
+    python sgtr_align.py --preset vg --data /path/to/vg   # SGTR's own VG config on Visual Genome (GPU)
     torchrun --nproc_per_node 2 sgtr_align.py # data parallel (gloo on CPU, nccl on GPU)
     Experiments (several seeds, baseline vs aligned, the step-time benchmark): see study.py.
     A run writes into its folder: args.json, log.txt, ckpt_last.pt (every --ckpt-every iterations),
@@ -54,21 +54,25 @@ Differences from SGTR (see also docs/sgtr.md)
       DETR and DINO) and are refined per layer (DAB-DETR style), rather than DETR's learned queries,
       because DETR converges too slowly for a CPU budget (300 pretraining iterations: 65% of the test
       boxes found at IoU >= 0.5 with selection, 26% with learned anchor boxes, --entity-queries
-      anchors). By default the detector stays frozen while SGTR trains (--lr-detector / --lr-backbone
-      > 0 fine-tune it, as SGTR does and --preset vg does).
+      anchors). The detector stays frozen while SGTR trains (SGTR's VG config freezes all of it but its
+      input projection, queries and heads; --lr-detector / --lr-backbone > 0 fine-tune it).
     - The predicate node generator is SGTR's (query generation from the entities, predicate and entity
       indicator sub-decoders per layer, fusion, relation location, graph-assembling distance) except:
       post-norm layers (SGTR: pre-norm); the entity tokens carry an embedding of their boxes as keys in
       the indicators' cross-attention and in the query generator (SGTR: only the generator, with the
-      box centre); one relation encoder layer by default (SGTR: 3); triplets are ranked by predicate x
-      both indicator matches x both entity confidences (SGTR's entity-indexing ranking option, off in
-      its VG config); the relation location's L1 uses the box L1 weight (5; SGTR: 1 with its 0.5).
+      box centre); one relation encoder layer by default (SGTR: 3); DETR's loss weights throughout
+      (SGTR's VG config: smaller ones for the indicators and the relation location) and a matcher on the
+      indicators' own outputs.
+    - As in SGTR's VG config: the focal predicate head (P sigmoids) and SGTR's post-processing, whose
+      list R@K counts with several predicates per pair, as SGTR's published numbers are counted
+      (--pred-loss softmax --post-process ours: a softmax head, one predicate per pair).
 
 Symbols used in the shape comments
     B images in a batch, H x W padded image size, h x w feature map, S = h * w image tokens,
     D model width, Hd attention heads, Qe entity queries, Qp predicate queries, G ground-truth
     boxes of one image, R ground-truth relations of one image, C object classes (+1 background),
-    P predicate classes (+1 "no relation"), K entities kept per indicator, M relation pairs.
+    P predicate classes (+1 "no relation" in the scores; the focal head has P outputs), K entities kept per
+    indicator, M relation pairs (or triplets, with SGTR's post-processing).
 """
 import argparse
 import dataclasses

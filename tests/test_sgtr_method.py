@@ -137,9 +137,13 @@ def decoder_by_hand(model, inputs, class_heads, p=0.0, seeds=None):
 
 
 def kl_by_hand(target, mirror):
-    """Eq. (2) for the three distributions: sum over classes, mean over queries and images, summed."""
+    """Eq. (2) for the three distributions: sum over classes, mean over queries and images, summed. A focal
+    predicate head (P outputs, not P + 1) is P Bernoullis: the sum of their KLs (bernoulli_kl_by_hand)."""
     total = 0.0
     for key in KEYS:
+        if key == "pred_logits" and target[key].shape[-1] == P1 - 1:
+            total = total + bernoulli_kl_by_hand(target[key], mirror[key]).sum(-1).mean().float()
+            continue
         p, log_q = target[key].softmax(-1), mirror[key].log_softmax(-1)
         total = total + (p * (p.log() - log_q)).sum(-1).mean()
     return total
@@ -160,9 +164,10 @@ def align_with_seeds(model, step_batch):
 # ----------------------------------------------------------------------------------------------
 # Eq. (2) on the last layer, the target pass, the mirror
 
+@pytest.mark.parametrize("head", ["focal", "softmax"])
 @pytest.mark.parametrize("tied", [False, True])
-def test_alignment_loss_equals_kl_of_the_original_to_the_masked_mirror_by_hand(tied):
-    model, inputs, step_batch, tg = setup(tied_head=tied)
+def test_alignment_loss_equals_kl_of_the_original_to_the_masked_mirror_by_hand(tied, head):
+    model, inputs, step_batch, tg = setup(tied_head=tied, pred_loss=head)
     loss, seeds = align_with_seeds(model, step_batch)
     with torch.no_grad():
         # target: the original decoder, ORIGINAL heads, no dropout, no mask; mirror: masked, no dropout,
@@ -457,7 +462,8 @@ def test_focal_head_has_p_outputs_and_no_relation_column_in_the_mirror_too():
     probs = S.predicate_probs(logits, model.cfg)   # what the evaluator ranks
     assert probs.shape == (4, P1) and probs[:, 0].abs().max() == 0
     torch.testing.assert_close(probs[:, 1:], logits.sigmoid())
-    torch.testing.assert_close(S.predicate_probs(torch.randn(4, P1).clamp(-3, 3), tiny_cfg()).sum(-1), torch.ones(4))
+    softmax = tiny_cfg(pred_loss="softmax")
+    torch.testing.assert_close(S.predicate_probs(torch.randn(4, P1).clamp(-3, 3), softmax).sum(-1), torch.ones(4))
 
 
 def test_sigmoid_focal_loss_by_hand():
