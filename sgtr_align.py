@@ -1854,20 +1854,24 @@ def plot_examples(examples, ds, path, top=5):
         iou = metrics.box_iou_inclusive(pred["boxes"].numpy(), gt_boxes.numpy())  # (Qe, G)
         same = pred["labels"].numpy()[:, None] == np.array(gt_labels)[None, :]  # (Qe, G)
         hit = (iou >= 0.5) & same
-        tag, next_tag = {}, len(gt_labels)  # entity -> tag; unmatched ones numbered after the GT boxes
+        # entity -> (number, primes); unmatched ones numbered after the GT boxes. A second detection of the same
+        # annotated box (a DETR duplicate that SGTR's near-duplicate filter, IoU > 0.8, let through) is primed: 2'
+        tag, next_tag = {}, len(gt_labels)
         for s, o, _, _ in trip:
             for e in (s, o):
                 if e not in tag:
                     if hit[e].any():
-                        tag[e] = int(np.where(hit[e], iou[e], -1).argmax())
+                        g = int(np.where(hit[e], iou[e], -1).argmax())
+                        tag[e] = (g, sum(n == g for n, _ in tag.values()))
                     else:
-                        tag[e], next_tag = next_tag, next_tag + 1
+                        tag[e], next_tag = (next_tag, 0), next_tag + 1
+        name = {e: f"{n}" + "'" * primes for e, (n, primes) in tag.items()}
         pred_lines = []
         for s, o, p, score in trip:
             ok = any(p == gp and hit[s, gs] and hit[o, go] for gs, go, gp in t["relations"].tolist())
-            pred_lines.append(("+ " if ok else "- ") + fmt_triplet(tag[s], labels[int(pred["labels"][s])], preds[p],
-                                                               tag[o], labels[int(pred["labels"][o])], score))
-        pred_tagged = [(f"{tag[e]}:{labels[int(pred['labels'][e])]}", pred["boxes"][e], f"C{tag[e] % 10}")
+            pred_lines.append(("+ " if ok else "- ") + fmt_triplet(name[s], labels[int(pred["labels"][s])], preds[p],
+                                                               name[o], labels[int(pred["labels"][o])], score))
+        pred_tagged = [(f"{name[e]}:{labels[int(pred['labels'][e])]}", pred["boxes"][e], f"C{tag[e][0] % 10}")
                        for e in tag]
         panels = ((f"image {t['image_id']}: annotated", gt_tagged, gt_lines),
                   (f"predicted, top {top} ('+' = found)", pred_tagged, pred_lines))
