@@ -72,6 +72,7 @@ Symbols used in shape comments:
     H LSTM hidden size per direction, E class embedding width.
 """
 import argparse
+import copy
 import dataclasses
 import hashlib
 import inspect
@@ -963,15 +964,24 @@ class MotifsRelationModel(nn.Module):
         self.mirror = None if cfg.no_align else Mirror(cfg, 4 * H, Du, P)
 
     # -- pieces shared by the original and the mirrored predictor
-    def union_features(self, fmap, boxes, pairs):
-        """-> relation features (R, Du) of the pairs (local indices per image)."""
-        feats = []
+    def union_rois(self, fmap, boxes, pairs):
+        """The union feature's part without parameters: per image, RoIAlign over each pair's union box and
+        the two-box masks -> B x ((R_b, F, S, S), (R_b, 2, S, S)), None for an image without pairs. It reads
+        the frozen feature map and the boxes alone, so evaluation computes it once for two checkpoints, and
+        keeps it between validations when it fits (evaluate's roi_cache)."""
+        rois = []
         for i, (b, pr) in enumerate(zip(boxes, pairs)):
             if len(pr) == 0:
+                rois.append(None)
                 continue
             union, masks = pair_geometry(b, pr, self.S)                  # (R_b, 4), (R_b, 2, S, S)
-            x = roi_align(fmap[i], union, self.S, self.spatial_scale)    # (R_b, F, S, S)
-            feats.append((x + F.relu(self.rect_conv(masks))).flatten(1))  # (R_b, F*S*S)
+            rois.append((roi_align(fmap[i], union, self.S, self.spatial_scale), masks))   # (R_b, F, S, S), ..
+        return rois
+
+    def union_features(self, fmap, boxes, pairs, rois=None):
+        """-> relation features (R, Du) of the pairs (local indices per image); rois: union_rois', if known."""
+        rois = self.union_rois(fmap, boxes, pairs) if rois is None else rois
+        feats = [(x + F.relu(self.rect_conv(masks))).flatten(1) for x, masks in filter(None, rois)]  # (R_b, F*S*S)
         if not feats:
             return self.union_fc.weight.new_zeros(0, self.union_fc.out_features)
         return F.relu(self.union_fc(torch.cat(feats)))                   # (R, Du)
@@ -981,14 +991,15 @@ class MotifsRelationModel(nn.Module):
         head, tail = self.post_emb(edge_ctx).chunk(2, dim=1)             # (N, 2H) each
         return torch.cat([head[pairs_g[:, 0]], tail[pairs_g[:, 1]]], dim=1)
 
-    def forward(self, fmap, boxes, sizes, obj_feats, obj_dists, pairs, labels=None, boxes_per_cls=None):
+    def forward(self, fmap, boxes, sizes, obj_feats, obj_dists, pairs, labels=None, boxes_per_cls=None, rois=None):
         """fmap (B, F, h, w) frozen features, or a list B x (F, h_b, w_b) (FeatureCache); boxes B x (N_b, 4);
         sizes B x (H, W);
         obj_feats (N, roi_dim) frozen RoI features; obj_dists (N, C) initial class distribution
         (one-hot GT labels in predcls, the detector's in sgcls/sgdet); pairs B x (R_b, 2) local
         indices; labels (N,): the GT labels in predcls, and in training the teacher-forced labels of
         sgcls (GT) and sgdet (the matched GT box's class, 0 = unmatched); boxes_per_cls (N, C, 4): sgdet
-        at test time, the detections' class boxes for the decoder's NMS.
+        at test time, the detections' class boxes for the decoder's NMS; rois: union_rois(fmap, boxes, pairs)
+        if already computed.
         -> dict obj_logits (N, C) or None, obj_labels (N,), obj_scores (N,), rel_logits (R, P),
            rel_pairs (R, 2) global indices, and the mirror's inputs edge_in, union, counts, orders."""
         counts = [len(b) for b in boxes]
@@ -1020,7 +1031,7 @@ class MotifsRelationModel(nn.Module):
         # The relation predictor: edge context -> pair features x union feature -> classifier.
         edge_in = torch.cat([self.obj_embed_edge(obj_labels), obj_ctx, obj_feats], dim=1)  # (N, E+2H+roi)
         edge_ctx = bilstm(self.edge_ctx_rnn, edge_in, counts, orders)    # (N, 2H)
-        union = self.union_features(fmap, boxes, pairs)                  # (R, Du)
+        union = self.union_features(fmap, boxes, pairs, rois)            # (R, Du)
         pair = self.pair_features(edge_ctx, pairs_g)                     # (R, 4H)
         freq = self.freq_bias(obj_labels[pairs_g[:, 0]] * self.num_classes + obj_labels[pairs_g[:, 1]])
         rel_logits = self.rel_compress(self.post_cat(pair) * union) + freq   # (R, P)
@@ -1165,7 +1176,7 @@ def train(cfg, out_dir, rank, world, device):
     groups = metrics.default_predicate_groups(ds["train"].idx_to_predicate, counts)
     t_stage = (time.time(), time.process_time())
     detector, det_map = get_detector(cfg, ds, det_path, det_cached, device, rank, world, log)
-    use_feature_cache(cfg, detector, [ds["train"], ds["val"], ds["test"]], log)
+    cache_gb = use_feature_cache(cfg, detector, [ds["train"], ds["val"], ds["test"]], log)
     log(f"stage 1 done ({clock(t_stage)})")
     if cfg.freq_baseline:
         summary = evaluate(None, detector, first(ds["test"], cfg.max_eval_images), cfg, device, groups,
@@ -1192,6 +1203,7 @@ def train(cfg, out_dir, rank, world, device):
                                          collate_fn=data.collate, num_workers=cfg.num_workers,
                                          generator=torch.Generator().manual_seed(cfg.seed))
     val = first(ds["val"], min([n for n in (cfg.val_images, cfg.max_eval_images) if n] or [len(ds["val"])]))
+    val_rois = use_roi_cache(cfg, model, detector, val, cache_gb, log)   # {} or None: evaluate's roi_cache
     log(f"stage 2: training the relation model for {cfg.iters} iterations (batch {cfg.batch_size} x {world}, "
         f"validation mR@50 on {len(val)} images every {cfg.eval_every}, ckpt_last.pt every {cfg.ckpt_every})")
     t_stage = (time.time() - state["elapsed"], time.process_time())
@@ -1216,7 +1228,7 @@ def train(cfg, out_dir, rank, world, device):
             log_interval(cfg, state, time.time() - t_last, time.time() - t_stage[0], log)
             t_last = time.time()
         if done % cfg.eval_every == 0 or done == cfg.iters:
-            improved = validate(model, detector, val, cfg, device, groups, state, log)
+            improved = validate(model, detector, val, cfg, device, groups, state, log, val_rois)
             state["elapsed"] = time.time() - t_stage[0]
             if improved:
                 save_checkpoint(best_path, cfg, model, opt, sched, state, rank, world, for_infer)
@@ -1228,18 +1240,19 @@ def train(cfg, out_dir, rank, world, device):
 
     # Test the checkpoint with the best validation mR@50 (the paper's model selection), and the last
     # iteration's weights too (metrics.json's "final"): docs/variance.md compares the two ways of choosing.
-    # When the best checkpoint is the last iteration's, they are the same weights, tested once.
+    # When the best checkpoint is the last iteration's, they are the same weights, tested once; otherwise both
+    # in one pass over the test images, sharing the frozen stage 1 and the union RoIAlign.
     test = first(ds["test"], cfg.max_eval_images)
     ck = load_checkpoint(best_path, device)
     t_stage = (time.time(), time.process_time())
-    final = None if ck["step"] == state["step"] else evaluate(model, detector, test, cfg, device, groups,
-                                                                seen_triplets=seen)
-    model.load_state_dict(ck["model"])
+    models = [model] if ck["step"] == state["step"] else [copy.deepcopy(model), model]   # [best, last]
+    models[0].load_state_dict(ck["model"])
     log(f"testing the best checkpoint (iteration {ck['step']}, val mR@50 {ck['state']['best_val_mR@50']:.4f})"
-        + ("" if final is None else f", after the last iteration's weights ({state['step']})"))
-    summary, examples = evaluate(model, detector, test, cfg, device, groups, keep_examples=4, seen_triplets=seen)
+        + ("" if len(models) == 1 else f" and the last iteration's weights ({state['step']})"))
+    results = evaluate(models, detector, test, cfg, device, groups, keep_examples=4, seen_triplets=seen)
+    (summary, examples), (final, _) = results[0], results[-1]
     # the last iteration's, with its validation mR@50
-    final = {**(final or summary), "val_mR@50": state["history"]["val_mR@50"][-1]}
+    final = {**final, "val_mR@50": state["history"]["val_mR@50"][-1]}
     summary.update({"det_mAP@0.5": det_map, "best_step": ck["step"], "val_mR@50": ck["state"]["best_val_mR@50"],
                     "final": final})
     log(f"test done ({clock(t_stage)})")
@@ -1334,15 +1347,35 @@ def use_feature_cache(cfg, detector, splits, log):
     says which; --preset vg: off, a VGG-16 feature map per Visual Genome image would take about 300 GB)."""
     if cfg.feature_cache_gb <= 0:
         log("feature cache: off (--feature-cache-gb 0): the frozen detector runs again at every step")
-        return
+        return None
     need = FeatureCache.size_gb(cfg, splits, detector.backbone.out_channels, detector.stride)
     if need > cfg.feature_cache_gb:
         log(f"feature cache: off: the frozen detector's outputs would take {need:.1f} GB, more than "
             f"--feature-cache-gb {cfg.feature_cache_gb:g}; the detector runs again at every step")
-        return
+        return None
     detector.feature_cache = FeatureCache()
     log(f"feature cache: on: the frozen detector's outputs are computed once per image and kept in memory "
         f"(at most {need:.2f} GB; --feature-cache-gb 0 turns it off)")
+    return need
+
+
+def use_roi_cache(cfg, model, detector, val, cache_gb, log):
+    """-> {} (evaluate's roi_cache) when the validation images' union RoIAlign, every ordered pair's, fits in
+    --feature-cache-gb beside the feature cache, else None. A validation then computes only the model's part of
+    the union feature (rect_conv, union_fc) and the rest of the model: about half its time on the VG-shaped data
+    (docs/running.md). Plumbing, as the feature cache: the numbers are those computed again each time."""
+    if cache_gb is None:
+        return None
+    base, idx = (val.dataset, val.indices) if isinstance(val, torch.utils.data.Subset) else (val, range(len(val)))
+    S, Fc = model.S, detector.backbone.out_channels
+    n = [cfg.det_max_per_image if cfg.mode == "sgdet" else len(base.get_groundtruth(i)["labels"]) for i in idx]
+    need = 4 * sum(k * (k - 1) for k in n) * (Fc + 2) * S * S / 1e9      # float32 (R, F, S, S) + masks (R, 2, S, S)
+    if cache_gb + need > cfg.feature_cache_gb:
+        log(f"union RoIAlign of the validation images: computed at every validation ({need:.1f} GB more would "
+            f"not fit in --feature-cache-gb {cfg.feature_cache_gb:g})")
+        return None
+    log(f"union RoIAlign of the validation images: computed at the first validation and kept ({need:.2f} GB)")
+    return {}
 
 
 def train_detector(cfg, detector, train_ds, iters, device, rank, world, log):
@@ -1440,10 +1473,10 @@ def log_interval(cfg, state, seconds, seconds_so_far, log):
     acc.update(loss=0.0, sup=0.0, align=0.0, n=0)
 
 
-def validate(model, detector, val, cfg, device, groups, state, log):
+def validate(model, detector, val, cfg, device, groups, state, log, roi_cache=None):
     """Validation mR@50 (model selection) -> whether it is the best so far (then state holds it)."""
     done = state["step"]
-    mr50 = evaluate(model, detector, val, cfg, device, groups)["mR@50"]
+    mr50 = evaluate(model, detector, val, cfg, device, groups, roi_cache=roi_cache)["mR@50"]
     model.train()
     state["history"]["val_step"].append(done)
     state["history"]["val_mR@50"].append(mr50)
@@ -1507,17 +1540,22 @@ def all_pairs(n, device):
 
 @torch.no_grad()
 def evaluate(model, detector, ds, cfg, device, groups, freq_log_probs=None, keep_examples=0, seen_triplets=None,
-             ev=None):
+             ev=None, roi_cache=None):
     """-> metrics.SGEvaluator summary (and the first keep_examples predictions of rank 0).
-    With freq_log_probs instead of a model: the frequency-prior-only predictor (Motifs' FREQ).
-    seen_triplets: the training split's triplets (metrics.training_triplets), for zsR@K.
-    ev: an empty SGEvaluator to fill instead of a new one (its per-image records stay with the caller)."""
+    model: one model, or a list of models tested in one pass over the images (they share the frozen stage 1
+    and the union RoIAlign, the larger half of the work; the numbers are those of one model at a time),
+    then a list of what one model would give. With freq_log_probs instead of a model: the frequency-prior-only
+    predictor (Motifs' FREQ). seen_triplets: the training split's triplets (metrics.training_triplets), for
+    zsR@K. ev: an empty SGEvaluator to fill instead of a new one (its per-image records stay with the caller).
+    roi_cache: a dict kept by the caller between evaluations of the same images in the same order (the
+    validations): each image's union_rois, computed at the first and read at the next (the same numbers)."""
     base = ds.dataset if isinstance(ds, torch.utils.data.Subset) else ds
-    if model is not None:
-        model.eval()
-    if ev is None:
-        ev = metrics.SGEvaluator(cfg.mode, base.num_predicates - 1, predicate_groups=groups,
-                                 zeroshot_triplets=seen_triplets)
+    models = model if isinstance(model, list) else [model]
+    for m in models:
+        if m is not None:
+            m.eval()
+    evs = [ev] if ev is not None else [metrics.SGEvaluator(cfg.mode, base.num_predicates - 1, predicate_groups=groups,
+                                                           zeroshot_triplets=seen_triplets) for _ in models]
     examples, seen = [], 0
     for images, targets in eval_loader(ds, cfg):
         images, targets = images.to(device), to_device(targets, device)
@@ -1526,7 +1564,7 @@ def evaluate(model, detector, ds, cfg, device, groups, freq_log_probs=None, keep
                             [t["labels"] for t in targets])
         pairs = [all_pairs(len(b), device) for b in s1["boxes"]]         # B x (n_b*(n_b-1), 2)
         gt_labels = torch.cat([t["labels"] for t in targets])
-        if model is None:   # FREQ: labels from GT (predcls) or the detector, predicates from the prior
+        if models[0] is None:   # FREQ: labels from GT (predcls) or the detector, predicates from the prior
             if cfg.mode == "predcls":
                 labels, scores = gt_labels, torch.ones(len(gt_labels), device=device)
             else:
@@ -1534,27 +1572,43 @@ def evaluate(model, detector, ds, cfg, device, groups, freq_log_probs=None, keep
                 labels = labels + 1
             offsets = np.cumsum([0] + [len(b) for b in s1["boxes"]][:-1])
             pg = torch.cat([p + int(o) for p, o in zip(pairs, offsets)])  # (R, 2) global
-            rel_logits = freq_log_probs[labels[pg[:, 0]], labels[pg[:, 1]]]   # (R, P)
+            outs = [(labels, scores, freq_log_probs[labels[pg[:, 0]], labels[pg[:, 1]]])]   # rel_logits (R, P)
         else:
             per_cls = torch.cat([d["boxes_per_cls"] for d in s1["det"]]) if cfg.mode == "sgdet" else None
-            out = model(s1["fmap"], s1["boxes"], sizes, s1["obj_feats"], s1["obj_dists"], pairs, gt_labels, per_cls)
-            labels, scores, rel_logits = out["obj_labels"], out["obj_scores"], out["rel_logits"]
-        rel_probs = rel_logits.softmax(-1)                                # (R, P), column 0 = no relation
-        n_start, r_start = 0, 0
-        for i, t in enumerate(targets):
-            n, r = len(s1["boxes"][i]), len(pairs[i])
-            pred = {"boxes": s1["boxes"][i], "labels": labels[n_start:n_start + n],
-                    "scores": scores[n_start:n_start + n], "rel_pairs": pairs[i],
-                    "rel_scores": rel_probs[r_start:r_start + r]}
-            pred = {k: v.cpu() for k, v in pred.items()}
-            ev.add({k: t[k].cpu() for k in ("boxes", "labels", "relations")}, pred)
-            if len(examples) < keep_examples and (not dist.is_initialized() or dist.get_rank() == 0):
-                examples.append((seen, pred))   # rank 0's shard starts at image 0 (InferenceSampler)
-            n_start, r_start, seen = n_start + n, r_start + r, seen + 1
-    if dist.is_initialized():
-        ev.gather()
-    summary = ev.summary()
-    return (summary, examples) if keep_examples else summary
+            rois = []   # each image's union RoIAlign (the same computation one image at a time as union_rois's)
+            for i in range(len(targets)):
+                if roi_cache is None or seen + i not in roi_cache:
+                    r = models[0].union_rois(s1["fmap"][i:i + 1], s1["boxes"][i:i + 1], pairs[i:i + 1])[0]
+                    if roi_cache is not None:
+                        roi_cache[seen + i] = r
+                rois.append(r if roi_cache is None else roi_cache[seen + i])
+            outs = []
+            for m in models:
+                out = m(s1["fmap"], s1["boxes"], sizes, s1["obj_feats"], s1["obj_dists"], pairs, gt_labels, per_cls,
+                        rois)
+                outs.append((out["obj_labels"], out["obj_scores"], out["rel_logits"]))
+        for j, (labels, scores, rel_logits) in enumerate(outs):
+            rel_probs = rel_logits.softmax(-1)                            # (R, P), column 0 = no relation
+            n_start, r_start = 0, 0
+            for i, t in enumerate(targets):
+                n, r = len(s1["boxes"][i]), len(pairs[i])
+                pred = {"boxes": s1["boxes"][i], "labels": labels[n_start:n_start + n],
+                        "scores": scores[n_start:n_start + n], "rel_pairs": pairs[i],
+                        "rel_scores": rel_probs[r_start:r_start + r]}
+                pred = {k: v.cpu() for k, v in pred.items()}
+                evs[j].add({k: t[k].cpu() for k in ("boxes", "labels", "relations")}, pred)
+                if j == 0 and len(examples) < keep_examples and (not dist.is_initialized() or dist.get_rank() == 0):
+                    examples.append((seen + i, pred))   # rank 0's shard starts at image 0 (InferenceSampler)
+                n_start, r_start = n_start + n, r_start + r
+        seen += len(targets)
+    results = []
+    for e in evs:
+        if dist.is_initialized():
+            e.gather()
+        results.append(e.summary())
+    if keep_examples:
+        results = [(summary, examples) for summary in results]
+    return results if isinstance(model, list) else results[0]
 
 
 def eval_loader(ds, cfg):

@@ -134,6 +134,55 @@ def test_motifs_cold_and_warm_cache_give_the_same_evaluation(synthetic, mode):
     assert motifs_eval(model, det, ds, one) == uncached
 
 
+def motifs_eval_many(models, det, ds, cfg, roi_cache=None):
+    groups = metrics.default_predicate_groups(ds.dataset.idx_to_predicate, data.predicate_counts(ds.dataset))
+    out = M.evaluate(models, det, ds, cfg, "cpu", groups, roi_cache=roi_cache)
+    return [json.dumps(o, sort_keys=True) for o in out] if isinstance(models, list) else json.dumps(out, sort_keys=True)
+
+
+@pytest.mark.parametrize("mode", ["predcls"])   # (with an untrained detector, SGCls/SGDet recall is all 0)
+def test_motifs_shared_union_rois_change_no_number(synthetic, mode):
+    """Two checkpoints tested in one pass (sharing stage 1 and the union RoIAlign) give each one's own metrics,
+    exactly; and so do validations that read the union RoIAlign kept by an earlier one (evaluate's roi_cache,
+    one entry per image, batches of 3 so that a per-batch key would collide)."""
+    cfg = M.parse_config([f"--{mode}", "--eval-batch", "3"])
+    C, P = synthetic["test"].num_classes, synthetic["test"].num_predicates
+    torch.manual_seed(0)
+    det = M.Detector(cfg, C).eval().requires_grad_(False)
+    det.feature_cache = M.FeatureCache()
+    models = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        models.append(M.MotifsRelationModel(cfg, C, P, det.backbone.out_channels, det.stride,
+                                            torch.randn(C, C, P)).eval())
+    ds = M.first(synthetic["test"], 8)
+    alone = [motifs_eval_many(m, det, ds, cfg) for m in models]
+    assert alone[0] != alone[1]                                  # two models that the metrics tell apart
+    assert motifs_eval_many(models, det, ds, cfg) == alone
+    kept = {}
+    assert motifs_eval_many(models[0], det, ds, cfg, kept) == alone[0] and len(kept) == 8   # cold: computed
+    kept_ids = {k: id(v) for k, v in kept.items()}
+    assert motifs_eval_many(models[1], det, ds, cfg, kept) == alone[1]                      # warm: read
+    assert {k: id(v) for k, v in kept.items()} == kept_ids
+
+
+def test_motifs_roi_cache_only_where_it_fits(synthetic):
+    """The validation images' union RoIAlign is kept only within --feature-cache-gb, beside the feature cache."""
+    C, P = synthetic["val"].num_classes, synthetic["val"].num_predicates
+    sizes = {}
+    for gb in ("0.8", "4"):   # the feature cache 0.50 GB, the validation union RoIAlign 0.43 GB
+        lines = []
+        cfg = M.parse_config(["--predcls", "--feature-cache-gb", gb])
+        det = M.Detector(cfg, C)
+        model = M.MotifsRelationModel(cfg, C, P, det.backbone.out_channels, det.stride, torch.zeros(C, C, P))
+        fc = M.use_feature_cache(cfg, det, [synthetic["train"], synthetic["val"], synthetic["test"]], lines.append)
+        sizes[gb] = M.use_roi_cache(cfg, model, det, synthetic["val"], fc, lines.append)
+        assert len(lines) == 2, lines
+    assert sizes["0.8"] is None and sizes["4"] == {}
+    cfg = M.parse_config(["--predcls"])
+    assert M.use_roi_cache(cfg, model, det, synthetic["val"], None, print) is None   # no feature cache: none
+
+
 def test_motifs_cache_is_off_where_it_would_not_fit(synthetic):
     lines = []
     cfg = M.parse_config(["--predcls", "--feature-cache-gb", "0.01"])
