@@ -1248,7 +1248,7 @@ def train(cfg, out_dir, rank, world, device):
     models = [model] if ck["step"] == state["step"] else [copy.deepcopy(model), model]   # [best, last]
     models[0].load_state_dict(ck["model"])
     log(f"testing the best checkpoint (iteration {ck['step']}, val mR@50 {ck['state']['best_val_mR@50']:.4f})"
-        + ("" if len(models) == 1 else f" and the last iteration's weights ({state['step']})"))
+        + ("" if len(models) == 1 else f", and the last iteration's weights ({state['step']}) in the same pass"))
     results = evaluate(models, detector, test, cfg, device, groups, keep_examples=4, seen_triplets=seen)
     (summary, examples), (final, _) = results[0], results[-1]
     # the last iteration's, with its validation mR@50

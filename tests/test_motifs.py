@@ -411,13 +411,13 @@ def test_smoke_predcls(predcls_run):
     assert loss == pytest.approx(sup + 10 * align, abs=0.01)   # Eq. (3)'s total (the log rounds to 3 decimals)
     # "final", the last iteration's test (what the study compares): where the best checkpoint is the last
     # iteration's (the same weights, tested once), that test exactly; otherwise the last weights were
-    # tested first, and the log says so
+    # tested too, and the log says so
     m = metrics_of(out)
     differ = [k for k in m["final"] if k != "val_mR@50" and json.dumps(m["final"][k]) != json.dumps(m[k])]
     if m["best_step"] == 3:
-        assert differ == [] and "after the last iteration's weights" not in stdout
+        assert differ == [] and "the last iteration's weights" not in stdout
     else:
-        assert "after the last iteration's weights (3)" in stdout
+        assert "and the last iteration's weights (3) in the same pass" in stdout
     assert any(l.startswith("test PredCls, last iteration | R@20 ") for l in stdout.splitlines()), stdout
     # the lines both scripts write alike (docs/running.md): the end of training, the test of the best checkpoint
     assert re.search(r"^training done \(wall \d+m\d\ds, CPU \d+m\d\ds, validation included\)$", stdout, re.M), stdout

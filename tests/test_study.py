@@ -312,7 +312,7 @@ def test_metrics_json_is_the_test_of_ckpt_best_and_final_that_of_ckpt_last(tmp_p
     assert r.returncode == 0, r.stdout + r.stderr
     with open(os.path.join(out, "metrics.json")) as f:
         m = json.load(f)
-    assert m["best_step"] < 4 and "after the last iteration's weights (4)" in r.stdout
+    assert m["best_step"] < 4 and "the last iteration's weights (4)" in r.stdout
     threads = torch.get_num_threads()
     got = {which: study.test_records("motifs-run", str(tmp_path), which)[1] for which in ("best", "last")}
     assert torch.get_num_threads() == threads   # test_records evaluates on one thread, then gives ours back
