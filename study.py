@@ -10,6 +10,7 @@ only launches it, keeps its results and writes down the command.
     python study.py report                 # results/README.md and the figures, from results/ alone
     python study.py verify RUN             # rerun one finished run and check its metrics.json is identical
     python study.py bench motifs|sgtr      # a training step with and without the alignment and the feature cache
+    python study.py bench motifs-eval      # Motifs' evaluation with and without its shared work (--data vgshape)
     python study.py variance motifs|sgtr   # docs/variance.md's tables: where the spread between seeds comes from
     python study.py spread motifs|sgtr     # before any aligned run: the noise a paired difference will have
 
@@ -683,6 +684,8 @@ def main(argv=None):
     if a.command == "bench":
         import torch
         torch.set_num_threads(a.threads)
+        if a.what == ["motifs-eval"]:
+            return bench_eval(a.data)
         return bench(a.what, a.mode, a.detector)
     chosen = select(runs, a.what) if a.what else runs
     done = {r["name"] for r in chosen if os.path.isfile(os.path.join(a.results, r["name"], "run.json"))}
@@ -1054,6 +1057,53 @@ def bench(what, mode="predcls", detector_file="", rounds=5, steps=6, n_batches=6
         print(f"  {'with' if a else 'without'} alignment: the cache makes a step {w0 / w1:.2f}x faster (wall), "
               f"{c0 / c1:.2f}x (CPU)")
     return med
+
+
+
+def bench_eval(data_name, n_images=500, rounds=3):
+    """Time Motifs PredCls evaluation with and without its shared work, on the first n_images of the test and
+    of the val split, in one process, rounds alternating the order (round 0 fills the feature cache): the test
+    of two checkpoints as two passes and as one (evaluate([best, last])), and a validation that computes
+    the union RoIAlign again and one that reads it (evaluate's roi_cache, warm). Medians of process CPU time
+    and wall clock. The digits are the same either way (tests/test_repeatability.py)."""
+    import torch
+    sys.path.insert(0, ROOT)
+    import data
+    import metrics
+    import motifs_align as m
+    cfg = m.parse_config(["--predcls"] + (["--data", data_name] if data_name else []))
+    _, ds = m.load_datasets(cfg, 0)
+    C, P = ds["train"].num_classes, ds["train"].num_predicates
+    groups = metrics.default_predicate_groups(ds["train"].idx_to_predicate, data.predicate_counts(ds["train"]))
+    torch.manual_seed(0)
+    detector = m.Detector(cfg, C).eval().requires_grad_(False)   # PredCls: the cost does not depend on weights
+    detector.feature_cache = m.FeatureCache()
+    models = [m.MotifsRelationModel(cfg, C, P, detector.backbone.out_channels, detector.stride,
+                                    torch.zeros(C, C, P)) for _ in range(2)]
+    test, val = m.first(ds["test"], n_images), m.first(ds["val"], n_images)
+    kept = {}
+    m.evaluate(models[0], detector, val, cfg, "cpu", groups, roi_cache=kept)   # fills both caches
+    arms = {"test, two passes": lambda: [m.evaluate(x, detector, test, cfg, "cpu", groups) for x in models],
+            "test, one pass": lambda: m.evaluate(models, detector, test, cfg, "cpu", groups),
+            "validation, RoIAlign again": lambda: m.evaluate(models[0], detector, val, cfg, "cpu", groups),
+            "validation, RoIAlign kept": lambda: m.evaluate(models[0], detector, val, cfg, "cpu", groups,
+                                                            roi_cache=kept)}
+    times = {k: [] for k in arms}
+    for r in range(rounds + 1):
+        for k in (list(arms) if r % 2 == 0 else list(arms)[::-1]):
+            t0, c0 = time.perf_counter(), time.process_time()
+            arms[k]()
+            if r > 0:
+                times[k].append((time.process_time() - c0, time.perf_counter() - t0))
+    med = {k: (float(np.median([c for c, _ in v])), float(np.median([w for _, w in v]))) for k, v in times.items()}
+    print(f"bench eval (Motifs PredCls, {data_name or 'synthetic'}, {len(test)} test / {len(val)} val images, torch "
+          f"threads {torch.get_num_threads()}, {torch.backends.cpu.get_cpu_capability()}), seconds, CPU / wall:")
+    for k, (c, w) in med.items():
+        print(f"  {k:28s} {c:7.1f} / {w:7.1f}")
+    print(f"  test: one pass takes {med['test, one pass'][0] / med['test, two passes'][0]:.2f} of two (CPU); "
+          f"validation: {med['validation, RoIAlign kept'][0] / med['validation, RoIAlign again'][0]:.2f} (CPU)")
+    return med
+
 
 if __name__ == "__main__":
     main()
