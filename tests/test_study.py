@@ -51,9 +51,18 @@ def test_the_vg_shaped_study_is_the_same_runs_on_its_data_in_its_own_folders():
     small, vg = study.study_runs(study="synthetic"), study.study_runs(study="vgshape")
     # Tables 1-3 only (the p and lambda sweeps stay on the small data), each run the small study's run of the
     # same name with the VG-shaped data's flags added before the seed
-    assert {t for r in vg for t in r["tables"]} == {"table1", "table2", "table3", "record"}
+    assert {t for r in vg for t in r["tables"]} == {"table1", "table2", "table3", "record", "long"}
     same = {r["name"]: r for r in small}
+    # its own: Motifs PredCls at 16 epochs, whose flags replace the study's cache size (none given twice)
+    long = [r for r in vg if r["model"] == "motifs-long"]
+    assert [r["name"] for r in long if r["seed"] == 0] == ["motifs-predcls-long-baseline-seed0",
+                                                           "motifs-predcls-long-align-seed0"]
+    assert long[0]["args"] == ["--predcls", "--no-align", "--data", "vgshape", "--iters", "13900", "--eval-every",
+                               "1000", "--feature-cache-gb", "10", "--seed", "0"]
+    assert long[0]["script"] == "motifs_align.py" and long[0]["tables"] == ["long"]
     for r in vg:
+        if r["model"] == "motifs-long":
+            continue
         s, flags = same[r["name"]], study.STUDIES["vgshape"]["flags"] + study.STUDIES["vgshape"].get(
             f"{r['model']}_flags", [])
         assert r["args"] == s["args"][:-2] + flags + s["args"][-2:] or (
