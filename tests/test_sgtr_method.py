@@ -136,12 +136,13 @@ def decoder_by_hand(model, inputs, class_heads, p=0.0, seeds=None):
     return outs
 
 
-def kl_by_hand(target, mirror):
+def kl_by_hand(target, mirror, focal_kl="bernoulli"):
     """Eq. (2) for the three distributions: sum over classes, mean over queries and images, summed. A focal
-    predicate head (P outputs, not P + 1) is P Bernoullis: the sum of their KLs (bernoulli_kl_by_hand)."""
+    predicate head (P outputs, not P + 1) is P Bernoullis: the sum of their KLs (bernoulli_kl_by_hand); with
+    focal_kl 'softmax', a softmax over its P logits instead."""
     total = 0.0
     for key in KEYS:
-        if key == "pred_logits" and target[key].shape[-1] == P1 - 1:
+        if key == "pred_logits" and target[key].shape[-1] == P1 - 1 and focal_kl == "bernoulli":
             total = total + bernoulli_kl_by_hand(target[key], mirror[key]).sum(-1).mean().float()
             continue
         p, log_q = target[key].softmax(-1), mirror[key].log_softmax(-1)
@@ -164,17 +165,21 @@ def align_with_seeds(model, step_batch):
 # ----------------------------------------------------------------------------------------------
 # Eq. (2) on the last layer, the target pass, the mirror
 
-@pytest.mark.parametrize("head", ["focal", "softmax"])
+@pytest.mark.parametrize("head", ["focal", "softmax", "focal, softmax KL"])
 @pytest.mark.parametrize("tied", [False, True])
 def test_alignment_loss_equals_kl_of_the_original_to_the_masked_mirror_by_hand(tied, head):
-    model, inputs, step_batch, tg = setup(tied_head=tied, pred_loss=head)
+    focal_kl = "softmax" if head == "focal, softmax KL" else "bernoulli"
+    model, inputs, step_batch, tg = setup(tied_head=tied, pred_loss=head.split(",")[0], focal_kl=focal_kl)
     loss, seeds = align_with_seeds(model, step_batch)
     with torch.no_grad():
         # target: the original decoder, ORIGINAL heads, no dropout, no mask; mirror: masked, no dropout,
         # untied heads (the original ones in the tied ablation)
         target = decoder_by_hand(model, inputs, heads(model, mirror=False))
         mirror = decoder_by_hand(model, inputs, heads(model, mirror=True), 0.3, seeds)
-        expected = kl_by_hand(target[-1], mirror[-1])
+        expected = kl_by_hand(target[-1], mirror[-1], focal_kl)
+        if head.startswith("focal"):   # the two readings of Eq. 2 for the focal head differ
+            other = "softmax" if focal_kl == "bernoulli" else "bernoulli"
+            assert abs(expected - kl_by_hand(target[-1], mirror[-1], other)) > 1e-3
         # (each alternative is visibly different here, so the comparison below can fail)
         assert abs(expected - kl_by_hand(mirror[-1], target[-1])) > 1e-3            # direction
         assert abs(expected - kl_by_hand(target[0], mirror[0])) > 1e-3              # layer
