@@ -1428,7 +1428,7 @@ def resume(cfg, last_path, model, opt, sched, device, log):
 def new_train_state():
     """What a training run carries from step to step, and what ckpt_last.pt saves of it."""
     return {"step": 0, "best_val_mR@50": -1.0, "best_step": 0, "elapsed": 0.0,
-            "history": {"step": [], "loss": [], "sup": [], "align": [], "val_step": [], "val_mR@50": []},
+            "history": {"step": [], "loss": [], "sup": [], "align": [], "val_step": [], "val_mR@50": [], "val_R@50": []},
             "acc": {"loss": 0.0, "sup": 0.0, "align": 0.0, "n": 0}}   # running sums of the current log interval
 
 
@@ -1476,14 +1476,17 @@ def log_interval(cfg, state, seconds, seconds_so_far, log):
 def validate(model, detector, val, cfg, device, groups, state, log, roi_cache=None):
     """Validation mR@50 (model selection) -> whether it is the best so far (then state holds it)."""
     done = state["step"]
-    mr50 = evaluate(model, detector, val, cfg, device, groups, roi_cache=roi_cache)["mR@50"]
+    summary = evaluate(model, detector, val, cfg, device, groups, roi_cache=roi_cache)
+    mr50 = summary["mR@50"]
     model.train()
     state["history"]["val_step"].append(done)
     state["history"]["val_mR@50"].append(mr50)
+    state["history"].setdefault("val_R@50", []).append(summary["R@50"])   # (absent from older checkpoints)
     improved = mr50 > state["best_val_mR@50"]
     if improved:
         state["best_val_mR@50"], state["best_step"] = mr50, done
-    log(f"val it {done} | mR@50 {mr50:.4f} | best {state['best_val_mR@50']:.4f}{' (saved)' if improved else ''}")
+    log(f"val it {done} | mR@50 {mr50:.4f} | R@50 {summary['R@50']:.4f} | best {state['best_val_mR@50']:.4f}"
+        f"{' (saved)' if improved else ''}")
     return improved
 
 
@@ -1711,8 +1714,11 @@ def plot_curves(history, path, align_weight):
             a.plot(history["step"], history[k], label=names[k])
     a.set(xlabel="iteration", ylabel="mean over the log interval", title="training losses (as in the log)")
     a.legend()
-    b.plot(history["val_step"], [100 * v for v in history["val_mR@50"]], marker="o")
-    b.set(xlabel="iteration", ylabel="%", title="validation mR@50 (model selection)")
+    b.plot(history["val_step"], [100 * v for v in history["val_mR@50"]], marker="o", label="mR@50 (model selection)")
+    if len(history.get("val_R@50", [])) == len(history["val_step"]):   # (older runs logged mR@50 only)
+        b.plot(history["val_step"], [100 * v for v in history["val_R@50"]], marker="s", label="R@50")
+    b.set(xlabel="iteration", ylabel="%", title="validation")
+    b.legend()
     save_figure(fig, path)
 
 
