@@ -444,6 +444,9 @@ def report(results, study):
                   "stretched, validated every 1,000 iterations (docs/variance.md).", ""]
         arm_table(lines, res, "motifs-long", "predcls", ["baseline", "align"],
                   t2 + ["head_mR@100", "body_mR@100", "tail_mR@100"], PAPER["table2"]["predcls"], best)
+        fig = length_figure(res, results, study)
+        if fig:
+            lines += [f"![the alignment's effect against training length]({fig})", ""]
     for tab, arms, what in (("table4", ["p = 0.05", "align", "p = 0.2", "p = 0.3"], "the masking ratio p"),
                             ("table5", ["λ = 1", "λ = 5", "align", "λ = 20"], "the loss weight λ")):
         if tab not in tables:
@@ -998,6 +1001,50 @@ def spread(results, model, mode):
         lines.append(f"| {key} | " + ", ".join(f"{x:.2f}" for x in v) + f" | {sd:.2f} | {np.sqrt(2) * sd:.2f} | "
                      + f"{pairs_needed(np.sqrt(2) * sd, target)} |")
     return "\n".join(lines + [""])
+
+
+def length_points(res, results, study):
+    """The alignment's effect on Motifs PredCls test mR@50 (last weights) at each training length: Table 2's
+    runs and the long schedule's -> [(epochs of the train split, mean difference, its SE, pairs, iterations)]
+    for the lengths with at least two pairs."""
+    points = []
+    for model in ("motifs", "motifs-long"):
+        base, arm = res.get((model, "predcls", "baseline"), {}), res.get((model, "predcls", "align"), {})
+        seeds = sorted(set(base) & set(arm))
+        if len(seeds) < 2:
+            continue
+        name = next(r["name"] for r in study_runs(seeds, study) if (r["model"], r["mode"], r["arm"], r["seed"]) ==
+                    (model, "predcls", "baseline", seeds[0]))
+        args = read_json(os.path.join(results, name, "args.json"))
+        n_train = int(re.search(r"(\d+) train", open(os.path.join(results, name, "log.txt")).read()).group(1))
+        d = np.array([100 * (arm[s]["mR@50"] - base[s]["mR@50"]) for s in seeds])
+        points.append((args["iters"] * args["batch_size"] / n_train, d.mean(), d.std(ddof=1) / np.sqrt(len(d)),
+                       len(d), args["iters"]))
+    return points
+
+
+def length_figure(res, results, study):
+    """length_points drawn, with the paper's effect -> the file name, or None while fewer than two lengths."""
+    points = length_points(res, results, study)
+    if len(points) < 2:
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    x, y, se = (np.array([p[i] for p in points]) for i in range(3))
+    ax.errorbar(x, y, yerr=se, marker="o", capsize=4, label="ours: aligned − baseline, mean ± SE over pairs")
+    for e, m, _, n, iters in points:
+        ax.annotate(f"{iters:,} it., {n} pairs", (e, m), textcoords="offset points", xytext=(6, 6), fontsize=8)
+    ax.axhline(0, color="black", lw=0.8)
+    ax.axhline(1.9, color="tab:red", ls="--", lw=1, label="the paper (VG150, about 42 epochs): +1.9")
+    ax.set(xlabel="epochs of the training split", ylabel="test mR@50 difference (points)",
+           title="Motifs PredCls: the alignment's effect against training length")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(results, "figure_length_motifs_predcls.png"), dpi=100)
+    plt.close(fig)
+    return "figure_length_motifs_predcls.png"
 
 
 # ----------------------------------------------------------------------------------------------

@@ -122,6 +122,31 @@ def fake(results, name, model, mode, arm, seed, values, per_predicate=None):
         json.dump({**{k: v - 0.1 for k, v in values.items()}, "final": m}, f)
 
 
+def test_the_effect_against_length_puts_each_schedule_at_its_epochs(tmp_path):
+    """The long-schedule figure's points: epochs = iterations x batch / training images (from each baseline's
+    args.json and log.txt), the paired mean difference of test mR@50 and its SE, in points."""
+    res = str(tmp_path)
+    for model, pattern, iters, base, align in (
+            ("motifs", "motifs-predcls-{}-seed{}", 2000, [0.20, 0.22], [0.21, 0.22]),
+            ("motifs-long", "motifs-predcls-long-{}-seed{}", 13900, [0.25, 0.27], [0.28, 0.31])):
+        for s in (0, 1):
+            for arm, v in (("baseline", base[s]), ("align", align[s])):
+                name = pattern.format(arm, s)
+                fake(res, name, model, "predcls", arm, s, {"mR@50": v})
+                with open(os.path.join(res, name, "args.json"), "w") as f:
+                    json.dump({"iters": iters, "batch_size": 8}, f)
+                with open(os.path.join(res, name, "log.txt"), "w") as f:
+                    f.write("data /x: 6945 train / 1500 val / 4275 test images, 94 classes, 50 predicates\n")
+    last, _, _ = study.load_results(res)
+    (e0, m0, se0, n0, i0), (e1, m1, se1, n1, i1) = study.length_points(last, res, "vgshape")
+    assert (i0, n0, i1, n1) == (2000, 2, 13900, 2)
+    assert e0 == pytest.approx(2000 * 8 / 6945) and e1 == pytest.approx(13900 * 8 / 6945)   # 2.3 and 16.0
+    assert m0 == pytest.approx(0.5) and se0 == pytest.approx(0.5)      # differences +1, 0 points
+    assert m1 == pytest.approx(3.5) and se1 == pytest.approx(0.5)      # +3, +4
+    assert study.length_figure(last, res, "vgshape") == "figure_length_motifs_predcls.png"
+    assert os.path.isfile(os.path.join(res, "figure_length_motifs_predcls.png"))
+
+
 def test_report_means_stds_and_paired_differences_by_hand(tmp_path):
     res = str(tmp_path)
     base, align = [0.40, 0.44, 0.42], [0.43, 0.45, 0.47]
