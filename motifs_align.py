@@ -1344,7 +1344,8 @@ def get_detector(cfg, ds, path, cached, device, rank, world, log):
 
 def use_feature_cache(cfg, detector, splits, log):
     """Give the frozen detector a FeatureCache when the splits' outputs fit in --feature-cache-gb (one line
-    says which; --preset vg: off, a VGG-16 feature map per Visual Genome image would take about 300 GB)."""
+    says which; --preset vg: off, a VGG-16 feature map per Visual Genome image would take about 300 GB).
+    -> the GB it may hold (what use_roi_cache counts beside it), or None when it is off."""
     if cfg.feature_cache_gb <= 0:
         log("feature cache: off (--feature-cache-gb 0): the frozen detector runs again at every step")
         return None
