@@ -702,7 +702,7 @@ def main(argv=None):
         if len(a.what) != 1 or a.what[0] not in ("motifs", "motifs-long", "sgtr", "sgtr600"):
             raise SystemExit("error: spread takes one model: python study.py spread "
                              "motifs|motifs-long|sgtr|sgtr600 [--mode M]")
-        return print(spread(a.results, a.what[0], a.mode if a.what[0].startswith("motifs") else "sgdet"))
+        return print(spread(a.results, a.what[0], a.mode if a.what[0].startswith("motifs") else "sgdet", study))
     if a.command == "variance":
         if len(a.what) != 1 or a.what[0] not in ("motifs", "sgtr", "sgtr600"):
             raise SystemExit("error: variance takes one model: python study.py variance motifs|sgtr|sgtr600")
@@ -866,7 +866,6 @@ def weighted_recalls(e, w, num_predicates):
 # SGTR SGDet 12.0 -> 12.7): the standard error a comparison needs to tell an effect of the paper's size from none.
 TARGET_SE = {"motifs-predcls": 0.95, "motifs-sgcls": 0.8, "motifs-sgdet": 0.25, "sgtr-sgdet": 0.35, "sgtr600-sgdet": 0.35,
              "motifs-long-predcls": 0.4}   # the long schedule's issue: paired SE of mR@50 <= 0.4
-STUDIES_OF_RESULTS = {"vgshape": "vgshape", "synthetic": "synthetic"}   # results/<folder> -> its study
 
 
 def pairs_needed(sd, target):
@@ -967,7 +966,12 @@ def val_curve(log_file):
     return curve
 
 
-def spread(results, model, mode):
+def run_folder(study, model, mode, arm, seed):
+    """The name of a study's run (its folder in results/) from what its run.json records."""
+    return next(r["name"] for r in study_runs([seed], study) if (r["model"], r["mode"], r["arm"]) == (model, mode, arm))
+
+
+def spread(results, model, mode, study="vgshape"):
     """A study's protocol before any aligned run exists (docs/variance.md): from baseline runs alone, the
     noise a paired difference will have, and each baseline's validation curve, for the schedule. Two
     baselines of different seeds differ by what an aligned run and its baseline differ by when the method
@@ -980,9 +984,8 @@ def spread(results, model, mode):
     if len(seeds) < 2:
         raise SystemExit(f"error: spread needs >= 2 seeds of the {model} {mode} baseline in {results}")
     target = TARGET_SE[f"{model}-{mode}"]
-    folder = {r["seed"]: r["name"] for r in study_runs(seeds, STUDIES_OF_RESULTS.get(os.path.basename(
-        os.path.normpath(results)), "vgshape")) if (r["model"], r["mode"], r["arm"]) == (model, mode, "baseline")}
-    curves = {s: val_curve(os.path.join(results, folder[s], "log.txt")) for s in seeds}
+    curves = {s: val_curve(os.path.join(results, run_folder(study, model, mode, "baseline", s), "log.txt"))
+              for s in seeds}
     its = sorted({i for c in curves.values() for i, _ in c})
     lines = [f"{model} {mode}: {len(seeds)} baseline seeds. Points of %.", "",
              "Validation mR@50 (each run's log.txt):", "", "| seed | " + " | ".join(f"it {i}" for i in its) + " |",
@@ -1013,8 +1016,7 @@ def length_points(res, results, study):
         seeds = sorted(set(base) & set(arm))
         if len(seeds) < 2:
             continue
-        name = next(r["name"] for r in study_runs(seeds, study) if (r["model"], r["mode"], r["arm"], r["seed"]) ==
-                    (model, "predcls", "baseline", seeds[0]))
+        name = run_folder(study, model, "predcls", "baseline", seeds[0])
         args = read_json(os.path.join(results, name, "args.json"))
         n_train = int(re.search(r"(\d+) train", open(os.path.join(results, name, "log.txt")).read()).group(1))
         d = np.array([100 * (arm[s]["mR@50"] - base[s]["mR@50"]) for s in seeds])
