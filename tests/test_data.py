@@ -849,8 +849,10 @@ def test_model_scripts_count_the_generators_cpu(synthetic, monkeypatch):
     root = data.ensure_synthetic()
 
     def generate_in_a_child(cache_dir=None, seed=0, name="synthetic"):
+        # 0.35 s of CPU, so that the parent's count of it, in whole clock ticks, is surely >= 0.3 (with 0.3 it
+        # was once 0.29999999999999716: a difference of tick counts taken as floats)
         subprocess.run([sys.executable, "-c", "import time; t = time.process_time()\n"
-                        "while time.process_time() - t < 0.3: pass"], check=True)
+                        "while time.process_time() - t < 0.35: pass"], check=True)
         return root
     monkeypatch.setattr(data, "ensure_synthetic", generate_in_a_child)
     for script, load in ((motifs_align, lambda cfg: motifs_align.load_datasets(cfg, 0)),
