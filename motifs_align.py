@@ -1555,6 +1555,7 @@ def evaluate(model, detector, ds, cfg, device, groups, freq_log_probs=None, keep
     validations): each image's union_rois, computed at the first and read at the next (the same numbers)."""
     base = ds.dataset if isinstance(ds, torch.utils.data.Subset) else ds
     models = model if isinstance(model, list) else [model]
+    assert ev is None or len(models) == 1, "ev: one evaluator, for one model"
     for m in models:
         if m is not None:
             m.eval()
@@ -1579,13 +1580,14 @@ def evaluate(model, detector, ds, cfg, device, groups, freq_log_probs=None, keep
             outs = [(labels, scores, freq_log_probs[labels[pg[:, 0]], labels[pg[:, 1]]])]   # rel_logits (R, P)
         else:
             per_cls = torch.cat([d["boxes_per_cls"] for d in s1["det"]]) if cfg.mode == "sgdet" else None
-            rois = []   # each image's union RoIAlign (the same computation one image at a time as union_rois's)
-            for i in range(len(targets)):
-                if roi_cache is None or seen + i not in roi_cache:
-                    r = models[0].union_rois(s1["fmap"][i:i + 1], s1["boxes"][i:i + 1], pairs[i:i + 1])[0]
-                    if roi_cache is not None:
-                        roi_cache[seen + i] = r
-                rois.append(r if roi_cache is None else roi_cache[seen + i])
+            if roi_cache is None:   # the union RoIAlign, once for all the models (union_rois works image by image)
+                rois = models[0].union_rois(s1["fmap"], s1["boxes"], pairs)
+            else:
+                for i in range(len(targets)):
+                    if seen + i not in roi_cache:
+                        roi_cache[seen + i] = models[0].union_rois(s1["fmap"][i:i + 1], s1["boxes"][i:i + 1],
+                                                                   pairs[i:i + 1])[0]
+                rois = [roi_cache[seen + i] for i in range(len(targets))]
             outs = []
             for m in models:
                 out = m(s1["fmap"], s1["boxes"], sizes, s1["obj_feats"], s1["obj_dists"], pairs, gt_labels, per_cls,
