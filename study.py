@@ -447,6 +447,10 @@ def report(results, study):
         fig = length_figure(res, results, study)
         if fig:
             lines += [f"![the alignment's effect against training length]({fig})", ""]
+        fig = overfit_figure(res, results, study)
+        if fig:
+            lines += ["Training loss against validation, one seed of each arm:", "",
+                      f"![training loss against validation mR@50 and R@50]({fig})", ""]
     for tab, arms, what in (("table4", ["p = 0.05", "align", "p = 0.2", "p = 0.3"], "the masking ratio p"),
                             ("table5", ["λ = 1", "λ = 5", "align", "λ = 20"], "the loss weight λ")):
         if tab not in tables:
@@ -955,15 +959,28 @@ def variance(results, runs_dir, model, mode, boot=2000, draws=200):
     return "\n".join(lines)
 
 
-def val_curve(log_file):
-    """[(iteration, validation mR@50 as a fraction)] from a run's log.txt (SGTR prints percent)."""
-    curve = []
+def log_curves(log_file):
+    """A run's log.txt -> {"sup": {iteration: L_original, the mean over the log interval}, "mR@50" and "R@50":
+    {iteration: validation value as a fraction (SGTR prints percent)}}. A resumed run logs the steps after
+    its last checkpoint twice; the later line wins, as it is the one the run's weights continue from."""
+    curves = {"sup": {}, "mR@50": {}, "R@50": {}}
     for line in open(log_file, encoding="utf-8") if os.path.isfile(log_file) else []:
-        m = re.match(r"val it (\d+) \| mR@50 ([\d.]+)", line)
+        m = re.match(r"it (\d+)/\d+ \| loss [\d.]+ \(sup ([\d.]+)", line)
         if m:
-            v = float(m.group(2))
-            curve.append((int(m.group(1)), v / 100 if v > 1 else v))
-    return curve
+            curves["sup"][int(m.group(1))] = float(m.group(2))
+        if line.startswith("val it "):
+            it = int(line.split()[2])
+            for key in ("mR@50", "R@50"):
+                v = re.search(rf"\| {key} ([\d.]+)", line)
+                if v:
+                    x = float(v.group(1))
+                    curves[key][it] = x / 100 if x > 1 else x
+    return curves
+
+
+def val_curve(log_file):
+    """[(iteration, validation mR@50 as a fraction)] from a run's log.txt."""
+    return sorted(log_curves(log_file)["mR@50"].items())
 
 
 def run_folder(study, model, mode, arm, seed):
@@ -1047,6 +1064,42 @@ def length_figure(res, results, study):
     fig.savefig(os.path.join(results, "figure_length_motifs_predcls.png"), dpi=100)
     plt.close(fig)
     return "figure_length_motifs_predcls.png"
+
+
+def overfit_figure(res, results, study, model="motifs-long", mode="predcls"):
+    """Does the long schedule overfit? For one seed of each arm (the lowest whose log has validation R@50),
+    the training loss L_original against validation mR@50 and R@50, over iterations -> the file name, or
+    None until both arms have such a run."""
+    picked = {}
+    for arm in ("baseline", "align"):
+        for seed in sorted(res.get((model, mode, arm), {})):
+            c = log_curves(os.path.join(results, run_folder(study, model, mode, arm, seed), "log.txt"))
+            if c["R@50"]:
+                picked[arm] = (seed, c)
+                break
+    if len(picked) < 2:
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    for arm, (seed, c) in picked.items():
+        label = f"{arm}, seed {seed}"
+        for ax, key in zip(axes, ("sup", "mR@50", "R@50")):
+            its = sorted(c[key])
+            ax.plot(its, [c[key][i] * (1 if key == "sup" else 100) for i in its],
+                    marker=None if key == "sup" else "o", label=label)
+    for ax, title, unit in zip(axes, ("training loss L_original (log-interval mean)", "validation mR@50",
+                                      "validation R@50"), ("loss", "%", "%")):
+        ax.set(xlabel="iteration", ylabel=unit, title=title)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{model} {mode}: does the long schedule overfit? (the training loss falls; does validation?)",
+                 fontsize=10)
+    fig.tight_layout()
+    name = f"figure_overfit_{model.replace('-', '_')}_{mode}.png"
+    fig.savefig(os.path.join(results, name), dpi=100)
+    plt.close(fig)
+    return name
 
 
 # ----------------------------------------------------------------------------------------------

@@ -147,6 +147,50 @@ def test_the_effect_against_length_puts_each_schedule_at_its_epochs(tmp_path):
     assert os.path.isfile(os.path.join(res, "figure_length_motifs_predcls.png"))
 
 
+def test_log_curves_read_training_loss_and_validation_with_the_resumed_lines_winning(tmp_path):
+    """The overfitting figure's data: a resumed run logs the steps after its last checkpoint again (the later
+    line is the one its weights continue from); SGTR prints validation in percent, Motifs as fractions."""
+    log = tmp_path / "log.txt"
+    log.write_text("it 50/100 | loss 0.900 (sup 0.800, align 0.010, λ 10) | 4.0 it/s\n"
+                   "val it 50 | mR@50 0.2000 | R@50 0.6000 | best 0.2000 (saved)\n"
+                   "it 100/100 | loss 0.700 (sup 0.600, align 0.010, λ 10) | 4.0 it/s\n"
+                   "resumed from ckpt_last.pt at iteration 50\n"
+                   "it 100/100 | loss 0.650 (sup 0.550, align 0.010, λ 10) | 4.0 it/s\n"
+                   "val it 100 | mR@50 2.50 | R@50 61.00 | mR@100 2.60 | R@100 62.00\n", encoding="utf-8")
+    c = study.log_curves(str(log))
+    assert c["sup"] == {50: 0.8, 100: 0.55}
+    assert c["mR@50"] == pytest.approx({50: 0.2, 100: 0.025}) and c["R@50"] == pytest.approx({50: 0.6, 100: 0.61})
+    assert study.val_curve(str(log)) == [(50, 0.2), (100, pytest.approx(0.025))]
+
+
+def test_the_overfitting_figure_takes_each_arms_lowest_seed_that_logged_validation_recall(tmp_path):
+    res = str(tmp_path)
+    picked = {}
+    for arm, seed, line in (("baseline", 0, "val it 1000 | mR@50 0.2370 | best 0.2370 (saved)"),  # before R@50 was logged
+                            ("baseline", 1, "val it 1000 | mR@50 0.2360 | R@50 0.6752 | best 0.2360 (saved)"),
+                            ("align", 1, "val it 1000 | mR@50 0.2400 | R@50 0.6700 | best 0.2400 (saved)")):
+        name = f"motifs-predcls-long-{arm}-seed{seed}"
+        fake(res, name, "motifs-long", "predcls", arm, seed, {"mR@50": 0.25})
+        with open(os.path.join(res, name, "log.txt"), "w", encoding="utf-8") as f:
+            f.write(f"it 1000/1000 | loss 0.5 (sup 0.5, align 0.000, λ 0) | 4 it/s\n{line}\n")
+    last, _, _ = study.load_results(res)
+    import matplotlib.axes
+    real = matplotlib.axes.Axes.plot
+    def spy(ax, x, y, *a, label=None, **k):
+        picked.setdefault(label, []).append(list(y))
+        return real(ax, x, y, *a, label=label, **k)
+    matplotlib.axes.Axes.plot = spy
+    try:
+        name = study.overfit_figure(last, res, "vgshape")
+    finally:
+        matplotlib.axes.Axes.plot = real
+    assert name == "figure_overfit_motifs_long_predcls.png" and os.path.isfile(os.path.join(res, name))
+    assert picked["baseline, seed 1"] == [[0.5], [pytest.approx(23.6)], [pytest.approx(67.52)]]
+    assert set(picked) == {"baseline, seed 1", "align, seed 1"}
+    os.remove(os.path.join(res, "motifs-predcls-long-align-seed1", "log.txt"))   # no aligned curve: no figure
+    assert study.overfit_figure(last, res, "vgshape") is None
+
+
 def test_report_means_stds_and_paired_differences_by_hand(tmp_path):
     res = str(tmp_path)
     base, align = [0.40, 0.44, 0.42], [0.43, 0.45, 0.47]
