@@ -169,6 +169,8 @@ def alignment_loss(target_logits, mirror_logits, kind, labels=None):
     # (detached: no gradient flows into the original branch through the target).
     target = F.log_softmax(target_logits.detach(), dim=-1)               # log P_original (R, P)
     log_masked = F.log_softmax(mirror_logits, dim=-1)                    # log P_masked (R, P)
+    # the KL summed over the P predicates, averaged over the R pairs (sgtr_align spells the same mean KL with
+    # probabilities, for its runs' sake; a test checks the two agree)
     return F.kl_div(log_masked, target, log_target=True, reduction="batchmean")
 
 

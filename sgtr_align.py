@@ -200,7 +200,8 @@ def alignment_loss(target, mirror, kind, tg=None, cfg=None):
         p = F.softmax(target[key].detach(), -1)
         # the KL summed over the classes, averaged over the B x Qp queries: motifs_align's
         # F.kl_div(log_q, log_p, log_target=True, reduction="batchmean") over its R pairs, spelled with
-        # probabilities (equal up to float rounding; this spelling is the one the runs of results/ were made with)
+        # probabilities: equal up to float rounding (a test checks it); kept because the runs of results/ were
+        # made with it, and a respelling changes their last bits, so they would no longer verify
         loss = loss + F.kl_div(log_q, p, reduction="none").sum(-1).mean()
     return loss
 

@@ -188,6 +188,22 @@ def test_alignment_loss_equals_kl_of_the_original_to_the_masked_mirror_by_hand(t
     torch.testing.assert_close(loss, expected)
 
 
+def test_both_model_files_compute_the_same_eq2_for_a_softmax_distribution():
+    """Eq. 2 is spelled twice: motifs_align with log-probabilities and reduction='batchmean' over its R pairs,
+    sgtr_align with probabilities, summed over the classes and averaged over the B x Qp queries (the spelling
+    its committed runs were made with). On the same distributions they are one loss."""
+    import motifs_align as M
+    g = torch.Generator().manual_seed(0)
+    orig, mirror = torch.randn(2, 6, 51, generator=g), torch.randn(2, 6, 51, generator=g)
+    same = torch.randn(2, 6, 151, generator=g)   # subject / object: the mirror equals the target, KL 0
+    cfg = S.Config(pred_loss="softmax")
+    sgtr = S.alignment_loss(dict(pred_logits=orig, sub_logits=same, obj_logits=same),
+                            dict(pred_logits=mirror, sub_logits=same, obj_logits=same), "kl", cfg=cfg)
+    motifs = M.alignment_loss(orig.flatten(0, 1), mirror.flatten(0, 1), "kl")   # R = B x Qp pairs
+    assert motifs > 0.5
+    torch.testing.assert_close(sgtr, motifs)
+
+
 def test_masks_only_in_the_mirrors_cross_attention_with_fresh_seeds(monkeypatch):
     """Section 7: one mask per cross-attention block (relation memory, subject, object) per layer and
     per step, never in a self-attention, never in the original decoder."""
