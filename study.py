@@ -332,6 +332,10 @@ def load_results(results):
         key = (info["model"], info["mode"], info["arm"])
         last.setdefault(key, {})[info["seed"]] = m if info["arm"] == "FREQ" else m["final"]
         best.setdefault(key, {})[info["seed"]] = m
+        # a run resumed after a stop was timed from its resume only (its run.json holds that process's time)
+        log = os.path.join(folder, "log.txt")
+        info["resumed"] = os.path.isfile(log) and any(line.startswith("resumed from ")
+                                                      for line in open(log, encoding="utf-8"))
         records.append(info)
     return last, best, records
 
@@ -396,12 +400,21 @@ def write_index():
         f.write("\n".join(lines))
 
 
+def cost_line(records) -> str:
+    """The runs' count and CPU hours, saying which runs' times are missing or partial."""
+    cpu = sum(r["cpu_seconds"] or 0 for r in records)
+    untimed = sum(r["cpu_seconds"] is None for r in records)
+    part = sum(r["resumed"] and r["cpu_seconds"] is not None for r in records)
+    return (f"{len(records)} runs, {cpu / 3600:.1f} CPU hours in all"
+            + (f" ({untimed} of them collected without a measured time)" if untimed else "")
+            + (f" ({part} of them resumed after a stop: timed from the resume only)" if part else "") + ".")
+
+
 def report(results, study):
     res, best, records = load_results(results)
     if not records:
         raise SystemExit(f"error: {results} holds no finished run; run some first (python study.py run table2)")
     cpu = sum(r["cpu_seconds"] or 0 for r in records)
-    untimed = sum(r["cpu_seconds"] is None for r in records)
     tables = STUDIES[study]["tables"]
     lines = [f"# The reproduction study on {STUDIES[study]['title']}", "",
              "Written by `python study.py report` from the run folders beside this file; each folder's",
@@ -411,8 +424,7 @@ def report(results, study):
              "[docs/variance.md](../../docs/variance.md) chooses); the paper tests the checkpoint with the best",
              "validation mR@50, and the rows 'best-validation checkpoints' give that selection's differences.",
              STUDIES[study]["note"],
-             f"{len(records)} runs, {cpu / 3600:.1f} CPU hours in all"
-             + (f" ({untimed} of them collected without a measured time)." if untimed else "."), ""]
+             cost_line(records), ""]
     t1 = ["R@50", "R@100", "mR@50", "mR@100", "head_mR@100", "body_mR@100", "tail_mR@100", "F@100",
           "zsR@50", "zsR@100"]
     lines += ["## Table 1: SGTR vs Align-SGTR, SGDet (test, %)", ""]

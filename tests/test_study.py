@@ -191,6 +191,20 @@ def test_the_overfitting_figure_takes_each_arms_lowest_seed_that_logged_validati
     assert study.overfit_figure(last, res, "vgshape") is None
 
 
+def test_the_report_says_which_runs_were_timed_from_a_resume_only(tmp_path):
+    """A run resumed after a stop records the time of its last process only: the CPU hours undercount it."""
+    res = str(tmp_path)
+    for s, resumed in ((0, False), (1, True)):
+        name = f"motifs-predcls-baseline-seed{s}"
+        fake(res, name, "motifs", "predcls", "baseline", s, {"mR@50": 0.2})
+        with open(os.path.join(res, name, "log.txt"), "w", encoding="utf-8") as f:
+            f.write("it 50/100 | loss 0.5 (sup 0.5, align 0.000, λ 0)\n"
+                    + ("resumed from runs/x/ckpt_last.pt at iteration 50 (1m00s of training so far)\n" if resumed else ""))
+    _, _, records = study.load_results(res)
+    assert [r["resumed"] for r in records] == [False, True]
+    assert study.cost_line(records) == "2 runs, 1.0 CPU hours in all (1 of them resumed after a stop: timed from the resume only)."
+
+
 def test_report_means_stds_and_paired_differences_by_hand(tmp_path):
     res = str(tmp_path)
     base, align = [0.40, 0.44, 0.42], [0.43, 0.45, 0.47]
