@@ -289,6 +289,14 @@ def saved_config(module, args):
 # ----------------------------------------------------------------------------------------------
 # The report: tables and figures from results/ alone
 
+def pyplot():
+    """matplotlib.pyplot, drawing to files only (Agg); imported when a figure is made, not at start-up."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
 def pct(values):
     """'mean ± std' in percent (sample std, ddof = 1; no ± for one value)."""
     v = 100 * np.asarray(values, dtype=float)
@@ -540,9 +548,7 @@ def per_predicate_difference(base, arm, seeds, key="per_predicate_R@100"):
 
 
 def per_predicate_figures(res, results, study):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     from matplotlib.patches import Patch   # legend handles: empty bars would lose their colour in the legend
     info, written = dataset_info(results, study), []
     colours = {"head": "tab:blue", "body": "tab:orange", "tail": "tab:green"}
@@ -589,9 +595,7 @@ def figure4(ckpt, out, image_index=0, head=0):
     kernel applies, materialised here for the picture). One head; the mirror's queries differ from the
     original's too, because its earlier layers were masked as well."""
     import torch
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     sys.path.insert(0, ROOT)
     import data
     import sgtr_align as m
@@ -1059,9 +1063,7 @@ def length_figure(res, results, study):
     points = length_points(res, results, study)
     if len(points) < 2:
         return None
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     x, y, se = (np.array([p[i] for p in points]) for i in range(3))
     ax.errorbar(x, y, yerr=se, marker="o", capsize=4, label="ours: aligned − baseline, mean ± SE over pairs")
@@ -1091,9 +1093,7 @@ def overfit_figure(res, results, study, model="motifs-long", mode="predcls"):
                 break
     if len(picked) < 2:
         return None
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
     for arm, (seed, c) in picked.items():
         label = f"{arm}, seed {seed}"

@@ -163,7 +163,7 @@ def test_log_curves_read_training_loss_and_validation_with_the_resumed_lines_win
     assert study.val_curve(str(log)) == [(50, 0.2), (100, pytest.approx(0.025))]
 
 
-def test_the_overfitting_figure_takes_each_arms_lowest_seed_that_logged_validation_recall(tmp_path):
+def test_the_overfitting_figure_takes_each_arms_lowest_seed_that_logged_validation_recall(tmp_path, monkeypatch):
     res = str(tmp_path)
     picked = {}
     for arm, seed, line in (("baseline", 0, "val it 1000 | mR@50 0.2370 | best 0.2370 (saved)"),  # before R@50 was logged
@@ -179,11 +179,9 @@ def test_the_overfitting_figure_takes_each_arms_lowest_seed_that_logged_validati
     def spy(ax, x, y, *a, label=None, **k):
         picked.setdefault(label, []).append(list(y))
         return real(ax, x, y, *a, label=label, **k)
-    matplotlib.axes.Axes.plot = spy
-    try:
-        name = study.overfit_figure(last, res, "vgshape")
-    finally:
-        matplotlib.axes.Axes.plot = real
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", spy)
+    name = study.overfit_figure(last, res, "vgshape")
+    monkeypatch.undo()
     assert name == "figure_overfit_motifs_long_predcls.png" and os.path.isfile(os.path.join(res, name))
     assert picked["baseline, seed 1"] == [[0.5], [pytest.approx(23.6)], [pytest.approx(67.52)]]
     assert set(picked) == {"baseline, seed 1", "align, seed 1"}
