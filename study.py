@@ -68,7 +68,8 @@ STUDIES = {
                     **{"motifs-long_flags": ["--iters", "13900", "--eval-every", "1000", "--feature-cache-gb", "10"]},
                     note="Its protocol, fixed from baseline runs alone before the first aligned run: Motifs trains "
                          "2,000 iterations, SGTR 2,400 on a detector pretrained for 3,000, every run adds `--data "
-                         "vgshape --feature-cache-gb 8`, and each comparison gets at least 4 paired seeds.",
+                         "vgshape --feature-cache-gb 8` (the long schedule 10, and its own length), and each "
+                         "comparison gets at least 4 paired seeds.",
                     title="the VG-shaped data (--data vgshape)",
                     tables=("table1", "table2", "table3", "record", "long")),
     "synthetic": dict(results="results/synthetic", runs_dir="runs/study", flags=[],
