@@ -409,12 +409,16 @@ def write_index():
         f.write("\n".join(lines))
 
 
+def cpu_hours(records) -> float:
+    """The CPU time the run folders record, in hours (runs without a measured time count 0)."""
+    return sum(r["cpu_seconds"] or 0 for r in records) / 3600
+
+
 def cost_line(records) -> str:
     """The runs' count and CPU hours, saying which runs' times are missing or partial."""
-    cpu = sum(r["cpu_seconds"] or 0 for r in records)
     untimed = sum(r["cpu_seconds"] is None for r in records)
     part = sum(r["resumed"] and r["cpu_seconds"] is not None for r in records)
-    return (f"{len(records)} runs, {cpu / 3600:.1f} CPU hours in all"
+    return (f"{len(records)} runs, {cpu_hours(records):.1f} CPU hours in all"
             + (f" ({untimed} of them collected without a measured time)" if untimed else "")
             + (f" ({part} of them resumed after a stop: timed from the resume only)" if part else "") + ".")
 
@@ -423,7 +427,6 @@ def report(results, study):
     res, best, records = load_results(results)
     if not records:
         raise SystemExit(f"error: {results} holds no finished run; run some first (python study.py run table2)")
-    cpu = sum(r["cpu_seconds"] or 0 for r in records)
     tables = STUDIES[study]["tables"]
     lines = [f"# The reproduction study on {STUDIES[study]['title']}", "",
              "Written by `python study.py report` from the run folders beside this file; each folder's",
@@ -492,7 +495,7 @@ def report(results, study):
     with open(path, "w", encoding="utf-8") as f:
         f.write("\n".join(lines))
     # What changed and where it went, not the file itself (it is long: open it, or read the diff)
-    print(f"{path}: {len(records)} runs, {cpu / 3600:.1f} CPU hours; " + report_changes(old, "\n".join(lines)))
+    print(f"{path}: {len(records)} runs, {cpu_hours(records):.1f} CPU hours; " + report_changes(old, "\n".join(lines)))
     print(f"wrote {path}" + (f" and {', '.join(os.path.join(results, f) for f in figures)}" if figures else ""))
     return len(records)
 
